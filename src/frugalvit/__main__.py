@@ -1,0 +1,5 @@
+import sys
+
+from frugalvit.cli.main import main
+
+sys.exit(main())

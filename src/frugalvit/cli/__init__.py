@@ -1,0 +1,1 @@
+"""The `frugalvit` command line."""

@@ -1,0 +1,10 @@
+"""`frugalvit demo`: placeholder until the capability lands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="(not available yet)")
+    parser.set_defaults(handler=lambda args: (_ for _ in ()).throw(NotImplementedError("'demo' is not implemented yet")))

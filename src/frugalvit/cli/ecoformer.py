@@ -1,0 +1,10 @@
+"""`frugalvit ecoformer`: placeholder until the capability lands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("ecoformer", help="(not available yet)")
+    parser.set_defaults(handler=lambda args: (_ for _ in ()).throw(NotImplementedError("'ecoformer' is not implemented yet")))

@@ -1,0 +1,124 @@
+"""A small supervised training loop with progress bars, atomic checkpoints and resume.
+
+Shared by the commands that train (DVT cascades, EcoFormer fine-tuning, the
+project's small ViTs). The loss is a function argument, so a cascade can sum
+its stage losses and a plain classifier use one cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from frugalvit.data import Split
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; AdamW with linear warm-up and cosine decay."""
+
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    seed: int = 0
+    max_train_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def cross_entropy_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    """Plain classification loss for a model returning logits."""
+    return nn.functional.cross_entropy(model(images), labels)
+
+
+def save_atomically(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, then rename: no half-written file on interruption."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | None = None,
+          loss_fn: LossFn = cross_entropy_loss, progress: bool = True,
+          on_epoch_end: Callable[[int], None] | None = None) -> nn.Module:
+    """Train `model` in place on `data`; with `run_dir`, checkpoint every epoch and resume from one.
+
+    `on_epoch_end(epoch)` runs after each epoch (e.g. to re-fit hash functions).
+    """
+    data = data.subset(config.max_train_samples)
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, total_steps, config.warmup_steps))
+    start_epoch = 0
+    checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    if checkpoint_path is not None and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_epoch = state["epoch"]
+    generator = torch.Generator().manual_seed(config.seed)
+    for epoch in range(config.epochs):
+        order = torch.randperm(len(data), generator=generator)  # drawn every epoch so resume sees the same order
+        if epoch < start_epoch:
+            continue
+        model.train()
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress)
+        for step in bar:
+            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            loss = loss_fn(model, data.images[index], data.labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        model.eval()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+        if checkpoint_path is not None:
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "epoch": epoch + 1, "config": asdict(config)},
+                            checkpoint_path)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Logits of `model` over `images`, in batches, in eval mode."""
+    model.eval()
+    return torch.cat([model(images[start:start + batch_size]) for start in range(0, len(images), batch_size)])
+
+
+def accuracy(model: nn.Module, data: Split, batch_size: int = 256) -> float:
+    """Top-1 accuracy of `model` on `data`."""
+    logits = predict(model, data.images, batch_size)
+    return (logits.argmax(-1) == data.labels).float().mean().item()
