@@ -1,0 +1,102 @@
+"""timm glue: convert a ViT's attention layers to EcoFormer hashed attention, and back."""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal, Sequence
+
+from torch import nn
+from timm.layers import Attention
+
+from frugalvit.ecoformer.attention import EcoFormerAttention, Normaliser
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def convertible_layers(model: nn.Module) -> list[str]:
+    """Names of the timm `Attention` layers of `model` that `ecoformer` can convert, in order."""
+    return [name for name, module in model.named_modules() if type(module) is Attention]
+
+
+def ecoformer_layers(model: nn.Module) -> dict[str, EcoFormerAttention]:
+    """The converted attention layers of `model`, by name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, EcoFormerAttention)}
+
+
+def ecoformer(model: nn.Module, bits: int = 16, anchors: int = 25, layers: Sequence[int | str] | None = None,
+              bias: float | None = None, normaliser: Normaliser = "consistent",
+              init: Literal["mean", "query", "key"] = "mean", inplace: bool = False) -> nn.Module:
+    """Replace attention layers of a timm ViT by EcoFormer hashed linear attention.
+
+    Args:
+        model: a timm model with `timm.layers.Attention` layers (ViT, DeiT, ...).
+        bits: hash code length b per head (1..64).
+        anchors: number m of RBF anchor tokens per head (2..4096).
+        layers: which attention layers to convert, as indices into
+            `convertible_layers(model)` or module names; None converts all.
+        bias: similarity offset (> bits); None takes the paper's 2^ceil(log2(b+1))
+            (`b + 1`, as in the authors' code, for `normaliser="authors"`).
+        normaliser: "consistent" (weights sum to one, paper Eq. 9) or "authors"
+            (the released code's formula); see `frugalvit.ecoformer.attention`.
+        init: tied query/key projection initialised from the mean of the
+            pretrained query and key weights, or from one of them.
+        inplace: modify `model` itself; by default a deep copy is converted and
+            `model` is left untouched.
+
+    Returns:
+        The converted model. Its hash functions are not fitted yet: call
+        `frugalvit.fit_hashes(model, images)` before using it.
+    """
+    candidates = convertible_layers(model)
+    if not candidates:
+        found = sorted({type(m).__name__ for m in model.modules() if "attn" in type(m).__name__.lower()})
+        already = " (it is already converted)" if ecoformer_layers(model) else ""
+        raise ValueError(f"model has no timm Attention layer to convert{already}; attention-like modules found: "
+                         f"{found or 'none'}. EcoFormer converts timm.layers.Attention (ViT, DeiT, ...)")
+    if layers is None:
+        chosen = candidates
+    else:
+        chosen = []
+        for item in layers:
+            if isinstance(item, int) and not isinstance(item, bool):
+                if not -len(candidates) <= item < len(candidates):
+                    raise ValueError(f"layer index {item} out of range: the model has {len(candidates)} "
+                                     f"convertible attention layers")
+                chosen.append(candidates[item])
+            elif isinstance(item, str) and item in candidates:
+                chosen.append(item)
+            else:
+                raise ValueError(f"{item!r} is not a convertible attention layer; choose indices or names "
+                                 f"from {candidates}")
+        if not chosen:
+            raise ValueError("layers is empty: name at least one attention layer to convert, or pass None for all")
+    target = model if inplace else copy.deepcopy(model)
+    for name in dict.fromkeys(chosen):
+        _set_submodule(target, name, EcoFormerAttention(target.get_submodule(name), bits=bits, anchors=anchors,
+                                                        bias=bias, normaliser=normaliser, init=init))
+    return target
+
+
+def _to_timm_attention(layer: EcoFormerAttention) -> Attention:
+    restored = Attention.__new__(Attention)
+    nn.Module.__init__(restored)
+    for name in ("num_heads", "head_dim", "attn_dim", "scale", "fused_attn", "gate"):
+        setattr(restored, name, getattr(layer, name))
+    for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
+        setattr(restored, name, getattr(layer, name))
+    restored.train(layer.training)
+    return restored
+
+
+def remove_ecoformer(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inverse of `ecoformer`: plain timm attention layers with the (possibly fine-tuned) qkv/proj weights."""
+    layers = ecoformer_layers(model)
+    if not layers:
+        raise ValueError("model has no EcoFormer attention layer to remove")
+    target = model if inplace else copy.deepcopy(model)
+    for name in layers:
+        _set_submodule(target, name, _to_timm_attention(target.get_submodule(name)))
+    return target
