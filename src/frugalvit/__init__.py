@@ -1,7 +1,9 @@
 """frugalvit: vision transformers that spend compute only where the input needs it."""
 
 from frugalvit.cost import CostCounter, EnergyModel, HOROWITZ_45NM_FP32, OpCost, energy_joules
+from frugalvit.eventful import EventfulViT, Threshold, TokenPolicy, TopFraction, TopR, eventful, parse_policy
 
-__all__ = ["CostCounter", "EnergyModel", "HOROWITZ_45NM_FP32", "OpCost", "energy_joules"]
+__all__ = ["CostCounter", "EnergyModel", "HOROWITZ_45NM_FP32", "OpCost", "energy_joules",
+           "EventfulViT", "Threshold", "TokenPolicy", "TopFraction", "TopR", "eventful", "parse_policy"]
 
 __version__ = "0.1.0"

@@ -1,0 +1,126 @@
+"""Eventful versions of timm's transformer `Block` and its `Attention`.
+
+Token-wise work (qkv projection, output projection, MLP, with the norms and
+LayerScale between them) runs only on the tokens a gate lets through; a
+buffer restores the full token set before each skip connection, as in figure
+4 of the Eventful Transformers paper. Attention keeps its query/key/value and
+its un-normalised weights between frames and updates them in the changed rows
+and columns (`frugalvit.eventful.attention`), or recomputes densely with the
+fused kernel when too many tokens changed for the update to pay.
+
+These modules hold the timm block by plain reference (not as a child module):
+the parameters belong to the original model, which the wrapping
+`EventfulViT` registers once.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
+
+from frugalvit.eventful.attention import AttentionSums, build_attention_sums, fused_attention, update_attention_sums_
+from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_
+from frugalvit.eventful.policies import TokenPolicy
+
+
+class EventfulAttention(nn.Module):
+    """Self-attention whose state survives between frames; input: the gated, normalised tokens."""
+
+    q: Tensor | None
+    k: Tensor | None
+    v: Tensor | None
+    output: Tensor | None
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__()
+        object.__setattr__(self, "attention", attention)
+        for name in ("q", "k", "v", "output"):
+            self.register_buffer(name, None, persistent=False)
+        self.sums: AttentionSums | None = None
+        self.last_path: str = "none"
+
+    def reset(self) -> None:
+        self.q = self.k = self.v = self.output = None
+        self.sums = None
+        self.last_path = "none"
+
+    def _project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        attn = self.attention
+        batch, count, _ = tokens.shape
+        qkv = attn.qkv(tokens).reshape(batch, count, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float) -> Tensor:
+        """Attention output for all N tokens (B, N, heads * head_dim), before the output norm/projection."""
+        scale = self.attention.scale
+        q, k, v = self._project(tokens)
+        if selection is None:
+            self.q, self.k, self.v = q.contiguous(), k.contiguous(), v.contiguous()
+            self.sums = None
+            mixed = fused_attention(self.q, self.k, self.v, scale)
+            self.last_path = "dense"
+        elif selection.count == 0:
+            self.last_path = "skipped"
+            return self.output
+        else:
+            old_k, old_v = gather_tokens(self.k, selection), gather_tokens(self.v, selection)
+            for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
+                scatter_tokens_(state, selection, fresh)
+            if selection.count > incremental_max_fraction * selection.num_tokens:
+                self.sums = None
+                mixed = fused_attention(self.q, self.k, self.v, scale)
+                self.last_path = "dense"
+            else:
+                if self.sums is not None and update_attention_sums_(
+                        self.sums, self.q, self.k, self.v, selection, q, k, v, old_k, old_v, scale):
+                    self.last_path = "incremental"
+                else:
+                    self.sums = build_attention_sums(self.q, self.k, self.v, scale)
+                    self.last_path = "rebuild"
+                mixed = self.sums.output()
+        batch, heads, num_tokens, head_dim = mixed.shape
+        self.output = mixed.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
+        return self.output
+
+    def state_bytes(self) -> int:
+        """Memory held between frames."""
+        tensors = [self.q, self.k, self.v, self.output]
+        if self.sums is not None:
+            tensors += [self.sums.stabilizer, self.sums.numerator, self.sums.denominator]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class EventfulBlock(nn.Module):
+    """A timm pre-norm `Block` that recomputes only gated tokens; same parameters, no copies."""
+
+    def __init__(self, block: Block) -> None:
+        super().__init__()
+        object.__setattr__(self, "block", block)
+        self.attention = EventfulAttention(block.attn)
+        self.attention_gate, self.projection_gate, self.mlp_gate = TokenGate(), TokenGate(), TokenGate()
+        self.projection_buffer, self.mlp_buffer = TokenBuffer(), TokenBuffer()
+
+    def reset(self) -> None:
+        for module in self.children():
+            module.reset()
+
+    def forward(self, x: Tensor, policy: TokenPolicy, incremental_max_fraction: float,
+                update_all: bool = False) -> Tensor:
+        block, attn = self.block, self.block.attn
+        selection, tokens = self.attention_gate(x, policy, update_all)
+        mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction)
+        selection, tokens = self.projection_gate(mixed, policy, update_all)
+        x = x + self.projection_buffer(selection, block.ls1(attn.proj(attn.norm(tokens))))
+        selection, tokens = self.mlp_gate(x, policy, update_all)
+        return x + self.mlp_buffer(selection, block.ls2(block.mlp(block.norm2(tokens))))
+
+    def gate_counts(self) -> tuple[int | None, int | None, int | None]:
+        """Tokens each gate let through on the last frame (attention, projection, MLP)."""
+        return self.attention_gate.last_count, self.projection_gate.last_count, self.mlp_gate.last_count
+
+    def state_bytes(self) -> int:
+        tensors = [self.attention_gate.reference, self.projection_gate.reference, self.mlp_gate.reference,
+                   self.projection_buffer.state, self.mlp_buffer.state]
+        return self.attention.state_bytes() + sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -1,0 +1,129 @@
+"""Token gates and buffers: the stateful pieces that let a layer see only changed tokens.
+
+A `TokenGate` keeps a reference copy of its input; each call it measures how
+far every token moved from its reference, lets a policy pick M tokens, passes
+those on (gathered, M x D) and moves their references to the current values.
+A `TokenBuffer` keeps the last output of a token-wise operation for every
+token and scatters in the M fresh results, so downstream layers again see all
+N tokens. After `reset()` the first call passes (and stores) every token.
+
+A gate's choice is a `Selection` of indices (B, M); `None` stands for "all
+tokens" and skips the gather/scatter copies entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from frugalvit.eventful.policies import TokenPolicy
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Token indices (B, M), ascending per sample, chosen from N tokens.
+
+    Rows are moved with `index_select`/`index_copy_` on flattened views (a
+    memcpy per row), which on CPU is several times faster than `gather` with
+    an expanded index; the flat indices are built once per selection.
+    """
+
+    indices: Tensor
+    num_tokens: int
+    _flat: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def count(self) -> int:
+        return self.indices.shape[1]
+
+    def flat(self, groups_per_sample: int = 1) -> Tensor:
+        """Row indices into a (B * G * N, X) view of a (B, G, N, X) or (B, N, X) tensor."""
+        if groups_per_sample not in self._flat:
+            batch = self.indices.shape[0]
+            offsets = torch.arange(batch * groups_per_sample, device=self.indices.device) * self.num_tokens
+            rows = self.indices.repeat_interleave(groups_per_sample, dim=0)
+            self._flat[groups_per_sample] = (rows + offsets[:, None]).reshape(-1)
+        return self._flat[groups_per_sample]
+
+
+def gather_tokens(tokens: Tensor, selection: Selection | None) -> Tensor:
+    """Rows `selection` of `tokens` (B, N, D) or (B, G, N, D); all of them for None."""
+    if selection is None:
+        return tokens
+    *lead, num_tokens, width = tokens.shape
+    groups = tokens.shape[1] if tokens.dim() == 4 else 1
+    picked = tokens.reshape(-1, width).index_select(0, selection.flat(groups))
+    return picked.view(*lead, selection.count, width)
+
+
+def scatter_tokens_(target: Tensor, selection: Selection, values: Tensor) -> Tensor:
+    """Write `values` into rows `selection` of contiguous `target` (B, N, D) or (B, G, N, D), in place."""
+    groups = target.shape[1] if target.dim() == 4 else 1
+    target.view(-1, target.shape[-1]).index_copy_(0, selection.flat(groups), values.reshape(-1, target.shape[-1]))
+    return target
+
+
+class TokenGate(nn.Module):
+    """Passes on only the tokens that changed enough since they were last passed."""
+
+    reference: Tensor | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("reference", None, persistent=False)
+        self.register_buffer("scratch", None, persistent=False)  # error buffer, reused to avoid fresh allocations
+        self.last_count: int | None = None
+
+    def reset(self) -> None:
+        """Forget the reference: the next call passes every token."""
+        self.reference = None
+        self.scratch = None
+        self.last_count = None
+
+    def forward(self, tokens: Tensor, policy: TokenPolicy,
+                update_all: bool = False) -> tuple[Selection | None, Tensor]:
+        """Return (selection, or None for all tokens; the selected tokens (B, M, D)); update the reference."""
+        if self.reference is None or update_all:
+            self.reference = tokens.detach().clone()
+            self.last_count = tokens.shape[1]
+            return None, tokens
+        if self.scratch is None or self.scratch.shape != tokens.shape:
+            self.scratch = torch.empty_like(self.reference)
+        error_norms = torch.linalg.vector_norm(torch.sub(self.reference, tokens, out=self.scratch), dim=-1)
+        indices = policy.select(error_norms)
+        self.last_count = indices.shape[1]
+        if indices.shape[1] == tokens.shape[1]:
+            self.reference.copy_(tokens)
+            return None, tokens
+        selection = Selection(indices, tokens.shape[1])
+        selected = gather_tokens(tokens, selection)
+        scatter_tokens_(self.reference, selection, selected)
+        return selection, selected
+
+
+class TokenBuffer(nn.Module):
+    """Holds a token-wise op's output for all tokens; fresh rows are scattered in."""
+
+    state: Tensor | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("state", None, persistent=False)
+
+    def reset(self) -> None:
+        self.state = None
+
+    def forward(self, selection: Selection | None, values: Tensor) -> Tensor:
+        """Store `values` at `selection` (all tokens when None) and return the full buffer (B, N, D).
+
+        The returned tensor is the buffer itself: read it, do not modify it in place.
+        """
+        if selection is None:
+            self.state = values.detach().contiguous()
+        elif self.state is None:
+            raise RuntimeError("TokenBuffer received a partial update before any full one; call reset() first")
+        else:
+            scatter_tokens_(self.state, selection, values)
+        return self.state

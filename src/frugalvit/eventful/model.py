@@ -1,0 +1,146 @@
+"""`EventfulViT`: a timm VisionTransformer that, frame after frame, recomputes only changed tokens.
+
+Integration glue: it reuses the wrapped model's patch embedding, position
+embedding, final norm and head as they are (these are cheap, or run once per
+frame on pooled features), and runs each transformer block through an
+`EventfulBlock`. It shares every parameter with the original model and
+leaves it unchanged; the original stays usable on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION
+from frugalvit.eventful.block import EventfulBlock
+from frugalvit.eventful.policies import TokenPolicy
+
+DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION
+
+
+class UnsupportedModelError(TypeError):
+    """The model (or one of its modules) has a structure the conversion does not handle."""
+
+
+def check_convertible(model: nn.Module) -> None:
+    """Raise `UnsupportedModelError` naming the first module that cannot be made eventful."""
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(
+            f"frugalvit.eventful supports timm VisionTransformer models; got {type(model).__name__}")
+    for index, block in enumerate(model.blocks):
+        name = f"blocks.{index}"
+        if type(block) is not Block:
+            raise UnsupportedModelError(
+                f"cannot make {name} ({type(block).__name__}) eventful: only timm's pre-norm Block is supported")
+        if type(block.attn) is not Attention:
+            raise UnsupportedModelError(
+                f"cannot make {name}.attn ({type(block.attn).__name__}) eventful: only timm's Attention is supported")
+        if getattr(block.attn, "gate", None) is not None:
+            raise UnsupportedModelError(f"cannot make {name}.attn eventful: gated attention is not supported")
+
+
+class EventfulViT(nn.Module):
+    """Stateful frame-by-frame inference over a timm ViT. Call `reset()` between sequences.
+
+    Attributes (plain, settable between any two frames):
+        policy: the `TokenPolicy` every gate uses (the compute budget).
+        incremental_max_fraction: attention updates incrementally while at most
+            this fraction of tokens changed, and recomputes densely (fused) above it.
+        refresh_every: if set, every K-th frame recomputes all tokens (bounds drift).
+    """
+
+    def __init__(self, model: VisionTransformer, policy: TokenPolicy,
+                 incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
+                 refresh_every: int | None = None) -> None:
+        super().__init__()
+        check_convertible(model)
+        self.model = model
+        self.eventful_blocks = nn.ModuleList(EventfulBlock(block) for block in model.blocks)
+        self.policy = policy
+        self.incremental_max_fraction = incremental_max_fraction
+        self.refresh_every = refresh_every
+        self._frame_shape: tuple[int, ...] | None = None
+        self._frames_since_refresh = 0
+        self._refresh_pending = False
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "policy" and not isinstance(value, TokenPolicy):
+            raise TypeError(f"policy must be a frugalvit TokenPolicy (TopR, TopFraction, Threshold, ...), "
+                            f"got {type(value).__name__}")
+        if name == "incremental_max_fraction" and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"incremental_max_fraction must lie in [0, 1], got {value!r}")
+        if name == "refresh_every" and value is not None and not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"refresh_every must be None or an integer >= 1, got {value!r}")
+        super().__setattr__(name, value)
+
+    def reset(self) -> None:
+        """Forget all state: the next frame starts a new sequence and is computed in full."""
+        for block in self.eventful_blocks:
+            block.reset()
+        self._frame_shape = None
+        self._frames_since_refresh = 0
+        self._refresh_pending = False
+
+    def refresh(self) -> None:
+        """Recompute every token on the next frame (e.g. after a scene cut), keeping the sequence."""
+        self._refresh_pending = True
+
+    def _check_frame(self, images: Tensor) -> None:
+        if images.dim() != 4:
+            raise ValueError(f"expected a batch of frames shaped (B, C, H, W), got shape {tuple(images.shape)}")
+        channels = self.model.patch_embed.proj.in_channels if hasattr(self.model.patch_embed, "proj") else None
+        if channels is not None and images.shape[1] != channels:
+            raise ValueError(f"the model takes {channels}-channel frames, got {images.shape[1]} channels "
+                             f"(shape {tuple(images.shape)})")
+        if self._frame_shape is not None and tuple(images.shape) != self._frame_shape:
+            raise ValueError(f"frame shape {tuple(images.shape)} differs from this sequence's {self._frame_shape}; "
+                             "call reset() to start a new sequence with a different batch or frame size")
+
+    @torch.no_grad()
+    def forward_features(self, images: Tensor) -> Tensor:
+        """Final-normed tokens (B, N, D) of this frame, as the wrapped model's `forward_features` gives."""
+        if self.model.training:
+            raise RuntimeError("EventfulViT is for inference: call .eval() on it (or the wrapped model) first")
+        self._check_frame(images)
+        update_all = self._frame_shape is None or self._refresh_pending or (
+            self.refresh_every is not None and self._frames_since_refresh >= self.refresh_every)
+        model = self.model
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for block in self.eventful_blocks:
+            x = block(x, self.policy, self.incremental_max_fraction, update_all)
+        self._frame_shape = tuple(images.shape)
+        self._refresh_pending = False
+        self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
+        return model.norm(x)
+
+    @torch.no_grad()
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.model.forward_head(features, pre_logits=pre_logits)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The wrapped model's output (logits) for this frame."""
+        return self.forward_head(self.forward_features(images))
+
+    def gate_counts(self) -> list[tuple[int | None, int | None, int | None]]:
+        """Per block, the tokens each gate (attention, projection, MLP) updated on the last frame."""
+        return [block.gate_counts() for block in self.eventful_blocks]
+
+    def attention_paths(self) -> list[str]:
+        """Per block, how attention ran on the last frame: dense, incremental, rebuild or skipped."""
+        return [block.attention.last_path for block in self.eventful_blocks]
+
+    def state_bytes(self) -> int:
+        """Memory the per-stream state holds now (gates, buffers, attention caches)."""
+        return sum(block.state_bytes() for block in self.eventful_blocks)
+
+
+def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
+             refresh_every: int | None = None) -> EventfulViT:
+    """Make a timm VisionTransformer eventful: same parameters (shared, not copied), original unchanged.
+
+    Undo by simply using `model` again (or `ev.model`); nothing in it was modified.
+    """
+    return EventfulViT(model, policy, incremental_max_fraction, refresh_every)

@@ -1,0 +1,110 @@
+"""Token selection policies: which tokens a gate recomputes this frame.
+
+A policy sees the L2 norm of every token's error (reference minus current,
+shape (B, N)) and returns the indices to update, shape (B, M), ascending.
+Every sample of a batch updates the same number M of tokens (the largest any
+sample asks for), so the batch stays one dense tensor.
+
+Write your own by subclassing `TokenPolicy` and implementing `count` (how many
+tokens to update per sample); `select` then takes the M largest errors. For a
+selection that is not "the M largest errors", override `select` itself.
+Policies are plain values: assign a new one to the model between any two
+frames (`ev.policy = TopR(64)`) to change the budget at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class TokenPolicy(ABC):
+    """Chooses, from per-token error norms (B, N), the tokens to recompute."""
+
+    @abstractmethod
+    def count(self, error_norms: Tensor) -> int:
+        """How many tokens each sample updates (0..N)."""
+
+    def select(self, error_norms: Tensor) -> Tensor:
+        """Indices (B, M), ascending within each sample, of the M tokens with the largest errors."""
+        num_tokens = error_norms.shape[-1]
+        count = self.count(error_norms)
+        if not 0 <= count <= num_tokens:
+            raise ValueError(f"{self!r} selected {count} tokens; it must select between 0 and {num_tokens}")
+        if count == num_tokens:
+            return torch.arange(num_tokens, device=error_norms.device).expand(error_norms.shape[0], -1)
+        indices = torch.topk(error_norms, count, dim=-1, sorted=False).indices
+        return torch.sort(indices, dim=-1).values
+
+
+@dataclass(frozen=True)
+class TopR(TokenPolicy):
+    """Update the `r` tokens with the largest error: a fixed compute budget per frame."""
+
+    r: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(f"TopR(r={self.r!r}): r must be a non-negative integer number of tokens")
+
+    def count(self, error_norms: Tensor) -> int:
+        num_tokens = error_norms.shape[-1]
+        if self.r > num_tokens:
+            raise ValueError(f"TopR(r={self.r}) asks for more tokens than the {num_tokens} this layer has; "
+                             f"use r <= {num_tokens} or TopFraction")
+        return self.r
+
+
+@dataclass(frozen=True)
+class TopFraction(TokenPolicy):
+    """Update the `fraction` of tokens (rounded up) with the largest error; independent of input size."""
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"TopFraction(fraction={self.fraction!r}): fraction must lie in [0, 1]")
+
+    def count(self, error_norms: Tensor) -> int:
+        return min(error_norms.shape[-1], math.ceil(self.fraction * error_norms.shape[-1]))
+
+
+@dataclass(frozen=True)
+class Threshold(TokenPolicy):
+    """Update every token whose error norm exceeds `threshold`: compute follows the amount of change."""
+
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not self.threshold >= 0.0:
+            raise ValueError(f"Threshold(threshold={self.threshold!r}): threshold must be >= 0")
+
+    def count(self, error_norms: Tensor) -> int:
+        return int((error_norms > self.threshold).sum(dim=-1).max().item()) if error_norms.numel() else 0
+
+
+def parse_policy(spec: str) -> TokenPolicy:
+    """Parse `topr:R`, `topr:F` (F < 1: a fraction), `fraction:F` or `threshold:H`."""
+    name, _, value = spec.partition(":")
+    name = name.strip().lower()
+    if not value:
+        raise ValueError(f"policy {spec!r}: expected NAME:VALUE, e.g. topr:64, topr:0.25, threshold:0.1")
+    try:
+        number = float(value)
+    except ValueError as error:
+        raise ValueError(f"policy {spec!r}: {value!r} is not a number") from error
+    if name == "topr":
+        if number < 1.0:
+            return TopFraction(number)
+        if not number.is_integer():
+            raise ValueError(f"policy {spec!r}: a token count must be a whole number (or a fraction < 1)")
+        return TopR(int(number))
+    if name in ("fraction", "topfraction"):
+        return TopFraction(number)
+    if name == "threshold":
+        return Threshold(number)
+    raise ValueError(f"unknown policy {name!r} in {spec!r}: use topr:R, topr:F, fraction:F or threshold:H")

@@ -1,0 +1,311 @@
+"""Eventful Transformer: exactness at full budget, incremental attention, budgets, state, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import frugalvit as fv
+from frugalvit.eventful.attention import build_attention_sums, fused_attention, update_attention_sums_
+from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_
+from frugalvit.eventful.model import UnsupportedModelError
+
+SIZE = 64
+# Small versions of real timm architectures: class token, LayerScale (deit3, dinov2), registers,
+# class-token-free average pooling, pre-norm (CLIP), qk-norm.
+ARCHITECTURES = {
+    "vit_tiny_patch16_224": {},
+    "deit3_small_patch16_224": {},
+    "vit_base_patch16_reg4_gap_256": {},
+    "vit_medium_patch16_gap_256": {},
+    "vit_base_patch32_clip_224": {"patch_size": 16},
+    "vit_small_patch14_reg4_dinov2": {"patch_size": 16},
+    "vit_small_patch16_224": {"qk_norm": True, "class_token": False, "global_pool": "avg"},
+}
+
+
+def make_model(name: str, **extra: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = dict(img_size=SIZE, depth=2, embed_dim=64, num_heads=4, num_classes=10) | ARCHITECTURES[name] | extra
+    model = timm.create_model(name, **kwargs).eval()
+    with torch.no_grad():  # LayerScale starts near zero; make it matter.
+        for module in model.modules():
+            if isinstance(module, timm.layers.LayerScale):
+                module.gamma.uniform_(0.5, 1.5)
+    return model
+
+
+def video(frames: int = 5, batch: int = 1, moving: float = 0.15, seed: int = 0) -> torch.Tensor:
+    """Frames where a random subset of pixels changes each step."""
+    generator = torch.Generator().manual_seed(seed)
+    frame = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+    out = [frame]
+    for _ in range(frames - 1):
+        mask = torch.rand(batch, 1, SIZE, SIZE, generator=generator) < moving
+        frame = frame + mask * torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+        out.append(frame)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_full_budget_equals_dense_model(name: str) -> None:
+    model = make_model(name)
+    ev = fv.eventful(model, fv.TopFraction(1.0))
+    with torch.no_grad():
+        for frame in video(4, batch=2):
+            torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
+
+
+def test_full_budget_threshold_zero_equals_dense() -> None:
+    model = make_model("deit3_small_patch16_224")
+    ev = fv.eventful(model, fv.Threshold(0.0))
+    with torch.no_grad():
+        for frame in video(4):
+            torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
+
+
+def test_original_model_shared_and_unchanged() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ev = fv.eventful(model, fv.TopR(5))
+    for frame in video(3):
+        ev(frame)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert model.blocks[0].attn.qkv.weight.data_ptr() == ev.model.blocks[0].attn.qkv.weight.data_ptr()
+    assert type(model.blocks[0]).__name__ == "Block" and not hasattr(model, "eventful_blocks")
+    assert sum(p.numel() for p in ev.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_base_patch16_reg4_gap_256"])
+def test_incremental_attention_equals_recomputed_attention(name: str) -> None:
+    """The incremental path and a dense recomputation over the same gated q, k, v agree."""
+    model = make_model(name)
+    ev = fv.eventful(model, fv.TopR(6), incremental_max_fraction=1.0)
+    paths = set()
+    for frame in video(6):
+        ev(frame)
+        paths.update(ev.attention_paths())
+        for block in ev.eventful_blocks:
+            attention = block.attention
+            expected = fused_attention(attention.q, attention.k, attention.v, attention.attention.scale)
+            expected = expected.transpose(1, 2).reshape(attention.output.shape)
+            torch.testing.assert_close(attention.output, expected, rtol=1e-4, atol=1e-5)
+    assert "incremental" in paths
+
+
+def test_incremental_and_dense_switch_give_same_outputs() -> None:
+    """Forcing the dense path (fraction 0) and the incremental path (fraction 1) agree frame by frame."""
+    model = make_model("vit_tiny_patch16_224")
+    incremental = fv.eventful(model, fv.TopR(6), incremental_max_fraction=1.0)
+    dense = fv.eventful(model, fv.TopR(6), incremental_max_fraction=0.0)
+    for frame in video(6):
+        torch.testing.assert_close(incremental(frame), dense(frame), rtol=1e-4, atol=1e-4)
+    assert set(dense.attention_paths()) == {"dense"}
+    assert set(incremental.attention_paths()) == {"incremental"}
+
+
+def test_attention_sums_update_matches_dense_over_many_steps() -> None:
+    generator = torch.Generator().manual_seed(1)
+    batch, heads, tokens, width, changed = 2, 3, 40, 8, 6
+    q, k, v = (torch.randn(batch, heads, tokens, width, generator=generator) for _ in range(3))
+    scale = width ** -0.5
+    sums = build_attention_sums(q, k, v, scale)
+    for _ in range(30):
+        indices = torch.sort(torch.stack([torch.randperm(tokens, generator=generator)[:changed]
+                                          for _ in range(batch)]), dim=1).values
+        selection = Selection(indices, tokens)
+        old_k, old_v = gather_tokens(k, selection), gather_tokens(v, selection)
+        fresh = [torch.randn(batch, heads, changed, width, generator=generator) for _ in range(3)]
+        for state, rows in zip((q, k, v), fresh):
+            scatter_tokens_(state, selection, rows)
+        assert update_attention_sums_(sums, q, k, v, selection, *fresh, old_k, old_v, scale)
+    torch.testing.assert_close(sums.output(), fused_attention(q, k, v, scale), rtol=1e-4, atol=1e-5)
+
+
+def test_error_grows_as_budget_shrinks_and_macs_fall() -> None:
+    model = make_model("deit3_small_patch16_224")
+    frames = video(5, moving=0.3)
+    with torch.no_grad():
+        reference = model(frames[-1])
+    errors, macs = [], []
+    for r in (17, 12, 8, 4, 1):
+        ev = fv.eventful(model, fv.TopR(r))
+        for frame in frames[:-1]:
+            ev(frame)
+        with fv.CostCounter() as cost:
+            out = ev(frames[-1])
+        errors.append((out - reference).norm().item() / reference.norm().item())
+        macs.append(cost.macs)
+    assert errors[0] < 1e-5
+    assert all(later >= earlier - 1e-4 for earlier, later in zip(errors, errors[1:])), errors
+    assert errors[-1] > errors[1]
+    assert all(later < earlier for earlier, later in zip(macs, macs[1:])), macs
+
+
+def analytic_eventful_macs(dim: int, depth: int, tokens: int, changed: int, patches: int, patch_pixels: int,
+                           classes: int, incremental: bool) -> int:
+    """Executed MACs of one eventful frame where every gate passes `changed` tokens."""
+    tokenwise = changed * dim * (3 * dim + dim + 2 * 4 * dim)
+    attention = 6 * tokens * changed * dim if incremental else 2 * tokens * tokens * dim
+    return patches * patch_pixels * dim + depth * (tokenwise + attention) + dim * classes
+
+
+@pytest.mark.parametrize("changed", [3, 8, 17])
+def test_eventful_step_macs_match_analytic_count(changed: int) -> None:
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(changed))
+    frames = video(3)
+    ev(frames[0])
+    ev(frames[1])  # first partial frame builds the attention sums densely
+    with fv.CostCounter() as cost:
+        ev(frames[2])
+    tokens = 17
+    incremental = changed <= tokens / 3
+    assert set(ev.attention_paths()) == {"incremental" if incremental else "dense"}
+    expected = analytic_eventful_macs(64, 2, tokens, changed, 16, 3 * 16 * 16, 10, incremental)
+    assert cost.macs == expected
+
+
+def test_policy_change_mid_sequence() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(4))
+    frames = video(6)
+    for frame in frames[:3]:
+        ev(frame)
+    assert ev.gate_counts()[0] == (4, 4, 4)
+    ev.policy = fv.TopR(9)
+    ev(frames[3])
+    assert ev.gate_counts()[0] == (9, 9, 9)
+    ev.policy = fv.TopFraction(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(ev(frames[4]), model(frames[4]), rtol=1e-5, atol=1e-5)
+
+
+def test_threshold_policy_follows_change() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.Threshold(1e-3))
+    frame = video(1)[0]
+    ev(frame)
+    ev(frame)
+    assert ev.gate_counts()[0][0] == 0  # nothing changed: no token recomputed
+    with torch.no_grad():
+        torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
+
+
+def test_reset_and_refresh() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(2))
+    frames = video(4, moving=0.5)
+    first = ev(frames[0])
+    ev(frames[1])
+    ev.reset()
+    torch.testing.assert_close(ev(frames[0]), first)
+    ev(frames[1])
+    ev.refresh()
+    with torch.no_grad():
+        torch.testing.assert_close(ev(frames[2]), model(frames[2]), rtol=1e-5, atol=1e-5)
+    assert ev.gate_counts()[0] == (17, 17, 17)
+    ev.refresh_every = 2
+    ev(frames[3])
+    assert ev.gate_counts()[0] == (2, 2, 2)
+    ev(frames[0])
+    assert ev.gate_counts()[0] == (17, 17, 17)
+
+
+def test_batch_samples_are_independent() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    frames = video(4, batch=2)
+    batched = fv.eventful(model, fv.TopR(5))
+    singles = [fv.eventful(model, fv.TopR(5)) for _ in range(2)]
+    for frame in frames:
+        out = batched(frame)
+        for index, single in enumerate(singles):
+            torch.testing.assert_close(out[index:index + 1], single(frame[index:index + 1]), rtol=1e-4, atol=1e-5)
+
+
+def test_state_memory_is_reported() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(3))
+    assert ev.state_bytes() == 0
+    for frame in video(3):
+        ev(frame)
+    assert ev.state_bytes() > 0
+    ev.reset()
+    assert ev.state_bytes() == 0
+
+
+def test_gate_and_buffer_semantics() -> None:
+    gate, buffer = TokenGate(), TokenBuffer()
+    tokens = torch.zeros(1, 4, 2)
+    selection, passed = gate(tokens, fv.TopR(1))
+    assert selection is None and torch.equal(passed, tokens)
+    buffer(selection, passed * 10)
+    moved = tokens.clone()
+    moved[0, 2] = 5.0
+    selection, passed = gate(moved, fv.TopR(1))
+    assert selection.indices.tolist() == [[2]] and torch.equal(passed, moved[:, 2:3])
+    assert torch.equal(gate.reference, moved)
+    assert torch.equal(buffer(selection, passed * 10), moved * 10)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("topr:16", fv.TopR(16)), ("topr:0.25", fv.TopFraction(0.25)), ("fraction:1", fv.TopFraction(1.0)),
+    ("threshold:0.1", fv.Threshold(0.1)),
+])
+def test_parse_policy(spec: str, expected: fv.TokenPolicy) -> None:
+    assert fv.parse_policy(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["topr", "topr:abc", "topr:2.5", "magic:3", "threshold:-1", "fraction:1.5"])
+def test_parse_policy_rejects_bad_specs(spec: str) -> None:
+    with pytest.raises(ValueError):
+        fv.parse_policy(spec)
+
+
+def test_budget_out_of_range() -> None:
+    with pytest.raises(ValueError, match="non-negative"):
+        fv.TopR(-1)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fv.TopFraction(1.5)
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(100))
+    frames = video(2)
+    ev(frames[0])
+    with pytest.raises(ValueError, match="more tokens than the 17"):
+        ev(frames[1])
+    with pytest.raises(TypeError, match="TokenPolicy"):
+        ev.policy = 16
+    with pytest.raises(ValueError, match="incremental_max_fraction"):
+        ev.incremental_max_fraction = 2.0
+
+
+def test_bad_frames_get_clear_errors() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(4))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        ev(torch.randn(3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="3-channel"):
+        ev(torch.randn(1, 1, SIZE, SIZE))
+    ev(torch.randn(1, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="call reset"):
+        ev(torch.randn(2, 3, SIZE, SIZE))
+    model.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        ev(torch.randn(1, 3, SIZE, SIZE))
+
+
+def test_unsupported_models_are_named() -> None:
+    with pytest.raises(UnsupportedModelError, match="VisionTransformer"):
+        fv.eventful(torch.nn.Linear(3, 3), fv.TopR(1))
+    parallel = timm.create_model("vit_small_patch16_18x2_224", img_size=SIZE, depth=1)
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.0 \(ParallelThingsBlock\)"):
+        fv.eventful(parallel, fv.TopR(1))
+
+
+def test_dynamic_image_size_model() -> None:
+    model = make_model("vit_tiny_patch16_224", dynamic_img_size=True)
+    ev = fv.eventful(model, fv.TopFraction(1.0))
+    frame = torch.randn(1, 3, 48, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
