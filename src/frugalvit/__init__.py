@@ -2,8 +2,10 @@
 
 from frugalvit.cost import CostCounter, EnergyModel, HOROWITZ_45NM_FP32, OpCost, energy_joules
 from frugalvit.eventful import EventfulViT, Threshold, TokenPolicy, TopFraction, TopR, eventful, parse_policy
+from frugalvit.ecoformer import EcoFormerAttention, ecoformer, fit_hashes, remove_ecoformer
 
 __all__ = ["CostCounter", "EnergyModel", "HOROWITZ_45NM_FP32", "OpCost", "energy_joules",
-           "EventfulViT", "Threshold", "TokenPolicy", "TopFraction", "TopR", "eventful", "parse_policy"]
+           "EventfulViT", "Threshold", "TokenPolicy", "TopFraction", "TopR", "eventful", "parse_policy",
+           "EcoFormerAttention", "ecoformer", "fit_hashes", "remove_ecoformer"]
 
 __version__ = "0.1.0"
