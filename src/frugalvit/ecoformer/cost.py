@@ -72,3 +72,24 @@ def hashed_attention_elementwise(tokens: int, heads: int, head_dim: int, bits: i
         mults += n * (d + 1)
         adds += n * (d + 1)
     return ElementwiseOps(mults=per * mults, adds=per * adds, exps=per * n * m, divs=per * divs)
+
+
+def model_energy(model: "torch.nn.Module", images: "torch.Tensor") -> dict[str, object]:
+    """Counted arithmetic and energy of one forward pass, in total and per attention layer (`*.attn` modules).
+
+    Per layer the figures include the layer's projections (qkv or tied qk + v, and proj).
+    """
+    import torch
+
+    from frugalvit.cost import CostCounter
+
+    with torch.no_grad(), CostCounter() as cost:
+        model(images)
+
+    def entry(op: OpCost) -> dict[str, float]:
+        return {"mults": op.mults, "adds": op.adds, "macs": op.macs, "energy_uj": op.energy_joules() * 1e6}
+
+    layers = {name.split(".", 1)[-1]: entry(op) for name, op in cost.by_module().items() if name.endswith(".attn")}
+    return {"total": entry(cost.total), "attention_layers": layers,
+            "attention_layers_energy_uj": sum(layer["energy_uj"] for layer in layers.values()),
+            "energy_model": HOROWITZ_45NM_FP32.source, "images": int(images.shape[0])}
