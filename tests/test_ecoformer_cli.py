@@ -27,7 +27,7 @@ def tiny_npz(tmp_path: Path) -> Path:
 def test_finetune_command_runs_and_reports(tiny_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     args = ["ecoformer", "finetune", "--data", str(tiny_npz), "--out", str(out), "--teacher-epochs", "1",
-            "--epochs", "1", "--batch-size", "16", "--calibration-images", "6", "--fit-iterations", "2",
+            "--epochs", "1", "--batch-size", "16", "--calibration-images", "6", "--fit-iterations", "2", "--control",
             "--bits", "8", "--anchors", "8", "--no-progress"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())

@@ -8,6 +8,7 @@ ends with `results.json`: test accuracy and counted energy of both models.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -19,9 +20,10 @@ import torch
 
 from frugalvit.cli.main import UsageError
 from frugalvit.data import load_dataset
-from frugalvit.ecoformer import ecoformer, fit_hashes
+from frugalvit.ecoformer import ecoformer, ecoformer_layers, fit_hashes
 from frugalvit.ecoformer.attention import NORMALISERS
-from frugalvit.ecoformer.cost import model_energy
+from frugalvit.ecoformer.cost import (hashed_attention_counted, hashed_attention_elementwise, model_energy,
+                                      softmax_attention_counted, softmax_attention_elementwise)
 from frugalvit.models import small_vit
 from frugalvit.training import TrainConfig, accuracy, save_atomically, train
 
@@ -49,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--batch-size", type=int, default=128)
     run.add_argument("--refit-every", type=int, default=0, metavar="TAU",
                      help="re-fit hashes every TAU fine-tuning epochs (0: never)")
+    run.add_argument("--control", action="store_true",
+                     help="also fine-tune the softmax model the same way (accuracy control for the extra training)")
     run.add_argument("--test-samples", type=int, help="evaluate on the first N test images (default all)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -78,6 +82,18 @@ def _load_teacher(path: Path, model: torch.nn.Module) -> None:
     except RuntimeError as error:
         raise UsageError(f"{path}: does not fit this small ViT (check --patch-size/--image-size and the data's "
                          f"channels and classes): {str(error).splitlines()[0]}") from error
+
+
+def _core_energy(tokens: int, model: torch.nn.Module) -> dict[str, float]:
+    """Energy (uJ) of one layer's attention core, projections excluded, with and without element-wise work."""
+    layer = next(iter(ecoformer_layers(model).values()))
+    shape = (tokens, layer.num_heads, layer.head_dim)
+    soft, soft_ew = softmax_attention_counted(*shape), softmax_attention_elementwise(*shape)
+    hashed = hashed_attention_counted(*shape, layer.bits, layer.num_anchors, normaliser=layer.normaliser)
+    hashed_ew = hashed_attention_elementwise(*shape, layer.bits, layer.num_anchors, normaliser=layer.normaliser)
+    return {"softmax_uj": soft.energy_joules() * 1e6, "hashed_uj": hashed.energy_joules() * 1e6,
+            "softmax_with_elementwise_uj": (soft.energy_joules() + soft_ew.energy_joules()) * 1e6,
+            "hashed_with_elementwise_uj": (hashed.energy_joules() + hashed_ew.energy_joules()) * 1e6}
 
 
 def finetune(args: argparse.Namespace) -> int:
@@ -141,6 +157,13 @@ def finetune(args: argparse.Namespace) -> int:
     hyper = {"bits": args.bits, "anchors": args.anchors, "normaliser": args.normaliser}
     save_atomically({"model": model.state_dict(), "config": config, "ecoformer": hyper}, out / "ecoformer.pt")
 
+    control_accuracy = None
+    if args.control:
+        control = copy.deepcopy(teacher)
+        train(control, data.train, finetune_config, out / "control", progress=progress)
+        control_accuracy = accuracy(control, test)
+        print(f"softmax model fine-tuned the same way (control): test accuracy {control_accuracy:.4f}")
+
     one = test.images[:1]
     energy_softmax, energy_eco = model_energy(teacher, one), model_energy(model, one)
     attn_saving = 1 - energy_eco["attention_layers_energy_uj"] / energy_softmax["attention_layers_energy_uj"]
@@ -155,9 +178,11 @@ def finetune(args: argparse.Namespace) -> int:
                 "seconds": fit_seconds},
         "finetune": asdict(finetune_config) | {"refit_every": args.refit_every},
         "accuracy": {"softmax": teacher_accuracy, "ecoformer_fitted_before_finetune": fitted_accuracy,
-                     "ecoformer_finetuned": eco_accuracy, "difference_points": 100 * (eco_accuracy - teacher_accuracy)},
+                     "ecoformer_finetuned": eco_accuracy, "difference_points": 100 * (eco_accuracy - teacher_accuracy),
+                     "softmax_finetuned_control": control_accuracy},
         "energy_per_image": {"softmax": energy_softmax, "ecoformer": energy_eco,
                              "attention_layers_saving": attn_saving, "total_saving": total_saving,
+                             "attention_core_per_layer": _core_energy(tokens, model),
                              "baseline": "the same ViT with softmax attention, counted as executed (matrix products; "
                                          "fused SDPA has the same count)"},
         "seconds": time.perf_counter() - started,
@@ -166,8 +191,8 @@ def finetune(args: argparse.Namespace) -> int:
     print(f"test accuracy: softmax {teacher_accuracy:.4f}, EcoFormer {eco_accuracy:.4f} "
           f"({100 * (eco_accuracy - teacher_accuracy):+.2f} points)")
     print(f"energy per image (45 nm, matrix products): attention layers {energy_softmax['attention_layers_energy_uj']:.2f}"
-          f" -> {energy_eco['attention_layers_energy_uj']:.2f} uJ ({100 * attn_saving:+.1f}% saved), whole model "
+          f" -> {energy_eco['attention_layers_energy_uj']:.2f} uJ ({100 * attn_saving:.1f}% saved), whole model "
           f"{energy_softmax['total']['energy_uj']:.1f} -> {energy_eco['total']['energy_uj']:.1f} uJ "
-          f"({100 * total_saving:+.1f}% saved)")
+          f"({100 * total_saving:.1f}% saved)")
     print(f"wrote {out / 'results.json'}")
     return 0
