@@ -1,10 +1,242 @@
-"""`frugalvit dvt`: placeholder until the capability lands."""
+"""`frugalvit dvt`: train a DVT cascade, calibrate its exit thresholds for a budget, evaluate it.
+
+    frugalvit dvt train --data mnist --out RUN        # joint training, resumable
+    frugalvit dvt calibrate RUN --budget 8M           # thresholds for <= 8M mean MACs per image
+    frugalvit dvt eval RUN                            # accuracy, mean MACs, exit shares on the test split
+
+A run directory holds `config.json` (model, data and training settings),
+`checkpoint.pt` (per epoch, for resuming), `model.pt` (final weights),
+`calibration.npz` and `thresholds.json`. Every file is written atomically.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CONFIG_NAME, MODEL_NAME, THRESHOLDS_NAME, CALIBRATION_NAME = "config.json", "model.pt", "thresholds.json", \
+    "calibration.npz"
+_SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_macs(text: str) -> float:
+    """'8e6', '8M', '1.5G' -> MACs."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kKmMgG]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a MAC count: {text!r} (examples: 8e6, 8M, 1.5G)")
+    return float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("dvt", help="(not available yet)")
-    parser.set_defaults(handler=lambda args: (_ for _ in ()).throw(NotImplementedError("'dvt' is not implemented yet")))
+    parser = subparsers.add_parser("dvt", help="Dynamic Vision Transformer cascades: train, calibrate, eval",
+                                   description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="dvt_command", required=True, metavar="ACTION")
+
+    train = commands.add_parser("train", help="jointly train a cascade (sum of the stage losses); resumable")
+    train.add_argument("--data", required=True, help="'mnist', a directory of class folders, or a FILE.npz")
+    train.add_argument("--out", required=True, type=Path, help="run directory (created; an existing one resumes)")
+    train.add_argument("--image-size", type=int, default=None,
+                       help="image size for image folders (default 32); MNIST and .npz keep theirs")
+    train.add_argument("--patch-sizes", type=_int_list, default=(14, 7, 4),
+                       help="one patch size per stage, fewest tokens first (default 14,7,4: 2x2/4x4/7x7 at 28 px)")
+    train.add_argument("--stage-image-sizes", type=_int_list, default=None,
+                       help="optional per-stage input sizes (e.g. 112,160,224 with patch 16,16,16)")
+    train.add_argument("--embed-dim", type=int, default=96)
+    train.add_argument("--depth", type=int, default=4)
+    train.add_argument("--heads", type=int, default=3)
+    train.add_argument("--context-dim", type=int, default=16, help="feature-reuse context width D'")
+    train.add_argument("--no-feature-reuse", action="store_true")
+    train.add_argument("--no-relation-reuse", action="store_true")
+    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--max-train-samples", type=int, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(handler=run_train)
+
+    calibrate = commands.add_parser("calibrate", help="choose exit thresholds for a mean-MACs budget on the "
+                                                      "validation split")
+    calibrate.add_argument("run", type=Path)
+    calibrate.add_argument("--budget", required=True, type=parse_macs, help="mean MACs per image, e.g. 8M or 8e6")
+    calibrate.add_argument("--data", default=None, help="override the run's data set")
+    calibrate.add_argument("--batch-size", type=int, default=256)
+    calibrate.add_argument("--threads", type=int, default=None)
+    calibrate.add_argument("--no-progress", action="store_true")
+    calibrate.set_defaults(handler=run_calibrate)
+
+    evaluate = commands.add_parser("eval", help="early-exit inference on the test split: accuracy, mean MACs, "
+                                                "exit shares")
+    evaluate.add_argument("run", type=Path)
+    evaluate.add_argument("--split", choices=("test", "val"), default="test")
+    evaluate.add_argument("--thresholds", type=_float_list, default=None,
+                          help="override the calibrated thresholds, e.g. 0.9,0.95 (1.0 = never exit)")
+    evaluate.add_argument("--data", default=None, help="override the run's data set")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--threads", type=int, default=None)
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(handler=run_eval)
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def _load_data(spec: str, image_size: int | None):
+    from frugalvit.data import load_dataset
+
+    return load_dataset(spec, image_size or 32)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from frugalvit.dvt import DVTConfig, cascade_loss
+    from frugalvit.training import TrainConfig, save_atomically, train
+
+    _threads(args)
+    data = _load_data(args.data, args.image_size)
+    channels, height, width = data.image_shape
+    if height != width:
+        raise ValueError(f"{args.data}: images are {height}x{width}; DVT here needs square images")
+    model_config = DVTConfig(image_size=height, patch_sizes=args.patch_sizes, image_sizes=args.stage_image_sizes,
+                             in_chans=channels, num_classes=data.num_classes, embed_dim=args.embed_dim,
+                             depth=args.depth, num_heads=args.heads, context_dim=args.context_dim,
+                             feature_reuse=not args.no_feature_reuse, relation_reuse=not args.no_relation_reuse)
+    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               max_train_samples=args.max_train_samples)
+    record = {"model": model_config.to_dict(), "data": args.data, "image_size": args.image_size,
+              "train": asdict(train_config)}
+    run: Path = args.out
+    config_path = run / CONFIG_NAME
+    if config_path.is_file():
+        previous = json.loads(config_path.read_text())
+        if previous != json.loads(json.dumps(record)):
+            raise ValueError(f"{run} holds a run with different settings; use a new --out, or the same options "
+                             f"to resume it")
+        print(f"resuming {run}")
+    run.mkdir(parents=True, exist_ok=True)
+    _write_json(record, config_path)
+    torch.manual_seed(args.seed)
+    cascade = model_config.build()
+    print(f"stages: token grids {' / '.join(f'{g}x{g}' for g in model_config.grids)}, "
+          f"cumulative MACs per image {', '.join(f'{m / 1e6:.2f}M' for m in cascade.stage_macs())}")
+    train(cascade, data.train, train_config, run, loss_fn=cascade_loss, progress=not args.no_progress)
+    save_atomically(cascade.state_dict(), run / MODEL_NAME)
+    with torch.no_grad():
+        stage_logits = [torch.cat(parts) for parts in zip(*(
+            cascade.forward_all(data.val.images[i:i + 256]) for i in range(0, len(data.val), 256)))]
+    accuracies = [(logits.argmax(-1) == data.val.labels).float().mean().item() for logits in stage_logits]
+    print("validation accuracy per stage: " + ", ".join(f"{100 * a:.2f}%" for a in accuracies))
+    print(f"saved {run / MODEL_NAME}; next: frugalvit dvt calibrate {run} --budget MACS")
+    return 0
+
+
+def load_run(run: Path):
+    """The trained cascade and the recorded settings of a run directory."""
+    from frugalvit.dvt import DVTConfig
+
+    config_path, model_path = run / CONFIG_NAME, run / MODEL_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run}: no {CONFIG_NAME}; create the run with: frugalvit dvt train --out {run}")
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{run}: no trained model ({MODEL_NAME}); finish training with "
+                                f"`frugalvit dvt train` and the same options")
+    record = json.loads(config_path.read_text())
+    cascade = DVTConfig.from_dict(record["model"]).build()
+    cascade.load_state_dict(torch.load(model_path, map_location="cpu"))
+    return cascade.eval(), record
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    _threads(args)
+    cascade, record = load_run(args.run)
+    first = cascade.stage_macs()[0]
+    if args.budget < first:
+        raise ValueError(f"budget {args.budget:.4g} MACs is below the first stage's cost {first:.4g} MACs per image; "
+                         f"raise it to at least {first / 1e6:.3f}M")
+    data = _load_data(args.data or record["data"], record.get("image_size"))
+    calibration = cascade.calibrate(data.val.images, data.val.labels, args.batch_size, progress=not args.no_progress)
+    result = cascade.set_budget(args.budget)
+    tmp = args.run / (CALIBRATION_NAME + ".tmp.npz")
+    np.savez(tmp, confidence=calibration.confidence, correct=calibration.correct,
+             stage_macs=np.asarray(calibration.stage_macs))
+    os.replace(tmp, args.run / CALIBRATION_NAME)
+    _write_json({"budget_macs": args.budget, "thresholds": list(result.thresholds),
+                 "val_accuracy": result.accuracy, "val_mean_macs": result.mean_macs,
+                 "val_exit_fractions": list(result.exit_fractions), "stage_macs": list(calibration.stage_macs)},
+                args.run / THRESHOLDS_NAME)
+    print(f"thresholds {', '.join(f'{t:.6f}' for t in result.thresholds)} for <= {args.budget / 1e6:.3f}M MACs: "
+          f"validation accuracy {100 * result.accuracy:.2f}% at {result.mean_macs / 1e6:.3f}M mean MACs "
+          f"(all stages: {calibration.stage_macs[-1] / 1e6:.3f}M)")
+    print(f"saved {args.run / THRESHOLDS_NAME}; next: frugalvit dvt eval {args.run}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from frugalvit.cost import CostCounter
+
+    _threads(args)
+    cascade, record = load_run(args.run)
+    if args.thresholds is not None:
+        cascade.set_thresholds(args.thresholds)
+        source = "given"
+    elif (args.run / THRESHOLDS_NAME).is_file():
+        cascade.set_thresholds(json.loads((args.run / THRESHOLDS_NAME).read_text())["thresholds"])
+        source = "calibrated"
+    else:
+        source = "none calibrated: every sample runs every stage"
+    data = _load_data(args.data or record["data"], record.get("image_size"))
+    split = getattr(data, args.split)
+    stage_macs = cascade.stage_macs()
+    exits, correct, macs = [], 0, 0
+    with torch.no_grad():
+        for start in tqdm(range(0, len(split), args.batch_size), desc="eval", disable=args.no_progress):
+            images = split.images[start:start + args.batch_size]
+            with CostCounter() as cost:
+                out = cascade(images)
+            macs += cost.macs
+            correct += int((out.logits.argmax(-1) == split.labels[start:start + args.batch_size]).sum())
+            exits.append(out.exit_stage)
+    stages = torch.cat(exits)
+    shares = torch.bincount(stages, minlength=cascade.num_stages).float() / len(split)
+    print(f"thresholds ({source}): {', '.join(f'{t:.6f}' for t in cascade.thresholds.tolist())}")
+    print(f"{args.split} accuracy {100 * correct / len(split):.2f}% over {len(split)} images")
+    print(f"mean MACs per image {macs / len(split) / 1e6:.3f}M (counted), all stages {stage_macs[-1] / 1e6:.3f}M")
+    print("exits per stage: " + ", ".join(f"stage {k + 1} {100 * s:.1f}%" for k, s in enumerate(shares.tolist())))
+    return 0

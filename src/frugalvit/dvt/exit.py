@@ -1,0 +1,190 @@
+"""Per-sample early exit over a cascade of classifiers, with budget-calibrated thresholds.
+
+`EarlyExitCascade` holds what every cascade shares: the thresholds (a buffer,
+saved with the model), the real early-exit `forward` (stage k+1 runs only on
+the samples still undecided; the batch is regrouped and the outputs scattered
+back in order), per-exit-stage costs counted by `CostCounter`, calibration on a
+held-out split and `set_budget`. Subclasses say how to run stage k on a
+(sub)batch given what the previous stage handed on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from frugalvit.cost import CostCounter
+from frugalvit.dvt.thresholds import ExitResult, check_thresholds, evaluate_thresholds, search_thresholds
+
+
+class CascadeOutput(NamedTuple):
+    """Logits of the stage each sample exited at, and that stage's index (0-based), in input order."""
+
+    logits: Tensor
+    exit_stage: Tensor
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-stage confidence and correctness of every sample of a held-out split, and the cost of each exit."""
+
+    confidence: np.ndarray  # (K, N) max softmax per stage
+    correct: np.ndarray  # (K, N) bool
+    stage_macs: tuple[int, ...]  # cumulative MACs per sample exiting at stage k
+
+    def search(self, budget: float) -> ExitResult:
+        return search_thresholds(self.confidence, self.correct, self.stage_macs, budget)
+
+    def evaluate(self, thresholds: Sequence[float]) -> ExitResult:
+        return evaluate_thresholds(self.confidence, self.correct, self.stage_macs, thresholds)
+
+
+def select(carry: Any, keep: Tensor) -> Any:
+    """Index every tensor of a nested carry (tuple/list/dict/dataclass-free) along the batch axis."""
+    if carry is None:
+        return None
+    if isinstance(carry, Tensor):
+        return carry[keep]
+    if isinstance(carry, (list, tuple)):
+        return type(carry)(select(item, keep) for item in carry)
+    if isinstance(carry, dict):
+        return {key: select(value, keep) for key, value in carry.items()}
+    raise TypeError(f"cannot regroup a carry of type {type(carry).__name__}")
+
+
+class EarlyExitCascade(nn.Module):
+    """Base of the cascades: thresholds, early-exit forward, costs, calibration and budget."""
+
+    thresholds: Tensor
+
+    def __init__(self, num_stages: int, input_shape: Sequence[int]) -> None:
+        super().__init__()
+        if num_stages < 2:
+            raise ValueError(f"a cascade needs at least 2 stages, got {num_stages}")
+        self.num_stages = num_stages
+        self.input_shape = tuple(int(size) for size in input_shape)
+        self.register_buffer("thresholds", torch.ones(num_stages - 1))
+        self.calibration: Calibration | None = None
+
+    # -- what subclasses provide ---------------------------------------------------------------
+    def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
+        """Logits of stage `index` on `images` given the previous stage's carry, and its own carry.
+
+        `hand_on` is False for the last stage: nothing runs after it, so it need not export anything.
+        """
+        raise NotImplementedError
+
+    # -- inference ---------------------------------------------------------------------------
+    def check_input(self, images: Tensor) -> None:
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(images.shape)}; resize them to the cascade's input size first")
+
+    def set_thresholds(self, thresholds: Sequence[float]) -> None:
+        """Use these exit thresholds from now on (K-1 values in [0, 1]; 1.0 = never exit at that stage)."""
+        values = check_thresholds(thresholds, self.num_stages)
+        self.thresholds.copy_(torch.tensor(values, dtype=self.thresholds.dtype))
+
+    def forward_all(self, images: Tensor) -> list[Tensor]:
+        """Logits of every stage for every sample (training, calibration)."""
+        self.check_input(images)
+        outputs, carry = [], None
+        for index in range(self.num_stages):
+            logits, carry = self.run_stage(index, images, carry, index < self.num_stages - 1)
+            outputs.append(logits)
+        return outputs
+
+    def forward(self, images: Tensor, thresholds: Sequence[float] | None = None) -> CascadeOutput:
+        """Early-exit inference: each sample stops at the first stage whose confidence reaches its threshold.
+
+        Only the samples still undecided run the next stage, so the cost of a
+        batch is that of its samples' exits. `thresholds` overrides the stored ones.
+        """
+        self.check_input(images)
+        limits = check_thresholds(thresholds, self.num_stages) if thresholds is not None \
+            else tuple(self.thresholds.tolist())
+        batch = images.shape[0]
+        exit_stage = torch.full((batch,), self.num_stages - 1, dtype=torch.long, device=images.device)
+        active = torch.arange(batch, device=images.device)
+        result: Tensor | None = None
+        carry: Any = None
+        for index in range(self.num_stages):
+            last = index == self.num_stages - 1
+            logits, carry = self.run_stage(index, images, carry, not last)
+            if result is None:
+                result = logits.new_empty(batch, *logits.shape[1:])
+            if last:
+                result[active] = logits
+                break
+            leave = self.exits(logits, limits[index])
+            result[active[leave]] = logits[leave]
+            exit_stage[active[leave]] = index
+            stay = ~leave
+            if not bool(stay.any()):
+                break
+            if not bool(stay.all()):
+                active, images, carry = active[stay], images[stay], select(carry, stay)
+        assert result is not None
+        return CascadeOutput(result, exit_stage)
+
+    @staticmethod
+    def exits(logits: Tensor, threshold: float) -> Tensor:
+        """Which samples exit: max softmax >= threshold (threshold 1.0: none)."""
+        if threshold >= 1.0:
+            return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        confidence = logits.float().softmax(dim=-1).amax(dim=-1)
+        return confidence >= torch.tensor(threshold, dtype=torch.float32, device=logits.device)
+
+    # -- cost ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stage_macs(self) -> tuple[int, ...]:
+        """Cumulative MACs per image exiting at each stage, counted by `CostCounter` (reuse included)."""
+        parameter = next(self.parameters())
+        image = torch.zeros(1, *self.input_shape, dtype=parameter.dtype, device=parameter.device)
+        was_training = self.training
+        self.eval()
+        costs = []
+        for index in range(self.num_stages):
+            thresholds = [1.0] * index + [0.0] * (self.num_stages - 1 - index)
+            with CostCounter() as cost:
+                self(image, thresholds=thresholds)
+            costs.append(cost.macs)
+        self.train(was_training)
+        return tuple(costs)
+
+    # -- calibration and budget ------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, images: Tensor, labels: Tensor, batch_size: int = 256, progress: bool = False) -> Calibration:
+        """Confidence and correctness of every stage on a held-out split; kept for `set_budget`."""
+        from tqdm.auto import tqdm
+
+        if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+            raise ValueError(f"calibration needs as many labels as images (>0), got {images.shape[0]} images "
+                             f"and {labels.shape[0]} labels")
+        was_training = self.training
+        self.eval()
+        confidence, correct = [], []
+        for start in tqdm(range(0, images.shape[0], batch_size), desc="calibrate", disable=not progress):
+            batch = images[start:start + batch_size]
+            target = labels[start:start + batch_size].to(batch.device)
+            stage_logits = self.forward_all(batch)
+            confidence.append(torch.stack([l.float().softmax(-1).amax(-1) for l in stage_logits]).cpu())
+            correct.append(torch.stack([l.argmax(-1) == target for l in stage_logits]).cpu())
+        self.train(was_training)
+        self.calibration = Calibration(torch.cat(confidence, 1).numpy(), torch.cat(correct, 1).numpy(),
+                                       self.stage_macs())
+        return self.calibration
+
+    def set_budget(self, macs: float, calibration: Calibration | None = None) -> ExitResult:
+        """Choose and set the thresholds maximising held-out accuracy at <= `macs` mean MACs per image."""
+        calibration = calibration or self.calibration
+        if calibration is None:
+            raise ValueError("no calibration data: call cascade.calibrate(val_images, val_labels) first, "
+                             "or pass thresholds directly with set_thresholds()")
+        result = calibration.search(macs)
+        self.set_thresholds(result.thresholds)
+        return result
