@@ -78,6 +78,8 @@ def main() -> None:
                         help="explicit softmax runs head by head above this many tokens (memory)")
     parser.add_argument("--accuracy-from", type=Path, help="results.json of a `frugalvit ecoformer finetune` run")
     parser.add_argument("--out", type=Path, default=RESULTS / "ecoformer")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the timings of thread counts not measured now from the existing OUT.json")
     args = parser.parse_args()
 
     heads, dim, bits, anchors = args.heads, args.head_dim, args.bits, args.anchors
@@ -140,6 +142,11 @@ def main() -> None:
                 })
         timing[str(threads)] = rows
 
+    existing = args.out.with_suffix(".json")
+    if args.merge and existing.is_file():
+        previous = json.loads(existing.read_text())
+        timing = {**{k: v for k, v in previous["timing"].items() if k not in timing}, **timing}
+        timing = dict(sorted(timing.items(), key=lambda item: int(item[0])))
     crossover = {}
     for threads, rows in timing.items():
         faster = [row["speedup_vs_sdpa"] > 1 for row in rows]

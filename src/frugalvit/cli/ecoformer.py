@@ -42,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--bits", type=int, default=16)
     run.add_argument("--anchors", type=int, default=25)
     run.add_argument("--normaliser", choices=NORMALISERS, default="consistent")
+    run.add_argument("--bias", type=float, help="similarity offset, > bits (default 2^ceil(log2(bits+1)))")
     run.add_argument("--calibration-images", type=int, default=256, help="validation images used to fit hashes")
     run.add_argument("--top-l", type=int, help="similar/dissimilar pairs per row (default N // 8)")
     run.add_argument("--fit-iterations", type=int, default=100)
@@ -119,7 +120,8 @@ def finetune(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     teacher = small_vit(**config)
-    ecoformer(teacher, bits=args.bits, anchors=args.anchors, normaliser=args.normaliser)  # bad values fail now
+    ecoformer(teacher, bits=args.bits, anchors=args.anchors, bias=args.bias,
+              normaliser=args.normaliser)  # bad values fail before any training
     if args.teacher is not None:
         _load_teacher(args.teacher, teacher)
         print(f"teacher: loaded {args.teacher}")
@@ -134,7 +136,7 @@ def finetune(args: argparse.Namespace) -> int:
     teacher_accuracy = accuracy(teacher, test)
     print(f"teacher test accuracy: {teacher_accuracy:.4f}")
 
-    model = ecoformer(teacher, bits=args.bits, anchors=args.anchors, normaliser=args.normaliser)
+    model = ecoformer(teacher, bits=args.bits, anchors=args.anchors, bias=args.bias, normaliser=args.normaliser)
     calibration = data.val.images[:args.calibration_images]
     fit_started = time.perf_counter()
     fit_hashes(model, calibration, top_l=args.top_l, iterations=args.fit_iterations, seed=args.seed,
@@ -154,7 +156,8 @@ def finetune(args: argparse.Namespace) -> int:
     train(model, data.train, finetune_config, out / "finetune", progress=progress, on_epoch_end=refit)
     model.eval()
     eco_accuracy = accuracy(model, test)
-    hyper = {"bits": args.bits, "anchors": args.anchors, "normaliser": args.normaliser}
+    hyper = {"bits": args.bits, "anchors": args.anchors, "normaliser": args.normaliser,
+             "bias": next(iter(ecoformer_layers(model).values())).bias}
     save_atomically({"model": model.state_dict(), "config": config, "ecoformer": hyper}, out / "ecoformer.pt")
 
     control_accuracy = None
