@@ -213,6 +213,20 @@ def test_reset_and_refresh() -> None:
     assert ev.gate_counts()[0] == (17, 17, 17)
 
 
+def test_scene_cut_triggers_full_update() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(2), cut_share=0.5, cut_relative_error=0.5)
+    calm = video(3, moving=0.01)
+    for index, frame in enumerate(calm):
+        ev(frame)
+        assert ev.last_frame_full == (index == 0)
+    assert ev.gate_counts()[0] == (2, 2, 2)
+    cut = video(1, seed=7)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ev(cut), model(cut), rtol=1e-5, atol=1e-5)
+    assert ev.last_frame_full and ev.gate_counts()[0] == (17, 17, 17)
+
+
 def test_batch_samples_are_independent() -> None:
     model = make_model("vit_tiny_patch16_224")
     frames = video(4, batch=2)

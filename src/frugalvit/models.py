@@ -1,8 +1,12 @@
-"""Small timm ViTs this project trains itself (no pretrained weights can be downloaded here)."""
+"""Model construction: the project's small ViTs, and timm models from the hub, a file or random weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 
 def small_vit(image_size: int = 28, patch_size: int = 7, in_chans: int = 1, num_classes: int = 10,
@@ -15,3 +19,35 @@ def small_vit(image_size: int = 28, patch_size: int = 7, in_chans: int = 1, num_
     return VisionTransformer(img_size=image_size, patch_size=patch_size, in_chans=in_chans,
                              num_classes=num_classes, embed_dim=embed_dim, depth=depth,
                              num_heads=num_heads, **kwargs)
+
+
+def load_timm_model(name: str, image_size: int | None = None, checkpoint: Path | None = None,
+                    random_init: bool = False, **kwargs: Any) -> nn.Module:
+    """A timm model in eval mode: pretrained from the hub, from a local checkpoint, or randomly initialised.
+
+    Position embeddings are resampled when `image_size` differs from the weights'.
+    Raises ValueError with the fix when the model name is unknown or weights cannot be had.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; list candidates with timm.list_models('vit_*')")
+    if checkpoint is not None and random_init:
+        raise ValueError("choose either a checkpoint or random initialisation, not both")
+    size = {"img_size": image_size} if image_size is not None else {}
+    if random_init:
+        return timm.create_model(name, pretrained=False, **size, **kwargs).eval()
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{checkpoint}: no such checkpoint file")
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)},
+                                     **size, **kwargs).eval()
+        except (RuntimeError, KeyError, OSError, ValueError) as error:
+            raise ValueError(f"{checkpoint}: cannot load into {name} ({str(error).splitlines()[0][:300]})") from error
+    try:
+        return timm.create_model(name, pretrained=True, **size, **kwargs).eval()
+    except Exception as error:  # the hub raises many kinds: offline, not found, HTTP errors
+        raise ValueError(f"cannot get pretrained weights for {name} ({type(error).__name__}); with no internet, "
+                         "pass a local weights file (--checkpoint FILE) or use random weights (--random-init)"
+                         ) from error

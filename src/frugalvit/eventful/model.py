@@ -50,11 +50,16 @@ class EventfulViT(nn.Module):
         incremental_max_fraction: attention updates incrementally while at most
             this fraction of tokens changed, and recomputes densely (fused) above it.
         refresh_every: if set, every K-th frame recomputes all tokens (bounds drift).
+        cut_share: if set, a frame in which more than this share of the input
+            tokens moved by more than `cut_relative_error` of their own norm
+            (since they were last computed) is a scene cut and is recomputed in full.
+        cut_relative_error: see `cut_share`.
     """
 
     def __init__(self, model: VisionTransformer, policy: TokenPolicy,
                  incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
-                 refresh_every: int | None = None) -> None:
+                 refresh_every: int | None = None, cut_share: float | None = None,
+                 cut_relative_error: float = 0.5) -> None:
         super().__init__()
         check_convertible(model)
         self.model = model
@@ -62,6 +67,9 @@ class EventfulViT(nn.Module):
         self.policy = policy
         self.incremental_max_fraction = incremental_max_fraction
         self.refresh_every = refresh_every
+        self.cut_share = cut_share
+        self.cut_relative_error = cut_relative_error
+        self.last_frame_full = False
         self._frame_shape: tuple[int, ...] | None = None
         self._frames_since_refresh = 0
         self._refresh_pending = False
@@ -74,6 +82,10 @@ class EventfulViT(nn.Module):
             raise ValueError(f"incremental_max_fraction must lie in [0, 1], got {value!r}")
         if name == "refresh_every" and value is not None and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"refresh_every must be None or an integer >= 1, got {value!r}")
+        if name == "cut_share" and value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"cut_share must be None or lie in [0, 1], got {value!r}")
+        if name == "cut_relative_error" and not (isinstance(value, (int, float)) and value >= 0.0):
+            raise ValueError(f"cut_relative_error must be >= 0, got {value!r}")
         super().__setattr__(name, value)
 
     def reset(self) -> None:
@@ -109,12 +121,22 @@ class EventfulViT(nn.Module):
             self.refresh_every is not None and self._frames_since_refresh >= self.refresh_every)
         model = self.model
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        update_all = update_all or self._is_scene_cut(x)
+        self.last_frame_full = update_all
         for block in self.eventful_blocks:
             x = block(x, self.policy, self.incremental_max_fraction, update_all)
         self._frame_shape = tuple(images.shape)
         self._refresh_pending = False
         self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
         return model.norm(x)
+
+    def _is_scene_cut(self, tokens: Tensor) -> bool:
+        reference = self.eventful_blocks[0].attention_gate.reference
+        if self.cut_share is None or reference is None:
+            return False
+        moved = torch.linalg.vector_norm(reference - tokens, dim=-1)
+        relative = moved / torch.linalg.vector_norm(reference, dim=-1).clamp_min(1e-12)
+        return bool(((relative > self.cut_relative_error).float().mean(dim=-1) > self.cut_share).any().item())
 
     @torch.no_grad()
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
@@ -138,9 +160,11 @@ class EventfulViT(nn.Module):
 
 
 def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
-             refresh_every: int | None = None) -> EventfulViT:
+             refresh_every: int | None = None, cut_share: float | None = None,
+             cut_relative_error: float = 0.5) -> EventfulViT:
     """Make a timm VisionTransformer eventful: same parameters (shared, not copied), original unchanged.
 
     Undo by simply using `model` again (or `ev.model`); nothing in it was modified.
+    See `EventfulViT` for the arguments.
     """
-    return EventfulViT(model, policy, incremental_max_fraction, refresh_every)
+    return EventfulViT(model, policy, incremental_max_fraction, refresh_every, cut_share, cut_relative_error)

