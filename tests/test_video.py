@@ -1,0 +1,140 @@
+"""`frugalvit video` / `demo` on real bundled clips with a tiny model, and their error paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import timm
+import torch
+
+from frugalvit.cli.main import main
+from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip
+
+TINY = ["--model", "vit_tiny_patch16_224", "--size", "64", "--no-progress"]
+
+
+def run_cli(*args: str) -> int:
+    return main(list(args))
+
+
+def test_video_command_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report"
+    code = run_cli("video", "bundled:carphone_pristine", *TINY, "--random-init", "--policy", "topr:0.25",
+                   "--max-frames", "5", "--out", str(out))
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.png").stat().st_size > 0
+    assert len(report["frames"]) == 5
+    assert "random init" in report["settings"]["weights"]
+    first, later = report["frames"][0], report["frames"][-1]
+    assert first["full_update"] and first["cosine"] > 0.9999
+    assert later["eventful_gmacs"] < 0.5 * later["dense_gmacs"]
+    summary = report["summary"]
+    assert summary["mac_ratio"] > 1 and summary["speedup"] > 0 and summary["state_mib"] > 0
+    printed = capsys.readouterr().out
+    assert "speed-up" in printed and "MAC ratio" in printed
+
+
+def test_video_with_local_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64)
+    checkpoint = tmp_path / "weights.pth"
+    torch.save(model.state_dict(), checkpoint)
+    out = tmp_path / "out"
+    assert run_cli("video", "bundled:carphone_pristine", *TINY, "--checkpoint", str(checkpoint),
+                   "--policy", "fraction:1", "--max-frames", "3", "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["weights"].startswith("checkpoint")
+    assert all(frame["cosine"] > 0.9999 and frame["top1_agrees"] for frame in report["frames"])
+
+
+def test_scene_cut_refresh_on_bikes(tmp_path: Path) -> None:
+    """bikes.mp4 cuts to a new scene around frame 29: the cut refresh recomputes everything there."""
+    out = tmp_path / "bikes"
+    assert run_cli("video", "bundled:bikes", *TINY, "--random-init", "--policy", "topr:0.2", "--cut-share", "0.5",
+                   "--max-frames", "34", "--out", str(out)) == 0
+    frames = json.loads((out / "report.json").read_text())["frames"]
+    refreshed = [frame["index"] for frame in frames if frame["full_update"]]
+    assert refreshed[0] == 0 and any(28 <= index <= 31 for index in refreshed[1:])
+    assert len(refreshed) <= 3
+
+
+def test_demo_runs_on_bundled_clip(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert run_cli("demo", *TINY, "--max-frames", "3", "--out", str(out)) == 0
+    assert (out / "report.json").is_file()
+
+
+def one_frame_video(path: Path) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), dtype=np.uint8), format="rgb24")
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such video file"),
+    ("corrupt", "cannot open as video"),
+    ("short", "need at least 2"),
+    ("model", "unknown timm model"),
+    ("policy", "unknown policy"),
+    ("unsupported", "converts timm VisionTransformer"),
+    ("unsupported_block", "ParallelThingsBlock"),
+    ("frames", "--max-frames must be >= 2"),
+])
+def test_video_bad_input_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       case: str, message: str) -> None:
+    clip = "bundled:carphone_pristine"
+    extra: list[str] = []
+    if case == "missing":
+        clip = str(tmp_path / "nope.mp4")
+    elif case == "corrupt":
+        clip = str(tmp_path / "corrupt.mp4")
+        Path(clip).write_bytes(b"\x00\x01not a video" * 100)
+    elif case == "short":
+        clip = str(tmp_path / "short.mp4")
+        one_frame_video(Path(clip))
+    arguments = ["video", clip, *TINY, "--random-init", "--out", str(tmp_path / "out")]
+    if case == "model":
+        arguments[arguments.index("vit_tiny_patch16_224")] = "no_such_model"
+    elif case == "policy":
+        arguments += ["--policy", "magic:3"]
+    elif case == "unsupported":
+        arguments[arguments.index("vit_tiny_patch16_224")] = "resnet18"
+    elif case == "unsupported_block":
+        arguments[arguments.index("vit_tiny_patch16_224")] = "vit_small_patch16_18x2_224"
+    elif case == "frames":
+        arguments += ["--max-frames", "1"]
+    assert run_cli(*arguments, *extra) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_weights_message_names_the_fix(tmp_path: Path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-m", "frugalvit", "video", "bundled:carphone_pristine", *TINY,
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert "--checkpoint" in result.stderr and "--random-init" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_decode_bundled_clip_shapes() -> None:
+    path = resolve_clip("bundled:bigbuckbunny")
+    assert path == bundled_clip_path("bigbuckbunny")
+    frames = load_frames(path, 48, max_frames=3)
+    assert frames.shape == (3, 3, 48, 48) and frames.dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown bundled clip"):
+        resolve_clip("bundled:nothing")
