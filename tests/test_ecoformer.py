@@ -8,9 +8,10 @@ from torch import nn
 from timm.layers import Attention
 
 from frugalvit.cost import CostCounter
-from frugalvit.ecoformer import (EcoFormerAttention, convertible_layers, default_bias, ecoformer, ecoformer_layers,
+from frugalvit.ecoformer import (EcoFormerAttention, convertible_layers, ecoformer, ecoformer_layers,
                                  fit_hash_functions, fit_hashes, hash_codes, hashed_attention_reference,
-                                 hashed_linear_attention, remove_ecoformer, sign_ste, similarity_labels)
+                                 hashed_linear_attention, paper_bias, remove_ecoformer, sign_ste,
+                                 similarity_labels)
 from frugalvit.ecoformer.cost import hashed_attention_counted, softmax_attention_counted
 from frugalvit.ecoformer.fitting import init_hash_state
 from frugalvit.ecoformer.hashing import hamming_distance, l2_normalize, rbf_features
@@ -66,7 +67,8 @@ def test_hamming_affinity_inner_product_identity() -> None:
     bits = 16
     a, b = random_codes(5, bits, seed=1), random_codes(7, bits, seed=2)
     assert torch.equal(a @ b.T, bits - 2 * hamming_distance(a, b).float())
-    assert default_bias(16) == 32 and default_bias(15) == 16 and default_bias(1) == 2
+    assert paper_bias(16) == 32 and paper_bias(15) == 16 and paper_bias(1) == 2
+    assert ecoformer(tiny_vit(), bits=16).blocks[0].attn.bias == 17
 
 
 def test_straight_through_gradient_is_hard_tanh() -> None:

@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--bits", type=int, default=16)
     run.add_argument("--anchors", type=int, default=25)
     run.add_argument("--normaliser", choices=NORMALISERS, default="consistent")
-    run.add_argument("--bias", type=float, help="similarity offset, > bits (default 2^ceil(log2(bits+1)))")
+    run.add_argument("--bias", type=float, help="similarity offset, > bits (default bits + 1)")
     run.add_argument("--calibration-images", type=int, default=256, help="validation images used to fit hashes")
     run.add_argument("--top-l", type=int, help="similar/dissimilar pairs per row (default N // 8)")
     run.add_argument("--fit-iterations", type=int, default=100)

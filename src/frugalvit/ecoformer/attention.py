@@ -12,7 +12,7 @@ computed right to left in O(N b D); every product with a code is a signed
 sum (`signed_matmul`, counted as additions). This "consistent" normaliser is
 the paper's Eq. (9). The authors' released code (`linear_attention_bias` in
 ziplab/EcoFormer) instead adds `bias * v_i` (the query's own value) to the
-numerator and uses `bias = b + 1`; its weights do not sum to one. That form is
+numerator; its weights do not sum to one. That form is
 available as `normaliser="authors"` for reproducing their numbers.
 """
 
@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from timm.layers import Attention
 
 from frugalvit.cost.ops import signed_matmul
-from frugalvit.ecoformer.hashing import default_bias, hash_codes, l2_normalize
+from frugalvit.ecoformer.hashing import hash_codes, l2_normalize
 
 Normaliser = Literal["consistent", "authors"]
 NORMALISERS: tuple[str, ...] = ("consistent", "authors")
@@ -100,7 +100,7 @@ class EcoFormerAttention(Attention):
         if init not in ("mean", "query", "key"):
             raise ValueError(f"init must be 'mean', 'query' or 'key', got {init!r}")
         if bias is None:
-            bias = float(bits + 1 if normaliser == "authors" else default_bias(bits))
+            bias = float(bits + 1)
         if not bias > bits:
             raise ValueError(f"bias must exceed bits ({bits}) so that every similarity is positive, got {bias}")
         self.num_heads, self.head_dim = source.num_heads, source.head_dim

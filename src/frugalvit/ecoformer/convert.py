@@ -37,8 +37,9 @@ def ecoformer(model: nn.Module, bits: int = 16, anchors: int = 25, layers: Seque
         anchors: number m of RBF anchor tokens per head (2..4096).
         layers: which attention layers to convert, as indices into
             `convertible_layers(model)` or module names; None converts all.
-        bias: similarity offset (> bits); None takes the paper's 2^ceil(log2(b+1))
-            (`b + 1`, as in the authors' code, for `normaliser="authors"`).
+        bias: similarity offset (> bits); None takes b + 1, the smallest that
+            keeps similarities positive (as in the authors' code; the paper's
+            power of two is `paper_bias(bits)`).
         normaliser: "consistent" (weights sum to one, paper Eq. 9) or "authors"
             (the released code's formula); see `frugalvit.ecoformer.attention`.
         init: tied query/key projection initialised from the mean of the

@@ -66,11 +66,13 @@ def hash_codes(tokens: Tensor, anchors: Tensor, bandwidth: Tensor, mean: Tensor,
     return sign_ste(hash_projection(tokens, anchors, bandwidth, mean, weights))
 
 
-def default_bias(bits: int) -> int:
+def paper_bias(bits: int) -> int:
     """The paper's similarity offset 2^c with c = ceil(log2(b + 1)): the smallest power of two above b.
 
-    It keeps every similarity `H(q)^T H(k) + bias` (which lies in [-b, b] + bias)
-    strictly positive, and multiplying by it is a bit shift.
+    Like any offset above b it keeps every similarity `H(q)^T H(k) + bias`
+    (which lies in [-b, b] + bias) strictly positive; multiplying by a power of
+    two is a bit shift. The library default is b + 1 (the authors' code), which
+    allows a wider range of attention weights; see docs/ecoformer.md.
     """
     return 2 ** math.ceil(math.log2(bits + 1))
 
