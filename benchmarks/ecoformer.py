@@ -12,6 +12,9 @@ with Horowitz 45 nm FP32 constants, plus analytic element-wise counts
 (`frugalvit.ecoformer.cost`). Accuracy comes from a `frugalvit ecoformer
 finetune` run (`--accuracy-from RUN/results.json`).
 
+Methods are timed interleaved (one call of each in turn), so that all three
+see the same load on a shared machine; min, median and max are recorded.
+
 Usage:
     python benchmarks/ecoformer.py --accuracy-from RUN/results.json
 """
@@ -51,13 +54,16 @@ def explicit_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_head
                       for h in range(q.shape[1])], dim=1)
 
 
-def timed(fn: Callable[[], object], repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times (ms) of each function, interleaved so that all see the same machine load."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - start))
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start))
     return times
 
 
@@ -73,7 +79,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--bits", type=int, default=16)
     parser.add_argument("--anchors", type=int, default=25)
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats up to 1,024 tokens (fewer above)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed repeats up to 1,024 tokens (fewer above)")
     parser.add_argument("--per-head-above", type=int, default=3136,
                         help="explicit softmax runs head by head above this many tokens (memory)")
     parser.add_argument("--accuracy-from", type=Path, help="results.json of a `frugalvit ecoformer finetune` run")
@@ -103,12 +109,12 @@ def main() -> None:
                 return hashed_linear_attention(codes, codes, v, bias)
 
             per_head = n > args.per_head_above
-            repeats = args.repeats if n <= 1024 else max(2, args.repeats // 2) if n <= 4096 else 2
+            repeats = args.repeats if n <= 1024 else max(3, args.repeats // 2) if n <= 4096 else 3
             with torch.inference_mode():
-                row = {"tokens": n, "threads": threads, "explicit_per_head": per_head,
-                       "hashed": summary(timed(hashed, repeats)),
-                       "sdpa": summary(timed(lambda: F.scaled_dot_product_attention(q, k, v), repeats)),
-                       "explicit": summary(timed(lambda: explicit_softmax(q, k, v, per_head), repeats))}
+                times = timed({"hashed": hashed, "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                               "explicit": lambda: explicit_softmax(q, k, v, per_head)}, repeats)
+            row = {"tokens": n, "threads": threads, "explicit_per_head": per_head,
+                   **{name: summary(values) for name, values in times.items()}}
             row["speedup_vs_sdpa"] = row["sdpa"]["median_ms"] / row["hashed"]["median_ms"]
             row["speedup_vs_explicit"] = row["explicit"]["median_ms"] / row["hashed"]["median_ms"]
             print(f"threads {threads} N {n:6d}: hashed {row['hashed']['median_ms']:9.2f} ms, "
