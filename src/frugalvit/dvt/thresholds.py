@@ -102,7 +102,15 @@ def _cut_points(sorted_conf: np.ndarray) -> np.ndarray:
 
 
 def _threshold_for(sorted_conf: np.ndarray, count: int) -> float:
-    return NEVER_EXIT if count == 0 else float(sorted_conf[count - 1])
+    """A threshold letting exactly the first `count` (descending) samples exit: midway between the last one
+    taken and the first one left, so that it generalises to unseen confidences (a max-margin cut)."""
+    if count == 0:
+        return NEVER_EXIT
+    taken = sorted_conf[count - 1]
+    if count == sorted_conf.shape[0]:
+        return float(taken)
+    middle = np.float32((np.float64(taken) + np.float64(sorted_conf[count])) / 2)
+    return float(middle) if sorted_conf[count] < middle <= taken else float(taken)
 
 
 class _Search:
