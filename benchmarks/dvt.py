@@ -150,7 +150,17 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     figure, axes = plt.subplots(1, 3, figsize=(18, 5.2))
+    best = max(single["test_accuracy"] for single in results["single_models"])
+    top = 100 * max([best] + [p["test_accuracy"] for v in results["variants"].values() for p in v["curve"]]) + 0.4
+    bottom = 100 * min(single["test_accuracy"] for single in results["single_models"]) - 1.0
+    for ax in axes[:2]:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(bottom, top)
     ax = axes[0]
     for name, variant in results["variants"].items():
         curve = variant["curve"]
@@ -165,10 +175,8 @@ def plot(results: dict, path: Path) -> None:
                     textcoords="offset points", xytext=(5, -12))
     full = results["single_models"][-1]["test_accuracy"]
     ax.axhline(100 * full - 0.2, color="red", lw=0.8, ls=":", label="full-token single - 0.2 pt")
-    ax.set_xscale("log")
     ax.set_xlabel("mean MACs per image (millions, log)")
     ax.set_ylabel("MNIST test accuracy (%)")
-    ax.set_ylim(100 * full - 6, 100 * full + 1.0)
     ax.set_title("accuracy vs mean MACs (thresholds chosen on validation)")
     ax.legend(fontsize=8, loc="lower right")
     ax = axes[1]
@@ -178,11 +186,9 @@ def plot(results: dict, path: Path) -> None:
                 label=f"{method} (validation)")
         ax.plot([p["budget"] / 1e6 for p in comparison], [100 * p[method]["test_accuracy"] for p in comparison],
                 style, alpha=0.4, label=f"{method} (test)")
-    ax.set_xscale("log")
     ax.set_xlabel("budget: mean MACs per image (millions, log)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"threshold search at a budget ({results['threshold_search']['variant']} reuse)")
-    ax.set_ylim(100 * full - 6, 100 * full + 1.0)
     ax.legend(fontsize=8, loc="lower right")
     ax = axes[2]
     labels, macs, speed = [], [], []
@@ -208,6 +214,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/frugalvit-dvt-bench"))
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--train-samples", type=int, default=30000)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timing-threads", default="1,2")
     parser.add_argument("--train-only", action="store_true")
@@ -215,10 +222,14 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, default=16, help="points on each accuracy-vs-MACs curve")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS / "dvt.json")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from an existing --out JSON")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
     data = load_dataset("mnist")
-    train_config = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, max_train_samples=args.train_samples)
+    train_config = TrainConfig(epochs=args.epochs, batch_size=128, lr=args.lr, max_train_samples=args.train_samples)
     names = args.variants.split(",")
     models = train_variants(args.work_dir, train_config, data, names)
     if args.train_only:
@@ -228,7 +239,7 @@ def main() -> None:
                     "torch": torch.__version__, "threads": args.threads},
         "config": {"model": BASE.to_dict(), "grids": [f"{g}x{g}" for g in BASE.grids],
                    "train": {"epochs": args.epochs, "train_samples": args.train_samples, "batch_size": 128,
-                             "lr": 1e-3}},
+                             "lr": args.lr}},
         "variants": {}, "single_models": [], "wall_clock": [],
     }
     stats = {}
