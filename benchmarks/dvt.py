@@ -74,12 +74,16 @@ def resolution_stats(cascade, split, batch_size: int = 500) -> tuple[np.ndarray,
     return stage_stats(cascade, split, batch_size)
 
 
-def budget_for_accuracy(val, costs, target: float) -> float | None:
-    """Smallest budget (bisection on the exact search) whose validation accuracy reaches `target`."""
-    low, high = float(costs[0]), float(costs[-1])
-    if search_thresholds(*val, costs, high).accuracy < target:
+def budget_for_accuracy(val, costs, target: float, curve: list[dict], steps: int = 10) -> float | None:
+    """Smallest budget whose validation accuracy reaches `target`: bracketed by the curve, then bisection."""
+    reached = [i for i, point in enumerate(curve) if point["val_accuracy"] >= target]
+    if not reached:
         return None
-    for _ in range(30):
+    high = curve[reached[0]]["budget"]
+    low = curve[reached[0] - 1]["budget"] if reached[0] > 0 else float(costs[0])
+    if search_thresholds(*val, costs, low).accuracy >= target:
+        return low
+    for _ in range(steps):
         middle = (low + high) / 2
         if search_thresholds(*val, costs, middle).accuracy >= target:
             high = middle
@@ -247,7 +251,16 @@ def main() -> None:
         cascade = models[name]
         costs = cascade.stage_macs()
         start = time.perf_counter()
-        val, test = stage_stats(cascade, data.val), stage_stats(cascade, data.test)
+        cache = args.work_dir / name / "stats.npz"
+        if cache.is_file():
+            saved = np.load(cache)
+            val = (saved["val_confidence"], saved["val_correct"])
+            test = (saved["test_confidence"], saved["test_correct"])
+        else:
+            val, test = stage_stats(cascade, data.val), stage_stats(cascade, data.test)
+            np.savez(cache.with_name("stats.tmp.npz"), val_confidence=val[0], val_correct=val[1],
+                     test_confidence=test[0], test_correct=test[1])
+            os.replace(cache.with_name("stats.tmp.npz"), cache)
         stats[name] = (costs, val, test)
         print(f"[{name}] stage MACs {costs}; per-stage test accuracy {test[1].mean(1).round(4).tolist()} "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
@@ -283,7 +296,8 @@ def main() -> None:
         costs, val, test = stats[name]
         points = {}
         for label, reference in (("full_token_single", full), ("best_single", best)):
-            budget = budget_for_accuracy(val, costs, reference["val_accuracy"] - 0.001)
+            budget = budget_for_accuracy(val, costs, reference["val_accuracy"] - 0.001,
+                                         results["variants"][name]["curve"])
             entry: dict = {"reference": reference["grid"], "val_target": reference["val_accuracy"] - 0.001,
                            "budget": budget}
             if budget is not None:
