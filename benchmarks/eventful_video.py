@@ -17,6 +17,7 @@ Writes benchmarks/results/eventful_video.json and eventful_video.png.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -36,13 +37,13 @@ EFFICIENCY_TARGET = 0.7
 
 
 def measure(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float], repeats: int,
-            threads: int) -> dict[float, dict[str, list[float]]]:
+            threads: int, cut_share: float | None) -> dict[float, dict[str, list[float]]]:
     """Interleaved timing of dense and every budget; fidelity of each budget's pooled features."""
     torch.set_num_threads(threads)
     results = {b: {"speedup": [], "speedup_after_first": [], "cosine": [], "token_l2": [], "top1": [], "ms": [],
                    "dense_ms": []} for b in budgets}
     for _ in range(repeats):
-        models = {b: eventful(model, TopFraction(b)) for b in budgets}
+        models = {b: eventful(model, TopFraction(b), cut_share=cut_share) for b in budgets}
         dense_times: list[float] = []
         times = {b: [] for b in budgets}
         cosines = {b: [] for b in budgets}
@@ -76,23 +77,28 @@ def measure(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float], 
     return results
 
 
-def count_macs(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float]) -> tuple[float, dict, dict]:
+def count_macs(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float],
+               cut_share: float | None) -> tuple[float, dict, dict, dict]:
     """Executed MACs per frame: dense (one frame), and each budget's mean over the frames after the first
-    (matching the speed-up, which also leaves out the first, full frame); state bytes per stream."""
+    (matching the speed-up, which also leaves out the first, full frame); state bytes per stream; the
+    frames after the first that scene-cut detection recomputed in full."""
     with torch.no_grad(), CostCounter() as cost:
         model.forward_features(frames[:1])
     dense = cost.macs
-    per_budget, state = {}, {}
+    per_budget, state, cuts = {}, {}, {}
     for budget in budgets:
-        ev = eventful(model, TopFraction(budget))
+        ev = eventful(model, TopFraction(budget), cut_share=cut_share)
         total = 0
+        cuts[budget] = []
         for index, frame in enumerate(frames):
             with CostCounter() as cost:
                 ev.forward_features(frame.unsqueeze(0))
             total += cost.macs if index > 0 else 0
+            if index > 0 and ev.last_frame_full:
+                cuts[budget].append(index)
         per_budget[budget] = total / (len(frames) - 1)
         state[budget] = ev.state_bytes()
-    return dense, per_budget, state
+    return dense, per_budget, state, cuts
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -142,6 +148,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--start-frame", type=int, default=20, help="skip the clip's first frames (titles)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cut-share", type=float, default=0.5,
+                        help="scene-cut refresh as in `frugalvit video` (negative: off)")
     parser.add_argument("--checkpoint", type=Path, help="trained weights for the model (default: random init)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="eventful_video")
@@ -162,9 +170,10 @@ def main() -> None:
                 frames = load_frames(bundled_clip_path(clip), size, tuple(config["mean"]), tuple(config["std"]),
                                      args.start_frame + args.frames)[args.start_frame:]
                 torch.set_num_threads(1)
-                dense_macs, budget_macs, state = count_macs(model, frames, budgets)
+                cut_share = args.cut_share if args.cut_share >= 0 else None
+                dense_macs, budget_macs, state, cuts = count_macs(model, frames, budgets, cut_share)
                 for threads in (int(t) for t in args.threads.split(",")):
-                    measured = measure(model, frames, budgets, args.repeats, threads)
+                    measured = measure(model, frames, budgets, args.repeats, threads, cut_share)
                     for budget in budgets:
                         m = measured[budget]
                         mac_ratio = dense_macs / budget_macs[budget]
@@ -178,7 +187,8 @@ def main() -> None:
                                "token_relative_l2": statistics.fmean(m["token_l2"]), "top1_agreement": statistics.fmean(m["top1"]),
                                "dense_ms_median": statistics.median(m["dense_ms"]),
                                "eventful_ms_median": statistics.median(m["ms"]),
-                               "state_mib_per_stream": state[budget] / 2**20}
+                               "state_mib_per_stream": state[budget] / 2**20,
+                               "cut_share": cut_share, "full_recompute_frames": cuts[budget]}
                         rows.append(row)
                         print(f"{model_name}@{size} {clip} {threads}t budget {budget}: speed-up "
                               f"{row['speedup_after_first']['median']:.2f}x (min {row['speedup_after_first']['min']:.2f},"
@@ -196,7 +206,7 @@ def main() -> None:
         "note": "fidelity depends on the weights: " + weights,
     }
     meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-            "cpu_count": torch.get_num_threads(), "weights": weights,
+            "cpu_count": os.cpu_count(), "weights": weights,
             "baseline": "same timm model, dense, fused scaled_dot_product_attention, same thread count",
             "speedup": "sum of dense wall time / sum of eventful wall time over the frames after the first, "
                        "per repeat; min/median/max over repeats",

@@ -58,7 +58,7 @@ class AttentionSums:
 
 
 def _stabilized_sums(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    logits = torch.matmul(q, k.transpose(-2, -1) * scale)
+    logits = torch.matmul(q * scale, k.transpose(-2, -1))  # scale the (often fewer) query rows, not all keys
     stabilizer = logits.amax(dim=-1, keepdim=True)
     weights = logits.sub_(stabilizer).exp_()
     return stabilizer, torch.matmul(weights, v), weights.sum(dim=-1, keepdim=True)
