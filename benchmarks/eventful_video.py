@@ -8,7 +8,7 @@ ratios of summed wall time, reported as min / median / max over repeats.
 Executed MACs come from `frugalvit.CostCounter` in a separate counting pass
 (same frames, same policy, hence the same token choices).
 
-Writes benchmarks/results/eventful_video.json and eventful_video.png.
+Writes OUT/NAME.json and OUT/NAME.png (default benchmarks/results/eventful_video.*).
 
     python benchmarks/eventful_video.py            # the full grid (about an hour on 2 cores)
     python benchmarks/eventful_video.py --quick    # ViT-S 224 only, a few frames
@@ -160,6 +160,7 @@ def main() -> None:
             "vit_small_patch16_224", "224", "bigbuckbunny", 6, 2)
     budgets = [float(b) for b in args.budgets.split(",")]
     weights = f"checkpoint {args.checkpoint}" if args.checkpoint else "random init (seed 0)"
+    cut_share = args.cut_share if args.cut_share >= 0 else None
     rows = []
     for model_name in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
@@ -170,7 +171,6 @@ def main() -> None:
                 frames = load_frames(bundled_clip_path(clip), size, tuple(config["mean"]), tuple(config["std"]),
                                      args.start_frame + args.frames)[args.start_frame:]
                 torch.set_num_threads(1)
-                cut_share = args.cut_share if args.cut_share >= 0 else None
                 dense_macs, budget_macs, state, cuts = count_macs(model, frames, budgets, cut_share)
                 for threads in (int(t) for t in args.threads.split(",")):
                     measured = measure(model, frames, budgets, args.repeats, threads, cut_share)
