@@ -104,6 +104,7 @@ class DenseReference:
 
 @torch.no_grad()
 def dense_reference(model: torch.nn.Module, frames: Tensor) -> DenseReference:
+    """One dense batched pass over the clip: what every policy's replay is compared with."""
     features = model.forward_features(frames)
     return DenseReference(features, model.forward_head(features, pre_logits=True),
                           model.forward_head(features).argmax(-1))
@@ -135,6 +136,7 @@ def replay(model: torch.nn.Module, frames: Tensor, labels: Tensor, dense: DenseR
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Agreement/accuracy and token error vs MAC reduction, one line per policy kind."""
     import matplotlib
 
     matplotlib.use("Agg")
