@@ -1,33 +1,27 @@
-"""Writing results: JSON and PNG files appear whole or not at all."""
+"""Writing results: JSON and PNG files appear whole or not at all (through `frugalvit.ioutil`)."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
+from frugalvit.ioutil import atomic_file, write_json_atomically
 
-def write_json_atomically(data: Any, path: Path) -> None:
-    """Serialise to a temporary file beside `path`, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        temporary = Path(handle.name)
-    os.replace(temporary, path)
+__all__ = ["figure_png_bytes", "save_figure_atomically", "write_json_atomically"]
+
+
+def figure_png_bytes(figure: Any, dpi: int = 120) -> bytes:
+    """Render a matplotlib figure to PNG bytes in memory (so that rendering errors happen before any write)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def save_figure_atomically(figure: Any, path: Path, dpi: int = 120) -> None:
-    """Save a matplotlib figure to a temporary file beside `path`, then rename over it."""
+    """Save a matplotlib figure as PNG to `path` whole or not at all; the parent directory is created if needed."""
+    path = Path(path)
+    payload = figure_png_bytes(figure, dpi)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix,
-                                     delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
-        figure.savefig(temporary, dpi=dpi, bbox_inches="tight")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_file(path) as handle:
+        handle.write(payload)

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,12 +21,17 @@ from frugalvit.ecoformer import ecoformer, ecoformer_layers, fit_hashes
 from frugalvit.ecoformer.attention import NORMALISERS
 from frugalvit.ecoformer.cost import (hashed_attention_counted, hashed_attention_elementwise, model_energy,
                                       softmax_attention_counted, softmax_attention_elementwise)
-from frugalvit.models import small_vit
+from frugalvit.ioutil import check_output_dir, write_json_atomically
+from frugalvit.models import checkpoint_kind, small_vit
 from frugalvit.training import TrainConfig, accuracy, save_atomically, train
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("ecoformer", help="EcoFormer hashed linear attention: convert, fit, fine-tune")
+    parser = subparsers.add_parser("ecoformer", help="EcoFormer hashed linear attention: the finetune pipeline",
+                                   description="EcoFormer hashed linear attention. One action, finetune: train (or "
+                                               "load) a softmax small ViT, convert it, fit the hashes, fine-tune, "
+                                               "report accuracy and energy. Conversion and fitting on their own are "
+                                               "library calls: frugalvit.ecoformer(model), frugalvit.fit_hashes.")
     commands = parser.add_subparsers(dest="ecoformer_command", required=True, metavar="ACTION")
     run = commands.add_parser("finetune", help="softmax ViT -> EcoFormer -> fitted hashes -> fine-tune, with energy")
     run.add_argument("--data", required=True, help="'mnist', a directory of class folders, or FILE.npz")
@@ -61,12 +63,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=finetune)
 
 
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise UsageError(f"--{name} must be >= 1, got {value}")
@@ -75,12 +71,20 @@ def _positive(name: str, value: int | None) -> None:
 def _load_teacher(path: Path, model: torch.nn.Module) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such teacher checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    kind = checkpoint_kind(path)
+    if kind.startswith("not "):
+        raise UsageError(f"--teacher {path}: {kind}; expected teacher.pt from an earlier finetune run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # unpickling raises many kinds
+        raise UsageError(f"--teacher {path}: a {kind} that cannot be read ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200] if str(error) else ''}); expected teacher.pt "
+                         "from an earlier finetune run") from error
     if isinstance(state, dict) and "model" in state:
         state = state["model"]
     try:
         model.load_state_dict(state)
-    except RuntimeError as error:
+    except (RuntimeError, TypeError, AttributeError) as error:
         raise UsageError(f"{path}: does not fit this small ViT (check --patch-size/--image-size and the data's "
                          f"channels and classes): {str(error).splitlines()[0]}") from error
 
@@ -103,11 +107,13 @@ def finetune(args: argparse.Namespace) -> int:
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.refit_every < 0:
         raise UsageError(f"--refit-every must be >= 0, got {args.refit_every}")
+    out: Path = args.out
+    check_output_dir(out, ("results.json", "teacher.pt", "ecoformer.pt"))
+    if args.teacher is not None and not args.teacher.is_file():
+        raise FileNotFoundError(f"{args.teacher}: no such teacher checkpoint")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     progress = not args.no_progress
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(args.data, args.image_size, seed=args.seed)
     channels, height, width = data.image_shape
     if height != width or height % args.patch_size:
@@ -125,7 +131,8 @@ def finetune(args: argparse.Namespace) -> int:
     if args.teacher is not None:
         _load_teacher(args.teacher, teacher)
         print(f"teacher: loaded {args.teacher}")
-    else:
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad teacher leave no directory behind
+    if args.teacher is None:
         print(f"teacher: training a softmax small ViT ({tokens} tokens) for {args.teacher_epochs} epochs "
               f"on {min(args.teacher_samples, len(data.train))} images")
         train(teacher, data.train, TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=1e-3,
@@ -149,7 +156,7 @@ def finetune(args: argparse.Namespace) -> int:
     def refit(epoch: int) -> None:
         if args.refit_every and (epoch + 1) % args.refit_every == 0:
             fit_hashes(model, calibration, supervision="tied", warm_start=True, top_l=args.top_l,
-                       iterations=args.fit_iterations, seed=args.seed + epoch + 1)
+                       iterations=args.fit_iterations, seed=args.seed + epoch + 1, progress=progress)
 
     finetune_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   warmup_steps=20, seed=args.seed, max_train_samples=args.train_samples)
@@ -190,7 +197,7 @@ def finetune(args: argparse.Namespace) -> int:
                                          "fused SDPA has the same count)"},
         "seconds": time.perf_counter() - started,
     }
-    _write_json(results, out / "results.json")
+    write_json_atomically(results, out / "results.json")
     print(f"test accuracy: softmax {teacher_accuracy:.4f}, EcoFormer {eco_accuracy:.4f} "
           f"({100 * (eco_accuracy - teacher_accuracy):+.2f} points)")
     print(f"energy per image (45 nm, matrix products): attention layers {energy_softmax['attention_layers_energy_uj']:.2f}"

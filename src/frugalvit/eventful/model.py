@@ -19,6 +19,35 @@ from frugalvit.eventful.block import EventfulBlock
 from frugalvit.eventful.policies import TokenPolicy
 
 DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION
+NONFINITE_MODES = ("error", "refresh")
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Identity whose backward names the problem: eventful outputs carry no gradient."""
+
+    @staticmethod
+    def forward(ctx: object, output: Tensor, anchor: Tensor) -> Tensor:  # noqa: ARG004 - anchor only links the graph
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[None, None]:  # noqa: ARG004
+        raise RuntimeError("eventful inference does not train: EventfulViT reuses cached tokens and records no "
+                           "gradients; train (or fine-tune) the original model, then convert it with "
+                           "frugalvit.eventful(model, policy)")
+
+
+def _inference_only(method):  # noqa: ANN001, ANN202 - decorator over EventfulViT methods
+    """Run `method` without autograd; where gradients are on, make a backward through its output fail clearly."""
+
+    def wrapper(self: "EventfulViT", *args: object, **kwargs: object) -> Tensor:
+        grad_enabled = torch.is_grad_enabled()
+        with torch.no_grad():
+            output = method(self, *args, **kwargs)
+        anchor = next((p for p in self.model.parameters() if p.requires_grad), None) if grad_enabled else None
+        return output if anchor is None else _InferenceOnly.apply(output, anchor)
+
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return wrapper
 
 
 class UnsupportedModelError(TypeError):
@@ -54,12 +83,20 @@ class EventfulViT(nn.Module):
             tokens moved by more than `cut_relative_error` of their own norm
             (since they were last computed) is a scene cut and is recomputed in full.
         cut_relative_error: see `cut_share`.
+        nonfinite: what a frame with a NaN or infinite value does. "error"
+            (default) raises ValueError; "refresh" returns the dense model's
+            output for it (non-finite, as the dense model's is) and computes the
+            next frame in full, since the cached state cannot be trusted across
+            it. Checking costs one host synchronisation per frame.
+
+    Inference only: `train()` raises (the wrapped model is shared and stays as
+    it is), and a backward pass through an output raises a clear error.
     """
 
     def __init__(self, model: VisionTransformer, policy: TokenPolicy,
                  incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
                  refresh_every: int | None = None, cut_share: float | None = None,
-                 cut_relative_error: float = 0.5) -> None:
+                 cut_relative_error: float = 0.5, nonfinite: str = "error") -> None:
         super().__init__()
         check_convertible(model)
         self.model = model
@@ -69,6 +106,7 @@ class EventfulViT(nn.Module):
         self.refresh_every = refresh_every
         self.cut_share = cut_share
         self.cut_relative_error = cut_relative_error
+        self.nonfinite = nonfinite
         self.last_frame_full = False
         self._frame_shape: tuple[int, ...] | None = None
         self._frames_since_refresh = 0
@@ -86,6 +124,8 @@ class EventfulViT(nn.Module):
             raise ValueError(f"cut_share must be None or lie in [0, 1], got {value!r}")
         if name == "cut_relative_error" and not (isinstance(value, (int, float)) and value >= 0.0):
             raise ValueError(f"cut_relative_error must be >= 0, got {value!r}")
+        if name == "nonfinite" and value not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {value!r}")
         super().__setattr__(name, value)
 
     def reset(self) -> None:
@@ -111,12 +151,27 @@ class EventfulViT(nn.Module):
             raise ValueError(f"frame shape {tuple(images.shape)} differs from this sequence's {self._frame_shape}; "
                              "call reset() to start a new sequence with a different batch or frame size")
 
-    @torch.no_grad()
+    def train(self, mode: bool = True) -> "EventfulViT":
+        """`eval()` as usual; `train()` raises instead of switching the shared wrapped model to training mode."""
+        if mode:
+            raise RuntimeError("eventful inference does not train, and ev.train() would switch the shared original "
+                               "model to training mode: train the original model (ev.model.train()) and convert it "
+                               "again with frugalvit.eventful(model, policy)")
+        return super().train(False)
+
+    @_inference_only
     def forward_features(self, images: Tensor) -> Tensor:
         """Final-normed tokens (B, N, D) of this frame, as the wrapped model's `forward_features` gives."""
         if self.model.training:
             raise RuntimeError("EventfulViT is for inference: call .eval() on it (or the wrapped model) first")
         self._check_frame(images)
+        if not bool(torch.isfinite(images).all()):  # one host sync per frame: the cache must not absorb NaN/inf
+            if self.nonfinite == "error":
+                raise ValueError("frame contains NaN or infinite values; check the input pipeline, or set "
+                                 "ev.nonfinite = 'refresh' to get the dense model's output for such frames")
+            self.reset()
+            self.last_frame_full = True
+            return self.model.forward_features(images)
         update_all = self._frame_shape is None or self._refresh_pending or (
             self.refresh_every is not None and self._frames_since_refresh >= self.refresh_every)
         model = self.model
@@ -138,7 +193,7 @@ class EventfulViT(nn.Module):
         relative = moved / torch.linalg.vector_norm(reference, dim=-1).clamp_min(1e-12)
         return bool(((relative > self.cut_relative_error).float().mean(dim=-1) > self.cut_share).any().item())
 
-    @torch.no_grad()
+    @_inference_only
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         return self.model.forward_head(features, pre_logits=pre_logits)
 
@@ -161,10 +216,11 @@ class EventfulViT(nn.Module):
 
 def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
              refresh_every: int | None = None, cut_share: float | None = None,
-             cut_relative_error: float = 0.5) -> EventfulViT:
+             cut_relative_error: float = 0.5, nonfinite: str = "error") -> EventfulViT:
     """Make a timm VisionTransformer eventful: same parameters (shared, not copied), original unchanged.
 
     Undo by simply using `model` again (or `ev.model`); nothing in it was modified.
     See `EventfulViT` for the arguments.
     """
-    return EventfulViT(model, policy, incremental_max_fraction, refresh_every, cut_share, cut_relative_error)
+    return EventfulViT(model, policy, incremental_max_fraction, refresh_every, cut_share, cut_relative_error,
+                       nonfinite)

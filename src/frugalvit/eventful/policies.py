@@ -88,23 +88,28 @@ class Threshold(TokenPolicy):
 
 
 def parse_policy(spec: str) -> TokenPolicy:
-    """Parse `topr:R`, `topr:F` (F < 1: a fraction), `fraction:F` or `threshold:H`."""
+    """Parse `topr:R` (R tokens, a whole number), `fraction:F`, `threshold:H`; `topr:F` with 0 < F < 1 is `fraction:F`.
+
+    A token count written as a decimal (`topr:1.0`, `topr:64.0`) is rejected:
+    it is ambiguous between one token and all of them.
+    """
     name, _, value = spec.partition(":")
     name = name.strip().lower()
     if not value:
-        raise ValueError(f"policy {spec!r}: expected NAME:VALUE, e.g. topr:64, topr:0.25, threshold:0.1")
+        raise ValueError(f"policy {spec!r}: expected NAME:VALUE, e.g. topr:64, fraction:0.25, threshold:0.1")
     try:
         number = float(value)
     except ValueError as error:
         raise ValueError(f"policy {spec!r}: {value!r} is not a number") from error
     if name == "topr":
-        if number < 1.0:
+        if 0.0 < number < 1.0:  # kept for old command lines; fraction:F says it explicitly
             return TopFraction(number)
-        if not number.is_integer():
-            raise ValueError(f"policy {spec!r}: a token count must be a whole number (or a fraction < 1)")
+        if not value.strip().lstrip("+").isdigit():
+            raise ValueError(f"policy {spec!r}: topr takes a whole number of tokens (e.g. topr:64); "
+                             f"for a share of the tokens use fraction:F (fraction:1 = all tokens)")
         return TopR(int(number))
     if name in ("fraction", "topfraction"):
         return TopFraction(number)
     if name == "threshold":
         return Threshold(number)
-    raise ValueError(f"unknown policy {name!r} in {spec!r}: use topr:R, topr:F, fraction:F or threshold:H")
+    raise ValueError(f"unknown policy {name!r} in {spec!r}: use topr:R, fraction:F or threshold:H")

@@ -6,11 +6,13 @@ are kept apart: the timed eventful model runs bare, and an identical twin
 (same parameters, same policy, same frames, hence the same token choices)
 runs under the counter, whose dispatch hooks would otherwise inflate the
 time. The dense model's executed MACs depend only on the frame shape, so they
-are counted once on the first frame.
+are counted once on the first frame. Wall time varies from run to run, so
+`time_repeats` replays the clip (from a reset) to give the speed-up's spread.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -42,11 +44,21 @@ class FrameRecord:
 
 @dataclass(frozen=True)
 class ComparisonSummary:
-    """Totals over a clip; ratios are dense / eventful measured in the same run."""
+    """Totals over a clip; ratios are dense / eventful measured in the same run.
+
+    `speedup` and `speedup_after_first` are medians over `repeats` replays of
+    the clip, with their minimum and maximum; everything else (and the
+    per-frame records) comes from the first replay.
+    """
 
     frames: int
     speedup: float
     speedup_after_first: float
+    speedup_min: float
+    speedup_max: float
+    speedup_after_first_min: float
+    speedup_after_first_max: float
+    repeats: int
     mac_ratio: float
     mac_ratio_after_first: float
     dense_ms_median: float
@@ -75,7 +87,7 @@ def _dense_features(model: nn.Module, frame: Tensor) -> Tensor:
 
 def _twin(ev: EventfulViT) -> EventfulViT:
     return eventful(ev.model, ev.policy, ev.incremental_max_fraction, ev.refresh_every, ev.cut_share,
-                    ev.cut_relative_error)
+                    ev.cut_relative_error, ev.nonfinite)
 
 
 @torch.no_grad()
@@ -116,8 +128,37 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     return records, ev.state_bytes()
 
 
-def summarize(records: list[FrameRecord], state_bytes: int) -> ComparisonSummary:
-    """Ratios of totals (dense / eventful) over all frames and over the frames after the first."""
+@torch.no_grad()
+def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int,
+                 progress: bool = False) -> list[tuple[list[float], list[float]]]:
+    """Replay `frames` (T, 3, H, W) `repeats` times from a reset, timing dense and eventful interleaved per frame.
+
+    Returns, per replay, the per-frame wall times in ms of the dense model and
+    of the eventful one. Nothing is counted, so the replays cost only the two
+    forward passes per frame.
+    """
+    if repeats < 0:
+        raise ValueError(f"repeats must be >= 0, got {repeats}")
+    model.eval()
+    replays: list[tuple[list[float], list[float]]] = []
+    for _ in tqdm(range(repeats), desc="timing repeats", disable=not progress or repeats == 0, unit="replay"):
+        ev.reset()
+        dense_times, eventful_times = [], []
+        for frame in frames:
+            batch = frame.unsqueeze(0)
+            dense_times.append(_timed(_dense_features, model, batch)[1])
+            eventful_times.append(_timed(ev.forward_features, batch)[1])
+        replays.append((dense_times, eventful_times))
+    return replays
+
+
+def summarize(records: list[FrameRecord], state_bytes: int,
+              repeat_times: list[tuple[list[float], list[float]]] = ()) -> ComparisonSummary:
+    """Ratios of totals (dense / eventful) over all frames and over the frames after the first.
+
+    `repeat_times` (from `time_repeats`) adds replays to the first one in
+    `records`; the speed-ups are then medians over all replays, with min and max.
+    """
     if not records:
         raise ValueError("no frames to summarize")
     later = records[1:] or records
@@ -125,11 +166,25 @@ def summarize(records: list[FrameRecord], state_bytes: int) -> ComparisonSummary
     def ratio(rows: list[FrameRecord], dense: str, eventful_: str) -> float:
         return sum(getattr(r, dense) for r in rows) / max(1e-12, sum(getattr(r, eventful_) for r in rows))
 
+    def times_ratio(dense: list[float], eventful_: list[float]) -> float:
+        return sum(dense) / max(1e-12, sum(eventful_))
+
+    speedups = [ratio(records, "dense_ms", "eventful_ms")]
+    speedups_after_first = [ratio(later, "dense_ms", "eventful_ms")]
+    for dense_times, eventful_times in repeat_times:
+        speedups.append(times_ratio(dense_times, eventful_times))
+        first = 1 if len(dense_times) > 1 else 0
+        speedups_after_first.append(times_ratio(dense_times[first:], eventful_times[first:]))
     cosines = [r.cosine for r in records]
     return ComparisonSummary(
         frames=len(records),
-        speedup=ratio(records, "dense_ms", "eventful_ms"),
-        speedup_after_first=ratio(later, "dense_ms", "eventful_ms"),
+        speedup=statistics.median(speedups),
+        speedup_after_first=statistics.median(speedups_after_first),
+        speedup_min=min(speedups),
+        speedup_max=max(speedups),
+        speedup_after_first_min=min(speedups_after_first),
+        speedup_after_first_max=max(speedups_after_first),
+        repeats=len(speedups),
         mac_ratio=ratio(records, "dense_gmacs", "eventful_gmacs"),
         mac_ratio_after_first=ratio(later, "dense_gmacs", "eventful_gmacs"),
         dense_ms_median=float(torch.tensor([r.dense_ms for r in records]).median()),

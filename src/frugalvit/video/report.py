@@ -6,8 +6,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from frugalvit.reporting import save_figure_atomically, write_json_atomically
+from frugalvit.ioutil import json_bytes, write_files_atomically
+from frugalvit.reporting import figure_png_bytes
 from frugalvit.video.compare import ComparisonSummary, FrameRecord
+
+REPORT_FILES = ("report.json", "report.png")
 
 
 def plot_comparison(records: list[FrameRecord], title: str):  # noqa: ANN201 - matplotlib Figure
@@ -42,7 +45,12 @@ def plot_comparison(records: list[FrameRecord], title: str):  # noqa: ANN201 - m
 
 def write_report(out: Path, settings: dict[str, Any], records: list[FrameRecord],
                  summary: ComparisonSummary) -> tuple[Path, Path]:
-    """Write report.json and report.png into `out` (created if needed); each file appears whole."""
+    """Write report.json and report.png into `out` (created if needed).
+
+    Both files are rendered in memory first and then written together through
+    temporary files and renames: on any error neither is replaced, no
+    temporary file remains, and a directory created here is removed again.
+    """
     import matplotlib.pyplot as plt
 
     weights = settings.get("weights", "")
@@ -50,11 +58,19 @@ def write_report(out: Path, settings: dict[str, Any], records: list[FrameRecord]
              f"speed-up {summary.speedup:.2f}x, MAC ratio {summary.mac_ratio:.2f}x, "
              f"cosine {summary.cosine_mean:.4f}")
     figure = plot_comparison(records, title)
-    json_path, png_path = out / "report.json", out / "report.png"
     try:
-        save_figure_atomically(figure, png_path)
+        png = figure_png_bytes(figure)
     finally:
         plt.close(figure)
-    write_json_atomically({"settings": settings, "summary": summary.as_dict(),
-                           "frames": [asdict(r) for r in records]}, json_path)
+    report = json_bytes({"settings": settings, "summary": summary.as_dict(), "frames": [asdict(r) for r in records]})
+    json_path, png_path = out / REPORT_FILES[0], out / REPORT_FILES[1]
+    created = [parent for parent in (out, *out.parents) if not parent.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        write_files_atomically({json_path: report, png_path: png})
+    except BaseException:
+        for directory in created:  # innermost first; only those made here, and only while empty
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise
     return json_path, png_path

@@ -1,0 +1,125 @@
+"""Writing files whole or not at all, and checking an output directory before long work.
+
+Every app (CLI, video report, benchmarks, training checkpoints) writes through
+these helpers, so a crash, a full disk or a bad path never leaves a
+half-written result or a stray temporary file, and results are created with
+ordinary permissions (0666 less the umask, as `open` gives), not the 0600 of
+`tempfile`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+
+def _temporary_path(path: Path) -> Path:
+    """A fresh hidden name beside `path` (same directory, hence the same file system for the rename)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def atomic_file(path: Path | str) -> Iterator[IO[bytes]]:
+    """Open a temporary file beside `path` for binary writing; on success rename it over `path`.
+
+    Use with any writer that takes a file object (`torch.save`, `np.savez`,
+    `figure.savefig(..., format="png")`, `json.dump` through a text wrapper).
+    On any error the temporary file is removed and `path` is left as it was.
+    The parent directory must exist (see `check_output_dir`).
+    """
+    path = Path(path)
+    temporary = _temporary_path(path)
+    try:
+        with open(temporary, "xb") as handle:  # "x": never clobber; mode 0666 & ~umask like any new file
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_bytes_atomically(path: Path | str, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all."""
+    with atomic_file(path) as handle:
+        handle.write(data)
+
+
+def json_bytes(data: Any, indent: int | None = 2) -> bytes:
+    """`data` as UTF-8 JSON text ending in a newline (raises TypeError/ValueError before anything is written)."""
+    return (json.dumps(data, indent=indent) + "\n").encode()
+
+
+def write_json_atomically(data: Any, path: Path | str, indent: int | None = 2) -> None:
+    """Serialise `data` as JSON into `path` whole or not at all; the parent directory is created if needed."""
+    path = Path(path)
+    payload = json_bytes(data, indent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomically(path, payload)
+
+
+def write_files_atomically(files: Mapping[Path, bytes | Callable[[IO[bytes]], None]]) -> None:
+    """Write several files that belong together: all temporaries first, then all renames.
+
+    Each value is the file's bytes, or a function writing them to a binary file
+    object. If writing any temporary fails, none of the targets is touched and
+    no temporary remains. Only a failure between the renames (rare: they are
+    metadata operations in one directory) can leave some files new and some old.
+    """
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, content in files.items():
+            path = Path(path)
+            temporary = _temporary_path(path)
+            written.append((temporary, path))
+            with open(temporary, "xb") as handle:
+                if callable(content):
+                    content(handle)
+                else:
+                    handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for temporary, path in written:
+            os.replace(temporary, path)
+    finally:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
+
+
+def check_output_dir(path: Path | str, files: Iterable[str] = (), option: str = "--out") -> None:
+    """Check, before any long work, that `path` is or can become a writable directory for `files`.
+
+    Creates nothing that stays (a probe file is created and removed). Raises ValueError naming the problem and the fix when
+    `path` is an existing file, when a parent on the way is a file, when the
+    directory (or the nearest existing parent) is not writable, or when one of
+    the expected `files` exists there as a directory.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} exists and is not a directory; choose a directory path")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{option} {path}: {existing} is a file, not a directory; choose another path")
+    what = "directory" if existing == path else f"parent directory {existing}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: the {what} is not writable; choose a writable location")
+    probe = _temporary_path(existing / "write-probe")
+    try:  # os.access says yes to root even on read-only file systems: try for real
+        probe.open("xb").close()
+    except OSError as error:
+        raise ValueError(f"{option} {path}: cannot write in the {what} ({error.strerror}); "
+                         "choose a writable location") from error
+    probe.unlink(missing_ok=True)
+    for name in files:
+        if (path / name).is_dir():
+            raise ValueError(f"{option} {path}: {path / name} is a directory, so the {name} file cannot be "
+                             "written; remove it or choose another directory")

@@ -1,0 +1,239 @@
+"""A new user's first hour with the `frugalvit` command: bad input fails at once, in one line, writing nothing.
+
+Every failing command must exit with code 2, print exactly one line on
+stderr, and leave `--out` as it was (not created, no stray files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from frugalvit.cli.main import main
+from frugalvit.models import load_timm_model
+
+TINY = ["--model", "vit_tiny_patch16_224", "--size", "64", "--no-progress"]
+VIDEO = ["video", "bundled:carphone_pristine", *TINY, "--random-init", "--max-frames", "3"]
+
+
+def assert_one_line_error(code: int, capsys: pytest.CaptureFixture[str], *fragments: str) -> str:
+    """Exit code 2 and exactly one line on stderr containing every fragment; returns that line."""
+    error = capsys.readouterr().err
+    assert code == 2, error
+    lines = error.strip().splitlines()
+    assert len(lines) == 1, error
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def unwritable_directory(tmp_path: Path) -> Path:
+    """A directory nobody may create files in: chmod for normal users, /proc for root (root ignores modes)."""
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        return locked
+    if Path("/proc/self").is_dir():
+        return Path("/proc")
+    pytest.skip("no unwritable directory available to root on this system")
+
+
+@pytest.mark.parametrize("case", ["file", "parent_file", "unwritable", "report_is_directory"])
+def test_video_bad_out_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr("frugalvit.cli.video.load_frames", lambda *args, **kwargs: calls.append("decoded"))
+    if case == "file":
+        out = tmp_path / "f"
+        out.write_text("x\n")
+        expected = "not a directory"
+    elif case == "parent_file":
+        (tmp_path / "f").write_text("x\n")
+        out = tmp_path / "f" / "sub"
+        expected = "is a file"
+    elif case == "unwritable":
+        out = unwritable_directory(tmp_path) / "frugalvit-out"
+        expected = "writ"
+    else:
+        out = tmp_path / "out"
+        (out / "report.json").mkdir(parents=True)
+        expected = "is a directory"
+    before = sorted(tmp_path.rglob("*"))
+    code = main([*VIDEO, "--out", str(out)])
+    assert_one_line_error(code, capsys, expected, "--out")
+    assert not calls, "the command did work before checking --out"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_report_is_all_or_nothing_with_normal_permissions(tmp_path: Path) -> None:
+    """When report.json cannot be replaced, report.png is not written either and no temporary file remains."""
+    from frugalvit.video.compare import FrameRecord, summarize
+    from frugalvit.video.report import write_report
+
+    records = [FrameRecord(index, 1.0, 0.5, 2.0, 1.0, 1.0, 0.0, True, index == 0, 0.5) for index in range(3)]
+    summary = summarize(records, 1024)
+    settings = {"model": "m", "size": 64, "policy": "fraction:0.25", "weights": "random"}
+    blocked = tmp_path / "blocked"
+    (blocked / "report.json" / "keep").mkdir(parents=True)  # a non-empty directory: no file can replace it
+    with pytest.raises(OSError):
+        write_report(blocked, settings, records, summary)
+    assert sorted(p.name for p in blocked.iterdir()) == ["report.json"]
+
+    old_umask = os.umask(0o022)
+    try:
+        json_path, png_path = write_report(tmp_path / "new" / "report", settings, records, summary)
+    finally:
+        os.umask(old_umask)
+    for path in (json_path, png_path):
+        assert path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in json_path.parent.iterdir()) == ["report.json", "report.png"]
+
+
+@pytest.fixture()
+def tiny_npz(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, images=rng.integers(0, 255, (30, 28, 28)).astype(np.uint8), labels=np.arange(30) % 3)
+    return path
+
+
+@pytest.mark.parametrize("case", ["data", "teacher_missing", "teacher_text", "out_file"])
+def test_ecoformer_finetune_bad_input_leaves_no_out(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    tiny_npz: Path, case: str) -> None:
+    out = tmp_path / "run"
+    args = ["ecoformer", "finetune", "--data", str(tiny_npz), "--out", str(out), "--no-progress",
+            "--teacher-epochs", "1", "--epochs", "1"]
+    expected = {"data": "nothing.npz", "teacher_missing": "no such teacher",
+                "teacher_text": "not a PyTorch/safetensors checkpoint", "out_file": "not a directory"}[case]
+    if case == "data":
+        args[args.index(str(tiny_npz))] = str(tmp_path / "nothing.npz")
+    elif case == "teacher_missing":
+        args += ["--teacher", str(tmp_path / "missing.pt")]
+    elif case == "teacher_text":
+        (tmp_path / "teacher.pt").write_text("these are not weights\n")
+        args += ["--teacher", str(tmp_path / "teacher.pt")]
+    else:
+        out.write_text("x\n")
+    assert_one_line_error(main(args), capsys, expected)
+    assert (out.is_file() if case == "out_file" else not out.exists())
+
+
+def test_video_missing_optional_dependency(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setattr("frugalvit.cli.video.load_timm_model",
+                        lambda *args, **kwargs: pytest.fail("loaded a model before checking dependencies"))
+    out = tmp_path / "out"
+    code = main([*VIDEO, "--out", str(out)])
+    assert_one_line_error(code, capsys, "matplotlib", "pip install 'frugalvit[video]'")
+    assert not out.exists()
+
+
+def test_offline_pretrained_request_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No reachable hub and no cached weights: the one-line fix within seconds, without asking timm to download."""
+    monkeypatch.setenv("HF_ENDPOINT", "https://frugalvit-offline.invalid")  # .invalid never resolves
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    for proxy in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    real_create = timm.create_model
+
+    def create_model(*args: object, pretrained: bool = False, **kwargs: object) -> torch.nn.Module:
+        if pretrained:
+            pytest.fail("asked timm to download despite no reachable hub")
+        return real_create(*args, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    code = main(["video", "bundled:carphone_pristine", *TINY, "--out", str(out)])
+    assert time.perf_counter() - started < 5.0
+    assert_one_line_error(code, capsys, "--checkpoint", "--random-init")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"hello, I am text\n", "looks like text"),
+    (b"", "empty file"),
+    (b"\x00\x17\xfe\x01" * 40, "160 bytes of unrecognised binary data"),
+    ("zip", "zip archive"),
+])
+def test_checkpoint_that_is_not_one_says_what_it_is(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   content: bytes | str, expected: str) -> None:
+    checkpoint = tmp_path / "weights.pth"
+    if content == "zip":
+        with zipfile.ZipFile(checkpoint, "w") as archive:
+            archive.writestr("notes.txt", "not weights")
+    else:
+        checkpoint.write_bytes(content)
+    out = tmp_path / "out"
+    code = main(["video", "bundled:carphone_pristine", *TINY, "--checkpoint", str(checkpoint), "--out", str(out)])
+    line = assert_one_line_error(code, capsys, "not a PyTorch/safetensors checkpoint", expected, "expected")
+    assert "vit_tiny_patch16_224" in line
+    assert not out.exists()
+
+
+def test_checkpoint_of_another_model_says_it_does_not_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "weights.pth"
+    torch.save({"something": torch.zeros(3)}, checkpoint)
+    code = main(["video", "bundled:carphone_pristine", *TINY, "--checkpoint", str(checkpoint),
+                 "--out", str(tmp_path / "out")])
+    assert_one_line_error(code, capsys, "a PyTorch checkpoint, but it cannot be loaded into vit_tiny_patch16_224")
+
+
+def test_random_init_is_seeded_without_touching_global_state() -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = load_timm_model("vit_tiny_patch16_224", 32, random_init=True, seed=0)
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream is untouched
+    again = load_timm_model("vit_tiny_patch16_224", 32, random_init=True, seed=0)
+    other = load_timm_model("vit_tiny_patch16_224", 32, random_init=True, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(first.patch_embed.proj.weight, other.patch_embed.proj.weight)
+
+
+def test_video_is_reproducible_and_reports_speed_spread(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Same seed, same fidelity numbers; the speed-up comes with min/median/max over replays."""
+    reports = []
+    for name in ("a", "b"):
+        torch.manual_seed(len(name) * 1000 + ord(name))  # global state must not matter
+        assert main([*VIDEO, "--policy", "topr:8", "--repeats", "2", "--out", str(tmp_path / name)]) == 0
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    fidelity = [[(f["cosine"], f["top1_agrees"], f["eventful_gmacs"]) for f in r["frames"]] for r in reports]
+    assert fidelity[0] == fidelity[1]
+    summary, settings = reports[0]["summary"], reports[0]["settings"]
+    assert settings["seed"] == 0 and settings["repeats"] == 2 and summary["repeats"] == 2
+    assert summary["speedup_min"] <= summary["speedup"] <= summary["speedup_max"]
+    assert summary["speedup_after_first_min"] <= summary["speedup_after_first"] <= summary["speedup_after_first_max"]
+    assert "min" in capsys.readouterr().out
+
+
+def test_ecoformer_help_describes_only_what_exists(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["ecoformer", "--help"])
+    text = capsys.readouterr().out
+    assert "finetune" in text and "convert, fit, fine-tune" not in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "convert, fit, fine-tune" not in capsys.readouterr().out
+
+
+def test_ecoformer_refit_shows_progress(tiny_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Hash fitting shows a progress bar in the CLI, the re-fits during fine-tuning included."""
+    code = main(["ecoformer", "finetune", "--data", str(tiny_npz), "--out", str(tmp_path / "run"),
+                 "--teacher-epochs", "1", "--epochs", "1", "--batch-size", "16", "--calibration-images", "4",
+                 "--fit-iterations", "1", "--bits", "4", "--anchors", "4", "--refit-every", "1",
+                 "--test-samples", "4", "--teacher-samples", "16", "--train-samples", "16"])
+    assert code == 0
+    assert capsys.readouterr().err.count("fitting hashes") >= 2
