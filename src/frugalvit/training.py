@@ -8,7 +8,6 @@ its stage losses and a plain classifier use one cross-entropy.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from frugalvit.data import Split
+from frugalvit.ioutil import atomic_file
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -52,9 +52,8 @@ def cross_entropy_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tens
 def save_atomically(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename: no half-written file on interruption."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:

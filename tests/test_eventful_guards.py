@@ -1,0 +1,87 @@
+"""EventfulViT refuses what it cannot do well: non-finite frames, training, backward; and policy specs are unambiguous."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import frugalvit as fv
+from frugalvit.eventful import parse_policy
+
+
+@pytest.fixture()
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10).eval()
+
+
+def frames(count: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    first = torch.randn(1, 3, 32, 32, generator=generator)
+    return [first + 0.05 * index * torch.randn(1, 3, 32, 32, generator=generator) for index in range(count)]
+
+
+@pytest.mark.parametrize("where", ["all", "one_pixel", "inf"])
+def test_nonfinite_frame_raises_by_default(model: torch.nn.Module, where: str) -> None:
+    ev = fv.eventful(model, fv.TopR(4))
+    f0, f1, f2 = frames()
+    ev(f0)
+    ev(f1)
+    bad = f2.clone()
+    if where == "all":
+        bad.fill_(float("nan"))
+    else:
+        bad[0, 1, 5, 7] = float("nan") if where == "one_pixel" else float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ev(bad)
+    assert torch.isfinite(ev(f2)).all()  # the sequence goes on from the last good frame
+
+
+def test_nonfinite_refresh_gives_dense_output_then_recomputes(model: torch.nn.Module) -> None:
+    ev = fv.eventful(model, fv.TopR(4), nonfinite="refresh")
+    f0, f1, f2 = frames()
+    ev(f0)
+    ev(f1)
+    bad = f2.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with torch.no_grad():
+        out, dense = ev(bad), model(bad)
+    assert torch.isnan(out).any() and torch.isnan(dense).any() and ev.last_frame_full
+    with torch.no_grad():
+        after = ev(f2)
+        expected = model(f2)
+    assert ev.last_frame_full and torch.allclose(after, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        ev.nonfinite = "ignore"
+
+
+def test_train_does_not_switch_the_shared_model(model: torch.nn.Module) -> None:
+    ev = fv.eventful(model, fv.TopR(4))
+    with pytest.raises(RuntimeError, match="does not train"):
+        ev.train()
+    assert not model.training
+    assert ev.eval() is ev and not model.training
+
+
+def test_backward_says_eventful_inference_does_not_train(model: torch.nn.Module) -> None:
+    ev = fv.eventful(model, fv.TopR(4))
+    f0, f1, _ = frames()
+    ev(f0)
+    for output in (ev(f1), ev.forward_features(f1)):
+        with pytest.raises(RuntimeError, match="eventful inference does not train"):
+            output.sum().backward()
+    with torch.no_grad():
+        assert not ev(f1).requires_grad  # under no_grad nothing changes
+
+
+@pytest.mark.parametrize("spec", ["topr:1.0", "topr:64.0", "topr:2.5", "topr:1e2"])
+def test_topr_rejects_a_decimal_token_count(spec: str) -> None:
+    with pytest.raises(ValueError, match="fraction:F"):
+        parse_policy(spec)
+
+
+def test_topr_whole_numbers_and_explicit_fractions() -> None:
+    assert parse_policy("topr:1") == fv.TopR(1)
+    assert parse_policy("fraction:1") == fv.TopFraction(1.0)
+    assert parse_policy("fraction:0.25") == fv.TopFraction(0.25)
