@@ -1,6 +1,7 @@
 """`frugalvit dvt`: train a DVT cascade, calibrate its exit thresholds for a budget, evaluate it.
 
-    frugalvit dvt train --data mnist --out RUN        # joint training, resumable
+    frugalvit dvt data --out DATA                     # the scaled-digits task (real images), cached, resumable
+    frugalvit dvt train --data mnist --out RUN        # joint training, resumable (--data DATA for the task)
     frugalvit dvt calibrate RUN --budget 8M           # thresholds for <= 8M mean MACs per image
     frugalvit dvt eval RUN                            # accuracy, mean MACs, exit shares on the test split
 
@@ -63,8 +64,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="dvt_command", required=True, metavar="ACTION")
 
+    data = commands.add_parser("data", help="generate the scaled-digits task (MNIST digits of widely varying size "
+                                            "on real video backgrounds), seeded, cached in chunks; resumable")
+    data.add_argument("--out", required=True, type=Path, help="data directory (an existing one resumes)")
+    data.add_argument("--canvas", type=int, default=112, help="image side in pixels (default 112)")
+    data.add_argument("--counts", type=_int_list, default=(8000, 2000, 2000),
+                      help="images per split: train,val,test (default 8000,2000,2000)")
+    data.add_argument("--min-size", type=int, default=8, help="smallest digit box side in pixels (default 8)")
+    data.add_argument("--max-size", type=int, default=None, help="largest digit box side (default: canvas - 8)")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--chunk-size", type=int, default=500)
+    data.add_argument("--clips", default="bigbuckbunny,bikes,carphone_pristine",
+                      help="bundled clips giving the backgrounds (comma-separated)")
+    data.add_argument("--threads", type=int, default=None)
+    data.add_argument("--no-progress", action="store_true")
+    data.set_defaults(handler=run_data)
+
     train = commands.add_parser("train", help="jointly train a cascade (sum of the stage losses); resumable")
-    train.add_argument("--data", required=True, help="'mnist', a directory of class folders, or a FILE.npz")
+    train.add_argument("--data", required=True, help="'mnist', a scaled-digits directory (`dvt data`), a directory "
+                                                     "of class folders, or a FILE.npz")
     train.add_argument("--out", required=True, type=Path, help="run directory (created; an existing one resumes)")
     train.add_argument("--image-size", type=int, default=None,
                        help="image size for image folders (default 32); MNIST and .npz keep theirs")
@@ -119,12 +137,31 @@ def _threads(args: argparse.Namespace) -> None:
 
 def _load_data(spec: str, image_size: int | None):
     from frugalvit.data import load_dataset
+    from frugalvit.tasks import is_scaled_digits, load_scaled_digits
 
+    if is_scaled_digits(Path(spec)):
+        return load_scaled_digits(Path(spec))  # uint8 images: batches go through to_float
     return load_dataset(spec, image_size or 32)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from frugalvit.tasks import SPLITS, ScaledDigitsConfig, build_scaled_digits
+
+    _threads(args)
+    config = ScaledDigitsConfig(canvas=args.canvas, min_size=args.min_size,
+                                max_size=args.max_size if args.max_size is not None else args.canvas - 8,
+                                counts=args.counts, seed=args.seed, chunk_size=args.chunk_size,
+                                clips=tuple(part for part in args.clips.split(",") if part))
+    build_scaled_digits(args.out, config, progress=not args.no_progress)
+    print(f"{args.out}: scaled-digits, {', '.join(f'{s} {c}' for s, c in zip(SPLITS, config.counts))} images of "
+          f"3x{config.canvas}x{config.canvas}; next: frugalvit dvt train --data {args.out} --out RUN "
+          f"--stage-image-sizes 48,80,{config.canvas} --patch-sizes 16,16,16")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
     from frugalvit.dvt import DVTConfig, cascade_loss
+    from frugalvit.tasks import to_float
     from frugalvit.training import TrainConfig, save_atomically, train
 
     _threads(args)
@@ -154,11 +191,12 @@ def run_train(args: argparse.Namespace) -> int:
     cascade = model_config.build()
     print(f"stages: token grids {' / '.join(f'{g}x{g}' for g in model_config.grids)}, "
           f"cumulative MACs per image {', '.join(f'{m / 1e6:.2f}M' for m in cascade.stage_macs())}")
-    train(cascade, data.train, train_config, run, loss_fn=cascade_loss, progress=not args.no_progress)
+    train(cascade, data.train, train_config, run, progress=not args.no_progress,
+          loss_fn=lambda model, images, labels: cascade_loss(model, to_float(images), labels))
     save_atomically(cascade.state_dict(), run / MODEL_NAME)
     with torch.no_grad():
         stage_logits = [torch.cat(parts) for parts in zip(*(
-            cascade.forward_all(data.val.images[i:i + 256]) for i in range(0, len(data.val), 256)))]
+            cascade.forward_all(to_float(data.val.images[i:i + 256])) for i in range(0, len(data.val), 256)))]
     accuracies = [(logits.argmax(-1) == data.val.labels).float().mean().item() for logits in stage_logits]
     print("validation accuracy per stage: " + ", ".join(f"{100 * a:.2f}%" for a in accuracies))
     print(f"saved {run / MODEL_NAME}; next: frugalvit dvt calibrate {run} --budget MACS")
@@ -182,6 +220,8 @@ def load_run(run: Path):
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from frugalvit.tasks import to_float
+
     _threads(args)
     cascade, record = load_run(args.run)
     first = cascade.stage_macs()[0]
@@ -189,7 +229,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"budget {args.budget:.4g} MACs is below the first stage's cost {first:.4g} MACs per image; "
                          f"raise it to at least {first / 1e6:.3f}M")
     data = _load_data(args.data or record["data"], record.get("image_size"))
-    calibration = cascade.calibrate(data.val.images, data.val.labels, args.batch_size, progress=not args.no_progress)
+    calibration = cascade.calibrate(data.val.images, data.val.labels, args.batch_size, progress=not args.no_progress,
+                                    transform=to_float)
     result = cascade.set_budget(args.budget)
     tmp = args.run / (CALIBRATION_NAME + ".tmp.npz")
     np.savez(tmp, confidence=calibration.confidence, correct=calibration.correct,
@@ -210,6 +251,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from frugalvit.cost import CostCounter
+    from frugalvit.tasks import to_float
 
     _threads(args)
     cascade, record = load_run(args.run)
@@ -227,7 +269,7 @@ def run_eval(args: argparse.Namespace) -> int:
     exits, correct, macs = [], 0, 0
     with torch.no_grad():
         for start in tqdm(range(0, len(split), args.batch_size), desc="eval", disable=args.no_progress):
-            images = split.images[start:start + args.batch_size]
+            images = to_float(split.images[start:start + args.batch_size])
             with CostCounter() as cost:
                 out = cascade(images)
             macs += cost.macs

