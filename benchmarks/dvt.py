@@ -30,6 +30,7 @@ from frugalvit.cost import CostCounter
 from frugalvit.data import load_dataset
 from frugalvit.dvt import (DVTConfig, cascade_loss, evaluate_thresholds, genetic_search, geometric_search,
                            search_thresholds)
+from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.training import TrainConfig, save_atomically, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -208,9 +209,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_title("measured speed-up vs MAC ratio (CPU)")
     ax.legend(fontsize=8)
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        figure.savefig(handle, format="png", dpi=110)
 
 
 def main() -> None:
@@ -258,9 +258,9 @@ def main() -> None:
             test = (saved["test_confidence"], saved["test_correct"])
         else:
             val, test = stage_stats(cascade, data.val), stage_stats(cascade, data.test)
-            np.savez(cache.with_name("stats.tmp.npz"), val_confidence=val[0], val_correct=val[1],
-                     test_confidence=test[0], test_correct=test[1])
-            os.replace(cache.with_name("stats.tmp.npz"), cache)
+            with atomic_file(cache) as handle:
+                np.savez(handle, val_confidence=val[0], val_correct=val[1], test_confidence=test[0],
+                         test_correct=test[1])
         stats[name] = (costs, val, test)
         print(f"[{name}] stage MACs {costs}; per-stage test accuracy {test[1].mean(1).round(4).tolist()} "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
@@ -380,10 +380,7 @@ def main() -> None:
                       f"({entry['speedup_over_mac_ratio']:.0%})", flush=True)
     torch.set_num_threads(args.threads)
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, args.out)
+    write_json_atomically(results, args.out, indent=1)
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -40,6 +40,7 @@ from frugalvit.ecoformer.cost import (hashed_attention_counted, hashed_attention
                                       softmax_attention_counted, softmax_attention_elementwise)
 from frugalvit.ecoformer.fitting import HashState
 from frugalvit.ecoformer.hashing import l2_normalize
+from frugalvit.ioutil import atomic_file, write_json_atomically
 
 DEFAULT_TOKENS = (16, 49, 100, 196, 400, 784, 1024, 1600, 2304, 3136, 4096, 6400, 9216, 12544)
 RESULTS = Path(__file__).parent / "results"
@@ -176,10 +177,7 @@ def main() -> None:
                               "model": run["model"], "ecoformer": run["ecoformer"], "finetune": run["finetune"],
                               "energy_per_image": {k: run["energy_per_image"][k] for k in
                                                    ("attention_layers_saving", "total_saving")}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out.with_suffix(".json"))
+    write_json_atomically(result, args.out.with_suffix(".json"))
     plot(result, args.out.with_suffix(".png"))
     print(f"crossover vs SDPA (tokens): {crossover}; wrote {args.out.with_suffix('.json')} and .png")
 
@@ -216,9 +214,8 @@ def plot(result: dict, path: Path) -> None:
     right.grid(True, which="both", alpha=0.3)
     right.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        fig.savefig(handle, format="png", dpi=120)
 
 
 if __name__ == "__main__":
