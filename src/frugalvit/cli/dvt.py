@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from frugalvit.ioutil import atomic_file, check_output_dir, write_json_atomically
 
 CONFIG_NAME, MODEL_NAME, THRESHOLDS_NAME, CALIBRATION_NAME = "config.json", "model.pt", "thresholds.json", \
     "calibration.npz"
@@ -54,9 +55,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 
 def _write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomically(data, path)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -147,6 +146,7 @@ def _load_data(spec: str, image_size: int | None):
 def run_data(args: argparse.Namespace) -> int:
     from frugalvit.tasks import SPLITS, ScaledDigitsConfig, build_scaled_digits
 
+    check_output_dir(args.out)
     _threads(args)
     config = ScaledDigitsConfig(canvas=args.canvas, min_size=args.min_size,
                                 max_size=args.max_size if args.max_size is not None else args.canvas - 8,
@@ -164,6 +164,7 @@ def run_train(args: argparse.Namespace) -> int:
     from frugalvit.tasks import to_float
     from frugalvit.training import TrainConfig, save_atomically, train
 
+    check_output_dir(args.out, (CONFIG_NAME, MODEL_NAME))
     _threads(args)
     data = _load_data(args.data, args.image_size)
     channels, height, width = data.image_shape
@@ -220,6 +221,8 @@ def load_run(run: Path):
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from frugalvit.tasks import to_float
 
     _threads(args)
@@ -231,11 +234,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     data = _load_data(args.data or record["data"], record.get("image_size"))
     calibration = cascade.calibrate(data.val.images, data.val.labels, args.batch_size, progress=not args.no_progress,
                                     transform=to_float)
-    result = cascade.set_budget(args.budget)
-    tmp = args.run / (CALIBRATION_NAME + ".tmp.npz")
-    np.savez(tmp, confidence=calibration.confidence, correct=calibration.correct,
-             stage_macs=np.asarray(calibration.stage_macs))
-    os.replace(tmp, args.run / CALIBRATION_NAME)
+    with tqdm(total=1, desc="threshold search", disable=args.no_progress) as bar:  # exact search: can take a while
+        result = cascade.set_budget(args.budget)
+        bar.update()
+    with atomic_file(args.run / CALIBRATION_NAME) as handle:
+        np.savez(handle, confidence=calibration.confidence, correct=calibration.correct,
+                 stage_macs=np.asarray(calibration.stage_macs))
     _write_json({"budget_macs": args.budget, "thresholds": list(result.thresholds),
                  "val_accuracy": result.accuracy, "val_mean_macs": result.mean_macs,
                  "val_exit_fractions": list(result.exit_fractions), "stage_macs": list(calibration.stage_macs)},
