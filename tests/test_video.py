@@ -128,7 +128,20 @@ def test_missing_weights_message_names_the_fix(tmp_path: Path) -> None:
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2
     assert "--checkpoint" in result.stderr and "--random-init" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no retry chatter from the hub
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_video_command_at_full_size(tmp_path: Path) -> None:
+    """The README's video command with random weights: ViT-S at its own 224 px on bikes, through the scene cut."""
+    out = tmp_path / "bikes"
+    assert run_cli("video", "bundled:bikes", "--model", "vit_small_patch16_224", "--random-init", "--no-progress",
+                   "--policy", "fraction:0.125", "--cut-share", "0.5", "--max-frames", "36", "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    summary = report["summary"]
+    assert summary["frames"] == 36 and summary["repeats"] == 3 and summary["full_updates"] >= 2
+    assert summary["mac_ratio"] > 2 and summary["speedup_min"] <= summary["speedup"] <= summary["speedup_max"]
 
 
 def test_decode_bundled_clip_shapes() -> None:
