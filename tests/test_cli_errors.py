@@ -246,3 +246,19 @@ def test_ecoformer_refit_shows_progress(tiny_npz: Path, tmp_path: Path, monkeypa
                  "--test-samples", "4", "--teacher-samples", "16", "--train-samples", "16"])
     assert code == 0
     assert calls == [True, True]
+
+
+def test_cached_pretrained_weights_load_without_the_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights already in the hub cache load offline at once (the hub would retry the network first)."""
+    import huggingface_hub
+
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    cached = tmp_path / "pytorch_model.bin"
+    torch.save(source.state_dict(), cached)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo_id, filename, **kwargs: str(cached) if filename == cached.name else None)
+    monkeypatch.setattr("frugalvit.models._pretrained_unavailable",
+                        lambda name: pytest.fail("checked the network although the weights are cached"))
+    model = load_timm_model("vit_tiny_patch16_224")
+    assert torch.equal(model.patch_embed.proj.weight, source.patch_embed.proj.weight) and not model.training

@@ -68,6 +68,10 @@ def load_timm_model(name: str, image_size: int | None = None, checkpoint: Path |
             detail = (detail[:240] + " ...") if len(detail) > 240 else detail or type(error).__name__
             raise ValueError(f"{checkpoint}: a {kind}, but it cannot be loaded into {name} ({detail}); "
                              f"{expected}") from error
+    cached = _cached_pretrained_file(name)
+    if cached is not None:  # load the cached file directly: the hub would first retry the network when offline
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)},
+                                 **size, **kwargs).eval()
     offline = _pretrained_unavailable(name)
     if offline is not None:
         raise ValueError(f"cannot get pretrained weights for {name} ({offline}); with no internet, pass a local "
@@ -119,11 +123,40 @@ def checkpoint_kind(path: Path) -> str:
     return f"{not_checkpoint} {size} bytes of unrecognised binary data"
 
 
-def _pretrained_unavailable(name: str, timeout: float = 3.0) -> str | None:
-    """Why pretrained weights for `name` cannot be downloaded now, or None when they are cached or reachable.
+def _cached_pretrained_file(name: str) -> Path | None:
+    """The locally cached weights file of timm's default pretrained tag for `name` (HF or torch hub cache), if any."""
+    from urllib.parse import urlparse
 
-    Looks in the Hugging Face and torch hub caches first; otherwise resolves and
-    connects to the hub's host with a short timeout (HF_HUB_OFFLINE=1 counts as offline).
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name)
+    if config is None:
+        return None
+    hub_id, url = getattr(config, "hf_hub_id", None), getattr(config, "url", None)
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        for filename in filter(None, (getattr(config, "hf_hub_filename", None), "model.safetensors",
+                                      "pytorch_model.bin")):
+            found = try_to_load_from_cache(hub_id, filename) if try_to_load_from_cache else None
+            if isinstance(found, str):
+                return Path(found)
+    if url:
+        import torch.hub
+
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+        if candidate.is_file() and candidate.suffix in (".pth", ".pt", ".bin", ".safetensors"):
+            return candidate
+    return None
+
+
+def _pretrained_unavailable(name: str, timeout: float = 3.0) -> str | None:
+    """Why pretrained weights for `name` cannot be downloaded now, or None when the hub is reachable.
+
+    Resolves and connects to the hub's host (or the HTTPS proxy) with a short
+    timeout; HF_HUB_OFFLINE=1 counts as offline.
     """
     import os
     import socket
@@ -136,21 +169,6 @@ def _pretrained_unavailable(name: str, timeout: float = 3.0) -> str | None:
     if config is None:
         return "timm has no pretrained weights for this name"
     hub_id, url = getattr(config, "hf_hub_id", None), getattr(config, "url", None)
-    if hub_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            for filename in filter(None, (getattr(config, "hf_hub_filename", None), "model.safetensors",
-                                          "open_clip_pytorch_model.bin", "pytorch_model.bin")):
-                if isinstance(try_to_load_from_cache(hub_id, filename), str):
-                    return None
-        except ImportError:
-            pass
-    if url:
-        import torch.hub
-
-        if (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name).is_file():
-            return None
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set and the weights are not cached"
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if hub_id else url
