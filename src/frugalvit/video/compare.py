@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -153,7 +153,7 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
 
 
 def summarize(records: list[FrameRecord], state_bytes: int,
-              repeat_times: list[tuple[list[float], list[float]]] = ()) -> ComparisonSummary:
+              repeat_times: Sequence[tuple[list[float], list[float]]] = ()) -> ComparisonSummary:
     """Ratios of totals (dense / eventful) over all frames and over the frames after the first.
 
     `repeat_times` (from `time_repeats`) adds replays to the first one in
