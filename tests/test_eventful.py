@@ -65,6 +65,51 @@ def test_full_budget_threshold_zero_equals_dense() -> None:
             torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
 
 
+def patch_video(frames: int = 4, batch: int = 1, share: float = 0.3, seed: int = 0) -> torch.Tensor:
+    """Frames in which a random share of the 16 x 16 patches changes each step (the others stay exactly equal)."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = SIZE // 16
+    frame = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+    out = [frame]
+    for _ in range(frames - 1):
+        patches = (torch.rand(batch, 1, grid, grid, generator=generator) < share).float()
+        mask = torch.nn.functional.interpolate(patches, scale_factor=16, mode="nearest")
+        frame = frame + mask * torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+        out.append(frame)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("policy", [fv.Threshold(0.0), fv.RelativeThreshold(0.0)], ids=["absolute", "relative"])
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_incremental_path_with_zero_threshold_equals_dense(name: str, policy: fv.TokenPolicy) -> None:
+    """The approximate path itself (gathers, buffers, incremental attention sums), not the dense shortcut."""
+    model = make_model(name)
+    ev = fv.eventful(model, policy, incremental_max_fraction=1.0)
+    paths = []
+    with torch.no_grad():
+        for frame in patch_video(5, batch=2):
+            out, reference = ev(frame), model(frame)
+            scale = reference.abs().max()
+            torch.testing.assert_close(out / scale, reference / scale, rtol=0, atol=1e-4)
+            paths += ev.attention_paths()
+    assert "incremental" in paths
+
+
+def test_relative_threshold_is_scale_free() -> None:
+    gate_small, gate_large = TokenGate(), TokenGate()
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 6, 8, generator=generator)
+    moved = tokens.clone()
+    moved[0, 1] *= 1.5  # moved by half its norm
+    moved[0, 4] *= 1.05  # moved by 5% of its norm
+    picks = []
+    for gate, scale in ((gate_small, 1.0), (gate_large, 10.0)):
+        gate(tokens * scale, fv.RelativeThreshold(0.2))
+        selection, _ = gate(moved * scale, fv.RelativeThreshold(0.2))
+        picks.append(selection.indices.tolist())
+    assert picks[0] == picks[1] == [[1]]
+
+
 def test_original_model_shared_and_unchanged() -> None:
     model = make_model("vit_tiny_patch16_224")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -265,13 +310,13 @@ def test_gate_and_buffer_semantics() -> None:
 
 @pytest.mark.parametrize("spec, expected", [
     ("topr:16", fv.TopR(16)), ("topr:0.25", fv.TopFraction(0.25)), ("fraction:1", fv.TopFraction(1.0)),
-    ("threshold:0.1", fv.Threshold(0.1)),
+    ("threshold:0.1", fv.Threshold(0.1)), ("relative:0.2", fv.RelativeThreshold(0.2)),
 ])
 def test_parse_policy(spec: str, expected: fv.TokenPolicy) -> None:
     assert fv.parse_policy(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["topr", "topr:abc", "topr:2.5", "magic:3", "threshold:-1", "fraction:1.5"])
+@pytest.mark.parametrize("spec", ["topr", "topr:abc", "topr:2.5", "magic:3", "threshold:-1", "fraction:1.5", "relative:-0.1"])
 def test_parse_policy_rejects_bad_specs(spec: str) -> None:
     with pytest.raises(ValueError):
         fv.parse_policy(spec)

@@ -2,7 +2,7 @@
 
 from frugalvit.eventful.gates import TokenBuffer, TokenGate
 from frugalvit.eventful.model import EventfulViT, UnsupportedModelError, check_convertible, eventful
-from frugalvit.eventful.policies import Threshold, TokenPolicy, TopFraction, TopR, parse_policy
+from frugalvit.eventful.policies import RelativeThreshold, Threshold, TokenPolicy, TopFraction, TopR, parse_policy
 
-__all__ = ["EventfulViT", "Threshold", "TokenBuffer", "TokenGate", "TokenPolicy", "TopFraction", "TopR",
+__all__ = ["EventfulViT", "RelativeThreshold", "Threshold", "TokenBuffer", "TokenGate", "TokenPolicy", "TopFraction", "TopR",
            "UnsupportedModelError", "check_convertible", "eventful", "parse_policy"]

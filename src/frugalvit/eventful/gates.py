@@ -86,12 +86,14 @@ class TokenGate(nn.Module):
                 update_all: bool = False) -> tuple[Selection | None, Tensor]:
         """Return (selection, or None for all tokens; the selected tokens (B, M, D)); update the reference."""
         if self.reference is None or update_all:
-            self.reference = tokens.detach().clone()
+            self.reference = tokens.detach().clone(memory_format=torch.contiguous_format)
             self.last_count = tokens.shape[1]
             return None, tokens
         if self.scratch is None or self.scratch.shape != tokens.shape:
             self.scratch = torch.empty_like(self.reference)
         error_norms = torch.linalg.vector_norm(torch.sub(self.reference, tokens, out=self.scratch), dim=-1)
+        if policy.relative:
+            error_norms = error_norms / torch.linalg.vector_norm(self.reference, dim=-1).clamp_min(1e-6)
         indices = policy.select(error_norms)
         self.last_count = indices.shape[1]
         if indices.shape[1] == tokens.shape[1]:

