@@ -388,3 +388,27 @@ def test_cli_train_calibrate_eval(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "accuracy" in out and "mean MACs" in out and "stage 3" in out
     assert main(["dvt", "eval", str(run), "--thresholds", "0.5", "--no-progress"]) == 2
     assert main(["dvt", "calibrate", str(tmp_path / "missing"), "--budget", "1M"]) == 2
+
+
+# -- convolutional stem --------------------------------------------------------------------------
+
+def test_conv_stem_stage_keeps_the_token_grid_and_counts_its_macs() -> None:
+    from frugalvit.dvt import ConvStemEmbed
+
+    config = DVTConfig(image_size=32, image_sizes=(16, 32), patch_sizes=(8, 8), in_chans=3, num_classes=4,
+                       embed_dim=16, depth=1, num_heads=2, context_dim=4, conv_stem=(4, 8))
+    torch.manual_seed(0)
+    cascade = config.build().eval()
+    assert all(isinstance(stage.patch_embed, ConvStemEmbed) for stage in cascade.stages)
+    assert cascade.input_shape == (3, 32, 32) and config.grids == (2, 4)
+    assert DVTConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        out = cascade(x, thresholds=[1.0])
+        torch.testing.assert_close(out.logits, cascade.forward_all(x)[1])
+        plain = DVTConfig(**{**config.to_dict(), "conv_stem": []}).build()
+        # the stem's convolutions are counted: stage 1 of 16 px through (4, 8) channels then a 2x2 projection
+        stem = (8 * 8 * 4 * 3 * 9) + (4 * 4 * 8 * 4 * 9) + (2 * 2 * 16 * 8 * 4) - (2 * 2 * 16 * 3 * 64)
+        assert cascade.stage_macs()[0] - plain.stage_macs()[0] == stem
+    with pytest.raises(ValueError, match="divisible by 4"):
+        DVTConfig(image_size=28, patch_sizes=(14, 7), in_chans=1, conv_stem=(4, 8)).build()

@@ -89,7 +89,7 @@ def test_cli_trains_calibrates_and_evaluates_on_the_task(tmp_path: Path, capsys:
     assert main(["dvt", "data", "--out", str(data), "--canvas", "32", "--min-size", "6", "--counts", "24,12,12",
                  "--chunk-size", "12", "--clips", "carphone_pristine", "--no-progress"]) == 0
     run = tmp_path / "run"
-    assert main(["dvt", "train", "--data", str(data), "--out", str(run), "--patch-sizes", "16,8",
+    assert main(["dvt", "train", "--data", str(data), "--out", str(run), "--patch-sizes", "16,8", "--conv-stem", "4",
                  "--embed-dim", "16", "--depth", "1", "--heads", "2", "--context-dim", "4", "--epochs", "1",
                  "--batch-size", "12", "--no-progress"]) == 0
     assert main(["dvt", "calibrate", str(run), "--budget", "1G", "--no-progress"]) == 0

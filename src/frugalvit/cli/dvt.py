@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--canvas", type=int, default=112, help="image side in pixels (default 112)")
     data.add_argument("--counts", type=_int_list, default=(8000, 2000, 2000),
                       help="images per split: train,val,test (default 8000,2000,2000)")
-    data.add_argument("--min-size", type=int, default=8, help="smallest digit box side in pixels (default 8)")
+    data.add_argument("--min-size", type=int, default=10, help="smallest digit box side in pixels (default 10)")
     data.add_argument("--max-size", type=int, default=None, help="largest digit box side (default: canvas - 8)")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--chunk-size", type=int, default=500)
@@ -93,6 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--depth", type=int, default=4)
     train.add_argument("--heads", type=int, default=3)
     train.add_argument("--context-dim", type=int, default=16, help="feature-reuse context width D'")
+    train.add_argument("--conv-stem", type=_int_list, default=(),
+                       help="channels of a stride-2 conv stem before each stage's tokens, e.g. 16,32,64 "
+                            "(default: none, plain patch embedding)")
     train.add_argument("--no-feature-reuse", action="store_true")
     train.add_argument("--no-relation-reuse", action="store_true")
     train.add_argument("--epochs", type=int, default=2)
@@ -155,7 +158,7 @@ def run_data(args: argparse.Namespace) -> int:
     build_scaled_digits(args.out, config, progress=not args.no_progress)
     print(f"{args.out}: scaled-digits, {', '.join(f'{s} {c}' for s, c in zip(SPLITS, config.counts))} images of "
           f"3x{config.canvas}x{config.canvas}; next: frugalvit dvt train --data {args.out} --out RUN "
-          f"--stage-image-sizes 48,80,{config.canvas} --patch-sizes 16,16,16")
+          f"--stage-image-sizes 48,80,{config.canvas} --patch-sizes 16,16,16 --conv-stem 16,32,64")
     return 0
 
 
@@ -173,7 +176,8 @@ def run_train(args: argparse.Namespace) -> int:
     model_config = DVTConfig(image_size=height, patch_sizes=args.patch_sizes, image_sizes=args.stage_image_sizes,
                              in_chans=channels, num_classes=data.num_classes, embed_dim=args.embed_dim,
                              depth=args.depth, num_heads=args.heads, context_dim=args.context_dim,
-                             feature_reuse=not args.no_feature_reuse, relation_reuse=not args.no_relation_reuse)
+                             conv_stem=args.conv_stem, feature_reuse=not args.no_feature_reuse,
+                             relation_reuse=not args.no_relation_reuse)
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                max_train_samples=args.max_train_samples)
     record = {"model": model_config.to_dict(), "data": args.data, "image_size": args.image_size,

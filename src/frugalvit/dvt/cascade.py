@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from frugalvit.dvt.exit import EarlyExitCascade
 from frugalvit.dvt.reuse import FeatureReuse, RelationReuse
-from frugalvit.dvt.stage import ReuseBlock, StageOutput, dvt_stage, stage_forward
+from frugalvit.dvt.stage import ReuseBlock, StageOutput, dvt_stage, stage_forward, stage_in_chans
 
 
 def _size(value: Any) -> tuple[int, int]:
@@ -48,7 +48,7 @@ class DVTCascade(EarlyExitCascade):
     def __init__(self, stages: Sequence[VisionTransformer], feature_reuse: bool = True, relation_reuse: bool = True,
                  feature_hidden: int | None = None, relation_hidden: int | None = None) -> None:
         sizes = [_size(stage.patch_embed.img_size) for stage in stages]
-        in_chans = {stage.patch_embed.proj.in_channels for stage in stages}
+        in_chans = {stage_in_chans(stage) for stage in stages}
         if len(in_chans) != 1:
             raise ValueError(f"all stages must take the same number of input channels, got {sorted(in_chans)}")
         input_size = max(sizes, key=lambda hw: hw[0] * hw[1])
@@ -114,7 +114,10 @@ class DVTConfig:
 
     `patch_sizes` sets the token grids; `image_sizes` (optional, one per stage)
     lets stages see the image downscaled instead, e.g. 112/160/224 px with
-    patch 16 for the paper's 7x7 / 10x10 / 14x14.
+    patch 16 for the paper's 7x7 / 10x10 / 14x14. `conv_stem` (channels of
+    stride-2 conv layers, e.g. (16, 32, 64)) puts a `ConvStemEmbed` before
+    each stage's tokens, which makes from-scratch training on cluttered
+    real images feasible in minutes; the token grids stay the same.
     """
 
     image_size: int = 28
@@ -126,12 +129,14 @@ class DVTConfig:
     depth: int = 4
     num_heads: int = 3
     context_dim: int = 48
+    conv_stem: tuple[int, ...] = ()
     feature_reuse: bool = True
     relation_reuse: bool = True
     vit_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_sizes", tuple(int(p) for p in self.patch_sizes))
+        object.__setattr__(self, "conv_stem", tuple(int(c) for c in self.conv_stem))
         if self.image_sizes is not None:
             object.__setattr__(self, "image_sizes", tuple(int(s) for s in self.image_sizes))
         if len(self.patch_sizes) < 2:
@@ -157,7 +162,7 @@ class DVTConfig:
     def build(self) -> DVTCascade:
         stages = [dvt_stage(size, patch, self.in_chans, self.num_classes, self.embed_dim, self.depth, self.num_heads,
                             context_dim=self.context_dim if self.feature_reuse and index > 0 else 0,
-                            **self.vit_kwargs)
+                            conv_stem=self.conv_stem, **self.vit_kwargs)
                   for index, (size, patch) in enumerate(zip(self.stage_image_sizes, self.patch_sizes))]
         return DVTCascade(stages, self.feature_reuse, self.relation_reuse)
 
@@ -165,6 +170,7 @@ class DVTConfig:
         data = asdict(self)
         data["patch_sizes"] = list(self.patch_sizes)
         data["image_sizes"] = None if self.image_sizes is None else list(self.image_sizes)
+        data["conv_stem"] = list(self.conv_stem)
         return data
 
     @classmethod

