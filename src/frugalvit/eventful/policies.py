@@ -33,6 +33,14 @@ class TokenPolicy(ABC):
 
     relative: bool = False
 
+    def may_select_fewer_than(self, share: float, num_tokens: int) -> bool:
+        """Whether a frame may update at most `share` of `num_tokens` (so attention would run incrementally).
+
+        A full frame keeps the attention sums only when this holds, since
+        building them costs more wall time than the fused kernel.
+        """
+        return True
+
     @abstractmethod
     def count(self, error_norms: Tensor) -> int:
         """How many tokens each sample updates (0..N)."""
@@ -59,6 +67,9 @@ class TopR(TokenPolicy):
         if not isinstance(self.r, int) or self.r < 0:
             raise ValueError(f"TopR(r={self.r!r}): r must be a non-negative integer number of tokens")
 
+    def may_select_fewer_than(self, share: float, num_tokens: int) -> bool:
+        return self.r <= share * num_tokens
+
     def count(self, error_norms: Tensor) -> int:
         num_tokens = error_norms.shape[-1]
         if self.r > num_tokens:
@@ -76,6 +87,9 @@ class TopFraction(TokenPolicy):
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"TopFraction(fraction={self.fraction!r}): fraction must lie in [0, 1]")
+
+    def may_select_fewer_than(self, share: float, num_tokens: int) -> bool:
+        return min(num_tokens, math.ceil(self.fraction * num_tokens)) <= share * num_tokens
 
     def count(self, error_norms: Tensor) -> int:
         return min(error_norms.shape[-1], math.ceil(self.fraction * error_norms.shape[-1]))

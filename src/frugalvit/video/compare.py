@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from frugalvit.cost import CostCounter
 from frugalvit.eventful import EventfulViT, eventful
+from frugalvit.video.fidelity import map_fidelity
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,14 @@ class FrameRecord:
     top1_agrees: bool
     full_update: bool
     updated_share: float
+    task_pearson: float | None = None  # with a task head (e.g. a saliency decoder): its output's fidelity
+    task_relative_l2: float | None = None
+    task_iou_top10: float | None = None
+
+
+# Called once per frame by `compare_on_frames`: (index, input frame, dense task output,
+# eventful task output, per-token count of gates that recomputed it (B, N) or None).
+FrameCallback = Callable[[int, Tensor, Tensor, Tensor, "Tensor | None"], None]
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,11 @@ class ComparisonSummary:
     top1_agreement: float
     full_updates: int
     state_mib: float
+    task_pearson_mean: float | None = None
+    task_pearson_min: float | None = None
+    task_iou_top10_mean: float | None = None
+    task_iou_top10_min: float | None = None
+    task_relative_l2_mean: float | None = None
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -92,8 +106,16 @@ def _twin(ev: EventfulViT) -> EventfulViT:
 
 @torch.no_grad()
 def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor], progress: bool = True,
-                      total: int | None = None) -> tuple[list[FrameRecord], int]:
-    """Run `model` and `ev` on every frame (3, H, W); return per-frame records and the eventful state bytes."""
+                      total: int | None = None, task_head: Callable[[Tensor], Tensor] | None = None,
+                      on_frame: FrameCallback | None = None) -> tuple[list[FrameRecord], int]:
+    """Run `model` and `ev` on every frame (3, H, W); return per-frame records and the eventful state bytes.
+
+    `task_head` maps final features (B, N, D) to the task output (e.g. the
+    saliency decoder of `frugalvit.models.saliency_vit`); it runs on both
+    feature sets, untimed, and the records then carry its fidelity
+    (`frugalvit.video.fidelity`). `on_frame` sees every frame's outputs (for
+    a side-by-side video).
+    """
     model.eval()
     ev.reset()
     counted = _twin(ev)
@@ -112,6 +134,12 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
         dense_pooled = model.forward_head(dense_features, pre_logits=True)
         eventful_pooled = model.forward_head(eventful_features, pre_logits=True)
         counts = [count for block in ev.gate_counts() for count in block if count is not None]
+        task: dict[str, float] = {}
+        if task_head is not None:
+            dense_out, eventful_out = task_head(dense_features), task_head(eventful_features)
+            task = {f"task_{name}": values[0] for name, values in map_fidelity(eventful_out, dense_out).items()}
+            if on_frame is not None:
+                on_frame(index, frame, dense_out, eventful_out, ev.updated_tokens())
         records.append(FrameRecord(
             index=index,
             dense_gmacs=dense_gmacs,
@@ -124,6 +152,7 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
                               == model.forward_head(eventful_features).argmax(-1)).item()),
             full_update=ev.last_frame_full,
             updated_share=sum(counts) / (len(counts) * dense_features.shape[1]),
+            **task,
         ))
     return records, ev.state_bytes()
 
@@ -195,4 +224,16 @@ def summarize(records: list[FrameRecord], state_bytes: int,
         top1_agreement=sum(r.top1_agrees for r in records) / len(records),
         full_updates=sum(r.full_update for r in records),
         state_mib=state_bytes / 2**20,
+        **_task_summary(records[1:] or records),
     )
+
+
+def _task_summary(records: list[FrameRecord]) -> dict[str, float]:
+    """Mean and worst task fidelity after the first frame (which every method computes densely)."""
+    if records[0].task_pearson is None:
+        return {}
+    pearson = [r.task_pearson for r in records]
+    iou = [r.task_iou_top10 for r in records]
+    return {"task_pearson_mean": sum(pearson) / len(pearson), "task_pearson_min": min(pearson),
+            "task_iou_top10_mean": sum(iou) / len(iou), "task_iou_top10_min": min(iou),
+            "task_relative_l2_mean": sum(r.task_relative_l2 for r in records) / len(records)}

@@ -30,8 +30,12 @@ def plot_comparison(records: list[FrameRecord], title: str):  # noqa: ANN201 - m
     time_axis.plot(frames, [r.eventful_ms for r in records], label="eventful")
     time_axis.set_ylabel("wall time (ms)")
     time_axis.legend(loc="upper right")
-    fidelity_axis.plot(frames, [r.cosine for r in records], label="cosine similarity of features")
-    fidelity_axis.plot(frames, [1.0 - r.relative_l2 for r in records], label="1 - relative L2 error")
+    if records[0].task_pearson is not None:
+        fidelity_axis.plot(frames, [r.task_pearson for r in records], label="map Pearson r")
+        fidelity_axis.plot(frames, [r.task_iou_top10 for r in records], label="IoU of top-10% pixels")
+    else:
+        fidelity_axis.plot(frames, [r.cosine for r in records], label="cosine similarity of features")
+        fidelity_axis.plot(frames, [1.0 - r.relative_l2 for r in records], label="1 - relative L2 error")
     fidelity_axis.set_ylabel("fidelity vs dense")
     fidelity_axis.set_xlabel("frame")
     fidelity_axis.legend(loc="lower right")
@@ -44,8 +48,8 @@ def plot_comparison(records: list[FrameRecord], title: str):  # noqa: ANN201 - m
 
 
 def write_report(out: Path, settings: dict[str, Any], records: list[FrameRecord],
-                 summary: ComparisonSummary) -> tuple[Path, Path]:
-    """Write report.json and report.png into `out` (created if needed).
+                 summary: ComparisonSummary, extra_files: dict[str, bytes] | None = None) -> tuple[Path, Path]:
+    """Write report.json, report.png and `extra_files` (name: bytes) into `out` (created if needed).
 
     Both files are rendered in memory first and then written together through
     temporary files and renames: on any error neither is replaced, no
@@ -56,7 +60,8 @@ def write_report(out: Path, settings: dict[str, Any], records: list[FrameRecord]
     weights = settings.get("weights", "")
     title = (f"{settings['model']} @ {settings['size']} px, {settings['policy']}, {weights}\n"
              f"speed-up {summary.speedup:.2f}x, MAC ratio {summary.mac_ratio:.2f}x, "
-             f"cosine {summary.cosine_mean:.4f}")
+             + (f"map r {summary.task_pearson_mean:.4f}, top-10% IoU {summary.task_iou_top10_mean:.3f}"
+                if summary.task_pearson_mean is not None else f"cosine {summary.cosine_mean:.4f}"))
     figure = plot_comparison(records, title)
     try:
         png = figure_png_bytes(figure)
@@ -67,7 +72,8 @@ def write_report(out: Path, settings: dict[str, Any], records: list[FrameRecord]
     created = [parent for parent in (out, *out.parents) if not parent.exists()]
     out.mkdir(parents=True, exist_ok=True)
     try:
-        write_files_atomically({json_path: report, png_path: png})
+        write_files_atomically({json_path: report, png_path: png,
+                                **{out / name: data for name, data in (extra_files or {}).items()}})
     except BaseException:
         for directory in created:  # innermost first; only those made here, and only while empty
             if directory.is_dir() and not any(directory.iterdir()):
