@@ -39,9 +39,7 @@ from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.models import SaliencyViT, saliency_vit
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
 from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip
-
-TOP_SHARE = 0.10
-
+from frugalvit.video.fidelity import map_fidelity
 
 @dataclass(frozen=True)
 class EventfulSetting:
@@ -50,19 +48,6 @@ class EventfulSetting:
     label: str
     policy: str
     options: dict[str, object] = field(default_factory=dict)
-
-
-def saliency_metrics(maps: Tensor, reference: Tensor) -> dict[str, list[float]]:
-    """Per-frame Pearson r, relative L2 and top-10% IoU of `maps` against `reference`, both (T, 1, H, W)."""
-    a, b = maps.flatten(1).double(), reference.flatten(1).double()
-    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    pearson = (ac * bc).sum(1) / (ac.norm(dim=1) * bc.norm(dim=1)).clamp_min(1e-30)
-    rel_l2 = (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)
-    k = max(1, round(TOP_SHARE * a.shape[1]))
-    top_a = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.topk(k, dim=1).indices, True)
-    top_b = torch.zeros_like(b, dtype=torch.bool).scatter_(1, b.topk(k, dim=1).indices, True)
-    iou = (top_a & top_b).sum(1).double() / (top_a | top_b).sum(1).double()
-    return {"pearson": pearson.tolist(), "relative_l2": rel_l2.tolist(), "iou_top10": iou.tolist()}
 
 
 def summarize(per_frame: dict[str, list[float]], first: int = 1) -> dict[str, float]:
@@ -211,7 +196,7 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
 
     def add(kind: str, label: str, maps: Tensor, backbone_macs: float, decoder_macs: float,
             extra: dict[str, object] | None = None) -> None:
-        metrics = saliency_metrics(maps, dense_maps)
+        metrics = map_fidelity(maps, dense_maps)
         row = {"kind": kind, "label": label,
                "backbone_mac_ratio": dense_backbone * total / backbone_macs,
                "mac_ratio": (dense_backbone + dense_decoder) * total / (backbone_macs + decoder_macs),

