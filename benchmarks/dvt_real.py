@@ -312,6 +312,24 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
         costs, val, test = stats[name]
         part["variants"][name]["operating_point"] = operating_point(name, models[name], costs, val, test, best,
                                                                     data.test)
+    if "both" in names:
+        # what each reuse contributes at inference: the both-reuse cascade with one (or both) switched off at run
+        # time (not retrained without it; the separately trained variants are 'feature' and 'relation')
+        cascade = models["both"]
+        for key, (feature, relation) in (("feature_off", (False, True)), ("relation_off", (True, False)),
+                                         ("both_off", (False, False))):
+            cascade.use_feature_reuse, cascade.use_relation_reuse = feature, relation
+            costs = cascade.stage_macs()
+            val, test = cached_stats(args.work_dir / "trained" / "both" / f"stats-{key}.npz",
+                                     lambda: (cascade_stats(cascade, data.val), cascade_stats(cascade, data.test)))
+            label = f"both, {key.replace('_', ' ')} at run time"
+            part["variants"][label] = {"stage_macs": list(costs), "stage_test_accuracy": test[1].mean(1).tolist(),
+                                       "stage_val_accuracy": val[1].mean(1).tolist(),
+                                       "curve": curve(costs, val, test, args.budgets),
+                                       "operating_point": operating_point(label, cascade, costs, val, test, best,
+                                                                          data.test, real=False)}
+            print(f"[{label}] per-stage test accuracy {test[1].mean(1).round(4).tolist()}", flush=True)
+        cascade.use_feature_reuse = cascade.use_relation_reuse = True
     main_variant = "both" if "both" in names else names[0]
     costs, val, test = stats[main_variant]
     part["threshold_search"] = {"variant": main_variant,
@@ -330,7 +348,7 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
 
     for name in names:
         point = part["variants"][name]["operating_point"]
-        if point.get("thresholds") is None:
+        if point.get("thresholds") is None or "test_real" not in point:
             continue
         for batch_size, count in ((1, args.batch1_images), (64, args.batch64_images)):
             entry = wall_clock(models[name], dense, best["macs"], data.test.images, point["thresholds"], batch_size,
@@ -449,13 +467,14 @@ def plot(results: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     figure, axes = plt.subplots(2, 2, figsize=(15, 10.5))
     trained, pretrained = results.get("trained"), results.get("pretrained")
 
     def macs_axis(ax, unit: str) -> None:
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
         ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"mean MACs per image ({unit}, log)")
@@ -465,8 +484,8 @@ def plot(results: dict, path: Path) -> None:
         ax = axes[0, 0]
         for name, variant in trained["variants"].items():
             points = variant["curve"]
-            ax.plot([p["test_mean_macs"] / 1e6 for p in points], [100 * p["test_accuracy"] for p in points], ".-",
-                    label=f"DVT cascade, reuse: {name}")
+            ax.plot([p["test_mean_macs"] / 1e6 for p in points], [100 * p["test_accuracy"] for p in points],
+                    ".:" if "run time" in name else ".-", label=f"DVT cascade, reuse: {name}")
             point = variant.get("operating_point", {})
             if point.get("test_real"):
                 ax.plot(point["test_real"]["mean_macs"] / 1e6, 100 * point["test_real"]["accuracy"], "o",
@@ -539,6 +558,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/frugalvit-dvt-real"))
     parser.add_argument("--parts", default="trained,pretrained")
+    parser.add_argument("--data-counts", type=lambda text: tuple(int(v) for v in text.split(",")),
+                        default=ScaledDigitsConfig().counts, help="train,val,test images of the task")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-samples", type=int, default=None)
@@ -562,7 +583,7 @@ def main() -> None:
         plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
         return
     torch.set_num_threads(args.threads)
-    data_config = ScaledDigitsConfig()
+    data_config = ScaledDigitsConfig(counts=args.data_counts)
     data_dir = build_scaled_digits(args.work_dir / "data", data_config)
     data = load_scaled_digits(data_dir)
     sizes = {split: load_split_arrays(data_dir, split)["size"] for split in ("val", "test")}
