@@ -164,8 +164,59 @@ def test_attention_sums_update_matches_dense_over_many_steps() -> None:
         fresh = [torch.randn(batch, heads, changed, width, generator=generator) for _ in range(3)]
         for state, rows in zip((q, k, v), fresh):
             scatter_tokens_(state, selection, rows)
-        assert update_attention_sums_(sums, q, k, v, selection, *fresh, old_k, old_v, scale)
+        update_attention_sums_(sums, q, k, v, selection, *fresh, old_k, old_v, scale)
     torch.testing.assert_close(sums.output(), fused_attention(q, k, v, scale), rtol=1e-4, atol=1e-5)
+
+
+def _one_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[int], new_k: torch.Tensor,
+              new_v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Replace keys/values (queries unchanged) of tokens `rows` through the incremental update; return its output."""
+    sums = build_attention_sums(q, k, v, scale)
+    selection = Selection(torch.tensor([rows]), q.shape[-2])
+    old_k, old_v = gather_tokens(k, selection), gather_tokens(v, selection)
+    scatter_tokens_(k, selection, new_k)
+    scatter_tokens_(v, selection, new_v)
+    update_attention_sums_(sums, q, k, v, selection, gather_tokens(q, selection), new_k, new_v, old_k, old_v, scale)
+    return sums.output()
+
+
+def test_incremental_sums_survive_logit_overflow_without_fallback() -> None:
+    """A new key far above every row's stabiliser: rescaled on the device, no overflow, no dense rebuild."""
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=generator) for _ in range(3))
+    new_k = 60.0 * q[:, :, :1] / q[:, :, :1].norm(dim=-1, keepdim=True)  # logit ~ 60 / sqrt(8) * |q| >> 30
+    out = _one_step(q, k, v, [5], new_k, torch.randn(1, 2, 1, 8, generator=generator), 8 ** -0.5)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, fused_attention(q, k, v, 8 ** -0.5), rtol=1e-4, atol=1e-5)
+
+
+def test_incremental_sums_repair_cancelled_rows() -> None:
+    """Removing the key that held almost all of a row's mass leaves a tiny denominator: the row is recomputed."""
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 10, 8, generator=generator) for _ in range(3))
+    k[:, :, 4] = 40.0 * q[:, :, 0] / q[:, :, 0].norm()  # row 0 attends almost only to token 4
+    out = _one_step(q, k, v, [4], torch.randn(1, 1, 1, 8, generator=generator),
+                    torch.randn(1, 1, 1, 8, generator=generator), 8 ** -0.5)
+    torch.testing.assert_close(out, fused_attention(q, k, v, 8 ** -0.5), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2"])
+def test_half_precision_incremental_path_matches_dense_without_nan(name: str, dtype: torch.dtype) -> None:
+    """Sums kept in float32: a float16 / bfloat16 model runs the incremental path with no NaN or Inf."""
+    model = make_model(name).to(dtype)
+    ev = fv.eventful(model, fv.Threshold(0.0), incremental_max_fraction=1.0)
+    paths = []
+    with torch.no_grad():
+        for frame in patch_video(5, batch=2):
+            frame = frame.to(dtype)
+            out, reference = ev(frame), model(frame)
+            assert out.dtype == dtype and torch.isfinite(out).all()
+            scale = reference.float().abs().max()
+            error = ((out.float() - reference.float()).abs().max() / scale).item()
+            assert error < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+            paths += ev.attention_paths()
+    assert "incremental" in paths
 
 
 def test_error_grows_as_budget_shrinks_and_macs_fall() -> None:
@@ -192,7 +243,8 @@ def analytic_eventful_macs(dim: int, depth: int, tokens: int, changed: int, patc
                            classes: int, incremental: bool) -> int:
     """Executed MACs of one eventful frame where every gate passes `changed` tokens."""
     tokenwise = changed * dim * (3 * dim + dim + 2 * 4 * dim)
-    attention = 6 * tokens * changed * dim if incremental else 2 * tokens * tokens * dim
+    repaired = -(-changed // 8)  # rows recomputed for cancellation repair (REPAIR_DIVISOR)
+    attention = (6 * changed + 2 * repaired) * tokens * dim if incremental else 2 * tokens * tokens * dim
     return patches * patch_pixels * dim + depth * (tokenwise + attention) + dim * classes
 
 

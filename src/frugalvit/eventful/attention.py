@@ -20,11 +20,27 @@ would couple every entry of a row to all others; the fixed stabiliser moves
 only the changed terms. The column pass also touches the M changed rows,
 which the row pass then overwrites: M^2 wasted terms buy contiguous access.
 
-Numerics: a row's stabiliser is its largest logit when the row was last
-recomputed. If a new logit rises far above it (risk of overflow) or a
-denominator shrinks far below 1 (cancellation), the sums are rebuilt densely;
-both are rare on video. Rounding drift of rows that are never recomputed is
-about float32 epsilon per update; a periodic refresh bounds it.
+Numerics, decided on the device (no host sync, fixed shapes, so a frame can be
+captured as a CUDA graph):
+- the sums are kept in float32 whatever the model's dtype (float16 would
+  overflow or cancel), and the logits are formed in float32;
+- a row's stabiliser only rises: when a new logit exceeds it, the row's sums
+  are rescaled by exp(old - new) first (the online-softmax step), so no
+  exponential ever exceeds 1 and nothing can overflow;
+- removing the terms of old keys can cancel most of a row's mass (its
+  denominator falls far below 1 and its relative rounding error grows; it
+  happens when an "attention sink" token that many rows attend to changes):
+  every update recomputes in full the ceil(M / 8) rows with the smallest
+  denominators where they fell below `MIN_DENOMINATOR`. Rows still cancelled
+  after that are rare but real (up to ~10% of rows on a few frames of real
+  video with DINOv2 weights). On the CPU, where a host check costs nothing,
+  they trigger an exact dense rebuild (`update_attention_sums_` returns
+  True). On an accelerator nothing waits for the host: `cancelled_rows`
+  marks them, the caller keeps their previous output for this frame, and
+  the repair step (smallest denominators first) reaches them in the next
+  frames.
+Rounding drift of rows that are never recomputed is about float32 epsilon per
+update; a periodic refresh bounds it.
 """
 
 from __future__ import annotations
@@ -37,11 +53,11 @@ from torch.nn import functional as F
 
 from frugalvit.eventful.gates import Selection, scatter_tokens_
 
-# exp(MAX_LOGIT_GROWTH) must stay far from float32 overflow even summed over many tokens.
-MAX_LOGIT_GROWTH = 30.0
-# Below this, a denominator has lost most of its mass to subtractions: rebuild for precision.
+# Below this a denominator has lost most of its mass to subtractions: the row is recomputed.
 MIN_DENOMINATOR = 1e-4
-# Multiply-accumulates per head: incremental 6 M N Dh, dense 2 N^2 Dh (see module docstring).
+# Rows recomputed per update for cancellation repair: ceil(M / REPAIR_DIVISOR), the smallest denominators.
+REPAIR_DIVISOR = 8
+# Multiply-accumulates per head: incremental 6 M N Dh (+ 2 N Dh M / 8 repair), dense 2 N^2 Dh.
 INCREMENTAL_BREAK_EVEN_FRACTION = 1.0 / 3.0
 
 
@@ -53,11 +69,15 @@ class AttentionSums:
     numerator: Tensor  # (B, H, N, Dh)
     denominator: Tensor  # (B, H, N, 1)
 
-    def output(self) -> Tensor:
-        return self.numerator / self.denominator
+    def output(self, dtype: torch.dtype | None = None) -> Tensor:
+        """softmax(s q k^T) v for every row, in `dtype` (default: the sums' float32)."""
+        out = self.numerator / self.denominator
+        return out if dtype is None else out.to(dtype)
 
 
 def _stabilized_sums(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 (stabiliser, numerator, denominator) of rows `q` against all of `k`, `v`."""
+    q, k, v = q.float(), k.float(), v.float()
     logits = torch.matmul(q * scale, k.transpose(-2, -1))  # scale the (often fewer) query rows, not all keys
     stabilizer = logits.amax(dim=-1, keepdim=True)
     weights = logits.sub_(stabilizer).exp_()
@@ -65,13 +85,18 @@ def _stabilized_sums(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Ten
 
 
 def build_attention_sums(q: Tensor, k: Tensor, v: Tensor, scale: float) -> AttentionSums:
-    """Dense pass that also keeps the sums the incremental path needs."""
+    """Dense pass that also keeps the sums the incremental path needs (float32)."""
     return AttentionSums(*_stabilized_sums(q, k, v, scale))
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Dense attention with the fused kernel; keeps no state."""
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _scatter_rows_(state: Tensor, rows: Tensor, values: Tensor) -> None:
+    """state[b, h, rows[b, h, i]] = values[b, h, i] for (B, H, N, X) state and (B, H, R) rows."""
+    state.scatter_(2, rows.unsqueeze(-1).expand(-1, -1, -1, state.shape[-1]), values)
 
 
 def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor, selection: Selection,
@@ -81,21 +106,45 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
 
     `q, k, v` (B, H, N, Dh) already hold the new values; `new_*` (B, H, M, Dh)
     are those new rows, `old_k`, `old_v` the keys and values they replaced.
-    Returns False (sums left unusable) when numerics call for a dense rebuild.
+    On CUDA nothing syncs with the host and the result is always False (see
+    `cancelled_rows`); elsewhere, returns True when rows stayed cancelled and
+    the sums were rebuilt densely (exact).
     """
     changed = selection.count
-    # Every row: add the new keys' terms, remove the old keys' terms.
-    keys = torch.cat([new_k, old_k], dim=-2).transpose(-2, -1) * scale
-    logits = torch.matmul(q, keys).sub_(sums.stabilizer)  # (B, H, N, 2M)
-    if logits[..., :changed].amax().item() > MAX_LOGIT_GROWTH:
-        return False
-    weights = logits.exp_()
+    # Every row: add the new keys' terms, remove the old keys' terms, after raising the stabiliser if needed.
+    keys = torch.cat([new_k, old_k], dim=-2).float().transpose(-2, -1) * scale
+    logits = torch.matmul(q.float(), keys)  # (B, H, N, 2M)
+    stabilizer = torch.maximum(sums.stabilizer, logits[..., :changed].amax(dim=-1, keepdim=True))
+    rescale = torch.exp(sums.stabilizer - stabilizer)
+    sums.numerator.mul_(rescale)
+    sums.denominator.mul_(rescale)
+    sums.stabilizer.copy_(stabilizer)
+    weights = logits.sub_(stabilizer).exp_()
     weights[..., changed:].neg_()
-    sums.numerator.add_(torch.matmul(weights, torch.cat([new_v, old_v], dim=-2)))
+    sums.numerator.add_(torch.matmul(weights, torch.cat([new_v, old_v], dim=-2).float()))
     sums.denominator.add_(weights.sum(-1, keepdim=True))
 
     # Rows of changed queries: recompute in full against all (updated) keys and values.
     for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
                             _stabilized_sums(new_q, k, v, scale)):
         scatter_tokens_(state, selection, fresh)
-    return bool(sums.denominator.amin().item() >= MIN_DENOMINATOR)
+
+    # Cancellation repair: recompute the rows with the smallest denominators where they fell below the floor.
+    repair = min(q.shape[-2], -(-changed // REPAIR_DIVISOR))
+    rows = sums.denominator.squeeze(-1).topk(repair, dim=-1, largest=False).indices  # (B, H, R)
+    picked_q = q.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
+    cancelled = sums.denominator.gather(2, rows.unsqueeze(-1)) < MIN_DENOMINATOR  # (B, H, R, 1)
+    for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
+                            _stabilized_sums(picked_q, k, v, scale)):
+        current = state.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, state.shape[-1]))
+        _scatter_rows_(state, rows, torch.where(cancelled, fresh, current))
+    if q.is_cuda or not bool(cancelled_rows(sums).any()):
+        return False
+    for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator), _stabilized_sums(q, k, v, scale)):
+        state.copy_(fresh)
+    return True
+
+
+def cancelled_rows(sums: AttentionSums) -> Tensor:
+    """(B, H, N, 1) bool: rows whose denominator is below `MIN_DENOMINATOR` (their output is unreliable)."""
+    return sums.denominator < MIN_DENOMINATOR

@@ -15,11 +15,13 @@ the parameters belong to the original model, which the wrapping
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
-from frugalvit.eventful.attention import AttentionSums, build_attention_sums, fused_attention, update_attention_sums_
+from frugalvit.eventful.attention import (AttentionSums, build_attention_sums, cancelled_rows, fused_attention,
+                                         update_attention_sums_)
 from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_
 from frugalvit.eventful.policies import TokenPolicy
 
@@ -67,7 +69,7 @@ class EventfulAttention(nn.Module):
             self.q, self.k, self.v = q.contiguous(), k.contiguous(), v.contiguous()
             if keep_sums:
                 self.sums = build_attention_sums(self.q, self.k, self.v, scale)
-                mixed = self.sums.output()
+                mixed = self.sums.output(q.dtype)
                 self.last_path = "dense+sums"
             else:
                 self.sums = None
@@ -85,13 +87,18 @@ class EventfulAttention(nn.Module):
                 mixed = fused_attention(self.q, self.k, self.v, scale)
                 self.last_path = "dense"
             else:
-                if self.sums is not None and update_attention_sums_(
-                        self.sums, self.q, self.k, self.v, selection, q, k, v, old_k, old_v, scale):
-                    self.last_path = "incremental"
-                else:
+                if self.sums is not None:
+                    rebuilt = update_attention_sums_(self.sums, self.q, self.k, self.v, selection, q, k, v,
+                                                     old_k, old_v, scale)
+                    self.last_path = "rebuild" if rebuilt else "incremental"
+                else:  # the last full frame kept no sums (a policy that was never going to need them)
                     self.sums = build_attention_sums(self.q, self.k, self.v, scale)
                     self.last_path = "rebuild"
-                mixed = self.sums.output()
+                mixed = self.sums.output(q.dtype)
+                if mixed.is_cuda:  # rows still cancelled keep last frame's output (see attention module)
+                    batch, heads, num_tokens, head_dim = mixed.shape
+                    previous = self.output.view(batch, num_tokens, heads, head_dim).transpose(1, 2)
+                    mixed = torch.where(cancelled_rows(self.sums), previous, mixed)
         batch, heads, num_tokens, head_dim = mixed.shape
         self.output = mixed.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
         return self.output
