@@ -114,7 +114,8 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
     fractions = (0.25, 0.125) if quick else (0.25, 0.125, 0.0625) if large else (0.5, 0.25, 0.125, 0.0625)
     taus = (0.2, 0.4) if quick else (0.15, 0.3, 0.5) if large else (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
     keyframed = ((0.125, 0.2),) if quick else ((0.125, 0.2), (0.0625, 0.35), (0.03125, 0.35)) if large else (
-        (0.125, 0.2), (0.125, 0.35), (0.0625, 0.2), (0.0625, 0.35), (0.03125, 0.2), (0.03125, 0.35), (0.125, 0.5))
+        (0.125, 0.2), (0.125, 0.35), (0.0625, 0.2), (0.0625, 0.35), (0.03125, 0.2), (0.03125, 0.35), (0.125, 0.5),
+        (0.0625, 0.5))
     settings = [EventfulSetting(f"top {f:g}", f"fraction:{f}") for f in fractions]
     settings += [EventfulSetting(f"relative {t:g}", f"relative:{t}") for t in taus]
     settings += [EventfulSetting(f"top {f:g} + adaptive keyframes {c:g}", f"fraction:{f}", {"cut_share": c})
