@@ -126,7 +126,9 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     extra = {}
     if animation is not None:
         extra[ANIMATION_FILE] = animation.gif_bytes(
-            header=f"{args.policy}: {summary.mac_ratio:.1f}x fewer MACs, map r {summary.task_pearson_mean:.3f}")
+            header=f"{args.policy}" + (f", cut share {args.cut_share:g}" if args.cut_share is not None else "")
+            + f": {summary.mac_ratio:.1f}x fewer backbone MACs, map r {summary.task_pearson_mean:.3f}, "
+              f"top-10% IoU {summary.task_iou_top10_mean:.3f}")
     json_path, png_path = write_report(args.out, settings, records, summary, extra)
     print(f"{clip.name}: {summary.frames} frames, {args.model} @ {size}px, {args.policy}, {weights}")
     print(f"  wall-clock speed-up {summary.speedup:.2f}x ({summary.speedup_after_first:.2f}x after the first frame), "
