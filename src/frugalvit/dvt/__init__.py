@@ -7,7 +7,7 @@
 
 from frugalvit.dvt.cascade import DVTCascade, DVTConfig, cascade_loss, dvt_cascade, resize_images
 from frugalvit.dvt.exit import Calibration, CascadeOutput, EarlyExitCascade
-from frugalvit.dvt.resolution import ResolutionCascade, vit_at_resolution
+from frugalvit.dvt.resolution import ResolutionCascade, TokenPoolHead, tokens_at_resolution, vit_at_resolution
 from frugalvit.dvt.reuse import FeatureReuse, RelationReuse, resize_attention_rows, resize_token_grid
 from frugalvit.dvt.stage import ConvStemEmbed, ReuseBlock, attention_with_bias, dvt_stage, stage_forward
 from frugalvit.dvt.thresholds import (ExitResult, evaluate_thresholds, genetic_search, geometric_search,
@@ -15,8 +15,9 @@ from frugalvit.dvt.thresholds import (ExitResult, evaluate_thresholds, genetic_s
 
 __all__ = [
     "Calibration", "CascadeOutput", "ConvStemEmbed", "DVTCascade", "DVTConfig", "EarlyExitCascade", "ExitResult", "FeatureReuse",
-    "RelationReuse", "ResolutionCascade", "ReuseBlock", "attention_with_bias", "cascade_loss", "dvt_cascade",
+    "RelationReuse", "ResolutionCascade", "ReuseBlock", "TokenPoolHead", "attention_with_bias", "cascade_loss",
+    "dvt_cascade",
     "dvt_stage", "evaluate_thresholds", "genetic_search", "geometric_search", "geometric_thresholds",
     "resize_attention_rows", "resize_images", "resize_token_grid", "search_thresholds", "stage_forward",
-    "vit_at_resolution",
+    "tokens_at_resolution", "vit_at_resolution",
 ]

@@ -30,6 +30,11 @@ def vit_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
     Mirrors `VisionTransformer.forward`, with the position embeddings resampled
     to the input's token grid; at the model's own size it is exactly timm's forward.
     """
+    return model.forward_head(tokens_at_resolution(model, images))
+
+
+def tokens_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
+    """The final (normed) tokens of a timm ViT on `images` of any size divisible by its patch size."""
     patch = model.patch_embed.patch_size
     height, width = images.shape[-2:]
     if height % patch[0] or width % patch[1]:
@@ -49,8 +54,34 @@ def vit_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
         else:
             x = torch.cat(prefix + [x], dim=1) + pos
     x = model.norm_pre(model.patch_drop(model.pos_drop(x)))
-    x = model.norm(model.blocks(x))
-    return model.forward_head(x)
+    return model.norm(model.blocks(x))
+
+
+class TokenPoolHead(nn.Module):
+    """A linear classifier on pooled final tokens: [class token, mean of patch tokens, max of patch tokens].
+
+    Why: a small object (a digit a few patches wide) barely shows in the class token or the mean of a frozen
+    backbone that was never trained to find it; the max over patch tokens keeps it.
+    """
+
+    def __init__(self, dim: int, num_classes: int, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.fc = nn.Linear(self.pooled_dim(dim, num_prefix_tokens), num_classes)
+
+    @staticmethod
+    def pooled_dim(dim: int, num_prefix_tokens: int) -> int:
+        return dim * (3 if num_prefix_tokens else 2)
+
+    @staticmethod
+    def pool(tokens: Tensor, num_prefix_tokens: int = 1) -> Tensor:
+        """(B, N, D) tokens -> (B, 3D) [first prefix token, patch mean, patch max] ((B, 2D) without prefix)."""
+        patches = tokens[:, num_prefix_tokens:]
+        parts = [tokens[:, 0]] if num_prefix_tokens else []
+        return torch.cat(parts + [patches.mean(1), patches.amax(1)], dim=-1)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.fc(self.pool(tokens, self.num_prefix_tokens))
 
 
 class ResolutionCascade(EarlyExitCascade):
@@ -59,8 +90,8 @@ class ResolutionCascade(EarlyExitCascade):
     Args:
         model: a timm `VisionTransformer` (pretrained or not) with absolute or no position embeddings.
         resolutions: increasing square input sizes, each divisible by the patch size.
-        heads: optional, one module per resolution mapping the model's output at that
-            resolution (its pooled features when built with `num_classes=0`) to logits.
+        heads: optional, one module per resolution mapping the model's final tokens (B, N, D) at
+            that resolution to logits (e.g. `TokenPoolHead`); without heads, the model's own head runs.
         input_size: side of the images the cascade takes (default: the last resolution);
             each stage resizes them to its own resolution.
         mean / std: optional per-channel input normalisation applied after resizing
@@ -104,16 +135,18 @@ class ResolutionCascade(EarlyExitCascade):
         return self.normalize(images) if self.normalize is not None else images
 
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
-        out = vit_at_resolution(self.model, self.stage_input(index, images))
-        return (self.heads[index](out) if self.heads is not None else out), None
+        tokens = tokens_at_resolution(self.model, self.stage_input(index, images))
+        return (self.heads[index](tokens) if self.heads is not None else self.model.forward_head(tokens)), None
 
     @torch.no_grad()
     def features_at_resolutions(self, images: Tensor, batch_size: int = 64,
                                 transform: Callable[[Tensor], Tensor] | None = None,
+                                pool: Callable[[Tensor], Tensor] | None = None,
                                 progress: bool = False) -> list[Tensor]:
-        """The model's output (features, for a head-less backbone) at every resolution: K tensors (N, D).
+        """Pooled final tokens at every resolution: K tensors (N, D'), what heads are trained on (cache them).
 
-        What the heads are trained on; `transform` maps each batch first (e.g. uint8 -> float).
+        `pool` maps (B, N, D) tokens to features (default: the model's own head, e.g. its
+        class token when built with `num_classes=0`); `transform` maps each batch first (e.g. uint8 -> float).
         """
         from tqdm.auto import tqdm
 
@@ -124,6 +157,7 @@ class ResolutionCascade(EarlyExitCascade):
             batch = images[start:start + batch_size]
             batch = transform(batch) if transform is not None else batch
             for index in range(self.num_stages):
-                parts[index].append(vit_at_resolution(self.model, self.stage_input(index, batch)))
+                tokens = tokens_at_resolution(self.model, self.stage_input(index, batch))
+                parts[index].append(pool(tokens) if pool is not None else self.model.forward_head(tokens))
         self.model.train(was_training)
         return [torch.cat(part) for part in parts]
