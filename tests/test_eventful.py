@@ -95,6 +95,29 @@ def test_incremental_path_with_zero_threshold_equals_dense(name: str, policy: fv
     assert "incremental" in paths
 
 
+@pytest.mark.parametrize("policy", [fv.TopR(4), fv.TopFraction(0.2)], ids=["topr", "fraction"])
+def test_sync_free_frame_compiles_whole_with_no_graph_break(policy: fv.TokenPolicy) -> None:
+    """The CPU-checkable proof that a fixed-budget frame has no host sync: `step` is one graph."""
+    model = make_model("deit3_small_patch16_224")
+    eager, compiled = fv.eventful(model, policy), fv.eventful(model, policy)
+    eager.sync_free = compiled.sync_free = True
+    frames = patch_video(6, share=0.2)
+    embed = lambda images: model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))  # noqa: E731
+    with torch.no_grad():
+        compiled(frames[0])
+        compiled(frames[1])
+        explanation = torch._dynamo.explain(compiled.step)(embed(frames[2]), False)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        torch._dynamo.reset()
+        compiled.reset()
+        compiled.step = torch.compile(compiled.step, fullgraph=True, backend="eager")
+        paths = []
+        for frame in frames:
+            torch.testing.assert_close(compiled(frame), eager(frame), rtol=1e-5, atol=1e-5)
+            paths += compiled.attention_paths()
+    assert "incremental" in paths
+
+
 def test_relative_threshold_is_scale_free() -> None:
     gate_small, gate_large = TokenGate(), TokenGate()
     generator = torch.Generator().manual_seed(0)

@@ -101,14 +101,14 @@ def _scatter_rows_(state: Tensor, rows: Tensor, values: Tensor) -> None:
 
 def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor, selection: Selection,
                            new_q: Tensor, new_k: Tensor, new_v: Tensor, old_k: Tensor, old_v: Tensor,
-                           scale: float) -> bool:
+                           scale: float, host_check: bool = True) -> bool:
     """Bring `sums` up to date after tokens `selection` changed; in place.
 
     `q, k, v` (B, H, N, Dh) already hold the new values; `new_*` (B, H, M, Dh)
     are those new rows, `old_k`, `old_v` the keys and values they replaced.
-    On CUDA nothing syncs with the host and the result is always False (see
-    `cancelled_rows`); elsewhere, returns True when rows stayed cancelled and
-    the sums were rebuilt densely (exact).
+    On CUDA, or with `host_check=False`, nothing syncs with the host and the
+    result is always False (see `cancelled_rows`); otherwise returns True when
+    rows stayed cancelled and the sums were rebuilt densely (exact).
     """
     changed = selection.count
     # Every row: add the new keys' terms, remove the old keys' terms, after raising the stabiliser if needed.
@@ -138,7 +138,7 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
                             _stabilized_sums(picked_q, k, v, scale)):
         current = state.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, state.shape[-1]))
         _scatter_rows_(state, rows, torch.where(cancelled, fresh, current))
-    if q.is_cuda or not bool(cancelled_rows(sums).any()):
+    if q.is_cuda or not host_check or not bool(cancelled_rows(sums).any()):
         return False
     for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator), _stabilized_sums(q, k, v, scale)):
         state.copy_(fresh)

@@ -55,7 +55,7 @@ class EventfulAttention(nn.Module):
         return attn.q_norm(q), attn.k_norm(k), v
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
-                keep_sums: bool = False) -> Tensor:
+                keep_sums: bool = False, sync_free: bool = False) -> Tensor:
         """Attention output for all N tokens (B, N, heads * head_dim), before the output norm/projection.
 
         `keep_sums`: on a full update, build the incremental path's sums (same
@@ -89,13 +89,13 @@ class EventfulAttention(nn.Module):
             else:
                 if self.sums is not None:
                     rebuilt = update_attention_sums_(self.sums, self.q, self.k, self.v, selection, q, k, v,
-                                                     old_k, old_v, scale)
+                                                     old_k, old_v, scale, host_check=not sync_free)
                     self.last_path = "rebuild" if rebuilt else "incremental"
                 else:  # the last full frame kept no sums (a policy that was never going to need them)
                     self.sums = build_attention_sums(self.q, self.k, self.v, scale)
                     self.last_path = "rebuild"
                 mixed = self.sums.output(q.dtype)
-                if mixed.is_cuda:  # rows still cancelled keep last frame's output (see attention module)
+                if mixed.is_cuda or sync_free:  # rows still cancelled keep last frame's output (attention module)
                     batch, heads, num_tokens, head_dim = mixed.shape
                     previous = self.output.view(batch, num_tokens, heads, head_dim).transpose(1, 2)
                     mixed = torch.where(cancelled_rows(self.sums), previous, mixed)
@@ -126,11 +126,11 @@ class EventfulBlock(nn.Module):
             module.reset()
 
     def forward(self, x: Tensor, policy: TokenPolicy, incremental_max_fraction: float,
-                update_all: bool = False) -> Tensor:
+                update_all: bool = False, sync_free: bool = False) -> Tensor:
         block, attn = self.block, self.block.attn
         selection, tokens = self.attention_gate(x, policy, update_all)
         keep_sums = selection is None and policy.may_select_fewer_than(incremental_max_fraction, x.shape[1])
-        mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep_sums)
+        mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep_sums, sync_free)
         selection, tokens = self.projection_gate(mixed, policy, update_all)
         x = x + self.projection_buffer(selection, block.ls1(attn.proj(attn.norm(tokens))))
         selection, tokens = self.mlp_gate(x, policy, update_all)

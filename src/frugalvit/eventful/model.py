@@ -88,6 +88,16 @@ class EventfulViT(nn.Module):
             output for it (non-finite, as the dense model's is) and computes the
             next frame in full, since the cached state cannot be trusted across
             it. Checking costs one host synchronisation per frame.
+        sync_free: False (default) keeps the host checks above and, on the
+            CPU, the exact dense rebuild of attention rows that stay cancelled.
+            True removes every host synchronisation from a frame with a
+            fixed-size policy (`TopR`, `TopFraction`) and no `cut_share`:
+            non-finite frames are not checked (they yield non-finite outputs
+            and state, as in the dense model, until `reset()`), and cancelled
+            attention rows keep their previous output for a frame, as on CUDA.
+            `step` is then one graph: `torch.compile(ev.step, fullgraph=True)`
+            traces it with no break (tested), which is what CUDA-graph capture
+            needs. `Threshold` policies and `cut_share` keep one sync each.
 
     Inference only: `train()` raises (the wrapped model is shared and stays as
     it is), and a backward pass through an output raises a clear error.
@@ -107,6 +117,7 @@ class EventfulViT(nn.Module):
         self.cut_share = cut_share
         self.cut_relative_error = cut_relative_error
         self.nonfinite = nonfinite
+        self.sync_free = False
         self.last_frame_full = False
         self._frame_shape: tuple[int, ...] | None = None
         self._frames_since_refresh = 0
@@ -165,7 +176,7 @@ class EventfulViT(nn.Module):
         if self.model.training:
             raise RuntimeError("EventfulViT is for inference: call .eval() on it (or the wrapped model) first")
         self._check_frame(images)
-        if not bool(torch.isfinite(images).all()):  # one host sync per frame: the cache must not absorb NaN/inf
+        if not self.sync_free and not bool(torch.isfinite(images).all()):  # one host sync: the cache must not absorb NaN/inf
             if self.nonfinite == "error":
                 raise ValueError("frame contains NaN or infinite values; check the input pipeline, or set "
                                  "ev.nonfinite = 'refresh' to get the dense model's output for such frames")
@@ -178,12 +189,23 @@ class EventfulViT(nn.Module):
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
         update_all = update_all or self._is_scene_cut(x)
         self.last_frame_full = update_all
-        for block in self.eventful_blocks:
-            x = block(x, self.policy, self.incremental_max_fraction, update_all)
+        features = self.step(x, update_all)
         self._frame_shape = tuple(images.shape)
         self._refresh_pending = False
         self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
-        return model.norm(x)
+        return features
+
+    def step(self, tokens: Tensor, update_all: bool) -> Tensor:
+        """The per-frame tensor work: embedded tokens (B, N, D) -> final-normed tokens, updating the state.
+
+        `forward_features` embeds the frame, decides `update_all` (first frame,
+        refresh, scene cut) and calls this. With `sync_free` and a fixed-size
+        policy it contains no host synchronisation and no data-dependent Python
+        branch, so it can be compiled whole (`fullgraph=True`) and captured.
+        """
+        for block in self.eventful_blocks:
+            tokens = block(tokens, self.policy, self.incremental_max_fraction, update_all, self.sync_free)
+        return self.model.norm(tokens)
 
     def _is_scene_cut(self, tokens: Tensor) -> bool:
         reference = self.eventful_blocks[0].attention_gate.reference
