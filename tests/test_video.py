@@ -173,3 +173,21 @@ def test_decode_bundled_clip_shapes() -> None:
     assert frames.shape == (3, 3, 48, 48) and frames.dtype == torch.float32
     with pytest.raises(ValueError, match="unknown bundled clip"):
         resolve_clip("bundled:nothing")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_video_device_without_cuda_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("video", "bundled:bikes", *TINY, "--random-init", "--device", "cuda", "--out",
+                   str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA is not available" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_video_runs_in_bfloat16_and_reports_device_and_dtype(tmp_path: Path) -> None:
+    out = tmp_path / "bf16"
+    assert run_cli("video", "bundled:bikes", *TINY, "--random-init", "--dtype", "bfloat16", "--device", "cpu",
+                   "--max-frames", "3", "--repeats", "1", "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["dtype"] == "bfloat16" and report["settings"]["device"] == "cpu"
+    assert all(np.isfinite(frame["relative_l2"]) for frame in report["frames"])

@@ -13,7 +13,6 @@ are counted once on the first frame. Wall time varies from run to run, so
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from frugalvit.cost import CostCounter
 from frugalvit.eventful import EventfulViT, eventful
+from frugalvit.timing import model_device_dtype, timed
 from frugalvit.video.fidelity import map_fidelity
 
 
@@ -88,12 +88,6 @@ class ComparisonSummary:
         return asdict(self)
 
 
-def _timed(fn, *args):  # noqa: ANN001, ANN202 - tiny local helper
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, (time.perf_counter() - start) * 1e3
-
-
 @torch.no_grad()
 def _dense_features(model: nn.Module, frame: Tensor) -> Tensor:
     return model.forward_features(frame)
@@ -119,16 +113,17 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     model.eval()
     ev.reset()
     counted = _twin(ev)
+    device, dtype = model_device_dtype(model)
     dense_gmacs: float | None = None
     records: list[FrameRecord] = []
     for index, frame in enumerate(tqdm(frames, total=total, desc="frames", disable=not progress, unit="frame")):
-        batch = frame.unsqueeze(0)
+        batch = frame.unsqueeze(0).to(device, dtype)
         if dense_gmacs is None:
             with CostCounter() as cost:
                 _dense_features(model, batch)
             dense_gmacs = cost.macs / 1e9
-        dense_features, dense_ms = _timed(_dense_features, model, batch)
-        eventful_features, eventful_ms = _timed(ev.forward_features, batch)
+        dense_features, dense_ms = timed(_dense_features, model, batch, device=device)
+        eventful_features, eventful_ms = timed(ev.forward_features, batch, device=device)
         with CostCounter() as cost:
             counted.forward_features(batch)
         dense_pooled = model.forward_head(dense_features, pre_logits=True)
@@ -169,14 +164,15 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
     if repeats < 0:
         raise ValueError(f"repeats must be >= 0, got {repeats}")
     model.eval()
+    device, dtype = model_device_dtype(model)
     replays: list[tuple[list[float], list[float]]] = []
     for _ in tqdm(range(repeats), desc="timing repeats", disable=not progress or repeats == 0, unit="replay"):
         ev.reset()
         dense_times, eventful_times = [], []
         for frame in frames:
-            batch = frame.unsqueeze(0)
-            dense_times.append(_timed(_dense_features, model, batch)[1])
-            eventful_times.append(_timed(ev.forward_features, batch)[1])
+            batch = frame.unsqueeze(0).to(device, dtype)
+            dense_times.append(timed(_dense_features, model, batch, device=device)[1])
+            eventful_times.append(timed(ev.forward_features, batch, device=device)[1])
         replays.append((dense_times, eventful_times))
     return replays
 
