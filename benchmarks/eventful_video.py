@@ -20,7 +20,6 @@ import argparse
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from torch.nn import functional as F
 from frugalvit import CostCounter, TopFraction, eventful
 from frugalvit.models import load_timm_model
 from frugalvit.reporting import save_figure_atomically, write_json_atomically
+from frugalvit.timing import timed
 from frugalvit.video.decode import bundled_clip_path, load_frames
 
 FIDELITY_TARGET = 0.99
@@ -52,15 +52,13 @@ def measure(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float], 
         with torch.no_grad():
             for frame in frames:
                 batch = frame.unsqueeze(0)
-                start = time.perf_counter()
-                dense = model.forward_features(batch)
-                dense_times.append(time.perf_counter() - start)
+                dense, milliseconds = timed(model.forward_features, batch, device=batch.device)
+                dense_times.append(milliseconds / 1e3)
                 dense_pooled = model.forward_head(dense, pre_logits=True)
                 dense_top1 = model.forward_head(dense).argmax(-1)
                 for budget, ev in models.items():
-                    start = time.perf_counter()
-                    features = ev.forward_features(batch)
-                    times[budget].append(time.perf_counter() - start)
+                    features, milliseconds = timed(ev.forward_features, batch, device=batch.device)
+                    times[budget].append(milliseconds / 1e3)
                     pooled = model.forward_head(features, pre_logits=True)
                     cosines[budget].append(F.cosine_similarity(pooled, dense_pooled, dim=-1).item())
                     token_errors[budget].append(((features - dense).norm() / dense.norm()).item())
