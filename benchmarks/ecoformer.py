@@ -40,7 +40,7 @@ from frugalvit.ecoformer.cost import (hashed_attention_counted, hashed_attention
 from frugalvit.ecoformer.fitting import HashState
 from frugalvit.ecoformer.hashing import l2_normalize
 from frugalvit.ioutil import atomic_file, write_json_atomically
-from frugalvit.timing import timed
+from frugalvit.timing import timed as timed_call
 
 DEFAULT_TOKENS = (16, 49, 100, 196, 400, 784, 1024, 1600, 2304, 3136, 4096, 6400, 9216, 12544)
 RESULTS = Path(__file__).parent / "results"
@@ -62,7 +62,7 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(timed(fn)[1])  # the benchmark runs on the CPU: nothing to synchronise
+            times[name].append(timed_call(fn)[1])  # CPU tensors: nothing to synchronise
     return times
 
 
