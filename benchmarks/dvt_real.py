@@ -536,7 +536,8 @@ def plot(results: dict, path: Path) -> None:
     entries = [(f"DVT {e['variant']}", e) for e in (trained or {}).get("wall_clock", [])]
     entries += [("ViT-S/14 res.", e) for e in (pretrained or {}).get("wall_clock", [])]
     for label, entry in entries:
-        labels.append(f"{label}\nbatch {entry['batch_size']}")
+        where = "\n(half MACs)" if entry.get("point") == "half the MACs" else ""
+        labels.append(f"{label}\nbatch {entry['batch_size']}{where}")
         macs.append(entry["mac_ratio"])
         speed.append(entry["speedup_median"])
         ratios = [d / c for d, c in zip(entry["dense_seconds"]["all"], entry["cascade_seconds"]["all"])]
