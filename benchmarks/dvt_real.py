@@ -1,8 +1,10 @@
 """DVT where tokens matter: cascades on the scaled-digits task (real video backgrounds), trained and pretrained.
 
-Part 1, trained: four 3-stage DVT cascades (3x3 / 5x5 / 7x7 tokens: the
-112 px canvas seen at 48 / 80 / 112 px with 16 px patches) that differ only in
-reuse (none, feature, relation, both), trained jointly from scratch on CPU.
+Part 1, trained: 3-stage DVT cascades (3x3 / 5x5 / 7x7 tokens: the 112 px
+canvas seen at 48 / 80 / 112 px with 16 px patches, behind a small conv stem)
+that differ only in reuse (by default none and both; feature and relation on
+request, the both-reuse cascade is also run with each reuse switched off),
+trained jointly from scratch on CPU.
 Without reuse the stages share nothing, so joint training with the sum of
 losses trains each exactly as alone: those stages are the single models.
 
@@ -21,8 +23,8 @@ wall-clock at batch 1 and 64 against the dense single model, interleaved.
 Everything expensive is cached under --work-dir and resumes: the data set,
 training checkpoints, per-stage statistics, backbone features (in chunks).
 
-    python benchmarks/dvt_real.py --work-dir /tmp/fv-real          # everything
-    python benchmarks/dvt_real.py --work-dir /tmp/fv-real --parts trained
+    python benchmarks/dvt_real.py --work-dir /tmp/fv-real2          # everything (~2 h on one shared core)
+    python benchmarks/dvt_real.py --work-dir /tmp/fv-real2 --parts trained
 """
 
 from __future__ import annotations
@@ -568,7 +570,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--train-samples", type=int, default=None)
-    parser.add_argument("--variants", default="none,both,feature,relation")
+    parser.add_argument("--variants", default="none,both",
+                        help="cascades to train: none,both (default) and optionally feature,relation")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budgets", type=int, default=16, help="points on each accuracy-vs-MACs curve")
