@@ -1,7 +1,8 @@
 """DVT (Dynamic Vision Transformer): cascades of ViTs with few tokens first and real per-sample early exit.
 
 * `DVTCascade` / `DVTConfig` / `dvt_cascade`: trained cascades with feature and relationship reuse.
-* `ResolutionCascade`: a training-free cascade over one pretrained timm ViT at increasing resolutions.
+* `ResolutionCascade`: a training-free cascade over one pretrained timm ViT at increasing resolutions
+  (with `TokenPoolHead` heads per resolution for a head-less backbone).
 * `thresholds`: pure threshold searches for a mean-MACs budget (exact, geometric rule, genetic).
 """
 
@@ -14,10 +15,9 @@ from frugalvit.dvt.thresholds import (ExitResult, evaluate_thresholds, genetic_s
                                       geometric_thresholds, search_thresholds)
 
 __all__ = [
-    "Calibration", "CascadeOutput", "ConvStemEmbed", "DVTCascade", "DVTConfig", "EarlyExitCascade", "ExitResult", "FeatureReuse",
-    "RelationReuse", "ResolutionCascade", "ReuseBlock", "TokenPoolHead", "attention_with_bias", "cascade_loss",
-    "dvt_cascade",
-    "dvt_stage", "evaluate_thresholds", "genetic_search", "geometric_search", "geometric_thresholds",
-    "resize_attention_rows", "resize_images", "resize_token_grid", "search_thresholds", "stage_forward",
-    "tokens_at_resolution", "vit_at_resolution",
+    "Calibration", "CascadeOutput", "ConvStemEmbed", "DVTCascade", "DVTConfig", "EarlyExitCascade", "ExitResult",
+    "FeatureReuse", "RelationReuse", "ResolutionCascade", "ReuseBlock", "TokenPoolHead", "attention_with_bias",
+    "cascade_loss", "dvt_cascade", "dvt_stage", "evaluate_thresholds", "genetic_search", "geometric_search",
+    "geometric_thresholds", "resize_attention_rows", "resize_images", "resize_token_grid", "search_thresholds",
+    "stage_forward", "tokens_at_resolution", "vit_at_resolution",
 ]
