@@ -47,6 +47,7 @@ from frugalvit.cost import CostCounter
 from frugalvit.data import ImageDataset, Split
 from frugalvit.dvt import (DVTConfig, ResolutionCascade, TokenPoolHead, cascade_loss, evaluate_thresholds,
                            genetic_search, geometric_search, search_thresholds)
+from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import TrainConfig, save_atomically, train
 
@@ -64,16 +65,13 @@ Stats = tuple[np.ndarray, np.ndarray]  # (K, N) confidence, (K, N) correct
 # -- shared helpers ------------------------------------------------------------------------------
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        np.savez(handle, **arrays)
 
 
 def write_json(data: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomically(data, path, indent=1)
 
 
 def logits_stats(stage_logits: Sequence[Tensor], labels: Tensor) -> Stats:
@@ -556,9 +554,8 @@ def plot(results: dict, path: Path) -> None:
                  "shared machine)", fontsize=10)
     ax.legend(fontsize=8)
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_file(path) as handle:
+        figure.savefig(handle, dpi=100, format="png")
 
 
 def main() -> None:
