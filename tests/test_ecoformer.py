@@ -274,3 +274,19 @@ def test_counts_match_analytic_formulas(normaliser: str) -> None:
     with CostCounter() as cost:
         layer(x)
     assert cost.mults == 4 * batch * 17 * 32 * 32 + softmax_attention_counted(17, 2, 16, batch).macs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hashed_attention_in_half_precision_at_16k_tokens(dtype: torch.dtype) -> None:
+    """bias * N exceeds float16's range from a few thousand tokens: the sums accumulate in float32."""
+    generator = torch.Generator().manual_seed(0)
+    tokens, bits = 16_384, 16
+    q_codes, k_codes = (torch.randint(0, 2, (1, 2, tokens, bits), generator=generator).float() * 2 - 1
+                        for _ in range(2))
+    v = torch.randn(1, 2, tokens, 32, generator=generator)
+    bias = 17.0
+    assert bias * tokens > torch.finfo(torch.float16).max
+    reference = hashed_linear_attention(q_codes, k_codes, v, bias)
+    out = hashed_linear_attention(q_codes.to(dtype), k_codes.to(dtype), v.to(dtype), bias)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)

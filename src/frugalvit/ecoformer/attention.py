@@ -45,6 +45,10 @@ def hashed_linear_attention(q_codes: Tensor, k_codes: Tensor, v: Tensor, bias: f
     """
     if normaliser not in NORMALISERS:
         raise ValueError(f"normaliser must be one of {NORMALISERS}, got {normaliser!r}")
+    # Sums over all keys reach bias * N (> 65,504 from a few thousand tokens): half precision accumulates in float32.
+    output_dtype = v.dtype
+    if v.dtype in (torch.float16, torch.bfloat16):
+        q_codes, k_codes, v = q_codes.float(), k_codes.float(), v.float()
     ones = v.new_ones(v.shape[:-1] + (1,))
     values = torch.cat([v, ones], dim=-1)                                # (..., M, D+1)
     summary = signed_matmul(k_codes.transpose(-1, -2), values)          # [S | z]: (..., b, D+1)
@@ -56,7 +60,7 @@ def hashed_linear_attention(q_codes: Tensor, k_codes: Tensor, v: Tensor, bias: f
         if q_codes.shape[-2] != v.shape[-2]:
             raise ValueError("normaliser='authors' adds each query's own value; it needs self-attention (N == M)")
         out = out + bias * torch.cat([v, ones * v.shape[-2]], dim=-1)
-    return out[..., :-1] / out[..., -1:]
+    return (out[..., :-1] / out[..., -1:]).to(output_dtype)
 
 
 def hashed_attention_reference(q_codes: Tensor, k_codes: Tensor, v: Tensor, bias: float,
