@@ -7,7 +7,7 @@ import timm
 import torch
 
 import frugalvit as fv
-from frugalvit.eventful.attention import build_attention_sums, fused_attention, update_attention_sums_
+from frugalvit.eventful.attention import build_attention_sums, cancelled_rows, fused_attention, update_attention_sums_
 from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_
 from frugalvit.eventful.model import UnsupportedModelError
 
@@ -192,35 +192,50 @@ def test_attention_sums_update_matches_dense_over_many_steps() -> None:
 
 
 def _one_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[int], new_k: torch.Tensor,
-              new_v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Replace keys/values (queries unchanged) of tokens `rows` through the incremental update; return its output."""
+              new_v: torch.Tensor, scale: float, host_check: bool = True):  # noqa: ANN202
+    """Replace keys/values (queries unchanged) of tokens `rows` through the incremental update; return the sums."""
     sums = build_attention_sums(q, k, v, scale)
     selection = Selection(torch.tensor([rows]), q.shape[-2])
     old_k, old_v = gather_tokens(k, selection), gather_tokens(v, selection)
     scatter_tokens_(k, selection, new_k)
     scatter_tokens_(v, selection, new_v)
-    update_attention_sums_(sums, q, k, v, selection, gather_tokens(q, selection), new_k, new_v, old_k, old_v, scale)
-    return sums.output()
+    update_attention_sums_(sums, q, k, v, selection, gather_tokens(q, selection), new_k, new_v, old_k, old_v, scale,
+                           host_check=host_check)
+    return sums
 
 
-def test_incremental_sums_survive_logit_overflow_without_fallback() -> None:
-    """A new key far above every row's stabiliser: rescaled on the device, no overflow, no dense rebuild."""
+@pytest.mark.parametrize("host_check", [True, False], ids=["cpu-host-checks", "on-device"])
+def test_incremental_sums_survive_logit_overflow_without_fallback(host_check: bool) -> None:
+    """A new key far above every row's stabiliser: the rows are rescaled, no overflow, no dense rebuild."""
     generator = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 12, 8, generator=generator) for _ in range(3))
     new_k = 60.0 * q[:, :, :1] / q[:, :, :1].norm(dim=-1, keepdim=True)  # logit ~ 60 / sqrt(8) * |q| >> 30
-    out = _one_step(q, k, v, [5], new_k, torch.randn(1, 2, 1, 8, generator=generator), 8 ** -0.5)
+    out = _one_step(q, k, v, [5], new_k, torch.randn(1, 2, 1, 8, generator=generator), 8 ** -0.5,
+                    host_check).output()
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, fused_attention(q, k, v, 8 ** -0.5), rtol=1e-4, atol=1e-5)
 
 
 def test_incremental_sums_repair_cancelled_rows() -> None:
-    """Removing the key that held almost all of a row's mass leaves a tiny denominator: the row is recomputed."""
+    """Removing the key that held almost all of some rows' mass leaves tiny denominators.
+
+    With host checks (the CPU default) the frame is rebuilt exactly; on the device the ceil(M/8)
+    smallest denominators are recomputed and `cancelled_rows` marks the rest for the caller to hold.
+    """
     generator = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 1, 10, 8, generator=generator) for _ in range(3))
-    k[:, :, 4] = 40.0 * q[:, :, 0] / q[:, :, 0].norm()  # row 0 attends almost only to token 4
-    out = _one_step(q, k, v, [4], torch.randn(1, 1, 1, 8, generator=generator),
-                    torch.randn(1, 1, 1, 8, generator=generator), 8 ** -0.5)
-    torch.testing.assert_close(out, fused_attention(q, k, v, 8 ** -0.5), rtol=1e-4, atol=1e-5)
+    k[:, :, 4] = 40.0 * q[:, :, 0] / q[:, :, 0].norm()  # row 0 (and a few like it) attend almost only to token 4
+    new_k, new_v = torch.randn(1, 1, 1, 8, generator=generator), torch.randn(1, 1, 1, 8, generator=generator)
+    exact = _one_step(q.clone(), k.clone(), v.clone(), [4], new_k, new_v, 8 ** -0.5, True)
+    k_now, v_now = k.clone(), v.clone()
+    on_device = _one_step(q, k, v, [4], new_k, new_v, 8 ** -0.5, False)
+    reference = fused_attention(q, k_now.index_copy(2, torch.tensor([4]), new_k),
+                                v_now.index_copy(2, torch.tensor([4]), new_v), 8 ** -0.5)
+    torch.testing.assert_close(exact.output(), reference, rtol=1e-4, atol=1e-5)
+    still_cancelled = cancelled_rows(on_device)
+    assert still_cancelled.sum() < (exact.denominator > 0).sum()  # the repair reached at least one row
+    fine = ~still_cancelled.expand_as(reference)  # above the 1e-4 floor: float32 cancellation error up to ~1e-3
+    torch.testing.assert_close(on_device.output()[fine], reference[fine], rtol=3e-2, atol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -263,18 +278,20 @@ def test_error_grows_as_budget_shrinks_and_macs_fall() -> None:
 
 
 def analytic_eventful_macs(dim: int, depth: int, tokens: int, changed: int, patches: int, patch_pixels: int,
-                           classes: int, incremental: bool) -> int:
+                           classes: int, incremental: bool, sync_free: bool = False) -> int:
     """Executed MACs of one eventful frame where every gate passes `changed` tokens."""
     tokenwise = changed * dim * (3 * dim + dim + 2 * 4 * dim)
-    repaired = -(-changed // 8)  # rows recomputed for cancellation repair (REPAIR_DIVISOR)
+    repaired = -(-changed // 8) if sync_free else 0  # device-side cancellation repair rows (REPAIR_DIVISOR)
     attention = (6 * changed + 2 * repaired) * tokens * dim if incremental else 2 * tokens * tokens * dim
     return patches * patch_pixels * dim + depth * (tokenwise + attention) + dim * classes
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-checks", "sync-free"])
 @pytest.mark.parametrize("changed", [3, 8, 17])
-def test_eventful_step_macs_match_analytic_count(changed: int) -> None:
+def test_eventful_step_macs_match_analytic_count(changed: int, sync_free: bool) -> None:
     model = make_model("vit_tiny_patch16_224")
     ev = fv.eventful(model, fv.TopR(changed))
+    ev.sync_free = sync_free
     frames = video(3)
     ev(frames[0])
     ev(frames[1])  # first partial frame builds the attention sums densely
@@ -283,7 +300,7 @@ def test_eventful_step_macs_match_analytic_count(changed: int) -> None:
     tokens = 17
     incremental = changed <= tokens / 3
     assert set(ev.attention_paths()) == {"incremental" if incremental else "dense"}
-    expected = analytic_eventful_macs(64, 2, tokens, changed, 16, 3 * 16 * 16, 10, incremental)
+    expected = analytic_eventful_macs(64, 2, tokens, changed, 16, 3 * 16 * 16, 10, incremental, sync_free)
     assert cost.macs == expected
 
 

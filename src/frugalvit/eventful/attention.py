@@ -106,19 +106,26 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
 
     `q, k, v` (B, H, N, Dh) already hold the new values; `new_*` (B, H, M, Dh)
     are those new rows, `old_k`, `old_v` the keys and values they replaced.
-    On CUDA, or with `host_check=False`, nothing syncs with the host and the
-    result is always False (see `cancelled_rows`); otherwise returns True when
-    rows stayed cancelled and the sums were rebuilt densely (exact).
+    On CUDA, or with `host_check=False`, nothing syncs with the host (every
+    row is rescaled, the ceil(M/8) smallest denominators are repaired) and the
+    result is always False (see `cancelled_rows`). On the CPU with host checks,
+    where they cost nothing, only rising rows are rescaled, no repair rows are
+    computed, and a frame with a cancelled row is rebuilt densely (exact);
+    returns True then.
     """
     changed = selection.count
+    host = host_check and not q.is_cuda  # the CPU: a host check is free, so do only the work a frame needs
     # Every row: add the new keys' terms, remove the old keys' terms, after raising the stabiliser if needed.
     keys = torch.cat([new_k, old_k], dim=-2).float().transpose(-2, -1) * scale
     logits = torch.matmul(q.float(), keys)  # (B, H, N, 2M)
     stabilizer = torch.maximum(sums.stabilizer, logits[..., :changed].amax(dim=-1, keepdim=True))
-    rescale = torch.exp(sums.stabilizer - stabilizer)
-    sums.numerator.mul_(rescale)
-    sums.denominator.mul_(rescale)
-    sums.stabilizer.copy_(stabilizer)
+    if host:
+        _rescale_rising_rows_(sums, stabilizer)
+    else:
+        rescale = torch.exp(sums.stabilizer - stabilizer)
+        sums.numerator.mul_(rescale)
+        sums.denominator.mul_(rescale)
+        sums.stabilizer.copy_(stabilizer)
     weights = logits.sub_(stabilizer).exp_()
     weights[..., changed:].neg_()
     sums.numerator.add_(torch.matmul(weights, torch.cat([new_v, old_v], dim=-2).float()))
@@ -129,7 +136,15 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
                             _stabilized_sums(new_q, k, v, scale)):
         scatter_tokens_(state, selection, fresh)
 
-    # Cancellation repair: recompute the rows with the smallest denominators where they fell below the floor.
+    if host:  # exact: rebuild densely in the rare frame where a row lost most of its mass
+        if not bool(cancelled_rows(sums).any()):
+            return False
+        for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
+                                _stabilized_sums(q, k, v, scale)):
+            state.copy_(fresh)
+        return True
+    # Cancellation repair on the device: recompute the rows with the smallest denominators where they fell
+    # below the floor; the caller holds the previous output of any row still cancelled.
     repair = min(q.shape[-2], -(-changed // REPAIR_DIVISOR))
     rows = sums.denominator.squeeze(-1).topk(repair, dim=-1, largest=False).indices  # (B, H, R)
     picked_q = q.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
@@ -138,11 +153,21 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
                             _stabilized_sums(picked_q, k, v, scale)):
         current = state.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, state.shape[-1]))
         _scatter_rows_(state, rows, torch.where(cancelled, fresh, current))
-    if q.is_cuda or not host_check or not bool(cancelled_rows(sums).any()):
-        return False
-    for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator), _stabilized_sums(q, k, v, scale)):
-        state.copy_(fresh)
-    return True
+    return False
+
+
+def _rescale_rising_rows_(sums: AttentionSums, stabilizer: Tensor) -> None:
+    """Raise the stabiliser of the rows where `stabilizer` exceeds it, rescaling only those rows' sums."""
+    rising = (stabilizer > sums.stabilizer).flatten().nonzero().squeeze(1)
+    if rising.numel() == 0:
+        return
+    width = sums.numerator.shape[-1]
+    old, new = sums.stabilizer.view(-1).index_select(0, rising), stabilizer.view(-1).index_select(0, rising)
+    factor = torch.exp(old - new)
+    numerator, denominator = sums.numerator.view(-1, width), sums.denominator.view(-1)
+    numerator.index_copy_(0, rising, numerator.index_select(0, rising) * factor[:, None])
+    denominator.index_copy_(0, rising, denominator.index_select(0, rising) * factor)
+    sums.stabilizer.view(-1).index_copy_(0, rising, new)
 
 
 def cancelled_rows(sums: AttentionSums) -> Tensor:
