@@ -41,6 +41,7 @@ from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
 from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip
 from frugalvit.video.fidelity import map_fidelity
 
+
 @dataclass(frozen=True)
 class EventfulSetting:
     """One eventful configuration, as keyword arguments of `frugalvit.eventful` plus a label."""

@@ -20,25 +20,23 @@ would couple every entry of a row to all others; the fixed stabiliser moves
 only the changed terms. The column pass also touches the M changed rows,
 which the row pass then overwrites: M^2 wasted terms buy contiguous access.
 
-Numerics, decided on the device (no host sync, fixed shapes, so a frame can be
-captured as a CUDA graph):
-- the sums are kept in float32 whatever the model's dtype (float16 would
-  overflow or cancel), and the logits are formed in float32;
-- a row's stabiliser only rises: when a new logit exceeds it, the row's sums
-  are rescaled by exp(old - new) first (the online-softmax step), so no
-  exponential ever exceeds 1 and nothing can overflow;
-- removing the terms of old keys can cancel most of a row's mass (its
-  denominator falls far below 1 and its relative rounding error grows; it
-  happens when an "attention sink" token that many rows attend to changes):
-  every update recomputes in full the ceil(M / 8) rows with the smallest
-  denominators where they fell below `MIN_DENOMINATOR`. Rows still cancelled
-  after that are rare but real (up to ~10% of rows on a few frames of real
-  video with DINOv2 weights). On the CPU, where a host check costs nothing,
-  they trigger an exact dense rebuild (`update_attention_sums_` returns
-  True). On an accelerator nothing waits for the host: `cancelled_rows`
-  marks them, the caller keeps their previous output for this frame, and
-  the repair step (smallest denominators first) reaches them in the next
-  frames.
+Numerics. The sums are kept in float32 whatever the model's dtype (float16
+would overflow or cancel), and the logits are formed in float32. A row's
+stabiliser only rises: when a new logit exceeds it, the row's sums are
+rescaled by exp(old - new) first (the online-softmax step), so no exponential
+ever exceeds 1 and nothing can overflow. Removing the terms of old keys can
+cancel most of a row's mass (its denominator falls below `MIN_DENOMINATOR`
+and its relative rounding error grows); it happens when an "attention sink"
+token that many rows attend to changes (up to ~10% of rows on a few frames
+of real video with DINOv2 weights). Two ways to handle both, chosen by
+`update_attention_sums_`'s `host_check`:
+- on the CPU with host checks (they cost nothing there): only the rising rows
+  are rescaled, and a frame with a cancelled row is rebuilt densely (exact);
+- on CUDA, or without host checks (no host sync, fixed shapes, so a frame can
+  be captured as a CUDA graph): every row is rescaled, each update also
+  recomputes the ceil(M / 8) rows with the smallest denominators where they
+  fell below the floor, and `cancelled_rows` marks any row still cancelled,
+  whose previous output the caller keeps for this frame.
 Rounding drift of rows that are never recomputed is about float32 epsilon per
 update; a periodic refresh bounds it.
 """
@@ -57,7 +55,8 @@ from frugalvit.eventful.gates import Selection, scatter_tokens_
 MIN_DENOMINATOR = 1e-4
 # Rows recomputed per update for cancellation repair: ceil(M / REPAIR_DIVISOR), the smallest denominators.
 REPAIR_DIVISOR = 8
-# Multiply-accumulates per head: incremental 6 M N Dh (+ 2 N Dh M / 8 repair), dense 2 N^2 Dh.
+# Multiply-accumulates per head: incremental 6 M N Dh (+ 2 N Dh ceil(M / 8) repair on the device path),
+# dense 2 N^2 Dh.
 INCREMENTAL_BREAK_EVEN_FRACTION = 1.0 / 3.0
 
 

@@ -87,15 +87,16 @@ class EventfulAttention(nn.Module):
                 mixed = fused_attention(self.q, self.k, self.v, scale)
                 self.last_path = "dense"
             else:
+                host_checks = not (sync_free or q.is_cuda)  # see the attention module's numerics
                 if self.sums is not None:
                     rebuilt = update_attention_sums_(self.sums, self.q, self.k, self.v, selection, q, k, v,
-                                                     old_k, old_v, scale, host_check=not sync_free)
+                                                     old_k, old_v, scale, host_check=host_checks)
                     self.last_path = "rebuild" if rebuilt else "incremental"
                 else:  # the last full frame kept no sums (a policy that was never going to need them)
                     self.sums = build_attention_sums(self.q, self.k, self.v, scale)
                     self.last_path = "rebuild"
                 mixed = self.sums.output(q.dtype)
-                if mixed.is_cuda or sync_free:  # rows still cancelled keep last frame's output (attention module)
+                if not host_checks:  # rows still cancelled keep last frame's output
                     batch, heads, num_tokens, head_dim = mixed.shape
                     previous = self.output.view(batch, num_tokens, heads, head_dim).transpose(1, 2)
                     mixed = torch.where(cancelled_rows(self.sums), previous, mixed)

@@ -106,7 +106,7 @@ class Threshold(TokenPolicy):
             raise ValueError(f"Threshold(threshold={self.threshold!r}): threshold must be >= 0")
 
     def count(self, error_norms: Tensor) -> int:
-        return int((error_norms > self.threshold).sum(dim=-1).max().item()) if error_norms.numel() else 0
+        return _count_above(error_norms, self.threshold)
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,12 @@ class RelativeThreshold(TokenPolicy):
                              "(a share of each token's norm, e.g. 0.2)")
 
     def count(self, error_norms: Tensor) -> int:
-        return int((error_norms > self.threshold).sum(dim=-1).max().item()) if error_norms.numel() else 0
+        return _count_above(error_norms, self.threshold)
+
+
+def _count_above(error_norms: Tensor, threshold: float) -> int:
+    """The largest number of tokens of any sample whose error exceeds `threshold` (one host sync)."""
+    return int((error_norms > threshold).sum(dim=-1).max().item()) if error_norms.numel() else 0
 
 
 def parse_policy(spec: str) -> TokenPolicy:
