@@ -46,10 +46,12 @@ from torch import Tensor, nn
 from frugalvit.cost import CostCounter
 from frugalvit.data import ImageDataset, Split
 from frugalvit.dvt import (DVTConfig, ResolutionCascade, TokenPoolHead, cascade_loss, evaluate_thresholds,
-                           genetic_search, geometric_search, search_thresholds)
+                           search_thresholds)
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import TrainConfig, save_atomically, train
+
+from dvt import search_comparison  # noqa: E402 - the sibling benchmark script (this directory is on sys.path)
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"none": (False, False), "feature": (True, False), "relation": (False, True), "both": (True, True)}
@@ -143,36 +145,6 @@ def real_run(cascade, split: Split, thresholds: Sequence[float], batch_size: int
     shares = torch.bincount(torch.cat(exits), minlength=cascade.num_stages).float() / len(split)
     return {"images": len(split), "accuracy": correct / len(split), "mean_macs": macs / len(split),
             "exit_fractions": shares.tolist()}
-
-
-def search_comparison(costs: Sequence[int], val: Stats, test: Stats, budgets: Sequence[float]) -> dict:
-    """Exact search vs the genetic algorithm vs the geometric rule (validation = in-sample, test = held out)."""
-    points, seconds = [], {"exact": 0.0, "genetic": 0.0, "geometric": 0.0}
-    for budget in budgets:
-        point: dict = {"budget": float(budget)}
-        for method, search in (("exact", search_thresholds), ("genetic", genetic_search),
-                               ("geometric", geometric_search)):
-            start = time.perf_counter()
-            found = search(*val, costs, budget)
-            seconds[method] += time.perf_counter() - start
-            on_test = evaluate_thresholds(*test, costs, found.thresholds)
-            point[method] = {"thresholds": list(found.thresholds), "val_accuracy": found.accuracy,
-                             "val_mean_macs": found.mean_macs, "test_accuracy": on_test.accuracy,
-                             "test_mean_macs": on_test.mean_macs}
-        points.append(point)
-
-    def record(other: str) -> list[int]:
-        wins = sum(p["exact"]["test_accuracy"] > p[other]["test_accuracy"] for p in points)
-        ties = sum(p["exact"]["test_accuracy"] == p[other]["test_accuracy"] for p in points)
-        return [wins, ties, len(points) - wins - ties]
-
-    return {"points": points, "seconds_total": seconds,
-            "exact_ge_genetic_on_val": all(p["exact"]["val_accuracy"] >= p["genetic"]["val_accuracy"] - 1e-12
-                                           for p in points),
-            "exact_ge_geometric_on_val": all(p["exact"]["val_accuracy"] >= p["geometric"]["val_accuracy"] - 1e-12
-                                             for p in points),
-            "test_wins_ties_losses_vs_genetic": record("genetic"),
-            "test_wins_ties_losses_vs_geometric": record("geometric")}
 
 
 def operating_point(name: str, cascade, costs: Sequence[int], val: Stats, test: Stats, reference: dict,
@@ -334,7 +306,7 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
     costs, val, test = stats[main_variant]
     part["threshold_search"] = {"variant": main_variant,
                                 **search_comparison(costs, val, test, np.geomspace(costs[0] * 1.05, costs[-1] * 0.6,
-                                                                                   10))}
+                                                                                   10), tolerance=1e-12)}
     print(f"[trained search] {json.dumps({k: v for k, v in part['threshold_search'].items() if k != 'points'})}",
           flush=True)
     # wall clock: each cascade at its operating point against the most accurate single model, dense
@@ -441,7 +413,7 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
     real_split = data.test.subset(args.pretrained_real_images)
     part["operating_point"] = operating_point("pretrained", cascade, costs, val, test, best, real_split)
     part["threshold_search"] = search_comparison(costs, val, test,
-                                                 np.geomspace(costs[0] * 1.05, costs[-1] * 0.6, 10))
+                                                 np.geomspace(costs[0] * 1.05, costs[-1] * 0.6, 10), tolerance=1e-12)
     print(f"[pretrained search] {json.dumps({k: v for k, v in part['threshold_search'].items() if k != 'points'})}",
           flush=True)
     part["wall_clock"] = []
