@@ -238,12 +238,16 @@ def test_incremental_sums_repair_cancelled_rows() -> None:
     torch.testing.assert_close(on_device.output()[fine], reference[fine], rtol=3e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-checks", "sync-free"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2"])
-def test_half_precision_incremental_path_matches_dense_without_nan(name: str, dtype: torch.dtype) -> None:
-    """Sums kept in float32: a float16 / bfloat16 model runs the incremental path with no NaN or Inf."""
+def test_half_precision_incremental_path_matches_dense_without_nan(name: str, dtype: torch.dtype,
+                                                                   sync_free: bool) -> None:
+    """Sums kept in float32: a float16 / bfloat16 model runs the incremental path with no NaN or Inf,
+    with the CPU's host checks and with the device-side guards (`sync_free`)."""
     model = make_model(name).to(dtype)
     ev = fv.eventful(model, fv.Threshold(0.0), incremental_max_fraction=1.0)
+    ev.sync_free = sync_free
     paths = []
     with torch.no_grad():
         for frame in patch_video(5, batch=2):
