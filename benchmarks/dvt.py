@@ -21,6 +21,7 @@ import platform
 import statistics
 import time
 from dataclasses import replace
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -366,7 +367,8 @@ def main() -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
-def search_comparison(costs, val, test, budgets, tolerance: float = 0.0) -> dict:  # noqa: ANN001
+def search_comparison(costs: Sequence[int], val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                      budgets: Sequence[float], tolerance: float = 0.0) -> dict:
     """Exact search vs the genetic algorithm vs the geometric rule at each budget (validation = in-sample,
     test = held out); `val`/`test` are (confidence, correct) arrays (K, N). Also used by dvt_real.py.
 
