@@ -22,8 +22,16 @@ from timm.models.vision_transformer import Block
 
 from frugalvit.eventful.attention import (AttentionSums, build_attention_sums, cancelled_rows, fused_attention,
                                          update_attention_sums_)
-from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_
+from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_, store_
 from frugalvit.eventful.policies import TokenPolicy
+
+
+def _store_sums(current: AttentionSums | None, fresh: AttentionSums) -> AttentionSums:
+    """`fresh` kept as state, written into `current`'s tensors where their shapes allow (see `store_`)."""
+    if current is None:
+        return fresh
+    return AttentionSums(store_(current.stabilizer, fresh.stabilizer), store_(current.numerator, fresh.numerator),
+                         store_(current.denominator, fresh.denominator))
 
 
 class EventfulAttention(nn.Module):
@@ -66,9 +74,9 @@ class EventfulAttention(nn.Module):
         scale = self.attention.scale
         q, k, v = self._project(tokens)
         if selection is None:
-            self.q, self.k, self.v = q.contiguous(), k.contiguous(), v.contiguous()
+            self.q, self.k, self.v = store_(self.q, q), store_(self.k, k), store_(self.v, v)
             if keep_sums:
-                self.sums = build_attention_sums(self.q, self.k, self.v, scale)
+                self.sums = _store_sums(self.sums, build_attention_sums(self.q, self.k, self.v, scale))
                 mixed = self.sums.output(q.dtype)
                 self.last_path = "dense+sums"
             else:
@@ -93,7 +101,7 @@ class EventfulAttention(nn.Module):
                                                      old_k, old_v, scale, host_check=host_checks)
                     self.last_path = "rebuild" if rebuilt else "incremental"
                 else:  # the last full frame kept no sums (a policy that was never going to need them)
-                    self.sums = build_attention_sums(self.q, self.k, self.v, scale)
+                    self.sums = _store_sums(self.sums, build_attention_sums(self.q, self.k, self.v, scale))
                     self.last_path = "rebuild"
                 mixed = self.sums.output(q.dtype)
                 if not host_checks:  # rows still cancelled keep last frame's output
@@ -101,15 +109,15 @@ class EventfulAttention(nn.Module):
                     previous = self.output.view(batch, num_tokens, heads, head_dim).transpose(1, 2)
                     mixed = torch.where(cancelled_rows(self.sums), previous, mixed)
         batch, heads, num_tokens, head_dim = mixed.shape
-        self.output = mixed.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
+        self.output = store_(self.output, mixed.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim))
         return self.output
 
-    def state_bytes(self) -> int:
-        """Memory held between frames."""
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor held between frames."""
         tensors = [self.q, self.k, self.v, self.output]
         if self.sums is not None:
             tensors += [self.sums.stabilizer, self.sums.numerator, self.sums.denominator]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return [t for t in tensors if t is not None]
 
 
 class EventfulBlock(nn.Module):
@@ -141,7 +149,9 @@ class EventfulBlock(nn.Module):
         """Tokens each gate let through on the last frame (attention, projection, MLP)."""
         return self.attention_gate.last_count, self.projection_gate.last_count, self.mlp_gate.last_count
 
-    def state_bytes(self) -> int:
-        tensors = [self.attention_gate.reference, self.projection_gate.reference, self.mlp_gate.reference,
-                   self.projection_buffer.state, self.mlp_buffer.state]
-        return self.attention.state_bytes() + sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor held between frames (gates' references and scratch, buffers, attention caches)."""
+        tensors = [self.projection_buffer.state, self.mlp_buffer.state]
+        for gate in (self.attention_gate, self.projection_gate, self.mlp_gate):
+            tensors += [gate.reference, gate.scratch, gate.indices]
+        return self.attention.state_tensors() + [t for t in tensors if t is not None]

@@ -58,6 +58,19 @@ def gather_tokens(tokens: Tensor, selection: Selection | None) -> Tensor:
     return picked.view(*lead, selection.count, width)
 
 
+def store_(current: Tensor | None, value: Tensor) -> Tensor:
+    """`value` kept as state: copied into `current` when it has the same shape, dtype and device, else cloned.
+
+    Writing in place keeps every state tensor at one address from frame to
+    frame (full frames included), which is what a captured CUDA graph that
+    reads and writes the state needs; the clone never aliases `value`.
+    """
+    if current is not None and current.shape == value.shape and current.dtype == value.dtype \
+            and current.device == value.device:
+        return current.copy_(value)
+    return value.detach().clone(memory_format=torch.contiguous_format)
+
+
 def scatter_tokens_(target: Tensor, selection: Selection, values: Tensor) -> Tensor:
     """Write `values` into rows `selection` of contiguous `target` (B, N, D) or (B, G, N, D), in place."""
     groups = target.shape[1] if target.dim() == 4 else 1
@@ -74,6 +87,7 @@ class TokenGate(nn.Module):
         super().__init__()
         self.register_buffer("reference", None, persistent=False)
         self.register_buffer("scratch", None, persistent=False)  # error buffer, reused to avoid fresh allocations
+        self.register_buffer("indices", None, persistent=False)  # the last selection, written in place
         self.last_count: int | None = None
         self.last_indices: Tensor | None = None  # (B, M) tokens passed on the last call; None: all of them
 
@@ -81,6 +95,7 @@ class TokenGate(nn.Module):
         """Forget the reference: the next call passes every token."""
         self.reference = None
         self.scratch = None
+        self.indices = None
         self.last_count = None
         self.last_indices = None
 
@@ -88,7 +103,7 @@ class TokenGate(nn.Module):
                 update_all: bool = False) -> tuple[Selection | None, Tensor]:
         """Return (selection, or None for all tokens; the selected tokens (B, M, D)); update the reference."""
         if self.reference is None or update_all:
-            self.reference = tokens.detach().clone(memory_format=torch.contiguous_format)
+            self.reference = store_(self.reference, tokens)
             self.last_count, self.last_indices = tokens.shape[1], None
             return None, tokens
         if self.scratch is None or self.scratch.shape != tokens.shape:
@@ -102,7 +117,7 @@ class TokenGate(nn.Module):
             self.reference.copy_(tokens)
             self.last_indices = None
             return None, tokens
-        self.last_indices = indices
+        self.indices = self.last_indices = store_(self.indices, indices)
         selection = Selection(indices, tokens.shape[1])
         selected = gather_tokens(tokens, selection)
         scatter_tokens_(self.reference, selection, selected)
@@ -127,7 +142,7 @@ class TokenBuffer(nn.Module):
         The returned tensor is the buffer itself: read it, do not modify it in place.
         """
         if selection is None:
-            self.state = values.detach().contiguous()
+            self.state = store_(self.state, values)
         elif self.state is None:
             raise RuntimeError("TokenBuffer received a partial update before any full one; call reset() first")
         else:

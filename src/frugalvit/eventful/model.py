@@ -9,6 +9,8 @@ leaves it unchanged; the original stays usable on its own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from timm.layers import Attention
@@ -48,6 +50,45 @@ def _inference_only(method):  # noqa: ANN001, ANN202 - decorator over EventfulVi
 
     wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = method.__name__, method.__qualname__, method.__doc__
     return wrapper
+
+
+# What a gate's forward records for `gate_counts` / `updated_tokens`; a replay must restore it.
+_GATE_DIAGNOSTICS = ("last_count", "last_indices")
+
+
+class CudaGraphFrame:
+    """One partial frame's work recorded as a CUDA graph over static input and output buffers.
+
+    Capturing records the kernels without running them, so the state is not
+    touched; every replay then reads and writes the state tensors in place
+    (their addresses never change: see `store_`).
+    """
+
+    @staticmethod
+    def available(device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    @staticmethod
+    def warm_up(frame: Callable[[Tensor], Tensor], tokens: Tensor) -> Tensor:
+        """Run `frame` eagerly on a side stream, so that lazy initialisation stays out of the capture."""
+        side, current = torch.cuda.Stream(tokens.device), torch.cuda.current_stream(tokens.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            features = frame(tokens)
+        current.wait_stream(side)
+        return features
+
+    def __init__(self, key: tuple[object, ...], frame: Callable[[Tensor], Tensor], example: Tensor) -> None:
+        self.key = key
+        self.input = torch.empty_like(example)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = frame(self.input)
+
+    def replay(self, tokens: Tensor) -> Tensor:
+        self.input.copy_(tokens)
+        self.graph.replay()
+        return self.output.clone()  # the static output is overwritten by the next replay
 
 
 class UnsupportedModelError(TypeError):
@@ -98,15 +139,30 @@ class EventfulViT(nn.Module):
             `step` is then one graph: `torch.compile(ev.step, fullgraph=True)`
             traces it with no break (tested), which is what CUDA-graph capture
             needs. `Threshold` policies and `cut_share` keep one sync each.
+        capture: True replays each partial frame on CUDA as one captured CUDA
+            graph (all blocks: a few hundred kernels for one launch), which
+            removes the host from the frame; implies `sync_free` and needs a
+            fixed-size policy (`TopR`, `TopFraction`). The first partial frame
+            after a change of policy, `incremental_max_fraction`, frame shape
+            or dtype, or after `reset()`, runs eagerly (warm-up) and the next
+            one captures; full frames (first, refresh, scene cut) run eagerly
+            and write into the same state buffers. Outputs are copies, safe
+            to keep. On the CPU there is no graph: the frame runs as with
+            `sync_free`.
+
+    `recorder` (class attribute) records and replays a captured frame:
+    `CudaGraphFrame`; tests substitute a CPU recorder with the same semantics.
 
     Inference only: `train()` raises (the wrapped model is shared and stays as
     it is), and a backward pass through an output raises a clear error.
     """
 
+    recorder: type[CudaGraphFrame] = CudaGraphFrame
+
     def __init__(self, model: VisionTransformer, policy: TokenPolicy,
                  incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
                  refresh_every: int | None = None, cut_share: float | None = None,
-                 cut_relative_error: float = 0.5, nonfinite: str = "error") -> None:
+                 cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False) -> None:
         super().__init__()
         check_convertible(model)
         self.model = model
@@ -118,6 +174,10 @@ class EventfulViT(nn.Module):
         self.cut_relative_error = cut_relative_error
         self.nonfinite = nonfinite
         self.sync_free = False
+        self.capture = capture
+        self._graph: CudaGraphFrame | None = None
+        self._graph_diagnostics: list[tuple[nn.Module, str, object]] = []
+        self._warmed_key: tuple[object, ...] | None = None
         self.last_frame_full = False
         self._frame_shape: tuple[int, ...] | None = None
         self._frames_since_refresh = 0
@@ -135,6 +195,8 @@ class EventfulViT(nn.Module):
             raise ValueError(f"cut_share must be None or lie in [0, 1], got {value!r}")
         if name == "cut_relative_error" and not (isinstance(value, (int, float)) and value >= 0.0):
             raise ValueError(f"cut_relative_error must be >= 0, got {value!r}")
+        if name in ("sync_free", "capture") and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
         if name == "nonfinite" and value not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {value!r}")
         super().__setattr__(name, value)
@@ -143,6 +205,7 @@ class EventfulViT(nn.Module):
         """Forget all state: the next frame starts a new sequence and is computed in full."""
         for block in self.eventful_blocks:
             block.reset()
+        self._graph, self._warmed_key = None, None  # the state is reallocated on the next frame
         self._frame_shape = None
         self._frames_since_refresh = 0
         self._refresh_pending = False
@@ -176,7 +239,11 @@ class EventfulViT(nn.Module):
         if self.model.training:
             raise RuntimeError("EventfulViT is for inference: call .eval() on it (or the wrapped model) first")
         self._check_frame(images)
-        if not self.sync_free and not bool(torch.isfinite(images).all()):  # one host sync: the cache must not absorb NaN/inf
+        if self.capture and not self.policy.fixed_size:
+            raise ValueError(f"capture=True needs a fixed-size policy (TopR, TopFraction): {self.policy!r} selects "
+                             "a data-dependent number of tokens, so a frame has no fixed shapes to capture; "
+                             "use TopFraction, or set ev.capture = False")
+        if not self._sync_free and not bool(torch.isfinite(images).all()):  # one host sync: the cache must not absorb NaN/inf
             if self.nonfinite == "error":
                 raise ValueError("frame contains NaN or infinite values; check the input pipeline, or set "
                                  "ev.nonfinite = 'refresh' to get the dense model's output for such frames")
@@ -189,7 +256,10 @@ class EventfulViT(nn.Module):
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
         update_all = update_all or self._is_scene_cut(x)
         self.last_frame_full = update_all
-        features = self.step(x, update_all)
+        if self.capture and not update_all and self.recorder.available(x.device):
+            features = self._captured_step(x)
+        else:
+            features = self.step(x, update_all)
         self._frame_shape = tuple(images.shape)
         self._refresh_pending = False
         self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
@@ -204,8 +274,34 @@ class EventfulViT(nn.Module):
         branch, so it can be compiled whole (`fullgraph=True`) and captured.
         """
         for block in self.eventful_blocks:
-            tokens = block(tokens, self.policy, self.incremental_max_fraction, update_all, self.sync_free)
+            tokens = block(tokens, self.policy, self.incremental_max_fraction, update_all, self._sync_free)
         return self.model.norm(tokens)
+
+    @property
+    def _sync_free(self) -> bool:
+        return self.sync_free or self.capture
+
+    def _captured_step(self, tokens: Tensor) -> Tensor:
+        """A partial frame on CUDA through the captured graph: warm up, capture, then replay (see `capture`)."""
+        key = (tuple(tokens.shape), tokens.dtype, tokens.device, self.policy, self.incremental_max_fraction)
+        if self._graph is not None and self._graph.key == key:
+            features = self._graph.replay(tokens)
+            for owner, name, value in self._graph_diagnostics:  # a replay runs no Python: restore what it set
+                setattr(owner, name, value)
+            return features
+        self._graph = None
+        frame = lambda static: self.step(static, False)  # noqa: E731
+        if self._warmed_key != key:
+            self._warmed_key = key
+            return self.recorder.warm_up(frame, tokens)
+        self._graph = self.recorder(key, frame, tokens)
+        self._graph_diagnostics = [(owner, name, getattr(owner, name)) for block in self.eventful_blocks
+                                   for owner, names in ((block.attention_gate, _GATE_DIAGNOSTICS),
+                                                        (block.projection_gate, _GATE_DIAGNOSTICS),
+                                                        (block.mlp_gate, _GATE_DIAGNOSTICS),
+                                                        (block.attention, ("last_path",)))
+                                   for name in names]
+        return self._graph.replay(tokens)
 
     def _is_scene_cut(self, tokens: Tensor) -> bool:
         reference = self.eventful_blocks[0].attention_gate.reference
@@ -252,18 +348,23 @@ class EventfulViT(nn.Module):
         incremental path's sums), incremental, rebuild or skipped."""
         return [block.attention.last_path for block in self.eventful_blocks]
 
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor the state holds now. After the first frame, with a fixed-size policy, these stay the
+        same tensors at the same addresses frame after frame (written in place), which graph capture needs."""
+        return [tensor for block in self.eventful_blocks for tensor in block.state_tensors()]
+
     def state_bytes(self) -> int:
         """Memory the per-stream state holds now (gates, buffers, attention caches)."""
-        return sum(block.state_bytes() for block in self.eventful_blocks)
+        return sum(t.numel() * t.element_size() for t in self.state_tensors())
 
 
 def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
              refresh_every: int | None = None, cut_share: float | None = None,
-             cut_relative_error: float = 0.5, nonfinite: str = "error") -> EventfulViT:
+             cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False) -> EventfulViT:
     """Make a timm VisionTransformer eventful: same parameters (shared, not copied), original unchanged.
 
     Undo by simply using `model` again (or `ev.model`); nothing in it was modified.
     See `EventfulViT` for the arguments.
     """
     return EventfulViT(model, policy, incremental_max_fraction, refresh_every, cut_share, cut_relative_error,
-                       nonfinite)
+                       nonfinite, capture)

@@ -32,6 +32,9 @@ class TokenPolicy(ABC):
     """
 
     relative: bool = False
+    # True where the count depends only on the token count, not on the data: such a frame has fixed shapes,
+    # needs no host synchronisation and can be captured as a CUDA graph.
+    fixed_size: bool = False
 
     def may_select_fewer_than(self, share: float, num_tokens: int) -> bool:
         """Whether a frame may update at most `share` of `num_tokens` (so attention would run incrementally).
@@ -62,6 +65,7 @@ class TopR(TokenPolicy):
     """Update the `r` tokens with the largest error: a fixed compute budget per frame."""
 
     r: int
+    fixed_size = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 0:
@@ -83,6 +87,7 @@ class TopFraction(TokenPolicy):
     """Update the `fraction` of tokens (rounded up) with the largest error; independent of input size."""
 
     fraction: float
+    fixed_size = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction <= 1.0:

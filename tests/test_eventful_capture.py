@@ -1,0 +1,123 @@
+"""Graph capture of eventful frames (`capture=True`), checked on the CPU.
+
+A CUDA graph replays fixed kernels on fixed addresses: it is only correct if
+every frame reads and writes the state in place. Two CPU checks stand in for
+the GPU: the state tensors stay the same objects at the same addresses frame
+after frame (full frames included), and a recorder with CUDA-graph semantics
+(an FX graph traced once, holding the state tensors as constants, replayed
+afterwards) reproduces the eager frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import frugalvit as fv
+from frugalvit.eventful.model import CudaGraphFrame, EventfulViT
+from test_eventful import make_model, patch_video
+
+
+class FxGraphFrame(CudaGraphFrame):
+    """CPU stand-in for `CudaGraphFrame`: trace once, replay the fixed op list on the same state tensors.
+
+    Tracing runs the ops (a CUDA capture does not), so the state is restored after tracing: the trace, like
+    a capture, leaves the state as it found it.
+    """
+
+    captures = 0
+
+    @staticmethod
+    def available(device: torch.device) -> bool:
+        return True
+
+    @staticmethod
+    def warm_up(frame: Callable[[Tensor], Tensor], tokens: Tensor) -> Tensor:
+        return frame(tokens)
+
+    def __init__(self, key: tuple[object, ...], frame: Callable[[Tensor], Tensor], example: Tensor) -> None:
+        FxGraphFrame.captures += 1
+        self.key = key
+        owner = frame.__closure__[0].cell_contents  # the EventfulViT whose state the frame updates
+        saved = [(t, t.clone()) for t in owner.state_tensors()]
+        self.graph = make_fx(frame)(example.clone())
+        for tensor, value in saved:
+            tensor.copy_(value)
+
+    def replay(self, tokens: Tensor) -> Tensor:
+        return self.graph(tokens).clone()
+
+
+def state_ids(ev: EventfulViT) -> list[tuple[int, int]]:
+    return [(id(t), t.data_ptr()) for t in ev.state_tensors()]
+
+
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2",
+                                  "vit_small_patch16_224"])
+def test_state_is_written_in_place_across_frames(name: str) -> None:
+    """After the first partial frame no state tensor is replaced, not even by a refresh (full) frame."""
+    model = make_model(name)
+    ev = fv.eventful(model, fv.TopFraction(0.2), refresh_every=3, capture=True)
+    frames = patch_video(8, share=0.2)
+    with torch.no_grad():
+        ev(frames[0])
+        ev(frames[1])
+        before = state_ids(ev)
+        full = []
+        for frame in frames[2:]:
+            ev(frame)
+            full.append(ev.last_frame_full)
+            assert state_ids(ev) == before
+    assert any(full) and not all(full)
+
+
+@pytest.mark.parametrize("policy", [fv.TopR(4), fv.TopFraction(0.2), fv.TopFraction(0.5), fv.TopR(0)],
+                         ids=["topr", "fraction", "dense-attention", "none"])
+def test_replayed_frames_equal_eager_frames(policy: fv.TokenPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Capture with CUDA-graph semantics (fixed ops on fixed tensors) gives the eager frames' outputs,
+    across refreshes, a policy change (recapture) and a reset."""
+    monkeypatch.setattr(EventfulViT, "recorder", FxGraphFrame)
+    FxGraphFrame.captures = 0
+    model = make_model("deit3_small_patch16_224")
+    eager, captured = fv.eventful(model, policy, refresh_every=4), fv.eventful(model, policy, refresh_every=4,
+                                                                             capture=True)
+    eager.sync_free = True
+    frames = patch_video(11, share=0.2)
+    with torch.no_grad():
+        for index, frame in enumerate(frames):
+            if index == 7:  # the budget changes at run time: the next partial frames warm up and recapture
+                eager.policy = captured.policy = fv.TopFraction(0.1)
+            torch.testing.assert_close(captured(frame), eager(frame), rtol=1e-5, atol=1e-5)
+            assert captured.attention_paths() == eager.attention_paths()
+            torch.testing.assert_close(captured.updated_tokens(), eager.updated_tokens())
+        assert FxGraphFrame.captures == 2
+        eager.reset()
+        captured.reset()
+        for frame in frames[:4]:
+            torch.testing.assert_close(captured(frame), eager(frame), rtol=1e-5, atol=1e-5)
+    assert FxGraphFrame.captures == 3
+
+
+def test_capture_outputs_are_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output kept from one frame is not overwritten by the next replay."""
+    monkeypatch.setattr(EventfulViT, "recorder", FxGraphFrame)
+    ev = fv.eventful(make_model("vit_tiny_patch16_224"), fv.TopFraction(0.25), capture=True)
+    frames = patch_video(6, share=0.3)
+    with torch.no_grad():
+        outputs = [ev(frame) for frame in frames]
+        kept = [out.clone() for out in outputs]
+        ev(frames[0])
+    for out, copy in zip(outputs, kept):
+        assert torch.equal(out, copy)
+
+
+def test_capture_needs_a_fixed_size_policy() -> None:
+    ev = fv.eventful(make_model("vit_tiny_patch16_224"), fv.Threshold(0.1), capture=True)
+    with pytest.raises(ValueError, match="fixed-size policy"):
+        ev(patch_video(1)[0])
+    with pytest.raises(TypeError, match="capture must be True or False"):
+        ev.capture = 1
