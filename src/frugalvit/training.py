@@ -3,10 +3,16 @@
 Shared by the commands that train (DVT cascades, EcoFormer fine-tuning, the
 project's small ViTs). The loss is a function argument, so a cascade can sum
 its stage losses and a plain classifier use one cross-entropy.
+
+Batches follow the model: they are moved to its device (and dtype) one at a
+time, so a data set can stay on the CPU. Training keeps float32 weights;
+`amp_dtype` runs the forward pass and loss in bfloat16 or float16 under
+`torch.autocast` (mixed precision, with loss scaling for float16).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from frugalvit.data import Split
+from frugalvit.data import Split, model_input
 from frugalvit.ioutil import atomic_file
+from frugalvit.timing import model_device_dtype
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -56,6 +63,13 @@ def save_atomically(obj: Any, path: Path) -> None:
         torch.save(obj, handle)
 
 
+def mixed_precision(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """`torch.autocast` to `dtype` on `device` (mixed precision); nothing for None or float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -65,11 +79,20 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | None = None,
           loss_fn: LossFn = cross_entropy_loss, progress: bool = True,
-          on_epoch_end: Callable[[int], None] | None = None) -> nn.Module:
-    """Train `model` in place on `data`; with `run_dir`, checkpoint every epoch and resume from one.
+          on_epoch_end: Callable[[int], None] | None = None, amp_dtype: torch.dtype | None = None) -> nn.Module:
+    """Train `model` in place on `data`, on the model's device; with `run_dir`, checkpoint every epoch and resume.
 
     `on_epoch_end(epoch)` runs after each epoch (e.g. to re-fit hash functions).
+    The weights must be float32 (half-precision weights lose the small updates);
+    `amp_dtype` (torch.bfloat16 or torch.float16) trains in mixed precision.
     """
+    device, weight_dtype = model_device_dtype(model)
+    if weight_dtype != torch.float32:
+        raise ValueError(f"training needs float32 weights, got {str(weight_dtype).removeprefix('torch.')}: keep "
+                         f"the model in float32 and pass amp_dtype={weight_dtype} for mixed precision")
+    if amp_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"amp_dtype must be torch.bfloat16, torch.float16 or None, got {amp_dtype}")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     data = data.subset(config.max_train_samples)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -83,6 +106,8 @@ def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | No
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"]
     generator = torch.Generator().manual_seed(config.seed)
     for epoch in range(config.epochs):
@@ -93,18 +118,24 @@ def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | No
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress)
         for step in bar:
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            loss = loss_fn(model, data.images[index], data.labels[index])
+            images, labels = model_input(data.images[index], device, weight_dtype), data.labels[index].to(device)
+            with mixed_precision(device, amp_dtype):
+                loss = loss_fn(model, images, labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            scaler.scale(loss).backward()
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)
+            scaler.update()
+            if scale is None or scaler.get_scale() >= scale:  # float16: a step skipped for overflow keeps its lr
+                schedule.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         model.eval()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
         if checkpoint_path is not None:
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "epoch": epoch + 1, "config": asdict(config)},
+                             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                             "config": asdict(config)},
                             checkpoint_path)
     model.eval()
     return model
@@ -112,12 +143,14 @@ def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | No
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
-    """Logits of `model` over `images`, in batches, in eval mode."""
+    """Logits of `model` over `images`, in batches moved to the model's device and dtype, in eval mode."""
     model.eval()
-    return torch.cat([model(images[start:start + batch_size]) for start in range(0, len(images), batch_size)])
+    device, dtype = model_device_dtype(model)
+    return torch.cat([model(model_input(images[start:start + batch_size], device, dtype))
+                      for start in range(0, len(images), batch_size)])
 
 
 def accuracy(model: nn.Module, data: Split, batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` on `data`."""
+    """Top-1 accuracy of `model` on `data` (run on the model's device and in its dtype)."""
     logits = predict(model, data.images, batch_size)
-    return (logits.argmax(-1) == data.labels).float().mean().item()
+    return (logits.argmax(-1) == data.labels.to(logits.device)).float().mean().item()

@@ -8,6 +8,11 @@
 A run directory holds `config.json` (model, data and training settings),
 `checkpoint.pt` (per epoch, for resuming), `model.pt` (final weights),
 `calibration.npz` and `thresholds.json`. Every file is written atomically.
+
+train, calibrate and eval take `--device` (default: cuda if available) and
+`--dtype`. Training keeps float32 weights: bfloat16/float16 train in mixed
+precision (torch.autocast). Calibration and evaluation cast the model and the
+images to the dtype; calibrate in the dtype you evaluate in.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from frugalvit.cli.options import (add_device_arguments, describe, device_report, resolve_device_dtype,
+                                   training_precision)
 from frugalvit.ioutil import atomic_file, check_output_dir, write_json_atomically
 
 CONFIG_NAME, MODEL_NAME, THRESHOLDS_NAME, CALIBRATION_NAME = "config.json", "model.pt", "thresholds.json", \
@@ -104,6 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--max-train-samples", type=int, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_arguments(train, "training precision: float32, or mixed precision (torch.autocast) in bfloat16 or "
+                                "float16 (with loss scaling); weights, optimiser and model.pt stay float32")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(handler=run_train)
 
@@ -114,6 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--data", default=None, help="override the run's data set")
     calibrate.add_argument("--batch-size", type=int, default=256)
     calibrate.add_argument("--threads", type=int, default=None)
+    add_device_arguments(calibrate, "model and image dtype of the calibration pass; the confidences depend on it, "
+                                    "so calibrate in the dtype you evaluate in")
     calibrate.add_argument("--no-progress", action="store_true")
     calibrate.set_defaults(handler=run_calibrate)
 
@@ -126,6 +137,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data", default=None, help="override the run's data set")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--threads", type=int, default=None)
+    add_device_arguments(evaluate, "model and image dtype of the evaluation")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(handler=run_eval)
 
@@ -142,7 +154,7 @@ def _load_data(spec: str, image_size: int | None):
     from frugalvit.tasks import is_scaled_digits, load_scaled_digits
 
     if is_scaled_digits(Path(spec)):
-        return load_scaled_digits(Path(spec))  # uint8 images: batches go through to_float
+        return load_scaled_digits(Path(spec))  # uint8 images: batches go through data.model_input
     return load_dataset(spec, image_size or 32)
 
 
@@ -163,12 +175,13 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from frugalvit.data import model_input
     from frugalvit.dvt import DVTConfig, cascade_loss
-    from frugalvit.tasks import to_float
-    from frugalvit.training import TrainConfig, save_atomically, train
+    from frugalvit.training import TrainConfig, mixed_precision, save_atomically, train
 
     check_output_dir(args.out, (CONFIG_NAME, MODEL_NAME))
     _threads(args)
+    device, amp_dtype = resolve_device_dtype(args)
     data = _load_data(args.data, args.image_size)
     channels, height, width = data.image_shape
     if height != width:
@@ -186,23 +199,29 @@ def run_train(args: argparse.Namespace) -> int:
     config_path = run / CONFIG_NAME
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
+        previous.pop("device", None)  # resuming on another device or in another precision is allowed
         if previous != json.loads(json.dumps(record)):
             raise ValueError(f"{run} holds a run with different settings; use a new --out, or the same options "
                              f"to resume it")
         print(f"resuming {run}")
     run.mkdir(parents=True, exist_ok=True)
-    _write_json(record, config_path)
+    # where (this invocation of) the training ran: mixed precision keeps float32 weights
+    _write_json(record | {"device": device_report(device, amp_dtype) | {"precision": training_precision(amp_dtype)}},
+                config_path)
     torch.manual_seed(args.seed)
-    cascade = model_config.build()
+    cascade = model_config.build().to(device)
+    print(f"training on {describe(device, amp_dtype)}")
     print(f"stages: token grids {' / '.join(f'{g}x{g}' for g in model_config.grids)}, "
           f"cumulative MACs per image {', '.join(f'{m / 1e6:.2f}M' for m in cascade.stage_macs())}")
-    train(cascade, data.train, train_config, run, progress=not args.no_progress,
-          loss_fn=lambda model, images, labels: cascade_loss(model, to_float(images), labels))
+    train(cascade, data.train, train_config, run, progress=not args.no_progress, loss_fn=cascade_loss,
+          amp_dtype=amp_dtype)
     save_atomically(cascade.state_dict(), run / MODEL_NAME)
-    with torch.no_grad():
+    with torch.no_grad(), mixed_precision(device, amp_dtype):
         stage_logits = [torch.cat(parts) for parts in zip(*(
-            cascade.forward_all(to_float(data.val.images[i:i + 256])) for i in range(0, len(data.val), 256)))]
-    accuracies = [(logits.argmax(-1) == data.val.labels).float().mean().item() for logits in stage_logits]
+            cascade.forward_all(model_input(data.val.images[i:i + 256], device, torch.float32))
+            for i in range(0, len(data.val), 256)))]
+    labels = data.val.labels.to(device)
+    accuracies = [(logits.argmax(-1) == labels).float().mean().item() for logits in stage_logits]
     print("validation accuracy per stage: " + ", ".join(f"{100 * a:.2f}%" for a in accuracies))
     print(f"saved {run / MODEL_NAME}; next: frugalvit dvt calibrate {run} --budget MACS")
     return 0
@@ -227,17 +246,16 @@ def load_run(run: Path):
 def run_calibrate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from frugalvit.tasks import to_float
-
     _threads(args)
+    device, dtype = resolve_device_dtype(args)
     cascade, record = load_run(args.run)
+    cascade.to(device, dtype)
     first = cascade.stage_macs()[0]
     if args.budget < first:
         raise ValueError(f"budget {args.budget:.4g} MACs is below the first stage's cost {first:.4g} MACs per image; "
                          f"raise it to at least {first / 1e6:.3f}M")
     data = _load_data(args.data or record["data"], record.get("image_size"))
-    calibration = cascade.calibrate(data.val.images, data.val.labels, args.batch_size, progress=not args.no_progress,
-                                    transform=to_float)
+    calibration = cascade.calibrate(data.val.images, data.val.labels, args.batch_size, progress=not args.no_progress)
     with tqdm(total=1, desc="threshold search", disable=args.no_progress) as bar:  # exact search: can take a while
         result = cascade.set_budget(args.budget)
         bar.update()
@@ -246,11 +264,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
                  stage_macs=np.asarray(calibration.stage_macs))
     _write_json({"budget_macs": args.budget, "thresholds": list(result.thresholds),
                  "val_accuracy": result.accuracy, "val_mean_macs": result.mean_macs,
-                 "val_exit_fractions": list(result.exit_fractions), "stage_macs": list(calibration.stage_macs)},
+                 "val_exit_fractions": list(result.exit_fractions), "stage_macs": list(calibration.stage_macs),
+                 **device_report(device, dtype)},
                 args.run / THRESHOLDS_NAME)
     print(f"thresholds {', '.join(f'{t:.6f}' for t in result.thresholds)} for <= {args.budget / 1e6:.3f}M MACs: "
           f"validation accuracy {100 * result.accuracy:.2f}% at {result.mean_macs / 1e6:.3f}M mean MACs "
-          f"(all stages: {calibration.stage_macs[-1] / 1e6:.3f}M)")
+          f"(all stages: {calibration.stage_macs[-1] / 1e6:.3f}M), on {describe(device, dtype)}")
     print(f"saved {args.run / THRESHOLDS_NAME}; next: frugalvit dvt eval {args.run}")
     return 0
 
@@ -259,10 +278,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from frugalvit.cost import CostCounter
-    from frugalvit.tasks import to_float
+    from frugalvit.data import model_input
 
     _threads(args)
+    device, dtype = resolve_device_dtype(args)
     cascade, record = load_run(args.run)
+    cascade.to(device, dtype)
     if args.thresholds is not None:
         cascade.set_thresholds(args.thresholds)
         source = "given"
@@ -277,16 +298,18 @@ def run_eval(args: argparse.Namespace) -> int:
     exits, correct, macs = [], 0, 0
     with torch.no_grad():
         for start in tqdm(range(0, len(split), args.batch_size), desc="eval", disable=args.no_progress):
-            images = to_float(split.images[start:start + args.batch_size])
+            images = model_input(split.images[start:start + args.batch_size], device, dtype)
+            labels = split.labels[start:start + args.batch_size].to(device)
             with CostCounter() as cost:
                 out = cascade(images)
             macs += cost.macs
-            correct += int((out.logits.argmax(-1) == split.labels[start:start + args.batch_size]).sum())
+            correct += int((out.logits.argmax(-1) == labels).sum())
             exits.append(out.exit_stage)
     stages = torch.cat(exits)
     shares = torch.bincount(stages, minlength=cascade.num_stages).float() / len(split)
     print(f"thresholds ({source}): {', '.join(f'{t:.6f}' for t in cascade.thresholds.tolist())}")
-    print(f"{args.split} accuracy {100 * correct / len(split):.2f}% over {len(split)} images")
+    print(f"{args.split} accuracy {100 * correct / len(split):.2f}% over {len(split)} images, "
+          f"on {describe(device, dtype)}")
     print(f"mean MACs per image {macs / len(split) / 1e6:.3f}M (counted), all stages {stage_macs[-1] / 1e6:.3f}M")
     print("exits per stage: " + ", ".join(f"stage {k + 1} {100 * s:.1f}%" for k, s in enumerate(shares.tolist())))
     return 0

@@ -1,8 +1,9 @@
 """`frugalvit ecoformer finetune`: softmax ViT -> EcoFormer ViT -> fitted hashes -> short fine-tune -> report.
 
-Runs on CPU for the project's small ViT. Every stage writes into `--out`
-atomically (training checkpoints resume after an interruption), and the run
-ends with `results.json`: test accuracy and counted energy of both models.
+Runs on CPU for the project's small ViT, or on `--device cuda`. Every stage
+writes into `--out` atomically (training checkpoints resume after an
+interruption), and the run ends with `results.json`: test accuracy and counted
+energy of both models, and the device, dtype and torch version they ran with.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 
 from frugalvit.cli.main import UsageError
+from frugalvit.cli.options import (add_device_arguments, describe, device_report, resolve_device_dtype,
+                                   training_precision)
 from frugalvit.data import load_dataset
 from frugalvit.ecoformer import ecoformer, ecoformer_layers, fit_hashes
 from frugalvit.ecoformer.attention import NORMALISERS
@@ -23,7 +26,8 @@ from frugalvit.ecoformer.cost import (hashed_attention_counted, hashed_attention
                                       softmax_attention_counted, softmax_attention_elementwise)
 from frugalvit.ioutil import check_output_dir, write_json_atomically
 from frugalvit.models import checkpoint_kind, small_vit
-from frugalvit.training import TrainConfig, accuracy, save_atomically, train
+from frugalvit.timing import synchronize, timed
+from frugalvit.training import TrainConfig, accuracy, mixed_precision, save_atomically, train
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--test-samples", type=int, help="evaluate on the first N test images (default all)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    add_device_arguments(run, "precision of training and evaluation: float32, or mixed precision (torch.autocast) in "
+                              "bfloat16 or float16 (with loss scaling); weights, checkpoints and the hash fit stay "
+                              "float32")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(handler=finetune)
 
@@ -107,6 +114,7 @@ def finetune(args: argparse.Namespace) -> int:
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.refit_every < 0:
         raise UsageError(f"--refit-every must be >= 0, got {args.refit_every}")
+    device, amp_dtype = resolve_device_dtype(args)
     out: Path = args.out
     check_output_dir(out, ("results.json", "teacher.pt", "ecoformer.pt"))
     if args.teacher is not None and not args.teacher.is_file():
@@ -123,9 +131,11 @@ def finetune(args: argparse.Namespace) -> int:
     config = {"image_size": height, "patch_size": args.patch_size, "in_chans": channels,
               "num_classes": data.num_classes}
     tokens = (height // args.patch_size) ** 2 + 1
+    synchronize(device)
     started = time.perf_counter()
+    print(f"running on {describe(device, amp_dtype)}")
 
-    teacher = small_vit(**config)
+    teacher = small_vit(**config).to(device)
     ecoformer(teacher, bits=args.bits, anchors=args.anchors, bias=args.bias,
               normaliser=args.normaliser)  # bad values fail before any training
     if args.teacher is not None:
@@ -137,19 +147,23 @@ def finetune(args: argparse.Namespace) -> int:
               f"on {min(args.teacher_samples, len(data.train))} images")
         train(teacher, data.train, TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size, lr=1e-3,
                                                seed=args.seed, max_train_samples=args.teacher_samples),
-              out / "teacher", progress=progress)
+              out / "teacher", progress=progress, amp_dtype=amp_dtype)
         save_atomically({"model": teacher.state_dict(), "config": config}, out / "teacher.pt")
     teacher.eval()
-    teacher_accuracy = accuracy(teacher, test)
+
+    def evaluate(model: torch.nn.Module) -> float:
+        with mixed_precision(device, amp_dtype):
+            return accuracy(model, test)
+
+    teacher_accuracy = evaluate(teacher)
     print(f"teacher test accuracy: {teacher_accuracy:.4f}")
 
     model = ecoformer(teacher, bits=args.bits, anchors=args.anchors, bias=args.bias, normaliser=args.normaliser)
     calibration = data.val.images[:args.calibration_images]
-    fit_started = time.perf_counter()
-    fit_hashes(model, calibration, top_l=args.top_l, iterations=args.fit_iterations, seed=args.seed,
-               progress=progress)
-    fit_seconds = time.perf_counter() - fit_started
-    fitted_accuracy = accuracy(model, test)
+    _, fit_ms = timed(lambda: fit_hashes(model, calibration, top_l=args.top_l, iterations=args.fit_iterations,
+                                         seed=args.seed, progress=progress), device=device)
+    fit_seconds = fit_ms / 1e3
+    fitted_accuracy = evaluate(model)
     print(f"EcoFormer with fitted hashes, before fine-tuning: test accuracy {fitted_accuracy:.4f} "
           f"(hashes fitted in {fit_seconds:.1f} s)")
 
@@ -160,9 +174,10 @@ def finetune(args: argparse.Namespace) -> int:
 
     finetune_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   warmup_steps=20, seed=args.seed, max_train_samples=args.train_samples)
-    train(model, data.train, finetune_config, out / "finetune", progress=progress, on_epoch_end=refit)
+    train(model, data.train, finetune_config, out / "finetune", progress=progress, on_epoch_end=refit,
+          amp_dtype=amp_dtype)
     model.eval()
-    eco_accuracy = accuracy(model, test)
+    eco_accuracy = evaluate(model)
     hyper = {"bits": args.bits, "anchors": args.anchors, "normaliser": args.normaliser,
              "bias": next(iter(ecoformer_layers(model).values())).bias}
     save_atomically({"model": model.state_dict(), "config": config, "ecoformer": hyper}, out / "ecoformer.pt")
@@ -170,8 +185,8 @@ def finetune(args: argparse.Namespace) -> int:
     control_accuracy = None
     if args.control:
         control = copy.deepcopy(teacher)
-        train(control, data.train, finetune_config, out / "control", progress=progress)
-        control_accuracy = accuracy(control, test)
+        train(control, data.train, finetune_config, out / "control", progress=progress, amp_dtype=amp_dtype)
+        control_accuracy = evaluate(control)
         print(f"softmax model fine-tuned the same way (control): test accuracy {control_accuracy:.4f}")
 
     one = test.images[:1]
@@ -180,7 +195,8 @@ def finetune(args: argparse.Namespace) -> int:
     total_saving = 1 - energy_eco["total"]["energy_uj"] / energy_softmax["total"]["energy_uj"]
     results = {
         "data": args.data, "model": {**config, "tokens": tokens, "embed_dim": 192, "depth": 6, "heads": 3},
-        "ecoformer": hyper, "threads": args.threads, "test_images": len(test),
+        "ecoformer": hyper, "threads": args.threads, "test_images": len(test), **device_report(device, amp_dtype),
+        "precision": training_precision(amp_dtype),
         "teacher": {"source": str(args.teacher) if args.teacher else "trained in this run",
                     "epochs": None if args.teacher else args.teacher_epochs,
                     "train_images": None if args.teacher else min(args.teacher_samples, len(data.train))},
@@ -195,8 +211,9 @@ def finetune(args: argparse.Namespace) -> int:
                              "attention_core_per_layer": _core_energy(tokens, model),
                              "baseline": "the same ViT with softmax attention, counted as executed (matrix products; "
                                          "fused SDPA has the same count)"},
-        "seconds": time.perf_counter() - started,
     }
+    synchronize(device)
+    results["seconds"] = time.perf_counter() - started
     write_json_atomically(results, out / "results.json")
     print(f"test accuracy: softmax {teacher_accuracy:.4f}, EcoFormer {eco_accuracy:.4f} "
           f"({100 * (eco_accuracy - teacher_accuracy):+.2f} points)")

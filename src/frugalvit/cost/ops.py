@@ -15,8 +15,13 @@ from torch import Tensor
 
 @torch.library.custom_op("frugalvit::signed_matmul", mutates_args=())
 def signed_matmul(signs: Tensor, values: Tensor) -> Tensor:
-    """`signs @ values` where every entry of `signs` is -1, 0 or +1 (batched like `torch.matmul`)."""
-    return torch.matmul(signs, values)
+    """`signs @ values` where every entry of `signs` is -1, 0 or +1 (batched like `torch.matmul`).
+
+    Computed in the dtype of `values`, also under `torch.autocast`: callers that upcast to float32
+    to accumulate long sums keep that precision.
+    """
+    with torch.autocast(values.device.type, enabled=False):
+        return torch.matmul(signs.to(values.dtype), values)
 
 
 @signed_matmul.register_fake
@@ -27,8 +32,10 @@ def _signed_matmul_fake(signs: Tensor, values: Tensor) -> Tensor:
 
 def _signed_matmul_backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, Tensor]:
     signs, values = ctx.saved_tensors
-    grad_signs = torch.matmul(grad, values.transpose(-1, -2))
-    grad_values = torch.matmul(signs.transpose(-1, -2), grad)
+    grad = grad.to(values.dtype)
+    with torch.autocast(values.device.type, enabled=False):
+        grad_signs = torch.matmul(grad, values.transpose(-1, -2)).to(signs.dtype)
+        grad_values = torch.matmul(signs.transpose(-1, -2).to(values.dtype), grad)
     return _reduce_to(grad_signs, signs.shape), _reduce_to(grad_values, values.shape)
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from frugalvit.cost import CostCounter
+from frugalvit.data import model_input
 from frugalvit.dvt.thresholds import ExitResult, check_thresholds, evaluate_thresholds, search_thresholds
 
 
@@ -69,6 +70,15 @@ class EarlyExitCascade(nn.Module):
         self.input_shape = tuple(int(size) for size in input_shape)
         self.register_buffer("thresholds", torch.ones(num_stages - 1))
         self.calibration: Calibration | None = None
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "EarlyExitCascade":
+        """Move/cast like any module, but keep the thresholds float32: they are compared with float32
+        confidences, and bfloat16 would round a calibrated 0.953 to 0.953125."""
+        thresholds = self.thresholds
+        super()._apply(fn, recurse)
+        if self.thresholds.dtype != torch.float32:
+            self.thresholds = thresholds.to(self.thresholds.device, torch.float32)
+        return self
 
     # -- what subclasses provide ---------------------------------------------------------------
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
@@ -163,7 +173,8 @@ class EarlyExitCascade(nn.Module):
         """Confidence and correctness of every stage on a held-out split; kept for `set_budget`.
 
         `transform` maps each batch before it enters the cascade (e.g. uint8 -> float), so a large
-        split can stay compact in memory.
+        split can stay compact in memory. Batches are moved to the cascade's device and dtype
+        (uint8 ones scaled to [0, 1]), so the split can stay on the CPU.
         """
         from tqdm.auto import tqdm
 
@@ -173,9 +184,11 @@ class EarlyExitCascade(nn.Module):
         was_training = self.training
         self.eval()
         confidence, correct = [], []
+        parameter = next(self.parameters())
         for start in tqdm(range(0, images.shape[0], batch_size), desc="calibrate", disable=not progress):
             batch = images[start:start + batch_size]
             batch = transform(batch) if transform is not None else batch
+            batch = model_input(batch, parameter.device, parameter.dtype)
             target = labels[start:start + batch_size].to(batch.device)
             stage_logits = self.forward_all(batch)
             confidence.append(torch.stack([l.float().softmax(-1).amax(-1) for l in stage_logits]).cpu())

@@ -20,8 +20,10 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from frugalvit.data import model_input
 from frugalvit.dvt.cascade import resize_images
 from frugalvit.dvt.exit import EarlyExitCascade
+from frugalvit.timing import model_device_dtype
 
 
 def vit_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
@@ -152,10 +154,11 @@ class ResolutionCascade(EarlyExitCascade):
 
         was_training = self.model.training
         self.model.eval()
+        device, dtype = model_device_dtype(self.model)
         parts: list[list[Tensor]] = [[] for _ in self.resolutions]
         for start in tqdm(range(0, images.shape[0], batch_size), desc="features", disable=not progress):
             batch = images[start:start + batch_size]
-            batch = transform(batch) if transform is not None else batch
+            batch = model_input(transform(batch) if transform is not None else batch, device, dtype)
             for index in range(self.num_stages):
                 tokens = tokens_at_resolution(self.model, self.stage_input(index, batch))
                 parts[index].append(pool(tokens) if pool is not None else self.model.forward_head(tokens))

@@ -77,14 +77,17 @@ def hashed_attention_elementwise(tokens: int, heads: int, head_dim: int, bits: i
 def model_energy(model: "torch.nn.Module", images: "torch.Tensor") -> dict[str, object]:
     """Counted arithmetic and energy of one forward pass, in total and per attention layer (`*.attn` modules).
 
-    Per layer the figures include the layer's projections (qkv or tied qk + v, and proj).
+    Per layer the figures include the layer's projections (qkv or tied qk + v, and proj). `images` are
+    moved to the model's device and dtype.
     """
     import torch
 
     from frugalvit.cost import CostCounter
+    from frugalvit.data import model_input
+    from frugalvit.timing import model_device_dtype
 
     with torch.no_grad(), CostCounter() as cost:
-        model(images)
+        model(model_input(images, *model_device_dtype(model)))
 
     def entry(op: OpCost) -> dict[str, float]:
         return {"mults": op.mults, "adds": op.adds, "macs": op.macs, "energy_uj": op.energy_joules() * 1e6}

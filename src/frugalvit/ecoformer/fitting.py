@@ -18,9 +18,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from frugalvit.data import model_input
 from frugalvit.ecoformer.attention import EcoFormerAttention
 from frugalvit.ecoformer.convert import ecoformer_layers
 from frugalvit.ecoformer.hashing import rbf_features, sign_ste
+from frugalvit.timing import model_device_dtype
 
 Supervision = Literal["attention", "tied"]
 
@@ -83,11 +85,17 @@ def fit_hash_functions(tokens: Tensor, labels: Tensor, bits: int, anchors: int, 
     The objective is the paper's `||b Y - H H^T||_F^2` over all pairs, unlabelled
     pairs having target 0 (as in the authors' code); `labelled_only=True`
     restricts it to the labelled pairs (as in KSH), leaving the others free.
+
+    The fit runs on the tokens' device in float32 whatever their dtype (an
+    optimisation with a residual summed over all bits); the state is float32.
     """
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    tokens, labels = tokens.detach(), labels.detach()
+    tokens, labels = tokens.detach().float(), labels.detach().float()
+    if init is not None:
+        init = HashState(*(tensor.detach().to(tokens.device, torch.float32) for tensor in
+                           (init.anchors, init.bandwidth, init.mean, init.weights)))
     state = init if init is not None else init_hash_state(tokens, bits, anchors, generator)
     features = rbf_features(tokens, state.anchors, state.bandwidth) - state.mean.unsqueeze(-2)  # (S, H, N, m)
     labels = 0.5 * (labels + labels.transpose(-1, -2))
@@ -140,13 +148,14 @@ def _capture_inputs(model: nn.Module, layers: dict[str, EcoFormerAttention], ima
                     hashing: dict[str, bool]) -> dict[str, Tensor]:
     captured: dict[str, list[Tensor]] = {name: [] for name in layers}
     saved = {name: layer.hashing for name, layer in layers.items()}
+    device, dtype = model_device_dtype(model)
     handles = [layer.register_forward_pre_hook(lambda module, args, name=name: captured[name].append(args[0]))
                for name, layer in layers.items()]
     try:
         for name, layer in layers.items():
             layer.hashing = hashing[name]
         for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size])
+            model(model_input(images[start:start + batch_size], device, dtype))
     finally:
         for handle in handles:
             handle.remove()
@@ -173,6 +182,9 @@ def fit_hashes(model: nn.Module, images: Tensor, *, supervision: Supervision = "
         warm_start: keep anchors, bandwidth and centring of already-fitted
             layers and only replace bits that improve (for re-fitting).
         labelled_only: fit only the labelled pairs (see `fit_hash_functions`).
+
+    `images` may stay on the CPU: batches follow the model's device and dtype.
+    The fit itself runs in float32; the buffers keep the model's dtype.
     """
     if supervision not in ("attention", "tied"):
         raise ValueError(f"supervision must be 'attention' or 'tied', got {supervision!r}")
