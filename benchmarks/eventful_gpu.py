@@ -1,29 +1,35 @@
-"""Eventful on a GPU: dense eager / compiled against eventful eager / compiled, per-frame device time.
+"""Eventful on a GPU: dense eager / captured / compiled against eventful eager / captured, per-frame time.
 
 Prepared to run in one call on a lent GPU machine (torch, timm, triton; no PyAV):
 1. here, on the CPU: `python3 benchmarks/eventful_gpu.py --prepare frames.npz` decodes the frames
-   (PyAV) once, at every size the grid needs, as uint8;
-2. there: `python3 benchmarks/eventful_gpu.py --frames frames.npz --out $OUT/eventful_gpu` (under
-   5 minutes on an H100) writes JSON + PNG.
+   (PyAV) once as uint8 (at most 512 px; larger models get them resized on the device);
+2. there: `python3 benchmarks/eventful_gpu.py --frames frames.npz --out $OUT/eventful_gpu` writes
+   JSON + PNG within `--seconds` (methods that would start later are recorded as skipped).
 
 Grid: ViT-B/16 at 384 px (batch 1 and 8: eight streams, each from its own place in the clip),
 ViT-L/16 at 384 px, ViT-B/16 at 1024 px (4,096 tokens); budgets 1/16, 1/8, 1/4, 1/2 of the tokens
-(`TopFraction`, `sync_free`); bfloat16 by default. Methods: dense eager (timm, fused SDPA), dense
-`torch.compile`, eventful eager, eventful with `torch.compile(ev.step, fullgraph=True,
-mode="reduce-overhead")` (CUDA graphs); each method first runs the clip once untimed (compilation,
-capture), then from a reset. Per frame: device time from CUDA events (the CPU falls back to a
-synchronised wall clock), median / min / max over the frames after the first two; fidelity
-(cosine of pooled features, relative L2 of all tokens) against dense in the same dtype; state memory.
-Random weights (speed only). A configuration that fails is recorded with its error, not fatal.
-`--tiny` runs a small model on the CPU as a smoke test of the script itself.
+(`TopFraction` at every gate, `sync_free`); bfloat16 by default. Methods, in order of priority:
+phase 1, for every configuration: dense eager (timm, fused SDPA: the baseline of every speed-up),
+dense captured (the same forward replayed as one CUDA graph), eventful eager, eventful captured
+(`capture=True`); phase 2: dense `torch.compile` (default mode) and the compiled forward captured,
+and eventful with `torch.compile(ev.step, fullgraph=True)` plus capture at 1/8 (first and last
+configuration only: each compile takes about a minute). Every eventful method first runs the clip
+once untimed (compilation, warm-up, capture), then `refresh()`es and runs it again timed. Per frame:
+CUDA-event time around the call (host launch time included; the device is synchronised after each
+frame; the CPU falls back to a synchronised wall clock), median / min / max over the frames after
+the first two, and the full first frame; fidelity (cosine of the first token, relative L2 of all
+tokens) against dense in the same dtype; state memory. Random weights (speed only). A method that
+fails is recorded with its error, not fatal. `--tiny` runs a small model on the CPU as a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -40,16 +46,24 @@ GRID = [("vit_base_patch16_384", 384, 1), ("vit_base_patch16_384", 384, 8), ("vi
         ("vit_base_patch16_384", 1024, 1)]
 TINY_GRID = [("vit_tiny_patch16_224", 64, 1), ("vit_tiny_patch16_224", 64, 2)]
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
+COMPILED_BUDGETS = (1 / 8,)  # compiling takes a minute per budget: the target budget, first and last configs
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def prepare(path: Path, sizes: list[int], frames: int) -> None:
-    """Decode bigbuckbunny once per size (uint8, centre crop) into one .npz (needs PyAV; run on the CPU)."""
+def frame_size(size: int) -> int:
+    """Stored frame size for a model size: frames above 512 px are stored at 512 and resized on the device
+    (the clip is 1280 x 720, so a 1024 px crop is an upsampling either way; this keeps the .npz small)."""
+    return min(size, 512)
+
+
+def prepare(path: Path, grid: list[tuple[str, int, int]], count: int) -> None:
+    """Decode bigbuckbunny once per stored size (uint8, centre crop) into one .npz (needs PyAV; run on the CPU)."""
     from frugalvit.video.decode import bundled_clip_path, load_frames
 
     clip = bundled_clip_path("bigbuckbunny")
+    frames = max(count + 8, 40)  # batch-8 streams start at different places in the clip
     arrays = {}
-    for size in sorted(set(sizes)):
+    for size in sorted({frame_size(size) for _, size, _ in grid}):
         decoded = load_frames(clip, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), max_frames=frames)  # RGB in [0, 1]
         arrays[f"size_{size}"] = (decoded * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     with atomic_file(path) as handle:
@@ -85,65 +99,138 @@ def summary(times: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(steady), "min_ms": min(steady), "max_ms": max(steady)}
 
 
-def run_config(name: str, size: int, batch: int, frames: np.ndarray, device: torch.device, dtype: torch.dtype,
-               count: int, compile_models: bool) -> dict[str, object]:
-    import timm
+class Deadline:
+    """Seconds left for the whole run: a method that would start after it is skipped (recorded), not run."""
 
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, img_size=size).eval().to(device, dtype)
-    mean = torch.tensor(model.pretrained_cfg.get("mean", (0.5,) * 3), device=device).view(1, 3, 1, 1)
-    std = torch.tensor(model.pretrained_cfg.get("std", (0.5,) * 3), device=device).view(1, 3, 1, 1)
-    clip = [((f.to(device) - mean) / std).to(dtype) for f in streams(frames, batch, count)]
-    time_call = device_timer(device)
-    result: dict[str, object] = {"model": name, "size": size, "batch": batch,
-                                 "tokens": model.patch_embed.num_patches, "methods": {}}
-    with torch.no_grad():
-        dense_out, dense_times = [], []
-        for frame in clip:
-            out, ms = time_call(lambda: model.forward_features(frame))
-            dense_out.append(out)
-            dense_times.append(ms)
-        result["methods"]["dense eager"] = summary(dense_times)
-        if compile_models:
-            try:
-                torch._dynamo.reset()
-                compiled = torch.compile(model.forward_features)
-                compiled(clip[0])  # warm-up: compilation, untimed
-                times = [time_call(lambda: compiled(frame))[1] for frame in clip]
-                result["methods"]["dense compiled"] = summary(times)
-            except Exception as error:  # recorded, not fatal: one configuration must not sink the run
-                result["methods"]["dense compiled"] = {"error": f"{type(error).__name__}: {error}"[:500]}
-        for budget in BUDGETS:
-            for variant in ("eager", "compiled") if compile_models else ("eager",):
-                label = f"eventful {budget:g} {variant}"
-                try:
-                    ev = eventful(model, TopFraction(budget))
-                    ev.sync_free = True
-                    if variant == "compiled":
-                        torch._dynamo.reset()  # every EventfulViT instance recompiles `step`: stay under the limit
-                        mode = "reduce-overhead" if device.type == "cuda" else None
-                        ev.step = torch.compile(ev.step, fullgraph=True, mode=mode)
-                    for frame in clip:  # warm-up pass: compilation and capture happen here, untimed
-                        ev.forward_features(frame)
-                    ev.reset()
-                    times, cosines, errors = [], [], []
-                    for frame, reference in zip(clip, dense_out):
-                        out, ms = time_call(lambda: ev.forward_features(frame))
-                        times.append(ms)
-                        pooled, pooled_ref = out[:, 0].float(), reference[:, 0].float()
-                        cosines.append(F.cosine_similarity(pooled, pooled_ref, dim=-1).mean().item())
-                        errors.append(((out.float() - reference.float()).norm() / reference.float().norm()).item())
-                    stats = summary(times)
-                    stats.update(speedup=result["methods"]["dense eager"]["median_ms"] / stats["median_ms"],
-                                 cosine_mean=sum(cosines[1:]) / max(1, len(cosines) - 1),
-                                 relative_l2_mean=sum(errors[1:]) / max(1, len(errors) - 1),
-                                 state_mib=ev.state_bytes() / 2**20)
-                    result["methods"][label] = stats
-                except Exception as error:
-                    result["methods"][label] = {"error": f"{type(error).__name__}: {error}"[:500],
-                                                "trace": traceback.format_exc()[-1500:]}
-                print(f"  {name} {size}px B{batch} {label}: {result['methods'][label]}", flush=True)
-    return result
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def passed(self) -> bool:
+        return time.monotonic() > self.end
+
+
+def capture_dense(forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`forward` recorded once as a CUDA graph (after a warm-up on a side stream); returns a replaying callable."""
+    static_in = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = forward(static_in)
+
+    def replay(frame: torch.Tensor) -> torch.Tensor:
+        static_in.copy_(frame)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+class Config:
+    """One model / size / batch: the model, the clip on the device, the dense reference outputs."""
+
+    def __init__(self, name: str, size: int, batch: int, frames: np.ndarray, device: torch.device,
+                 dtype: torch.dtype, count: int) -> None:
+        import timm
+
+        torch.manual_seed(0)
+        self.model = timm.create_model(name, pretrained=False, img_size=size).eval().to(device, dtype)
+        cfg = self.model.pretrained_cfg
+        mean = torch.tensor(cfg.get("mean", (0.5,) * 3), device=device).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.get("std", (0.5,) * 3), device=device).view(1, 3, 1, 1)
+        clip = streams(frames, batch, count).to(device)
+        if clip.shape[-1] != size:  # frames stored at a smaller size are resized on the device
+            clip = F.interpolate(clip.flatten(0, 1), size=(size, size), mode="bilinear",
+                                 align_corners=False).view(count, batch, 3, size, size)
+        self.clip = [((f - mean) / std).to(dtype) for f in clip]
+        self.device = device
+        self.time_call = device_timer(device)
+        self.result: dict[str, object] = {"model": name, "size": size, "batch": batch,
+                                          "tokens": self.model.patch_embed.num_patches, "methods": {}}
+        with torch.no_grad():
+            self.reference = [self.model.forward_features(frame).float() for frame in self.clip]
+
+    def record(self, label: str, run: Callable[[], dict[str, float]]) -> None:
+        """Run one method; a failure is recorded with its error, not fatal."""
+        try:
+            with torch.no_grad():
+                stats = run()
+            dense = self.result["methods"].get("dense eager", {}).get("median_ms")
+            if dense is not None and "median_ms" in stats:
+                stats["speedup"] = dense / stats["median_ms"]
+        except Exception as error:  # one configuration must not sink the run
+            stats = {"error": f"{type(error).__name__}: {error}"[:500], "trace": traceback.format_exc()[-1500:]}
+        self.result["methods"][label] = stats
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in stats.items() if k != "trace"}
+        print(f"  {self.result['model']} {self.result['size']}px B{self.result['batch']} {label}: {shown}",
+              flush=True)
+
+    def time_dense(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        forward(self.clip[0])  # warm-up
+        return summary([self.time_call(lambda: forward(frame))[1] for frame in self.clip])
+
+    def time_eventful(self, budget: float, capture: bool, compiled: bool = False) -> dict[str, float]:
+        ev = eventful(self.model, TopFraction(budget), capture=capture)
+        ev.sync_free = True
+        if compiled:
+            torch._dynamo.reset()
+            ev.step = torch.compile(ev.step, fullgraph=True)
+        for frame in self.clip:  # warm-up pass: compilation, warm-up frame and capture happen here, untimed
+            ev.forward_features(frame)
+        ev.refresh()  # the timed pass starts with a full frame, from the same state as a reset, keeping the graph
+        times, cosines, errors = [], [], []
+        for frame, reference in zip(self.clip, self.reference):
+            out, ms = self.time_call(lambda: ev.forward_features(frame))
+            times.append(ms)
+            out = out.float()
+            cosines.append(F.cosine_similarity(out[:, 0], reference[:, 0], dim=-1).mean().item())
+            errors.append(((out - reference).norm() / reference.norm()).item())
+        stats = summary(times)
+        stats.update(full_frame_ms=times[0], cosine_mean=statistics.fmean(cosines[1:]),
+                     cosine_min=min(cosines[1:]), relative_l2_mean=statistics.fmean(errors[1:]),
+                     relative_l2_max=max(errors[1:]), state_mib=ev.state_bytes() / 2**20,
+                     nonfinite=not all(math.isfinite(c) for c in cosines))
+        return stats
+
+
+def phase_eager_and_captured(config: Config, deadline: Deadline) -> None:
+    """Dense eager (the baseline), dense captured, eventful eager and captured at every budget."""
+    model, cuda = config.model, config.device.type == "cuda"
+    config.record("dense eager", lambda: config.time_dense(model.forward_features))
+    if cuda:
+        config.record("dense captured", lambda: config.time_dense(capture_dense(model.forward_features,
+                                                                                config.clip[0])))
+    for budget in BUDGETS:
+        for capture in (False, True) if cuda else (False,):
+            label = f"eventful {budget:g} {'captured' if capture else 'eager'}"
+            if deadline.passed():
+                config.result["methods"][label] = {"skipped": "out of time"}
+                continue
+            config.record(label, lambda: config.time_eventful(budget, capture))
+
+
+def phase_compiled(config: Config, deadline: Deadline, budgets: tuple[float, ...]) -> None:
+    """Dense `torch.compile` (and, on CUDA, captured after compiling), then compiled+captured eventful."""
+    model, cuda = config.model, config.device.type == "cuda"
+    labels = ["dense compiled"] + [f"eventful {b:g} compiled{'+captured' if cuda else ''}" for b in budgets]
+    if deadline.passed():
+        config.result["methods"].update({label: {"skipped": "out of time"} for label in labels})
+        return
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward_features)
+    config.record("dense compiled", lambda: config.time_dense(compiled))
+    if cuda:
+        config.record("dense compiled+captured", lambda: config.time_dense(capture_dense(compiled, config.clip[0])))
+    for budget, label in zip(budgets, labels[1:]):
+        if deadline.passed():
+            config.result["methods"][label] = {"skipped": "out of time"}
+            continue
+        config.record(label, lambda: config.time_eventful(budget, capture=cuda, compiled=True))
 
 
 def plot(report: dict[str, object], path: Path) -> None:
@@ -155,11 +242,14 @@ def plot(report: dict[str, object], path: Path) -> None:
     configs = report["results"]
     fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.6), squeeze=False)
     for ax, config in zip(axes[0], configs):
-        for variant, color in (("eager", "tab:red"), ("compiled", "tab:blue")):
+        for variant, color in (("eager", "tab:red"), ("captured", "tab:blue"), ("compiled+captured", "tab:green")):
             points = [(b, config["methods"].get(f"eventful {b:g} {variant}", {}).get("speedup")) for b in BUDGETS]
             points = [(b, s) for b, s in points if s is not None]
             if points:
                 ax.plot(*zip(*points), "o-", color=color, label=f"eventful {variant}")
+        for label, style in (("dense captured", ":"), ("dense compiled+captured", "--")):
+            if "speedup" in config["methods"].get(label, {}):
+                ax.axhline(config["methods"][label]["speedup"], color="gray", linestyle=style, label=label)
         ax.axhline(1.0, color="k", linewidth=0.8, label="dense eager")
         ax.set_xscale("log", base=2)
         ax.set(xlabel="share of tokens per gate", ylabel="speed-up vs dense eager",
@@ -179,29 +269,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=Path, help=".npz written by --prepare")
     parser.add_argument("--count", type=int, default=17, help="frames per configuration (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--no-compile", action="store_true", help="eager methods only")
+    parser.add_argument("--no-compile", action="store_true", help="eager and captured methods only")
+    parser.add_argument("--seconds", type=float, default=420.0,
+                        help="time for the whole run; methods that would start later are skipped (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="a small model at 64 px (a CPU smoke test)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_gpu"))
     args = parser.parse_args(argv)
     grid = TINY_GRID if args.tiny else GRID
     if args.prepare is not None:
-        prepare(args.prepare, [size for _, size, _ in grid], max(args.count + 8, 40))
+        prepare(args.prepare, grid, args.count)
         return 0
     if args.frames is None or not args.frames.is_file():
         print("error: --frames FILE.npz (from --prepare) is required", file=sys.stderr)
         return 2
+    deadline = Deadline(args.seconds)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = np.load(args.frames)
     report = {"benchmark": "eventful_gpu", "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-              "dtype": args.dtype, "torch": torch.__version__, "weights": "random (speed only)",
-              "timing": "CUDA events per frame; median/min/max over frames after the first two", "results": []}
-    for name, size, batch in grid:
-        report["results"].append(run_config(name, size, batch, data[f"size_{size}"], device, DTYPES[args.dtype],
-                                            args.count, not args.no_compile))
-        write_json_atomically(report, args.out.with_suffix(".json"), indent=1)  # partial results survive a timeout
-    plot(report, args.out.with_suffix(".png"))
+              "dtype": args.dtype, "torch": torch.__version__, "timm": __import__("timm").__version__,
+              "weights": "random (speed only)", "policy": "TopFraction at every gate, sync_free",
+              "timing": "CUDA events around each frame (host launch time included, device synchronised after "
+                        "every frame); median/min/max over the frames after the first two",
+              "results": []}
+    configs = []
+    for name, size, batch in grid:  # phase 1 for every configuration first: the main figures survive a timeout
+        config = Config(name, size, batch, data[f"size_{frame_size(size)}"], device, DTYPES[args.dtype], args.count)
+        configs.append(config)
+        report["results"].append(config.result)
+        phase_eager_and_captured(config, deadline)
+        write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
+    if not args.no_compile:
+        first_and_last = sorted({0, len(configs) - 1})  # the target configurations first, then the others
+        for index in first_and_last + [i for i in range(len(configs)) if i not in first_and_last]:
+            phase_compiled(configs[index], deadline, COMPILED_BUDGETS if index in first_and_last else ())
+            write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
+    print_table(report)
+    try:
+        plot(report, args.out.with_suffix(".png"))
+    except ImportError as error:  # matplotlib missing on the GPU machine: the JSON has every figure
+        print(f"no plot: {error}")
     return 0
+
+
+def print_table(report: dict[str, object]) -> None:
+    for config in report["results"]:
+        print(f"{config['model']} {config['size']}px B{config['batch']} ({config['tokens']} tokens)")
+        for label, stats in config["methods"].items():
+            if "median_ms" in stats:
+                extra = f" x{stats['speedup']:.2f}" if "speedup" in stats else ""
+                extra += f" rel_l2 {stats['relative_l2_mean']:.3f}" if "relative_l2_mean" in stats else ""
+                print(f"  {label:32s} {stats['median_ms']:8.2f} ms{extra}")
+            else:
+                print(f"  {label:32s} {str(stats)[:90]}")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,22 @@ def test_capture_needs_a_fixed_size_policy() -> None:
         ev(patch_video(1)[0])
     with pytest.raises(TypeError, match="capture must be True or False"):
         ev.capture = 1
+
+
+def test_compiled_frames_keep_distinct_state_and_equal_eager() -> None:
+    """With the real compiler (inductor), the state stays one buffer per tensor and the frames equal eager.
+
+    Inductor drops copies it considers no-ops and may then hand two state tensors that hold one value the
+    same buffer; in-place updates of one would then corrupt the other (seen once, now guarded by layout).
+    """
+    model = make_model("vit_tiny_patch16_224", depth=1)
+    eager, compiled = fv.eventful(model, fv.TopFraction(0.25)), fv.eventful(model, fv.TopFraction(0.25))
+    eager.sync_free = compiled.sync_free = True
+    torch._dynamo.reset()
+    compiled.step = torch.compile(compiled.step, fullgraph=True)
+    with torch.no_grad():
+        for frame in patch_video(4, share=0.3):
+            torch.testing.assert_close(compiled(frame), eager(frame), rtol=1e-4, atol=1e-4)
+            storages = [t.untyped_storage().data_ptr() for t in compiled.state_tensors()]
+            assert len(set(storages)) == len(storages)
+    torch._dynamo.reset()

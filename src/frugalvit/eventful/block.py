@@ -34,13 +34,19 @@ def _store_sums(current: AttentionSums | None, fresh: AttentionSums) -> Attentio
                          store_(current.denominator, fresh.denominator))
 
 
+def _merge_heads(per_head: Tensor) -> Tensor:
+    """(B, H, N, Dh) -> (B, N, H * Dh), a new tensor."""
+    batch, heads, num_tokens, head_dim = per_head.shape
+    return per_head.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
+
+
 class EventfulAttention(nn.Module):
     """Self-attention whose state survives between frames; input: the gated, normalised tokens."""
 
     q: Tensor | None
     k: Tensor | None
     v: Tensor | None
-    output: Tensor | None
+    output: Tensor | None  # per head: (B, H, N, Dh)
 
     def __init__(self, attention: Attention) -> None:
         super().__init__()
@@ -85,7 +91,7 @@ class EventfulAttention(nn.Module):
                 self.last_path = "dense"
         elif selection.count == 0:
             self.last_path = "skipped"
-            return self.output
+            return _merge_heads(self.output)
         else:
             old_k, old_v = gather_tokens(self.k, selection), gather_tokens(self.v, selection)
             for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
@@ -105,12 +111,11 @@ class EventfulAttention(nn.Module):
                     self.last_path = "rebuild"
                 mixed = self.sums.output(q.dtype)
                 if not host_checks:  # rows still cancelled keep last frame's output
-                    batch, heads, num_tokens, head_dim = mixed.shape
-                    previous = self.output.view(batch, num_tokens, heads, head_dim).transpose(1, 2)
-                    mixed = torch.where(cancelled_rows(self.sums), previous, mixed)
-        batch, heads, num_tokens, head_dim = mixed.shape
-        self.output = store_(self.output, mixed.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim))
-        return self.output
+                    mixed = torch.where(cancelled_rows(self.sums), self.output, mixed)
+        # Kept per head (B, H, N, Dh): the next gate keeps the merged (B, N, D) copy, and two state tensors
+        # holding one value in one layout could be merged into one buffer by a compiler (torch.compile does).
+        self.output = store_(self.output, mixed)
+        return _merge_heads(mixed)
 
     def state_tensors(self) -> list[Tensor]:
         """Every tensor held between frames."""

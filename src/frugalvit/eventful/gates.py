@@ -67,7 +67,8 @@ def store_(current: Tensor | None, value: Tensor) -> Tensor:
     """
     if current is not None and current.shape == value.shape and current.dtype == value.dtype \
             and current.device == value.device:
-        return current.copy_(value)
+        current.copy_(value)
+        return current  # the same object (not copy_'s return value, which a compiler may treat as a new view)
     return value.detach().clone(memory_format=torch.contiguous_format)
 
 
