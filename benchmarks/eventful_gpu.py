@@ -198,6 +198,27 @@ class Config:
         return stats
 
 
+def profile_eventful(config: Config, budget: float, path: Path) -> None:
+    """Device time per kernel of eager sync-free eventful frames (the kernels a capture replays), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ev = eventful(config.model, TopFraction(budget))
+    ev.sync_free = True
+    with torch.no_grad():
+        for frame in config.clip[:4]:
+            ev.forward_features(frame)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for frame in config.clip[4:9]:
+                ev.forward_features(frame)
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    with atomic_file(path) as handle:
+        handle.write(f"5 partial frames, {config.result['model']} {config.result['size']}px "
+                     f"B{config.result['batch']}, TopFraction({budget:g})\n{table}".encode())
+    print(table[:6000], flush=True)
+
+
 def phase_eager_and_captured(config: Config, deadline: Deadline) -> None:
     """Dense eager (the baseline), dense captured, eventful eager and captured at every budget."""
     model, cuda = config.model, config.device.type == "cuda"
@@ -272,10 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager and captured methods only")
     parser.add_argument("--seconds", type=float, default=420.0,
                         help="time for the whole run; methods that would start later are skipped (default: %(default)s)")
+    parser.add_argument("--configs", type=int, nargs="+", help="indices into the grid to run (default: all)")
+    parser.add_argument("--profile", action="store_true", help="also profile eventful kernels (CUDA, first config)")
     parser.add_argument("--tiny", action="store_true", help="a small model at 64 px (a CPU smoke test)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_gpu"))
     args = parser.parse_args(argv)
     grid = TINY_GRID if args.tiny else GRID
+    if args.configs and args.prepare is None:
+        grid = [grid[i] for i in args.configs]
     if args.prepare is not None:
         prepare(args.prepare, grid, args.count)
         return 0
@@ -292,12 +317,23 @@ def main(argv: list[str] | None = None) -> int:
               "timing": "CUDA events around each frame (host launch time included, device synchronised after "
                         "every frame); median/min/max over the frames after the first two",
               "results": []}
+    if device.type == "cuda":  # clocks up and libraries loaded before the first timed frame
+        warm = torch.randn(4096, 4096, device=device, dtype=DTYPES[args.dtype])
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            warm @ warm
+        torch.cuda.synchronize()
     configs = []
     for name, size, batch in grid:  # phase 1 for every configuration first: the main figures survive a timeout
         config = Config(name, size, batch, data[f"size_{frame_size(size)}"], device, DTYPES[args.dtype], args.count)
         configs.append(config)
         report["results"].append(config.result)
         phase_eager_and_captured(config, deadline)
+        if args.profile and device.type == "cuda" and len(configs) == 1:
+            try:
+                profile_eventful(config, 1 / 8, args.out.with_name(args.out.name + "_profile.txt"))
+            except Exception as error:  # the profile is an extra: never fatal
+                print(f"no profile: {type(error).__name__}: {error}")
         write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
     if not args.no_compile:
         first_and_last = sorted({0, len(configs) - 1})  # the target configurations first, then the others

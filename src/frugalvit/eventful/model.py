@@ -52,6 +52,9 @@ def _inference_only(method):  # noqa: ANN001, ANN202 - decorator over EventfulVi
     return wrapper
 
 
+# Partial frames run eagerly before a capture: the first creates the last lazily allocated state (gate scratch,
+# selection buffers), so a compiled `step` sees its final guards (and compiles for them) before the capture.
+CAPTURE_WARM_UP_FRAMES = 2
 # What a gate's forward records for `gate_counts` / `updated_tokens`; a replay must restore it.
 _GATE_DIAGNOSTICS = ("last_count", "last_indices")
 
@@ -142,10 +145,10 @@ class EventfulViT(nn.Module):
         capture: True replays each partial frame on CUDA as one captured CUDA
             graph (all blocks: a few hundred kernels for one launch), which
             removes the host from the frame; implies `sync_free` and needs a
-            fixed-size policy (`TopR`, `TopFraction`). The first partial frame
-            after a change of policy, `incremental_max_fraction`, frame shape
-            or dtype, or after `reset()`, runs eagerly (warm-up) and the next
-            one captures; full frames (first, refresh, scene cut) run eagerly
+            fixed-size policy (`TopR`, `TopFraction`). The first two partial
+            frames after a change of policy, `incremental_max_fraction`, frame
+            shape or dtype, or after `reset()`, run eagerly (warm-up) and the
+            next one captures; full frames (first, refresh, scene cut) run eagerly
             and write into the same state buffers. Outputs are copies, safe
             to keep. On the CPU there is no graph: the frame runs as with
             `sync_free`.
@@ -177,7 +180,7 @@ class EventfulViT(nn.Module):
         self.capture = capture
         self._graph: CudaGraphFrame | None = None
         self._graph_diagnostics: list[tuple[nn.Module, str, object]] = []
-        self._warmed_key: tuple[object, ...] | None = None
+        self._warm_up: tuple[tuple[object, ...] | None, int] = (None, 0)  # (key, eager partial frames run)
         self.last_frame_full = False
         self._frame_shape: tuple[int, ...] | None = None
         self._frames_since_refresh = 0
@@ -205,7 +208,7 @@ class EventfulViT(nn.Module):
         """Forget all state: the next frame starts a new sequence and is computed in full."""
         for block in self.eventful_blocks:
             block.reset()
-        self._graph, self._warmed_key = None, None  # the state is reallocated on the next frame
+        self._graph, self._warm_up = None, (None, 0)  # the state is reallocated on the next frame
         self._frame_shape = None
         self._frames_since_refresh = 0
         self._refresh_pending = False
@@ -291,8 +294,10 @@ class EventfulViT(nn.Module):
             return features
         self._graph = None
         frame = lambda static: self.step(static, False)  # noqa: E731
-        if self._warmed_key != key:
-            self._warmed_key = key
+        if self._warm_up[0] != key:
+            self._warm_up = (key, 0)
+        if self._warm_up[1] < CAPTURE_WARM_UP_FRAMES:
+            self._warm_up = (key, self._warm_up[1] + 1)
             return self.recorder.warm_up(frame, tokens)
         self._graph = self.recorder(key, frame, tokens)
         self._graph_diagnostics = [(owner, name, getattr(owner, name)) for block in self.eventful_blocks
