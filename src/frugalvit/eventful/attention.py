@@ -44,6 +44,7 @@ update; a periodic refresh bounds it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -74,23 +75,48 @@ class AttentionSums:
         return out if dtype is None else out.to(dtype)
 
 
-def _stabilized_sums(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """float32 (stabiliser, numerator, denominator) of rows `q` against all of `k`, `v`."""
+class LogitBias(Protocol):
+    """Additive logit terms that depend on query and key positions (e.g. relative positions).
+
+    Implementations may cache per-row terms; `full` and `rows` refresh that
+    cache for the rows they are given, `columns` and `rows_at` only read it.
+    """
+
+    def full(self, q: Tensor) -> Tensor:
+        """(B, H, N, N) terms for every query row `q` (B, H, N, Dh) against every key."""
+
+    def rows(self, q: Tensor, selection: Selection) -> Tensor:
+        """(B, H, M, N) terms for the new query rows `q` (B, H, M, Dh) at `selection`."""
+
+    def columns(self, selection: Selection) -> Tensor:
+        """(B, H, N, M) terms of every query row against the keys at `selection`."""
+
+    def rows_at(self, rows: Tensor) -> Tensor:
+        """(B, H, R, N) terms for the current query rows at `rows` (B, H, R)."""
+
+
+def _stabilized_sums(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                     bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 (stabiliser, numerator, denominator) of rows `q` against all of `k`, `v` (plus `bias` logits)."""
     q, k, v = q.float(), k.float(), v.float()
     logits = torch.matmul(q * scale, k.transpose(-2, -1))  # scale the (often fewer) query rows, not all keys
+    if bias is not None:
+        logits = logits.add_(bias)
     stabilizer = logits.amax(dim=-1, keepdim=True)
     weights = logits.sub_(stabilizer).exp_()
     return stabilizer, torch.matmul(weights, v), weights.sum(dim=-1, keepdim=True)
 
 
-def build_attention_sums(q: Tensor, k: Tensor, v: Tensor, scale: float) -> AttentionSums:
+def build_attention_sums(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                         bias: LogitBias | None = None) -> AttentionSums:
     """Dense pass that also keeps the sums the incremental path needs (float32)."""
-    return AttentionSums(*_stabilized_sums(q, k, v, scale))
+    return AttentionSums(*_stabilized_sums(q, k, v, scale, None if bias is None else bias.full(q)))
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Dense attention with the fused kernel; keeps no state."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: LogitBias | None = None) -> Tensor:
+    """Dense attention with the fused kernel; keeps no state (refreshes `bias`'s row cache)."""
+    mask = None if bias is None else bias.full(q).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _scatter_rows_(state: Tensor, rows: Tensor, values: Tensor) -> None:
@@ -100,7 +126,7 @@ def _scatter_rows_(state: Tensor, rows: Tensor, values: Tensor) -> None:
 
 def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor, selection: Selection,
                            new_q: Tensor, new_k: Tensor, new_v: Tensor, old_k: Tensor, old_v: Tensor,
-                           scale: float, host_check: bool = True) -> bool:
+                           scale: float, host_check: bool = True, bias: LogitBias | None = None) -> bool:
     """Bring `sums` up to date after tokens `selection` changed; in place.
 
     `q, k, v` (B, H, N, Dh) already hold the new values; `new_*` (B, H, M, Dh)
@@ -117,6 +143,8 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
     # Every row: add the new keys' terms, remove the old keys' terms, after raising the stabiliser if needed.
     keys = torch.cat([new_k, old_k], dim=-2).float().transpose(-2, -1) * scale
     logits = torch.matmul(q.float(), keys)  # (B, H, N, 2M)
+    if bias is not None:  # new and old keys sit at the same positions
+        logits = logits.add_(bias.columns(selection).repeat(1, 1, 1, 2))
     stabilizer = torch.maximum(sums.stabilizer, logits[..., :changed].amax(dim=-1, keepdim=True))
     if host:
         _rescale_rising_rows_(sums, stabilizer)
@@ -131,15 +159,16 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
     sums.denominator.add_(weights.sum(-1, keepdim=True))
 
     # Rows of changed queries: recompute in full against all (updated) keys and values.
+    row_bias = None if bias is None else bias.rows(new_q, selection)
     for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
-                            _stabilized_sums(new_q, k, v, scale)):
+                            _stabilized_sums(new_q, k, v, scale, row_bias)):
         scatter_tokens_(state, selection, fresh)
 
     if host:  # exact: rebuild densely in the rare frame where a row lost most of its mass
         if not bool(cancelled_rows(sums).any()):
             return False
         for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
-                                _stabilized_sums(q, k, v, scale)):
+                                _stabilized_sums(q, k, v, scale, None if bias is None else bias.full(q))):
             state.copy_(fresh)
         return True
     # Cancellation repair on the device: recompute the rows with the smallest denominators where they fell
@@ -149,7 +178,7 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
     picked_q = q.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
     cancelled = sums.denominator.gather(2, rows.unsqueeze(-1)) < MIN_DENOMINATOR  # (B, H, R, 1)
     for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
-                            _stabilized_sums(picked_q, k, v, scale)):
+                            _stabilized_sums(picked_q, k, v, scale, None if bias is None else bias.rows_at(rows))):
         current = state.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, state.shape[-1]))
         _scatter_rows_(state, rows, torch.where(cancelled, fresh, current))
     return False

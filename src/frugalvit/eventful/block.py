@@ -24,6 +24,7 @@ from frugalvit.eventful.attention import (AttentionSums, build_attention_sums, c
                                          update_attention_sums_)
 from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_, store_
 from frugalvit.eventful.policies import TokenPolicy
+from frugalvit.eventful.relpos import DecomposedRelativeBias
 
 
 def _store_sums(current: AttentionSums | None, fresh: AttentionSums) -> AttentionSums:
@@ -40,6 +41,14 @@ def _merge_heads(per_head: Tensor) -> Tensor:
     return per_head.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
 
 
+def project_qkv(attn: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (B, heads, M, Dh) of tokens (B, M, D) through a timm attention's qkv layer and q/k norms."""
+    batch, count, _ = tokens.shape
+    qkv = attn.qkv(tokens).reshape(batch, count, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
 class EventfulAttention(nn.Module):
     """Self-attention whose state survives between frames; input: the gated, normalised tokens."""
 
@@ -54,19 +63,23 @@ class EventfulAttention(nn.Module):
         for name in ("q", "k", "v", "output"):
             self.register_buffer(name, None, persistent=False)
         self.sums: AttentionSums | None = None
+        self.bias: DecomposedRelativeBias | None = None  # relative-position logit terms, if the layer has them
         self.last_path: str = "none"
+
+    def prepare(self, grid: tuple[int, int], tables: tuple[Tensor, Tensor] | None, device: torch.device) -> None:
+        """Set the relative-position tables over the token grid (once per sequence), or None for none."""
+        del grid, device
+        self.bias = None if tables is None else DecomposedRelativeBias(*tables)
 
     def reset(self) -> None:
         self.q = self.k = self.v = self.output = None
         self.sums = None
+        if self.bias is not None:
+            self.bias.reset()
         self.last_path = "none"
 
     def _project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        attn = self.attention
-        batch, count, _ = tokens.shape
-        qkv = attn.qkv(tokens).reshape(batch, count, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return attn.q_norm(q), attn.k_norm(k), v
+        return project_qkv(self.attention, tokens)
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
                 keep_sums: bool = False, sync_free: bool = False) -> Tensor:
@@ -82,12 +95,12 @@ class EventfulAttention(nn.Module):
         if selection is None:
             self.q, self.k, self.v = store_(self.q, q), store_(self.k, k), store_(self.v, v)
             if keep_sums:
-                self.sums = _store_sums(self.sums, build_attention_sums(self.q, self.k, self.v, scale))
+                self.sums = _store_sums(self.sums, build_attention_sums(self.q, self.k, self.v, scale, self.bias))
                 mixed = self.sums.output(q.dtype)
                 self.last_path = "dense+sums"
             else:
                 self.sums = None
-                mixed = fused_attention(self.q, self.k, self.v, scale)
+                mixed = fused_attention(self.q, self.k, self.v, scale, self.bias)
                 self.last_path = "dense"
         elif selection.count == 0:
             self.last_path = "skipped"
@@ -98,16 +111,16 @@ class EventfulAttention(nn.Module):
                 scatter_tokens_(state, selection, fresh)
             if selection.count > incremental_max_fraction * selection.num_tokens:
                 self.sums = None
-                mixed = fused_attention(self.q, self.k, self.v, scale)
+                mixed = fused_attention(self.q, self.k, self.v, scale, self.bias)
                 self.last_path = "dense"
             else:
                 host_checks = not (sync_free or q.is_cuda)  # see the attention module's numerics
                 if self.sums is not None:
                     rebuilt = update_attention_sums_(self.sums, self.q, self.k, self.v, selection, q, k, v,
-                                                     old_k, old_v, scale, host_check=host_checks)
+                                                     old_k, old_v, scale, host_check=host_checks, bias=self.bias)
                     self.last_path = "rebuild" if rebuilt else "incremental"
                 else:  # the last full frame kept no sums (a policy that was never going to need them)
-                    self.sums = _store_sums(self.sums, build_attention_sums(self.q, self.k, self.v, scale))
+                    self.sums = _store_sums(self.sums, build_attention_sums(self.q, self.k, self.v, scale, self.bias))
                     self.last_path = "rebuild"
                 mixed = self.sums.output(q.dtype)
                 if not host_checks:  # rows still cancelled keep last frame's output
@@ -122,16 +135,19 @@ class EventfulAttention(nn.Module):
         tensors = [self.q, self.k, self.v, self.output]
         if self.sums is not None:
             tensors += [self.sums.stabilizer, self.sums.numerator, self.sums.denominator]
+        if self.bias is not None:
+            tensors += self.bias.state_tensors()
         return [t for t in tensors if t is not None]
 
 
 class EventfulBlock(nn.Module):
     """A timm pre-norm `Block` that recomputes only gated tokens; same parameters, no copies."""
 
-    def __init__(self, block: Block) -> None:
+    def __init__(self, block: Block, attention: nn.Module | None = None) -> None:
+        """`attention`: the eventful attention to use (default: `EventfulAttention` over `block.attn`)."""
         super().__init__()
         object.__setattr__(self, "block", block)
-        self.attention = EventfulAttention(block.attn)
+        self.attention = EventfulAttention(block.attn) if attention is None else attention
         self.attention_gate, self.projection_gate, self.mlp_gate = TokenGate(), TokenGate(), TokenGate()
         self.projection_buffer, self.mlp_buffer = TokenBuffer(), TokenBuffer()
 
@@ -146,7 +162,8 @@ class EventfulBlock(nn.Module):
         keep_sums = selection is None and policy.may_select_fewer_than(incremental_max_fraction, x.shape[1])
         mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep_sums, sync_free)
         selection, tokens = self.projection_gate(mixed, policy, update_all)
-        x = x + self.projection_buffer(selection, block.ls1(attn.proj(attn.norm(tokens))))
+        norm = getattr(attn, "norm", None)  # timm's ViT Attention has a norm before its projection; SAM's has none
+        x = x + self.projection_buffer(selection, block.ls1(attn.proj(tokens if norm is None else norm(tokens))))
         selection, tokens = self.mlp_gate(x, policy, update_all)
         return x + self.mlp_buffer(selection, block.ls2(block.mlp(block.norm2(tokens))))
 

@@ -19,6 +19,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION
 from frugalvit.eventful.block import EventfulBlock
 from frugalvit.eventful.policies import TokenPolicy
+from frugalvit.eventful.windowed import EventfulWindowAttention
+from frugalvit.timm import sam
 
 DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION
 NONFINITE_MODES = ("error", "refresh")
@@ -100,15 +102,22 @@ class UnsupportedModelError(TypeError):
 
 def check_convertible(model: nn.Module) -> None:
     """Raise `UnsupportedModelError` naming the first module that cannot be made eventful."""
+    if sam.is_sam(model):
+        try:
+            sam.check_supported(model)
+        except TypeError as error:
+            raise UnsupportedModelError(f"cannot make this SAM backbone eventful: {error}") from None
+        return
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
-            f"frugalvit.eventful supports timm VisionTransformer models; got {type(model).__name__}")
+            f"frugalvit.eventful supports timm VisionTransformer and VisionTransformerSAM models (and their "
+            f"subclasses); got {type(model).__name__}")
     for index, block in enumerate(model.blocks):
         name = f"blocks.{index}"
-        if type(block) is not Block:
+        if not isinstance(block, Block):
             raise UnsupportedModelError(
                 f"cannot make {name} ({type(block).__name__}) eventful: only timm's pre-norm Block is supported")
-        if type(block.attn) is not Attention:
+        if not isinstance(block.attn, Attention):
             raise UnsupportedModelError(
                 f"cannot make {name}.attn ({type(block.attn).__name__}) eventful: only timm's Attention is supported")
         if getattr(block.attn, "gate", None) is not None:
@@ -169,7 +178,11 @@ class EventfulViT(nn.Module):
         super().__init__()
         check_convertible(model)
         self.model = model
-        self.eventful_blocks = nn.ModuleList(EventfulBlock(block) for block in model.blocks)
+        self._sam = sam.is_sam(model)
+        self.eventful_blocks = nn.ModuleList(
+            EventfulBlock(block, EventfulWindowAttention(block.attn, block.window_size)
+                          if self._sam and block.window_size > 0 else None) for block in model.blocks)
+        self._grid: tuple[int, int] | None = None  # the token grid of this sequence (SAM backbones)
         self.policy = policy
         self.incremental_max_fraction = incremental_max_fraction
         self.refresh_every = refresh_every
@@ -209,6 +222,7 @@ class EventfulViT(nn.Module):
         for block in self.eventful_blocks:
             block.reset()
         self._graph, self._warm_up = None, (None, 0)  # the state is reallocated on the next frame
+        self._grid = None
         self._frame_shape = None
         self._frames_since_refresh = 0
         self._refresh_pending = False
@@ -255,8 +269,7 @@ class EventfulViT(nn.Module):
             return self.model.forward_features(images)
         update_all = self._frame_shape is None or self._refresh_pending or (
             self.refresh_every is not None and self._frames_since_refresh >= self.refresh_every)
-        model = self.model
-        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        x = self._embed(images)
         update_all = update_all or self._is_scene_cut(x)
         self.last_frame_full = update_all
         if self.capture and not update_all and self.recorder.available(x.device):
@@ -278,7 +291,24 @@ class EventfulViT(nn.Module):
         """
         for block in self.eventful_blocks:
             tokens = block(tokens, self.policy, self.incremental_max_fraction, update_all, self._sync_free)
+        if self._sam:
+            return sam.finish_grid(self.model, tokens, self._grid)
         return self.model.norm(tokens)
+
+    def _embed(self, images: Tensor) -> Tensor:
+        """Tokens (B, N, D) entering the first block; on a SAM backbone, also fixes the sequence's grid."""
+        model = self.model
+        if not self._sam:
+            return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        tokens, grid = sam.embed_grid(model, images)
+        if grid != self._grid:  # first frame of a sequence: window maps and relative-position tables
+            for block in self.eventful_blocks:
+                window = getattr(block.attention, "window", 0)
+                tables = sam.relative_positions(block.block.attn, (window, window) if window else grid)
+                block.attention.prepare(grid, None if tables is None else (tables.height, tables.width),
+                                        tokens.device)
+            self._grid = grid
+        return tokens
 
     @property
     def _sync_free(self) -> bool:

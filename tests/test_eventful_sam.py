@@ -1,0 +1,130 @@
+"""Eventful on timm's SAM / ViTDet-style backbone: windowed blocks, global blocks, decomposed relative positions."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import frugalvit as fv
+from frugalvit.eventful.model import EventfulViT
+from test_eventful_capture import FxGraphFrame
+
+SIZE = 128  # an 8 x 8 token grid; windows of 3 need padding to 9 x 9, as SAM's 64 x 64 grid pads to 70 x 70
+SAM_VARIANTS = {
+    "rel-pos": dict(window_size=3, global_attn_indexes=[1, 3]),
+    "no-rel-pos": dict(window_size=2, global_attn_indexes=[1], use_rel_pos=False),
+    "224-style": dict(window_size=3, global_attn_indexes=[1, 3], use_abs_pos=False, neck_chans=None),
+}
+
+
+def make_sam(variant: str = "rel-pos", **extra: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    kwargs = dict(img_size=SIZE, embed_dim=64, depth=4, num_heads=4, neck_chans=32) | SAM_VARIANTS[variant] | extra
+    model = timm.create_model("samvit_base_patch16", pretrained=False, **kwargs).eval()
+    with torch.no_grad():  # timm starts the relative-position tables at zero; make them matter
+        for module in model.modules():
+            if getattr(module, "use_rel_pos", False):
+                module.rel_pos_h.normal_(0.0, 0.5)
+                module.rel_pos_w.normal_(0.0, 0.5)
+    return model
+
+
+def sam_video(frames: int = 5, batch: int = 2, share: float = 0.2, seed: int = 0) -> torch.Tensor:
+    """Frames in which a random share of the 16 x 16 patches changes each step (the rest stay exactly equal)."""
+    generator = torch.Generator().manual_seed(seed)
+    frame = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+    out = [frame]
+    for _ in range(frames - 1):
+        patches = (torch.rand(batch, 1, SIZE // 16, SIZE // 16, generator=generator) < share).float()
+        mask = torch.nn.functional.interpolate(patches, scale_factor=16, mode="nearest")
+        frame = frame + mask * torch.randn(batch, 3, SIZE, SIZE, generator=generator)
+        out.append(frame)
+    return torch.stack(out)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("variant", sorted(SAM_VARIANTS))
+def test_full_budget_equals_the_timm_model(variant: str) -> None:
+    model = make_sam(variant)
+    ev = fv.eventful(model, fv.TopFraction(1.0))
+    with torch.no_grad():
+        for frame in sam_video(3):
+            torch.testing.assert_close(ev.forward_features(frame), model.forward_features(frame), rtol=1e-5,
+                                       atol=1e-6)
+            torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["touched-windows", "all-windows"])
+@pytest.mark.parametrize("variant", sorted(SAM_VARIANTS))
+def test_incremental_path_with_zero_threshold_equals_dense(variant: str, sync_free: bool) -> None:
+    """`Threshold(0)` with `incremental_max_fraction=1.0`: the windowed and incremental global paths run."""
+    model = make_sam(variant)
+    ev = fv.eventful(model, fv.Threshold(0.0), incremental_max_fraction=1.0)
+    ev.sync_free = sync_free
+    paths = set()
+    with torch.no_grad():
+        for frame in sam_video(5):
+            assert relative_error(ev.forward_features(frame), model.forward_features(frame)) < 1e-4
+            paths.update(ev.attention_paths())
+    assert {"windows", "incremental"} <= paths
+
+
+def test_only_windows_with_changed_tokens_are_recomputed() -> None:
+    model = make_sam()
+    ev = fv.eventful(model, fv.Threshold(0.0), incremental_max_fraction=1.0)
+    frame = torch.randn(1, 3, SIZE, SIZE)
+    moved = frame.clone()
+    moved[:, :, :16, :16] += 1.0  # token (0, 0): one window of the first block
+    with torch.no_grad():
+        ev(frame)
+        ev(moved)
+    first = ev.eventful_blocks[0].attention
+    assert first.last_path == "windows" and first.last_windows == 1 and first.geometry.num_windows == 9
+
+
+def test_macs_fall_with_the_budget() -> None:
+    model = make_sam()
+    frames = sam_video(4, batch=1, share=0.3)
+    macs = []
+    for fraction in (1.0, 0.5, 0.25, 0.125):
+        ev = fv.eventful(model, fv.TopFraction(fraction))
+        with torch.no_grad():
+            for frame in frames[:-1]:
+                ev(frame)
+            with fv.CostCounter() as cost:
+                ev(frames[-1])
+        macs.append(cost.macs)
+    with fv.CostCounter() as dense, torch.no_grad():
+        model(frames[-1])
+    assert macs[0] <= dense.macs * 1.01
+    assert all(later < earlier for earlier, later in zip(macs, macs[1:])), macs
+
+
+def test_captured_frames_equal_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graph-capture semantics (fixed ops on fixed tensors) hold for windowed and relative-position state."""
+    monkeypatch.setattr(EventfulViT, "recorder", FxGraphFrame)
+    model = make_sam()
+    eager = fv.eventful(model, fv.TopFraction(0.25), refresh_every=4)
+    captured = fv.eventful(model, fv.TopFraction(0.25), refresh_every=4, capture=True)
+    eager.sync_free = True
+    with torch.no_grad():
+        for frame in sam_video(9):
+            torch.testing.assert_close(captured.forward_features(frame), eager.forward_features(frame), rtol=1e-5,
+                                       atol=1e-5)
+
+
+def test_other_frame_size_and_reset() -> None:
+    """Any size the model accepts (the grid, windows and tables follow it); a new size needs reset()."""
+    model = make_sam()
+    ev = fv.eventful(model, fv.TopFraction(1.0))
+    with torch.no_grad():
+        ev.forward_features(torch.randn(1, 3, SIZE, SIZE))
+        with pytest.raises(ValueError, match="reset"):
+            ev.forward_features(torch.randn(1, 3, SIZE - 32, SIZE - 32))
+        ev.reset()
+        small = torch.randn(1, 3, SIZE - 32, SIZE - 32)
+        torch.testing.assert_close(ev.forward_features(small), model.forward_features(small), rtol=1e-5, atol=1e-6)
