@@ -32,6 +32,7 @@ from frugalvit.data import load_dataset
 from frugalvit.dvt import (DVTConfig, cascade_loss, evaluate_thresholds, genetic_search, geometric_search,
                            search_thresholds)
 from frugalvit.ioutil import atomic_file, write_json_atomically
+from frugalvit.timing import timed
 from frugalvit.training import TrainConfig, save_atomically, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -112,15 +113,14 @@ def real_run(cascade, split, thresholds, batch_size: int = 250) -> dict:
 
 
 def time_it(function, batches, repeats: int) -> list[float]:
-    times = []
+    """Seconds per pass of `function` over `batches`, `repeats` passes after a one-batch warm-up."""
+    def one_pass() -> None:
+        for batch in batches:
+            function(batch)
+
     with torch.no_grad():
         function(batches[0])  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for batch in batches:
-                function(batch)
-            times.append(time.perf_counter() - start)
-    return times
+        return [timed(one_pass, device=batches[0].device)[1] / 1e3 for _ in range(repeats)]
 
 
 def timing(cascade, single, split, thresholds, batch_size: int, count: int, repeats: int) -> dict:
@@ -380,9 +380,8 @@ def search_comparison(costs: Sequence[int], val: tuple[np.ndarray, np.ndarray], 
         point: dict = {"budget": float(budget)}
         for method, search in (("exact", search_thresholds), ("genetic", genetic_search),
                                ("geometric", geometric_search)):
-            start = time.perf_counter()
-            found = search(*val, costs, budget)
-            seconds[method] += time.perf_counter() - start
+            found, milliseconds = timed(search, *val, costs, budget)
+            seconds[method] += milliseconds / 1e3
             on_test = evaluate_thresholds(*test, costs, found.thresholds)
             point[method] = {"thresholds": list(found.thresholds), "val_accuracy": found.accuracy,
                              "val_mean_macs": found.mean_macs, "test_accuracy": on_test.accuracy,

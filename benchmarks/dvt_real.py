@@ -48,6 +48,7 @@ from frugalvit.data import ImageDataset, Split
 from frugalvit.dvt import (DVTConfig, ResolutionCascade, TokenPoolHead, cascade_loss, evaluate_thresholds,
                            search_thresholds)
 from frugalvit.ioutil import atomic_file, write_json_atomically
+from frugalvit.timing import timed
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import TrainConfig, save_atomically, train
 
@@ -178,12 +179,14 @@ def operating_point(name: str, cascade, costs: Sequence[int], val: Stats, test: 
     return entry
 
 
-def timed(function: Callable[[Tensor], object], batches: Sequence[Tensor]) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
+def pass_seconds(function: Callable[[Tensor], object], batches: Sequence[Tensor]) -> float:
+    """Seconds for one pass of `function` over `batches` (device-synchronised)."""
+    def one_pass() -> None:
         for batch in batches:
             function(batch)
-    return time.perf_counter() - start
+
+    with torch.no_grad():
+        return timed(one_pass, device=batches[0].device)[1] / 1e3
 
 
 def summary(times: list[float]) -> dict:
@@ -199,11 +202,11 @@ def wall_clock(cascade, dense: Callable[[Tensor], object], dense_macs: float, im
         for batch in batches:
             cascade(batch)
     cascade_macs = cost.macs / count
-    timed(dense, batches[:1]), timed(cascade, batches[:1])  # warm-up
+    pass_seconds(dense, batches[:1]), pass_seconds(cascade, batches[:1])  # warm-up
     dense_times, cascade_times = [], []
     for _ in range(repeats):
-        dense_times.append(timed(dense, batches))
-        cascade_times.append(timed(cascade, batches))
+        dense_times.append(pass_seconds(dense, batches))
+        cascade_times.append(pass_seconds(cascade, batches))
     speedup = statistics.median(dense_times) / statistics.median(cascade_times)
     mac_ratio = dense_macs / cascade_macs
     return {"batch_size": batch_size, "images": count, "repeats": repeats, "threads": torch.get_num_threads(),

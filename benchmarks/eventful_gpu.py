@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from frugalvit import TopFraction, eventful
 from frugalvit.ioutil import atomic_file, write_json_atomically
-from frugalvit.timing import timed
+from frugalvit.timing import device_timed
 
 GRID = [("vit_base_patch16_384", 384, 1), ("vit_base_patch16_384", 384, 8), ("vit_large_patch16_384", 384, 1),
         ("vit_base_patch16_384", 1024, 1)]
@@ -68,22 +68,6 @@ def prepare(path: Path, grid: list[tuple[str, int, int]], count: int) -> None:
         arrays[f"size_{size}"] = (decoded * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     with atomic_file(path) as handle:
         np.savez_compressed(handle, **arrays)
-
-
-def device_timer(device: torch.device) -> Callable[[Callable[[], object]], tuple[object, float]]:
-    """A per-call timer in milliseconds: CUDA events on a GPU, a synchronised wall clock elsewhere."""
-    if device.type != "cuda":
-        return lambda fn: timed(fn, device=device)
-
-    def cuda_timed(fn: Callable[[], object]) -> tuple[object, float]:
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        stop.record()
-        stop.synchronize()
-        return out, start.elapsed_time(stop)
-
-    return cuda_timed
 
 
 def streams(frames: np.ndarray, batch: int, count: int) -> torch.Tensor:
@@ -149,7 +133,6 @@ class Config:
                                  align_corners=False).view(count, batch, 3, size, size)
         self.clip = [((f - mean) / std).to(dtype) for f in clip]
         self.device = device
-        self.time_call = device_timer(device)
         self.result: dict[str, object] = {"model": name, "size": size, "batch": batch,
                                           "tokens": self.model.patch_embed.num_patches, "methods": {}}
         with torch.no_grad():
@@ -172,7 +155,7 @@ class Config:
 
     def time_dense(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
         forward(self.clip[0])  # warm-up
-        return summary([self.time_call(lambda: forward(frame))[1] for frame in self.clip])
+        return summary([device_timed(lambda: forward(frame), self.device)[1] for frame in self.clip])
 
     def time_eventful(self, budget: float, capture: bool, compiled: bool = False) -> dict[str, float]:
         ev = eventful(self.model, TopFraction(budget), capture=capture)
@@ -185,7 +168,7 @@ class Config:
         ev.refresh()  # the timed pass starts with a full frame, from the same state as a reset, keeping the graph
         times, cosines, errors = [], [], []
         for frame, reference in zip(self.clip, self.reference):
-            out, ms = self.time_call(lambda: ev.forward_features(frame))
+            out, ms = device_timed(lambda: ev.forward_features(frame), self.device)
             times.append(ms)
             out = out.float()
             cosines.append(F.cosine_similarity(out[:, 0], reference[:, 0], dim=-1).mean().item())

@@ -38,6 +38,7 @@ from frugalvit.eventful import eventful, parse_policy
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.models import SaliencyViT, saliency_vit
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
+from frugalvit.video.compare import FrameStep, frame_loop
 from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip
 from frugalvit.video.fidelity import map_fidelity
 
@@ -83,10 +84,9 @@ def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -
     """Eventful maps, backbone MACs per frame, and which frames were full updates."""
     ev = eventful(model.backbone, parse_policy(setting.policy), **setting.options)
     maps, macs, full = [], [], []
-    for i in range(frames.shape[0]):
-        features, frame_macs = counted(ev.forward_features, frames[i:i + 1])
-        maps.append(model.decode(features))
-        macs.append(frame_macs)
+    for _, _, _, results in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
+        maps.append(model.decode(results["eventful"].output))
+        macs.append(results["eventful"].macs)
         full.append(ev.last_frame_full)
     return torch.cat(maps), macs, full
 

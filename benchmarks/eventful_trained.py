@@ -38,6 +38,7 @@ from frugalvit.eventful.policies import Threshold, TokenPolicy
 from frugalvit.models import small_vit
 from frugalvit.reporting import save_figure_atomically, write_json_atomically
 from frugalvit.training import TrainConfig, accuracy, save_atomically, train
+from frugalvit.video.compare import FrameStep, frame_loop
 
 RESULTS = Path(__file__).parent / "results"
 CANVAS = 56
@@ -117,11 +118,10 @@ def replay(model: torch.nn.Module, frames: Tensor, labels: Tensor, dense: DenseR
     ev = eventful(model, policy, cut_share=cut_share)
     macs, features = [], []
     full = 0
-    for index, frame in enumerate(frames):
-        with CostCounter() as cost:
-            features.append(ev.forward_features(frame[None]))
+    for index, _, _, results in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
+        features.append(results["eventful"].output)
         if index > 0:
-            macs.append(cost.macs)
+            macs.append(results["eventful"].macs)
             full += int(ev.last_frame_full)
     tokens = torch.cat(features)
     pooled = model.forward_head(tokens, pre_logits=True)

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from frugalvit import CostCounter, TopFraction, eventful
 from frugalvit.models import load_timm_model
 from frugalvit.reporting import save_figure_atomically, write_json_atomically
-from frugalvit.timing import timed
+from frugalvit.video.compare import FrameStep, frame_loop
 from frugalvit.video.decode import bundled_clip_path, load_frames
 
 FIDELITY_TARGET = 0.99
@@ -44,21 +44,22 @@ def measure(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float], 
                    "dense_ms": []} for b in budgets}
     for _ in range(repeats):
         models = {b: eventful(model, TopFraction(b), cut_share=cut_share) for b in budgets}
+        steps = [FrameStep("dense", model.forward_features, "time")]
+        steps += [FrameStep(f"eventful {b}", ev.forward_features, "time") for b, ev in models.items()]
         dense_times: list[float] = []
         times = {b: [] for b in budgets}
         cosines = {b: [] for b in budgets}
         token_errors = {b: [] for b in budgets}
         agree = {b: [] for b in budgets}
         with torch.no_grad():
-            for frame in frames:
-                batch = frame.unsqueeze(0)
-                dense, milliseconds = timed(model.forward_features, batch, device=batch.device)
-                dense_times.append(milliseconds / 1e3)
+            for _, _, _, calls in frame_loop(frames, steps):
+                dense = calls["dense"].output
+                dense_times.append(calls["dense"].ms / 1e3)
                 dense_pooled = model.forward_head(dense, pre_logits=True)
                 dense_top1 = model.forward_head(dense).argmax(-1)
-                for budget, ev in models.items():
-                    features, milliseconds = timed(ev.forward_features, batch, device=batch.device)
-                    times[budget].append(milliseconds / 1e3)
+                for budget in budgets:
+                    features = calls[f"eventful {budget}"].output
+                    times[budget].append(calls[f"eventful {budget}"].ms / 1e3)
                     pooled = model.forward_head(features, pre_logits=True)
                     cosines[budget].append(F.cosine_similarity(pooled, dense_pooled, dim=-1).item())
                     token_errors[budget].append(((features - dense).norm() / dense.norm()).item())
@@ -88,10 +89,8 @@ def count_macs(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float
         ev = eventful(model, TopFraction(budget), cut_share=cut_share)
         total = 0
         cuts[budget] = []
-        for index, frame in enumerate(frames):
-            with CostCounter() as cost:
-                ev.forward_features(frame.unsqueeze(0))
-            total += cost.macs if index > 0 else 0
+        for index, _, _, calls in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
+            total += calls["eventful"].macs if index > 0 else 0
             if index > 0 and ev.last_frame_full:
                 cuts[budget].append(index)
         per_budget[budget] = total / (len(frames) - 1)

@@ -3,6 +3,8 @@
 On CUDA, kernels run asynchronously: reading a clock right after a call
 measures the launch, not the work. `timed` synchronises the device before
 starting and before stopping the clock (on the CPU there is nothing to wait for).
+`device_timed` measures with CUDA events on a GPU (the device's own clock,
+without draining the queue first) and falls back to `timed` elsewhere.
 """
 
 from __future__ import annotations
@@ -30,6 +32,43 @@ def timed(fn: Callable[..., T], *args: object, device: torch.device | str = "cpu
     out = fn(*args)
     synchronize(device)
     return out, (time.perf_counter() - start) * 1e3
+
+
+class Stopwatch:
+    """Elapsed seconds of a span of work on `device` (synchronised at start and at each reading).
+
+    For spans that are not one call: a whole command, a training run.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        synchronize(self.device)
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Seconds since the stopwatch was made, once the work queued on the device so far has finished."""
+        synchronize(self.device)
+        return time.perf_counter() - self.started
+
+
+def device_timed(fn: Callable[[], T], device: torch.device | str) -> tuple[T, float]:
+    """(fn(), its time in milliseconds on `device`): CUDA events around the call on a GPU, `timed` elsewhere.
+
+    On CUDA the events are recorded on the current stream before and after the
+    call, and the stop event is waited for; the time includes the host's launch
+    time when the device is idle waiting for it, which is what a caller feeding
+    frames one by one sees.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return timed(fn, device=device)
+    with torch.cuda.device(device):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        stop.record()
+    stop.synchronize()
+    return out, start.elapsed_time(stop)
 
 
 def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:

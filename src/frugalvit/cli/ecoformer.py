@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from frugalvit.ecoformer.cost import (hashed_attention_counted, hashed_attention
                                       softmax_attention_counted, softmax_attention_elementwise)
 from frugalvit.ioutil import check_output_dir, write_json_atomically
 from frugalvit.models import checkpoint_kind, small_vit
-from frugalvit.timing import synchronize, timed
+from frugalvit.timing import Stopwatch, timed
 from frugalvit.training import TrainConfig, accuracy, mixed_precision, save_atomically, train
 
 
@@ -131,8 +130,7 @@ def finetune(args: argparse.Namespace) -> int:
     config = {"image_size": height, "patch_size": args.patch_size, "in_chans": channels,
               "num_classes": data.num_classes}
     tokens = (height // args.patch_size) ** 2 + 1
-    synchronize(device)
-    started = time.perf_counter()
+    stopwatch = Stopwatch(device)
     print(f"running on {describe(device, amp_dtype)}")
 
     teacher = small_vit(**config).to(device)
@@ -212,8 +210,7 @@ def finetune(args: argparse.Namespace) -> int:
                              "baseline": "the same ViT with softmax attention, counted as executed (matrix products; "
                                          "fused SDPA has the same count)"},
     }
-    synchronize(device)
-    results["seconds"] = time.perf_counter() - started
+    results["seconds"] = stopwatch.seconds()
     write_json_atomically(results, out / "results.json")
     print(f"test accuracy: softmax {teacher_accuracy:.4f}, EcoFormer {eco_accuracy:.4f} "
           f"({100 * (eco_accuracy - teacher_accuracy):+.2f} points)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -24,6 +23,7 @@ from frugalvit.data import model_input
 from frugalvit.dvt.cascade import resize_images
 from frugalvit.dvt.exit import EarlyExitCascade
 from frugalvit.timing import model_device_dtype
+from frugalvit.timm import embed_tokens_resampled, has_plain_patch_embed
 
 
 def vit_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
@@ -37,25 +37,7 @@ def vit_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
 
 def tokens_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
     """The final (normed) tokens of a timm ViT on `images` of any size divisible by its patch size."""
-    patch = model.patch_embed.patch_size
-    height, width = images.shape[-2:]
-    if height % patch[0] or width % patch[1]:
-        raise ValueError(f"image size {height}x{width} is not divisible by the patch size {patch[0]}x{patch[1]}")
-    embed = model.patch_embed
-    x = embed.proj(images)
-    grid = x.shape[-2:]
-    x = embed.norm(x.flatten(2).transpose(1, 2))
-    prefix = [token.expand(x.shape[0], -1, -1) for token in (model.cls_token, model.reg_token) if token is not None]
-    if model.pos_embed is None:
-        x = torch.cat(prefix + [x], dim=1)
-    else:
-        pos = resample_abs_pos_embed(model.pos_embed, new_size=list(grid), old_size=list(embed.grid_size),
-                                     num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens)
-        if model.no_embed_class:
-            x = torch.cat(prefix + [x + pos], dim=1)
-        else:
-            x = torch.cat(prefix + [x], dim=1) + pos
-    x = model.norm_pre(model.patch_drop(model.pos_drop(x)))
+    x = embed_tokens_resampled(model, images)
     return model.norm(model.blocks(x))
 
 
@@ -110,7 +92,7 @@ class ResolutionCascade(EarlyExitCascade):
         bad = [size for size in sizes if size % patch[0] or size % patch[1]]
         if bad:
             raise ValueError(f"resolutions {bad} are not divisible by the model's patch size {patch[0]}")
-        if getattr(model, "dynamic_img_pad", False) or model.patch_embed.__class__.__name__ != "PatchEmbed":
+        if not has_plain_patch_embed(model):
             raise ValueError("ResolutionCascade supports timm ViTs with a plain PatchEmbed")
         if heads is not None and len(heads) != len(sizes):
             raise ValueError(f"got {len(heads)} heads for {len(sizes)} resolutions; give one head per resolution")

@@ -19,6 +19,8 @@ from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
+from frugalvit.timm import attention_gate, embed_tokens, merge_heads, split_qkv
+
 
 def attention_with_bias(attn: Attention, x: Tensor, bias: Tensor | None = None,
                         return_logits: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -27,11 +29,8 @@ def attention_with_bias(attn: Attention, x: Tensor, bias: Tensor | None = None,
     Keeps fused SDPA (the bias as a float mask) unless the logits are needed or
     `attn.fused_attn` is False; the explicit path is the reference.
     """
-    batch, tokens, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    gate = attention_gate(attn, x)
+    q, k, v = split_qkv(attn, x)
     logits = None
     if attn.fused_attn and not return_logits:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
@@ -41,11 +40,7 @@ def attention_with_bias(attn: Attention, x: Tensor, bias: Tensor | None = None,
         if bias is not None:
             logits = logits + bias
         out = attn.attn_drop(logits.softmax(dim=-1)) @ v
-    out = out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), logits
+    return merge_heads(attn, out, gate), logits
 
 
 class ReuseBlock(Block):
@@ -157,7 +152,7 @@ def stage_forward(vit: VisionTransformer, images: Tensor, context: Tensor | None
     """Run one stage on `images` with optional reuse inputs; mirrors `VisionTransformer.forward`."""
     if attn_biases is not None and len(attn_biases) != len(vit.blocks):
         raise ValueError(f"got {len(attn_biases)} attention biases for {len(vit.blocks)} blocks")
-    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    x = embed_tokens(vit, images)
     attention: list[Tensor] | None = [] if return_attention else None
     for index, block in enumerate(vit.blocks):
         if not isinstance(block, ReuseBlock):

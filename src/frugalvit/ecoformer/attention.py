@@ -28,6 +28,7 @@ from timm.layers import Attention
 
 from frugalvit.cost.ops import signed_matmul
 from frugalvit.ecoformer.hashing import hash_codes, l2_normalize
+from frugalvit.timm import attention_gate, graft, merge_heads, split_heads, split_qkv
 
 Normaliser = Literal["consistent", "authors"]
 NORMALISERS: tuple[str, ...] = ("consistent", "authors")
@@ -85,9 +86,10 @@ def _check_range(name: str, value: int, low: int, high: int) -> int:
 class EcoFormerAttention(Attention):
     """A timm `Attention` whose softmax attention is replaced by EcoFormer hashed linear attention.
 
-    Keeps the original `qkv`, `q_norm`, `k_norm`, `norm`, `proj` under their
-    timm names, so `hashing = False` runs the original layer exactly (fused or
-    not, per `fused_attn`). The hashed path uses a tied query/key projection
+    Holds every part of the source layer (`qkv`, `q_norm`, `k_norm`, `norm`,
+    `proj`, ..., shared, under their timm names), so `hashing = False` runs the
+    source layer's own forward exactly (fused or not, per `fused_attn`); the
+    source may be a subclass of timm's `Attention`. The hashed path uses a tied query/key projection
     `qk` (initialised from the pretrained query and key weights), the value
     rows of `qkv`, and the fitted hash state held in buffers (`hash_*`), which
     `frugalvit.fit_hashes` fills. Attention dropout and attention masks do not
@@ -107,12 +109,14 @@ class EcoFormerAttention(Attention):
             bias = float(bits + 1)
         if not bias > bits:
             raise ValueError(f"bias must exceed bits ({bits}) so that every similarity is positive, got {bias}")
-        self.num_heads, self.head_dim = source.num_heads, source.head_dim
-        self.attn_dim = getattr(source, "attn_dim", source.num_heads * source.head_dim)
-        self.scale, self.fused_attn = source.scale, source.fused_attn
-        self.qkv, self.q_norm, self.k_norm = source.qkv, source.q_norm, source.k_norm
-        self.attn_drop, self.norm, self.proj, self.proj_drop = source.attn_drop, source.norm, source.proj, source.proj_drop
-        self.gate = getattr(source, "gate", None)
+        # Every part of the source layer, shared (its weights are the converted layer's): `remove_ecoformer`
+        # hands exactly these back to a layer of the source's class.
+        self.source_class: type[Attention] = type(source)
+        self.source_parts = graft(self, source)
+        if "attn_dim" not in self.source_parts:  # timm before `attn_dim`
+            self.attn_dim = source.num_heads * source.head_dim
+        if "gate" not in self.source_parts:  # timm before gated attention
+            self.gate = None
         self.bits, self.num_anchors, self.bias, self.normaliser = bits, anchors, float(bias), normaliser
         self.hashing = True
 
@@ -142,18 +146,21 @@ class EcoFormerAttention(Attention):
         return (f"bits={self.bits}, anchors={self.num_anchors}, bias={self.bias:g}, normaliser={self.normaliser}, "
                 f"hashing={self.hashing}, fitted={self.fitted}")
 
-    def _heads(self, t: Tensor) -> Tensor:
-        batch, tokens, _ = t.shape
-        return t.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
+    def to_source(self) -> Attention:
+        """A layer of the source's class holding this layer's timm parts (the same objects): the unconverted layer."""
+        restored = self.source_class.__new__(self.source_class)
+        nn.Module.__init__(restored)
+        graft(restored, self, self.source_parts)
+        return restored
 
     def tied_tokens(self, x: Tensor) -> Tensor:
         """L2-normalised tied query/key tokens of `x` (B, N, C): `(B, H, N, head_dim)`."""
-        return l2_normalize(self.qk_norm(self._heads(self.qk(x))))
+        return l2_normalize(self.qk_norm(split_heads(self, self.qk(x))))
 
     def softmax_logits(self, x: Tensor) -> Tensor:
         """Attention logits `scale * q k^T` of the original (pretrained) projections: `(B, H, N, N)`."""
-        q, k, _ = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return (self.q_norm(q) * self.scale) @ self.k_norm(k).transpose(-1, -2)
+        q, k, _ = split_qkv(self, x)
+        return (q * self.scale) @ k.transpose(-1, -2)
 
     def codes(self, x: Tensor) -> Tensor:
         """Binary codes of the tied tokens of `x`: `(B, H, N, bits)` in {-1, +1}."""
@@ -164,24 +171,21 @@ class EcoFormerAttention(Attention):
                           self.hash_weights)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if not self.hashing:
-            return super().forward(x, *args, **kwargs)
+        if not self.hashing:  # the source layer's own forward on the same parts
+            if self.source_class is Attention:
+                return super().forward(x, *args, **kwargs)
+            return self.to_source()(x, *args, **kwargs)  # a subclass: its forward may call its own methods
         attn_mask = kwargs.get("attn_mask", args[0] if args else None)
         is_causal = kwargs.get("is_causal", args[1] if len(args) > 1 else False)
         if attn_mask is not None or is_causal:
             raise ValueError("hashed attention supports neither attention masks nor causal attention; "
                              "set hashing = False on this layer for masked inputs")
-        batch, tokens, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        gate = attention_gate(self, x)
         d = self.attn_dim
         value_bias = self.qkv.bias[2 * d:] if self.qkv.bias is not None else None
-        v = self._heads(F.linear(x, self.qkv.weight[2 * d:], value_bias))
+        v = split_heads(self, F.linear(x, self.qkv.weight[2 * d:], value_bias))
         codes = self.codes(x)
-        out = hashed_linear_attention(codes, codes, v, self.bias, self.normaliser)
-        out = self.norm(out.transpose(1, 2).reshape(batch, tokens, d))
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(out))
+        return merge_heads(self, hashed_linear_attention(codes, codes, v, self.bias, self.normaliser), gate)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],

@@ -1,4 +1,4 @@
-"""timm glue: convert a ViT's attention layers to EcoFormer hashed attention, and back."""
+"""Convert a ViT's attention layers to EcoFormer hashed attention, and back (layers swapped by `frugalvit.timm`)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,13 @@ from torch import nn
 from timm.layers import Attention
 
 from frugalvit.ecoformer.attention import EcoFormerAttention, Normaliser
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+from frugalvit.timm import replace_modules
 
 
 def convertible_layers(model: nn.Module) -> list[str]:
-    """Names of the timm `Attention` layers of `model` that `ecoformer` can convert, in order."""
-    return [name for name, module in model.named_modules() if type(module) is Attention]
+    """Names of the timm `Attention` layers (subclasses included) of `model` that `ecoformer` can convert, in order."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, Attention) and not isinstance(module, EcoFormerAttention)]
 
 
 def ecoformer_layers(model: nn.Module) -> dict[str, EcoFormerAttention]:
@@ -32,7 +29,7 @@ def ecoformer(model: nn.Module, bits: int = 16, anchors: int = 25, layers: Seque
     """Replace attention layers of a timm ViT by EcoFormer hashed linear attention.
 
     Args:
-        model: a timm model with `timm.layers.Attention` layers (ViT, DeiT, ...).
+        model: a timm model with `timm.layers.Attention` layers or subclasses of it (ViT, DeiT, ...).
         bits: hash code length b per head (1..64).
         anchors: number m of RBF anchor tokens per head (2..4096).
         layers: which attention layers to convert, as indices into
@@ -75,29 +72,20 @@ def ecoformer(model: nn.Module, bits: int = 16, anchors: int = 25, layers: Seque
         if not chosen:
             raise ValueError("layers is empty: name at least one attention layer to convert, or pass None for all")
     target = model if inplace else copy.deepcopy(model)
-    for name in dict.fromkeys(chosen):
-        _set_submodule(target, name, EcoFormerAttention(target.get_submodule(name), bits=bits, anchors=anchors,
-                                                        bias=bias, normaliser=normaliser, init=init))
+    selected = set(chosen)
+    replace_modules(target, lambda name, _: name in selected,
+                    lambda _, layer: EcoFormerAttention(layer, bits=bits, anchors=anchors, bias=bias,
+                                                        normaliser=normaliser, init=init))
     return target
 
 
-def _to_timm_attention(layer: EcoFormerAttention) -> Attention:
-    restored = Attention.__new__(Attention)
-    nn.Module.__init__(restored)
-    for name in ("num_heads", "head_dim", "attn_dim", "scale", "fused_attn", "gate"):
-        setattr(restored, name, getattr(layer, name))
-    for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
-        setattr(restored, name, getattr(layer, name))
-    restored.train(layer.training)
-    return restored
-
-
 def remove_ecoformer(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """The inverse of `ecoformer`: plain timm attention layers with the (possibly fine-tuned) qkv/proj weights."""
-    layers = ecoformer_layers(model)
-    if not layers:
+    """The inverse of `ecoformer`: attention layers of the original class with the (possibly fine-tuned) weights.
+
+    `inplace` as in `ecoformer`.
+    """
+    if not ecoformer_layers(model):
         raise ValueError("model has no EcoFormer attention layer to remove")
     target = model if inplace else copy.deepcopy(model)
-    for name in layers:
-        _set_submodule(target, name, _to_timm_attention(target.get_submodule(name)))
+    replace_modules(target, lambda _, layer: isinstance(layer, EcoFormerAttention), lambda _, layer: layer.to_source())
     return target

@@ -1,5 +1,11 @@
 """Frame-by-frame comparison of a dense timm ViT and its eventful version on the same frames.
 
+`frame_loop` is the one loop the apps and benchmarks share: each frame is
+batched, moved to the models' device and fed to a fixed sequence of calls
+(dense, eventful, ...), each timed (device-synchronised) or counted
+(`CostCounter`), in that order. `compare_on_frames` and `time_repeats` build
+the `frugalvit video` / `frugalvit demo` report on it.
+
 Per frame we record executed MACs (by `CostCounter`), wall time and the
 fidelity of the eventful output against the dense one. Timing and counting
 are kept apart: the timed eventful model runs bare, and an identical twin
@@ -13,8 +19,10 @@ are counted once on the first frame. Wall time varies from run to run, so
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +96,62 @@ class ComparisonSummary:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FrameStep:
+    """One call per frame in `frame_loop`: `fn(batch)`, timed or counted, under a unique `name`.
+
+    `first_frame_only`: run it on the first frame only (e.g. counting a dense
+    model, whose cost depends only on the frame shape).
+    """
+
+    name: str
+    fn: Callable[[Tensor], Tensor]
+    measure: Literal["time", "macs"]
+    first_frame_only: bool = False
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """A step's output on one frame and its cost: wall milliseconds ("time") or executed MACs ("macs")."""
+
+    output: Tensor
+    ms: float | None = None
+    macs: int | None = None
+
+
+@torch.no_grad()
+def frame_loop(frames: Iterable[Tensor], steps: Sequence[FrameStep], device: torch.device | None = None,
+               dtype: torch.dtype | None = None, progress: bool = False, total: int | None = None
+               ) -> Iterator[tuple[int, Tensor, Tensor, dict[str, StepResult]]]:
+    """Feed every frame (C, H, W) as a batch of one to `steps`, in order; yield (index, frame, batch, results).
+
+    The batch is moved to `device` / `dtype` when given (timing then
+    synchronises that device; otherwise the batch's). Results are keyed by
+    step name. Stateful models (eventful) see the frames in order; the caller
+    reads their state (`last_frame_full`, ...) after each yield, before the
+    next frame runs. Runs without autograd.
+    """
+    names = [step.name for step in steps]
+    if len(set(names)) != len(names):
+        raise ValueError(f"frame_loop steps need unique names, got {names}")
+    for index, frame in enumerate(tqdm(frames, total=total, desc="frames", disable=not progress, unit="frame")):
+        batch = frame.unsqueeze(0)
+        if device is not None or dtype is not None:
+            batch = batch.to(device, dtype)
+        results: dict[str, StepResult] = {}
+        for step in steps:
+            if step.first_frame_only and index > 0:
+                continue
+            if step.measure == "time":
+                output, ms = timed(step.fn, batch, device=batch.device)
+                results[step.name] = StepResult(output, ms=ms)
+            else:
+                with CostCounter() as cost:
+                    output = step.fn(batch)
+                results[step.name] = StepResult(output, macs=cost.macs)
+        yield index, frame, batch, results
+
+
 @torch.no_grad()
 def _dense_features(model: nn.Module, frame: Tensor) -> Tensor:
     return model.forward_features(frame)
@@ -114,18 +178,17 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     ev.reset()
     counted = _twin(ev)
     device, dtype = model_device_dtype(model)
-    dense_gmacs: float | None = None
+    dense = partial(_dense_features, model)
+    steps = [FrameStep("dense counted", dense, "macs", first_frame_only=True), FrameStep("dense", dense, "time"),
+             FrameStep("eventful", ev.forward_features, "time"),
+             FrameStep("eventful counted", counted.forward_features, "macs")]
+    dense_gmacs = 0.0
     records: list[FrameRecord] = []
-    for index, frame in enumerate(tqdm(frames, total=total, desc="frames", disable=not progress, unit="frame")):
-        batch = frame.unsqueeze(0).to(device, dtype)
-        if dense_gmacs is None:
-            with CostCounter() as cost:
-                _dense_features(model, batch)
-            dense_gmacs = cost.macs / 1e9
-        dense_features, dense_ms = timed(_dense_features, model, batch, device=device)
-        eventful_features, eventful_ms = timed(ev.forward_features, batch, device=device)
-        with CostCounter() as cost:
-            counted.forward_features(batch)
+    for index, frame, _, results in frame_loop(frames, steps, device, dtype, progress, total):
+        if "dense counted" in results:
+            dense_gmacs = results["dense counted"].macs / 1e9
+        dense_features, dense_ms = results["dense"].output, results["dense"].ms
+        eventful_features, eventful_ms = results["eventful"].output, results["eventful"].ms
         dense_pooled = model.forward_head(dense_features, pre_logits=True)
         eventful_pooled = model.forward_head(eventful_features, pre_logits=True)
         counts = [count for block in ev.gate_counts() for count in block if count is not None]
@@ -138,7 +201,7 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
         records.append(FrameRecord(
             index=index,
             dense_gmacs=dense_gmacs,
-            eventful_gmacs=cost.macs / 1e9,
+            eventful_gmacs=results["eventful counted"].macs / 1e9,
             dense_ms=dense_ms,
             eventful_ms=eventful_ms,
             cosine=F.cosine_similarity(dense_pooled, eventful_pooled, dim=-1).item(),
@@ -166,13 +229,14 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
     model.eval()
     device, dtype = model_device_dtype(model)
     replays: list[tuple[list[float], list[float]]] = []
+    steps = [FrameStep("dense", partial(_dense_features, model), "time"),
+             FrameStep("eventful", ev.forward_features, "time")]
     for _ in tqdm(range(repeats), desc="timing repeats", disable=not progress or repeats == 0, unit="replay"):
         ev.reset()
         dense_times, eventful_times = [], []
-        for frame in frames:
-            batch = frame.unsqueeze(0).to(device, dtype)
-            dense_times.append(timed(_dense_features, model, batch, device=device)[1])
-            eventful_times.append(timed(ev.forward_features, batch, device=device)[1])
+        for _, _, _, results in frame_loop(frames, steps, device, dtype):
+            dense_times.append(results["dense"].ms)
+            eventful_times.append(results["eventful"].ms)
         replays.append((dense_times, eventful_times))
     return replays
 
