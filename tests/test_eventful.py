@@ -10,6 +10,7 @@ import frugalvit as fv
 from frugalvit.eventful.attention import build_attention_sums, cancelled_rows, fused_attention, update_attention_sums_
 from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_
 from frugalvit.eventful.model import UnsupportedModelError
+from frugalvit.timm import embed_tokens
 
 SIZE = 64
 # Small versions of real timm architectures: class token, LayerScale (deit3, dinov2), registers,
@@ -102,7 +103,7 @@ def test_sync_free_frame_compiles_whole_with_no_graph_break(policy: fv.TokenPoli
     eager, compiled = fv.eventful(model, policy), fv.eventful(model, policy)
     eager.sync_free = compiled.sync_free = True
     frames = patch_video(6, share=0.2)
-    embed = lambda images: model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))  # noqa: E731
+    embed = lambda images: embed_tokens(model, images)  # noqa: E731
     with torch.no_grad():
         compiled(frames[0])
         compiled(frames[1])

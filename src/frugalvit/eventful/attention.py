@@ -43,7 +43,9 @@ update; a periodic refresh bounds it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -78,30 +80,37 @@ class AttentionSums:
 class LogitBias(Protocol):
     """Additive logit terms that depend on query and key positions (e.g. relative positions).
 
-    Implementations may cache per-row terms; `full` and `rows` refresh that
-    cache for the rows they are given, `columns` and `rows_at` only read it.
+    Each method adds the terms into a logits tensor in place (nothing of size
+    rows x keys is materialised besides the logits). Implementations may
+    cache per-row terms: `add_full_`, `mask` and `add_rows_` refresh that
+    cache for the rows they are given, `add_columns_` and `add_rows_at_` read it.
     """
 
-    def full(self, q: Tensor) -> Tensor:
-        """(B, H, N, N) terms for every query row `q` (B, H, N, Dh) against every key."""
+    def add_full_(self, logits: Tensor, q: Tensor) -> None:
+        """logits (B, H, N, N) += the terms of every query row `q` (B, H, N, Dh) against every key."""
 
-    def rows(self, q: Tensor, selection: Selection) -> Tensor:
-        """(B, H, M, N) terms for the new query rows `q` (B, H, M, Dh) at `selection`."""
+    def mask(self, q: Tensor) -> Tensor:
+        """The same terms as a (B, H, N, N) float32 tensor (an additive mask for a fused kernel)."""
 
-    def columns(self, selection: Selection) -> Tensor:
-        """(B, H, N, M) terms of every query row against the keys at `selection`."""
+    def add_rows_(self, logits: Tensor, q: Tensor, selection: Selection) -> None:
+        """logits (B, H, M, N) += the terms of the new query rows `q` (B, H, M, Dh) at `selection`."""
 
-    def rows_at(self, rows: Tensor) -> Tensor:
-        """(B, H, R, N) terms for the current query rows at `rows` (B, H, R)."""
+    def add_columns_(self, logits: Tensor, selection: Selection, blocks: int = 1) -> None:
+        """Key-major logits (B, H, blocks * M, N) += the terms of the keys at `selection` against every row, in
+        each of `blocks` consecutive blocks of M keys."""
+
+    def add_rows_at_(self, logits: Tensor, rows: Tensor) -> None:
+        """logits (B, H, R, N) += the terms of the current query rows at `rows` (B, H, R)."""
 
 
 def _stabilized_sums(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                     bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """float32 (stabiliser, numerator, denominator) of rows `q` against all of `k`, `v` (plus `bias` logits)."""
+                     add_bias: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """float32 (stabiliser, numerator, denominator) of rows `q` against all of `k`, `v` (`add_bias(logits)` adds
+    position terms in place)."""
     q, k, v = q.float(), k.float(), v.float()
     logits = torch.matmul(q * scale, k.transpose(-2, -1))  # scale the (often fewer) query rows, not all keys
-    if bias is not None:
-        logits = logits.add_(bias)
+    if add_bias is not None:
+        add_bias(logits)
     stabilizer = logits.amax(dim=-1, keepdim=True)
     weights = logits.sub_(stabilizer).exp_()
     return stabilizer, torch.matmul(weights, v), weights.sum(dim=-1, keepdim=True)
@@ -110,12 +119,12 @@ def _stabilized_sums(q: Tensor, k: Tensor, v: Tensor, scale: float,
 def build_attention_sums(q: Tensor, k: Tensor, v: Tensor, scale: float,
                          bias: LogitBias | None = None) -> AttentionSums:
     """Dense pass that also keeps the sums the incremental path needs (float32)."""
-    return AttentionSums(*_stabilized_sums(q, k, v, scale, None if bias is None else bias.full(q)))
+    return AttentionSums(*_stabilized_sums(q, k, v, scale, None if bias is None else partial(bias.add_full_, q=q)))
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: LogitBias | None = None) -> Tensor:
     """Dense attention with the fused kernel; keeps no state (refreshes `bias`'s row cache)."""
-    mask = None if bias is None else bias.full(q).to(q.dtype)
+    mask = None if bias is None else bias.mask(q).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -141,11 +150,13 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
     changed = selection.count
     host = host_check and not q.is_cuda  # the CPU: a host check is free, so do only the work a frame needs
     # Every row: add the new keys' terms, remove the old keys' terms, after raising the stabiliser if needed.
-    keys = torch.cat([new_k, old_k], dim=-2).float().transpose(-2, -1) * scale
-    logits = torch.matmul(q.float(), keys)  # (B, H, N, 2M)
+    # Laid out key-major, (B, H, 2M, N): a key's terms for all rows are one contiguous run (position terms are
+    # added per key, and reductions over the 2M keys stream through memory).
+    keys = torch.cat([new_k, old_k], dim=-2).float() * scale
+    logits = torch.matmul(keys, q.float().transpose(-2, -1))  # (B, H, 2M, N)
     if bias is not None:  # new and old keys sit at the same positions
-        logits = logits.add_(bias.columns(selection).repeat(1, 1, 1, 2))
-    stabilizer = torch.maximum(sums.stabilizer, logits[..., :changed].amax(dim=-1, keepdim=True))
+        bias.add_columns_(logits, selection, blocks=2)
+    stabilizer = torch.maximum(sums.stabilizer, logits[..., :changed, :].amax(dim=-2).unsqueeze(-1))
     if host:
         _rescale_rising_rows_(sums, stabilizer)
     else:
@@ -153,13 +164,13 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
         sums.numerator.mul_(rescale)
         sums.denominator.mul_(rescale)
         sums.stabilizer.copy_(stabilizer)
-    weights = logits.sub_(stabilizer).exp_()
-    weights[..., changed:].neg_()
-    sums.numerator.add_(torch.matmul(weights, torch.cat([new_v, old_v], dim=-2).float()))
-    sums.denominator.add_(weights.sum(-1, keepdim=True))
+    weights = logits.sub_(stabilizer.transpose(-2, -1)).exp_()
+    weights[..., changed:, :].neg_()
+    sums.numerator.add_(torch.matmul(weights.transpose(-2, -1), torch.cat([new_v, old_v], dim=-2).float()))
+    sums.denominator.add_(weights.sum(-2).unsqueeze(-1))
 
     # Rows of changed queries: recompute in full against all (updated) keys and values.
-    row_bias = None if bias is None else bias.rows(new_q, selection)
+    row_bias = None if bias is None else partial(bias.add_rows_, q=new_q, selection=selection)
     for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
                             _stabilized_sums(new_q, k, v, scale, row_bias)):
         scatter_tokens_(state, selection, fresh)
@@ -168,7 +179,7 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
         if not bool(cancelled_rows(sums).any()):
             return False
         for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
-                                _stabilized_sums(q, k, v, scale, None if bias is None else bias.full(q))):
+                                _stabilized_sums(q, k, v, scale, None if bias is None else partial(bias.add_full_, q=q))):
             state.copy_(fresh)
         return True
     # Cancellation repair on the device: recompute the rows with the smallest denominators where they fell
@@ -178,7 +189,8 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
     picked_q = q.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1]))
     cancelled = sums.denominator.gather(2, rows.unsqueeze(-1)) < MIN_DENOMINATOR  # (B, H, R, 1)
     for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
-                            _stabilized_sums(picked_q, k, v, scale, None if bias is None else bias.rows_at(rows))):
+                            _stabilized_sums(picked_q, k, v, scale,
+                                             None if bias is None else partial(bias.add_rows_at_, rows=rows))):
         current = state.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, state.shape[-1]))
         _scatter_rows_(state, rows, torch.where(cancelled, fresh, current))
     return False

@@ -25,6 +25,7 @@ from frugalvit.eventful.attention import (AttentionSums, build_attention_sums, c
 from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_, store_
 from frugalvit.eventful.policies import TokenPolicy
 from frugalvit.eventful.relpos import DecomposedRelativeBias
+from frugalvit.timm import split_qkv
 
 
 def _store_sums(current: AttentionSums | None, fresh: AttentionSums) -> AttentionSums:
@@ -39,14 +40,6 @@ def _merge_heads(per_head: Tensor) -> Tensor:
     """(B, H, N, Dh) -> (B, N, H * Dh), a new tensor."""
     batch, heads, num_tokens, head_dim = per_head.shape
     return per_head.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
-
-
-def project_qkv(attn: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v (B, heads, M, Dh) of tokens (B, M, D) through a timm attention's qkv layer and q/k norms."""
-    batch, count, _ = tokens.shape
-    qkv = attn.qkv(tokens).reshape(batch, count, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    return attn.q_norm(q), attn.k_norm(k), v
 
 
 class EventfulAttention(nn.Module):
@@ -79,7 +72,7 @@ class EventfulAttention(nn.Module):
         self.last_path = "none"
 
     def _project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return project_qkv(self.attention, tokens)
+        return split_qkv(self.attention, tokens)
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
                 keep_sums: bool = False, sync_free: bool = False) -> Tensor:
@@ -163,9 +156,12 @@ class EventfulBlock(nn.Module):
         mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep_sums, sync_free)
         selection, tokens = self.projection_gate(mixed, policy, update_all)
         norm = getattr(attn, "norm", None)  # timm's ViT Attention has a norm before its projection; SAM's has none
-        x = x + self.projection_buffer(selection, block.ls1(attn.proj(tokens if norm is None else norm(tokens))))
+        # The residual adds write into x: it is this frame's own tensor (the gates keep copies, and on a full
+        # frame `tokens` is x itself but already consumed), and a fresh (B, N, D) tensor per add costs page
+        # faults on the CPU at large N. The caller's input is copied once, before the first block.
+        x = x.add_(self.projection_buffer(selection, block.ls1(attn.proj(tokens if norm is None else norm(tokens)))))
         selection, tokens = self.mlp_gate(x, policy, update_all)
-        return x + self.mlp_buffer(selection, block.ls2(block.mlp(block.norm2(tokens))))
+        return x.add_(self.mlp_buffer(selection, block.ls2(block.mlp(block.norm2(tokens)))))
 
     def gate_counts(self) -> tuple[int | None, int | None, int | None]:
         """Tokens each gate let through on the last frame (attention, projection, MLP)."""

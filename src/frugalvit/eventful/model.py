@@ -18,9 +18,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION
 from frugalvit.eventful.block import EventfulBlock
+from frugalvit.eventful.neck import EventfulNeck
 from frugalvit.eventful.policies import TokenPolicy
 from frugalvit.eventful.windowed import EventfulWindowAttention
-from frugalvit.timm import sam
+from frugalvit.timm import embed_tokens, sam
 
 DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION
 NONFINITE_MODES = ("error", "refresh")
@@ -183,6 +184,8 @@ class EventfulViT(nn.Module):
             EventfulBlock(block, EventfulWindowAttention(block.attn, block.window_size)
                           if self._sam and block.window_size > 0 else None) for block in model.blocks)
         self._grid: tuple[int, int] | None = None  # the token grid of this sequence (SAM backbones)
+        neck = sam.conv_neck(model) if self._sam else None
+        self.eventful_neck = None if neck is None else EventfulNeck(neck)
         self.policy = policy
         self.incremental_max_fraction = incremental_max_fraction
         self.refresh_every = refresh_every
@@ -221,6 +224,8 @@ class EventfulViT(nn.Module):
         """Forget all state: the next frame starts a new sequence and is computed in full."""
         for block in self.eventful_blocks:
             block.reset()
+        if self.eventful_neck is not None:
+            self.eventful_neck.reset()
         self._graph, self._warm_up = None, (None, 0)  # the state is reallocated on the next frame
         self._grid = None
         self._frame_shape = None
@@ -289,8 +294,14 @@ class EventfulViT(nn.Module):
         policy it contains no host synchronisation and no data-dependent Python
         branch, so it can be compiled whole (`fullgraph=True`) and captured.
         """
+        # The blocks add their residuals in place: never into the caller's tensor. Row-major copy: an embedding
+        # may hand over a permuted view (SAM's patch embedding is channels-first in memory), and every gate
+        # and residual add over such a layout runs several times slower.
+        tokens = tokens.clone(memory_format=torch.contiguous_format)
         for block in self.eventful_blocks:
             tokens = block(tokens, self.policy, self.incremental_max_fraction, update_all, self._sync_free)
+        if self.eventful_neck is not None:
+            return self.eventful_neck(tokens, self._grid, self.policy, update_all)
         if self._sam:
             return sam.finish_grid(self.model, tokens, self._grid)
         return self.model.norm(tokens)
@@ -299,7 +310,7 @@ class EventfulViT(nn.Module):
         """Tokens (B, N, D) entering the first block; on a SAM backbone, also fixes the sequence's grid."""
         model = self.model
         if not self._sam:
-            return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+            return embed_tokens(model, images)
         tokens, grid = sam.embed_grid(model, images)
         if grid != self._grid:  # first frame of a sequence: window maps and relative-position tables
             for block in self.eventful_blocks:
@@ -386,7 +397,8 @@ class EventfulViT(nn.Module):
     def state_tensors(self) -> list[Tensor]:
         """Every tensor the state holds now. After the first frame, with a fixed-size policy, these stay the
         same tensors at the same addresses frame after frame (written in place), which graph capture needs."""
-        return [tensor for block in self.eventful_blocks for tensor in block.state_tensors()]
+        tensors = [tensor for block in self.eventful_blocks for tensor in block.state_tensors()]
+        return tensors + ([] if self.eventful_neck is None else self.eventful_neck.state_tensors())
 
     def state_bytes(self) -> int:
         """Memory the per-stream state holds now (gates, buffers, attention caches)."""

@@ -26,6 +26,12 @@ def _row_terms(q: Tensor, height_rows: Tensor, width_rows: Tensor) -> tuple[Tens
             torch.einsum("bnrc,brkc->bnrk", q, width_rows.float()))
 
 
+def _add_terms_(logits: Tensor, rel_h: Tensor, rel_w: Tensor) -> None:
+    """logits (..., Hg * Wg) += rel_h (..., Hg) at each key's row + rel_w (..., Wg) at its column, in place."""
+    grid = logits.unflatten(-1, (rel_h.shape[-1], rel_w.shape[-1]))
+    grid.add_(rel_h.unsqueeze(-1)).add_(rel_w.unsqueeze(-2))
+
+
 def _expand(rel_h: Tensor, rel_w: Tensor) -> Tensor:
     """(..., Hg) and (..., Wg) -> (..., Hg * Wg): the term of every key in row-major grid order."""
     return (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2)
@@ -47,41 +53,58 @@ def decomposed_bias(q: Tensor, height: Tensor, width: Tensor) -> Tensor:
 
 
 class DecomposedRelativeBias:
-    """`LogitBias` of one attention layer over a fixed grid, with the per-row terms cached between frames."""
+    """`LogitBias` of one attention layer over a fixed grid, with the per-row terms cached between frames.
+
+    The cache is kept key-position-major, (B, H, Hg, N) and (B, H, Wg, N): the
+    terms of the keys at M changed positions for all N rows are then M whole
+    rows of it (a fast row gather), in the key-major layout of the column pass.
+    """
 
     def __init__(self, height: Tensor, width: Tensor) -> None:
         self.height, self.width = height, width  # (Hg, Hg, Dh), (Wg, Wg, Dh)
         grid_w = width.shape[0]
         tokens = torch.arange(height.shape[0] * grid_w, device=height.device)
         self.row_of, self.column_of = tokens // grid_w, tokens % grid_w  # (N,) grid position of each token
-        self.rel_h: Tensor | None = None  # (B, H, N, Hg) float32
-        self.rel_w: Tensor | None = None  # (B, H, N, Wg)
+        self.rel_h: Tensor | None = None  # (B, H, Hg, N) float32: [b, h, r, i] = q_i . T_h[r_i, r]
+        self.rel_w: Tensor | None = None  # (B, H, Wg, N)
 
     def state_tensors(self) -> list[Tensor]:
         return [t for t in (self.rel_h, self.rel_w) if t is not None]
 
-    def full(self, q: Tensor) -> Tensor:
+    def _refresh(self, q: Tensor) -> tuple[Tensor, Tensor]:
         rel_h, rel_w = _grid_terms(q, self.height, self.width)
-        self.rel_h, self.rel_w = store_(self.rel_h, rel_h), store_(self.rel_w, rel_w)
-        return _expand(self.rel_h, self.rel_w)
+        self.rel_h = store_(self.rel_h, rel_h.transpose(-2, -1))
+        self.rel_w = store_(self.rel_w, rel_w.transpose(-2, -1))
+        return rel_h, rel_w
 
-    def rows(self, q: Tensor, selection: Selection) -> Tensor:
+    def add_full_(self, logits: Tensor, q: Tensor) -> None:
+        _add_terms_(logits, *self._refresh(q))
+
+    def mask(self, q: Tensor) -> Tensor:
+        return _expand(*self._refresh(q))
+
+    def add_rows_(self, logits: Tensor, q: Tensor, selection: Selection) -> None:
         rel_h, rel_w = _row_terms(q, self.height[self.row_of[selection.indices]],
                                   self.width[self.column_of[selection.indices]])
-        scatter_tokens_(self.rel_h, selection, rel_h)
-        scatter_tokens_(self.rel_w, selection, rel_w)
-        return _expand(rel_h, rel_w)
+        for cache, fresh in ((self.rel_h, rel_h), (self.rel_w, rel_w)):  # columns of the key-major cache
+            for sample in range(cache.shape[0]):
+                cache[sample].index_copy_(-1, selection.indices[sample], fresh[sample].transpose(-2, -1))
+        _add_terms_(logits, rel_h, rel_w)
 
-    def columns(self, selection: Selection) -> Tensor:
-        batch, heads, num_tokens, _ = self.rel_h.shape
-        rows = self.row_of[selection.indices][:, None, None, :].expand(batch, heads, num_tokens, -1)
-        columns = self.column_of[selection.indices][:, None, None, :].expand(batch, heads, num_tokens, -1)
-        return self.rel_h.gather(-1, rows) + self.rel_w.gather(-1, columns)
+    def add_columns_(self, logits: Tensor, selection: Selection, blocks: int = 1) -> None:
+        count = selection.count
+        for sample in range(logits.shape[0]):  # per sample: whole rows of the key-major cache
+            indices = selection.indices[sample]
+            terms = self.rel_h[sample].index_select(-2, self.row_of[indices])
+            terms += self.rel_w[sample].index_select(-2, self.column_of[indices])  # (H, M, N)
+            for block in range(blocks):
+                logits[sample, :, block * count:(block + 1) * count] += terms
 
-    def rows_at(self, rows: Tensor) -> Tensor:
-        pick = rows.unsqueeze(-1)
-        return _expand(self.rel_h.gather(2, pick.expand(-1, -1, -1, self.rel_h.shape[-1])),
-                       self.rel_w.gather(2, pick.expand(-1, -1, -1, self.rel_w.shape[-1])))
+    def add_rows_at_(self, logits: Tensor, rows: Tensor) -> None:
+        pick = rows.unsqueeze(-2)  # (B, H, 1, R)
+        rel_h = self.rel_h.gather(-1, pick.expand(-1, -1, self.rel_h.shape[-2], -1)).transpose(-2, -1)
+        rel_w = self.rel_w.gather(-1, pick.expand(-1, -1, self.rel_w.shape[-2], -1)).transpose(-2, -1)
+        _add_terms_(logits, rel_h, rel_w)
 
     def reset(self) -> None:
         self.rel_h = self.rel_w = None

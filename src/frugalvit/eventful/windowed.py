@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from frugalvit.eventful.block import project_qkv
 from frugalvit.eventful.gates import Selection, store_
 from frugalvit.eventful.relpos import decomposed_bias
+from frugalvit.timm import split_qkv
 
 
 class WindowGeometry:
@@ -93,7 +93,7 @@ class EventfulWindowAttention(nn.Module):
         self.last_path, self.last_windows = "none", None
 
     def _project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return project_qkv(self.attention, tokens)
+        return split_qkv(self.attention, tokens)
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
                 keep_sums: bool = False, sync_free: bool = False) -> Tensor:

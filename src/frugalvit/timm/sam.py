@@ -74,3 +74,52 @@ def check_supported(model: nn.Module) -> None:
             raise TypeError(f"blocks.{index} ({type(block).__name__}) is not timm's SAM Block with its Attention")
         if block.attn.rope is not None:
             raise TypeError(f"blocks.{index}.attn uses rotary embeddings, which the SAM conversion does not handle")
+
+
+@dataclass(frozen=True)
+class ConvNeck:
+    """SAM's neck as token-wise and spatial parts: 1x1 conv, channel norm, 3x3 conv, channel norm (no biases).
+
+    Weights are read from the modules on every access, so they follow the
+    model to another device or dtype. `module` is the whole neck (full frames
+    run it as timm does).
+    """
+
+    module: nn.Sequential
+
+    @property
+    def project(self) -> Tensor:
+        """The 1x1 conv as a (C, D) matrix."""
+        return self.module[0].weight[:, :, 0, 0]
+
+    @property
+    def taps(self) -> Tensor:
+        """The 3x3 conv's weights per offset: (3, 3, C out, C in), index [dy + 1, dx + 1]."""
+        return self.module[2].weight.permute(2, 3, 0, 1)
+
+    def norm1(self, tokens: Tensor) -> Tensor:
+        """The first LayerNorm2d over the channel (last) axis of (..., C) tokens."""
+        return _channel_norm(self.module[1], tokens)
+
+    def norm2(self, tokens: Tensor) -> Tensor:
+        return _channel_norm(self.module[3], tokens)
+
+
+def _channel_norm(norm: nn.Module, tokens: Tensor) -> Tensor:
+    return torch.nn.functional.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def conv_neck(model: nn.Module) -> ConvNeck | None:
+    """The neck's parts when it is SAM's [1x1 conv, LayerNorm2d, 3x3 conv (padding 1), LayerNorm2d], else None."""
+    from timm.layers import LayerNorm2d
+
+    neck = model.neck
+    if not isinstance(neck, nn.Sequential) or len(neck) != 4:
+        return None
+    project, norm1, conv, norm2 = neck
+    plain = all(isinstance(c, nn.Conv2d) and c.bias is None and c.groups == 1 and c.stride == (1, 1)
+                and c.dilation == (1, 1) for c in (project, conv))
+    if not (plain and project.kernel_size == (1, 1) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and isinstance(norm1, LayerNorm2d) and isinstance(norm2, LayerNorm2d)):
+        return None
+    return ConvNeck(neck)
