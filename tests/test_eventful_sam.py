@@ -128,3 +128,16 @@ def test_other_frame_size_and_reset() -> None:
         ev.reset()
         small = torch.randn(1, 3, SIZE - 32, SIZE - 32)
         torch.testing.assert_close(ev.forward_features(small), model.forward_features(small), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["samvit_large_patch16", "samvit_huge_patch16"])
+def test_larger_sam_variants_convert(name: str) -> None:
+    """SAM-L / SAM-H (their own widths, heads and global-block layout), shortened to two blocks for the test."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=64, depth=2, global_attn_indexes=[1],
+                              window_size=3).eval()
+    ev = fv.eventful(model, fv.Threshold(0.0), incremental_max_fraction=1.0)
+    frames = sam_video(3, batch=1)[:, :, :, :64, :64]
+    with torch.no_grad():
+        for frame in frames:
+            assert relative_error(ev.forward_features(frame), model.forward_features(frame)) < 1e-4
