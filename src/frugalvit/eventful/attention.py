@@ -150,13 +150,18 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
     changed = selection.count
     host = host_check and not q.is_cuda  # the CPU: a host check is free, so do only the work a frame needs
     # Every row: add the new keys' terms, remove the old keys' terms, after raising the stabiliser if needed.
-    # Laid out key-major, (B, H, 2M, N): a key's terms for all rows are one contiguous run (position terms are
-    # added per key, and reductions over the 2M keys stream through memory).
+    # With position terms the logits are laid out key-major, (B, H, 2M, N): a key's terms for all rows are one
+    # contiguous run to add; without, row-major (B, H, N, 2M), which reduces faster over the few keys.
+    key_major = bias is not None
     keys = torch.cat([new_k, old_k], dim=-2).float() * scale
-    logits = torch.matmul(keys, q.float().transpose(-2, -1))  # (B, H, 2M, N)
-    if bias is not None:  # new and old keys sit at the same positions
-        bias.add_columns_(logits, selection, blocks=2)
-    stabilizer = torch.maximum(sums.stabilizer, logits[..., :changed, :].amax(dim=-2).unsqueeze(-1))
+    if key_major:
+        logits = torch.matmul(keys, q.float().transpose(-2, -1))
+        bias.add_columns_(logits, selection, blocks=2)  # new and old keys sit at the same positions
+    else:
+        logits = torch.matmul(q.float(), keys.transpose(-2, -1))
+    key_dim = -2 if key_major else -1
+    as_rows = (lambda t: t.transpose(-2, -1)) if key_major else (lambda t: t)  # per-row (.., N, 1) view
+    stabilizer = torch.maximum(sums.stabilizer, as_rows(logits.narrow(key_dim, 0, changed).amax(key_dim, True)))
     if host:
         _rescale_rising_rows_(sums, stabilizer)
     else:
@@ -164,10 +169,10 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
         sums.numerator.mul_(rescale)
         sums.denominator.mul_(rescale)
         sums.stabilizer.copy_(stabilizer)
-    weights = logits.sub_(stabilizer.transpose(-2, -1)).exp_()
-    weights[..., changed:, :].neg_()
-    sums.numerator.add_(torch.matmul(weights.transpose(-2, -1), torch.cat([new_v, old_v], dim=-2).float()))
-    sums.denominator.add_(weights.sum(-2).unsqueeze(-1))
+    weights = logits.sub_(as_rows(stabilizer)).exp_()
+    weights.narrow(key_dim, changed, changed).neg_()
+    sums.numerator.add_(torch.matmul(as_rows(weights), torch.cat([new_v, old_v], dim=-2).float()))
+    sums.denominator.add_(as_rows(weights.sum(key_dim, keepdim=True)))
 
     # Rows of changed queries: recompute in full against all (updated) keys and values.
     row_bias = None if bias is None else partial(bias.add_rows_, q=new_q, selection=selection)
@@ -178,8 +183,9 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
     if host:  # exact: rebuild densely in the rare frame where a row lost most of its mass
         if not bool(cancelled_rows(sums).any()):
             return False
+        full_bias = None if bias is None else partial(bias.add_full_, q=q)
         for state, fresh in zip((sums.stabilizer, sums.numerator, sums.denominator),
-                                _stabilized_sums(q, k, v, scale, None if bias is None else partial(bias.add_full_, q=q))):
+                                _stabilized_sums(q, k, v, scale, full_bias)):
             state.copy_(fresh)
         return True
     # Cancellation repair on the device: recompute the rows with the smallest denominators where they fell
