@@ -141,3 +141,20 @@ def test_larger_sam_variants_convert(name: str) -> None:
     with torch.no_grad():
         for frame in frames:
             assert relative_error(ev.forward_features(frame), model.forward_features(frame)) < 1e-4
+
+
+def test_video_command_runs_sam_end_to_end(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`frugalvit video --model samvit_base_patch16`: the report carries the feature map's fidelity."""
+    import json
+
+    from frugalvit.cli.main import main
+
+    out = tmp_path / "sam"
+    assert main(["video", "bundled:carphone_pristine", "--model", "samvit_base_patch16", "--size", "128",
+                 "--random-init", "--policy", "fraction:0.25", "--max-frames", "3", "--repeats", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    later = report["frames"][-1]
+    assert later["eventful_gmacs"] < 0.6 * later["dense_gmacs"] and later["updated_share"] <= 0.25
+    assert report["summary"]["feature_relative_l2_mean"] < 0.5 and report["frames"][0]["feature_cosine"] > 0.9999
+    assert "feature map" in capsys.readouterr().out

@@ -153,8 +153,9 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         print(f"  fidelity vs dense: cosine mean {summary.cosine_mean:.4f} (min {summary.cosine_min:.4f}), "
               f"relative L2 {summary.relative_l2_mean:.4f}, top-1 agreement {100 * summary.top1_agreement:.1f}%")
     else:  # a backbone without a classifier: no top-1 to agree on
-        print(f"  pooled features vs dense: cosine mean {summary.cosine_mean:.4f} (min {summary.cosine_min:.4f}), "
-              f"relative L2 {summary.relative_l2_mean:.4f}")
+        print(f"  features vs dense: whole output (tokens or feature map) cosine mean "
+              f"{summary.feature_cosine_mean:.4f}, relative L2 {summary.feature_relative_l2_mean:.4f}; pooled "
+              f"cosine mean {summary.cosine_mean:.4f} (min {summary.cosine_min:.4f})")
     if summary.task_pearson_mean is not None:
         print(f"  saliency map vs dense (after the first frame): Pearson r mean {summary.task_pearson_mean:.4f} "
               f"(worst {summary.task_pearson_min:.4f}), top-10% IoU mean {summary.task_iou_top10_mean:.3f} "

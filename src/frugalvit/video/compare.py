@@ -44,7 +44,7 @@ class FrameRecord:
     eventful_gmacs: float
     dense_ms: float
     eventful_ms: float
-    cosine: float
+    cosine: float  # of the pooled features (the head's input)
     relative_l2: float
     top1_agrees: bool
     full_update: bool
@@ -52,6 +52,8 @@ class FrameRecord:
     task_pearson: float | None = None  # with a task head (e.g. a saliency decoder): its output's fidelity
     task_relative_l2: float | None = None
     task_iou_top10: float | None = None
+    feature_cosine: float | None = None  # of the whole forward_features output (tokens, or a feature map)
+    feature_relative_l2: float | None = None
 
 
 # Called once per frame by `compare_on_frames`: (index, input frame, dense task output,
@@ -91,6 +93,8 @@ class ComparisonSummary:
     task_iou_top10_mean: float | None = None
     task_iou_top10_min: float | None = None
     task_relative_l2_mean: float | None = None
+    feature_cosine_mean: float | None = None
+    feature_relative_l2_mean: float | None = None
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -206,10 +210,13 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
             eventful_ms=eventful_ms,
             cosine=F.cosine_similarity(dense_pooled, eventful_pooled, dim=-1).item(),
             relative_l2=((dense_pooled - eventful_pooled).norm() / dense_pooled.norm().clamp_min(1e-12)).item(),
+            feature_cosine=F.cosine_similarity(dense_features.flatten(1), eventful_features.flatten(1)).mean().item(),
+            feature_relative_l2=((dense_features - eventful_features).norm()
+                                 / dense_features.norm().clamp_min(1e-12)).item(),
             top1_agrees=bool((model.forward_head(dense_features).argmax(-1)
                               == model.forward_head(eventful_features).argmax(-1)).item()),
             full_update=ev.last_frame_full,
-            updated_share=sum(counts) / (len(counts) * dense_features.shape[1]),
+            updated_share=sum(counts) / (len(counts) * ev.eventful_blocks[0].attention_gate.reference.shape[1]),
             **task,
         ))
     return records, ev.state_bytes()
@@ -285,7 +292,16 @@ def summarize(records: list[FrameRecord], state_bytes: int,
         full_updates=sum(r.full_update for r in records),
         state_mib=state_bytes / 2**20,
         **_task_summary(records[1:] or records),
+        **_feature_summary(records),
     )
+
+
+def _feature_summary(records: list[FrameRecord]) -> dict[str, float]:
+    """Mean fidelity of the whole feature output, where the records carry it."""
+    if any(r.feature_cosine is None or r.feature_relative_l2 is None for r in records):
+        return {}
+    return {"feature_cosine_mean": sum(r.feature_cosine for r in records) / len(records),
+            "feature_relative_l2_mean": sum(r.feature_relative_l2 for r in records) / len(records)}
 
 
 def _task_summary(records: list[FrameRecord]) -> dict[str, float]:
