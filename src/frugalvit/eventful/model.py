@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION
+from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION, AttentionSums
 from frugalvit.eventful.block import EventfulBlock
 from frugalvit.eventful.neck import EventfulNeck
 from frugalvit.eventful.policies import TokenPolicy
@@ -201,6 +201,7 @@ class EventfulViT(nn.Module):
         self._frame_shape: tuple[int, ...] | None = None
         self._frames_since_refresh = 0
         self._refresh_pending = False
+        self._streams_pending: set[int] = set()
 
     def __setattr__(self, name: str, value: object) -> None:
         if name == "policy" and not isinstance(value, TokenPolicy):
@@ -220,8 +221,17 @@ class EventfulViT(nn.Module):
             raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {value!r}")
         super().__setattr__(name, value)
 
-    def reset(self) -> None:
-        """Forget all state: the next frame starts a new sequence and is computed in full."""
+    def reset(self, stream: int | None = None) -> None:
+        """Forget all state: the next frame starts a new sequence and is computed in full.
+
+        `stream=i`: only stream (batch row) i starts over: on the next frame its
+        row is computed in full (a batch-of-one dense pass through the eventful
+        blocks, written into its rows of the state), while the other streams
+        go on incrementally, undisturbed (a server adding or replacing a camera).
+        """
+        if stream is not None:
+            self._reset_stream(stream)
+            return
         for block in self.eventful_blocks:
             block.reset()
         if self.eventful_neck is not None:
@@ -231,10 +241,27 @@ class EventfulViT(nn.Module):
         self._frame_shape = None
         self._frames_since_refresh = 0
         self._refresh_pending = False
+        self._streams_pending = set()
 
-    def refresh(self) -> None:
-        """Recompute every token on the next frame (e.g. after a scene cut), keeping the sequence."""
+    def refresh(self, stream: int | None = None) -> None:
+        """Recompute every token on the next frame (e.g. after a scene cut), keeping the sequence.
+
+        `stream=i`: recompute only stream i's row in full on the next frame (see `reset(stream=i)`; for one
+        stream, refreshing and starting over are the same: its whole state is rewritten).
+        """
+        if stream is not None:
+            self._reset_stream(stream)
+            return
         self._refresh_pending = True
+
+    def _reset_stream(self, stream: int) -> None:
+        if not isinstance(stream, int) or isinstance(stream, bool):
+            raise TypeError(f"stream must be an integer batch row, got {stream!r}")
+        if self._frame_shape is not None and not 0 <= stream < self._frame_shape[0]:
+            raise ValueError(f"stream {stream} does not exist: this sequence has {self._frame_shape[0]} streams "
+                             f"(batch rows 0..{self._frame_shape[0] - 1})")
+        if self._frame_shape is not None:  # before the first frame every stream is computed in full anyway
+            self._streams_pending.add(stream)
 
     def _check_frame(self, images: Tensor) -> None:
         if images.dim() != 4:
@@ -281,10 +308,48 @@ class EventfulViT(nn.Module):
             features = self._captured_step(x)
         else:
             features = self.step(x, update_all)
+        if self._streams_pending and not update_all:
+            for stream in sorted(self._streams_pending):
+                features[stream:stream + 1] = self._full_stream(x[stream:stream + 1], stream)
+        self._streams_pending = set()
         self._frame_shape = tuple(images.shape)
         self._refresh_pending = False
         self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
         return features
+
+    def _full_stream(self, tokens: Tensor, stream: int) -> Tensor:
+        """One stream's frame computed in full, its state rows rewritten in place; other streams untouched.
+
+        Every state tensor is batch-first: for the pass, each is swapped for
+        its row `stream` (a view), so the full-frame code writes into that row;
+        then the batch tensors and the last batch frame's diagnostics return.
+        """
+        swapped: list[tuple[dict[str, object], str, object]] = []
+        modules = list(self.eventful_blocks.modules())
+        if self.eventful_neck is not None:
+            modules += list(self.eventful_neck.modules())
+        for module in modules:
+            for name, tensor in list(module._buffers.items()):
+                if tensor is not None:
+                    swapped.append((module._buffers, name, tensor))
+                    module._buffers[name] = tensor[stream:stream + 1]
+            for name in ("last_count", "last_indices", "last_path", "last_windows"):
+                if name in module.__dict__:
+                    swapped.append((module.__dict__, name, module.__dict__[name]))
+            sums = module.__dict__.get("sums")
+            if sums is not None:
+                swapped.append((module.__dict__, "sums", sums))
+                module.__dict__["sums"] = AttentionSums(*(t[stream:stream + 1] for t in
+                                                          (sums.stabilizer, sums.numerator, sums.denominator)))
+            bias = module.__dict__.get("bias")
+            if bias is not None and bias.rel_h is not None:
+                swapped += [(bias.__dict__, "rel_h", bias.rel_h), (bias.__dict__, "rel_w", bias.rel_w)]
+                bias.rel_h, bias.rel_w = bias.rel_h[stream:stream + 1], bias.rel_w[stream:stream + 1]
+        try:
+            return self.step(tokens, True)
+        finally:
+            for owner, name, value in reversed(swapped):
+                owner[name] = value
 
     def step(self, tokens: Tensor, update_all: bool) -> Tensor:
         """The per-frame tensor work: embedded tokens (B, N, D) -> final-normed tokens, updating the state.

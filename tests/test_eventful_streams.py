@@ -1,0 +1,67 @@
+"""Many streams in one batch: one stream can start over (`reset(stream=i)`) without disturbing the others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import frugalvit as fv
+from frugalvit.eventful.model import EventfulViT
+from test_eventful import make_model, patch_video
+from test_eventful_capture import FxGraphFrame
+from test_eventful_sam import make_sam, sam_video
+
+
+def run_streams(model: torch.nn.Module, frames: torch.Tensor, reset_at: int, stream: int,
+                capture: bool = False) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Batched outputs with a per-stream reset at `reset_at`, and each stream run alone (reset there too)."""
+    policy = fv.TopR(5)
+    batched = fv.eventful(model, policy, capture=capture)
+    batched.sync_free = capture
+    alone = [fv.eventful(model, policy) for _ in range(frames.shape[1])]
+    for single in alone:
+        single.sync_free = capture
+    outputs, singles = [], [[] for _ in alone]
+    with torch.no_grad():
+        for index, frame in enumerate(frames):
+            if index == reset_at:
+                batched.reset(stream=stream)
+                alone[stream].reset()
+            outputs.append(batched.forward_features(frame))
+            for row, single in enumerate(alone):
+                singles[row].append(single.forward_features(frame[row:row + 1]))
+    return outputs, singles
+
+
+@pytest.mark.parametrize("capture", [False, True], ids=["eager", "captured"])
+def test_one_stream_starts_over_and_the_others_go_on(capture: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch row equals the same stream run alone, the reset stream included (TopR: rows independent)."""
+    monkeypatch.setattr(EventfulViT, "recorder", FxGraphFrame)
+    model = make_model("deit3_small_patch16_224")
+    frames = patch_video(8, batch=3, share=0.3)
+    outputs, singles = run_streams(model, frames, reset_at=4, stream=1, capture=capture)
+    for index, out in enumerate(outputs):
+        for row in range(3):
+            torch.testing.assert_close(out[row:row + 1], singles[row][index], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the reset frame of stream 1 is exactly the dense model's
+        torch.testing.assert_close(outputs[4][1:2], model.forward_features(frames[4][1:2]), rtol=1e-5, atol=1e-5)
+
+
+def test_stream_reset_on_sam() -> None:
+    """Windowed, relative-position and neck state: the reset row is rewritten, the others untouched."""
+    model = make_sam()
+    frames = sam_video(5, batch=2)
+    outputs, singles = run_streams(model, frames, reset_at=3, stream=0)
+    for index, out in enumerate(outputs):
+        for row in range(2):
+            torch.testing.assert_close(out[row:row + 1], singles[row][index], rtol=1e-4, atol=1e-5)
+
+
+def test_stream_reset_checks_the_row() -> None:
+    ev = fv.eventful(make_model("vit_tiny_patch16_224"), fv.TopR(4))
+    with torch.no_grad():
+        ev(patch_video(1, batch=2)[0])
+    with pytest.raises(ValueError, match="does not exist"):
+        ev.reset(stream=2)
+    with pytest.raises(TypeError, match="integer"):
+        ev.refresh(stream=1.0)
