@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="eager and captured methods only")
     parser.add_argument("--seconds", type=float, default=420.0,
-                        help="time for the whole run; methods that would start later are skipped (default: %(default)s)")
+                        help="time for the whole run; methods that would start later are skipped "
+                             "(default: %(default)s)")
     parser.add_argument("--configs", type=int, nargs="+", help="indices into the grid to run (default: all)")
     parser.add_argument("--profile", action="store_true", help="also profile eventful kernels (CUDA, first config)")
     parser.add_argument("--tiny", action="store_true", help="a small model at 64 px (a CPU smoke test)")

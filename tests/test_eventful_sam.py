@@ -8,6 +8,7 @@ import torch
 
 import frugalvit as fv
 from frugalvit.eventful.model import EventfulViT
+from test_eventful import patch_video
 from test_eventful_capture import FxGraphFrame
 
 SIZE = 128  # an 8 x 8 token grid; windows of 3 need padding to 9 x 9, as SAM's 64 x 64 grid pads to 70 x 70
@@ -31,16 +32,8 @@ def make_sam(variant: str = "rel-pos", **extra: object) -> torch.nn.Module:
 
 
 def sam_video(frames: int = 5, batch: int = 2, share: float = 0.2, seed: int = 0) -> torch.Tensor:
-    """Frames in which a random share of the 16 x 16 patches changes each step (the rest stay exactly equal)."""
-    generator = torch.Generator().manual_seed(seed)
-    frame = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
-    out = [frame]
-    for _ in range(frames - 1):
-        patches = (torch.rand(batch, 1, SIZE // 16, SIZE // 16, generator=generator) < share).float()
-        mask = torch.nn.functional.interpolate(patches, scale_factor=16, mode="nearest")
-        frame = frame + mask * torch.randn(batch, 3, SIZE, SIZE, generator=generator)
-        out.append(frame)
-    return torch.stack(out)
+    """`patch_video` at this file's frame size (an 8 x 8 token grid)."""
+    return patch_video(frames, batch, share, seed, size=SIZE)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -292,7 +292,8 @@ class EventfulViT(nn.Module):
             raise ValueError(f"capture=True needs a fixed-size policy (TopR, TopFraction): {self.policy!r} selects "
                              "a data-dependent number of tokens, so a frame has no fixed shapes to capture; "
                              "use TopFraction, or set ev.capture = False")
-        if not self._sync_free and not bool(torch.isfinite(images).all()):  # one host sync: the cache must not absorb NaN/inf
+        # One host sync: the cache must not absorb NaN/inf.
+        if not self._sync_free and not bool(torch.isfinite(images).all()):
             if self.nonfinite == "error":
                 raise ValueError("frame contains NaN or infinite values; check the input pipeline, or set "
                                  "ev.nonfinite = 'refresh' to get the dense model's output for such frames")
