@@ -15,6 +15,8 @@ the parameters belong to the original model, which the wrapping
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from timm.layers import Attention
@@ -50,9 +52,12 @@ class EventfulAttention(nn.Module):
     v: Tensor | None
     output: Tensor | None  # per head: (B, H, N, Dh)
 
-    def __init__(self, attention: Attention) -> None:
+    def __init__(self, attention: Attention,
+                 project: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]] = split_qkv) -> None:
+        """`project(attention, tokens) -> q, k, v`: the layer's q/k/v projection (default: timm ViT's)."""
         super().__init__()
         object.__setattr__(self, "attention", attention)
+        self.project = project
         for name in ("q", "k", "v", "output"):
             self.register_buffer(name, None, persistent=False)
         self.sums: AttentionSums | None = None
@@ -72,7 +77,7 @@ class EventfulAttention(nn.Module):
         self.last_path = "none"
 
     def _project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return split_qkv(self.attention, tokens)
+        return self.project(self.attention, tokens)
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
                 keep_sums: bool = False, sync_free: bool = False) -> Tensor:
@@ -136,10 +141,13 @@ class EventfulAttention(nn.Module):
 class EventfulBlock(nn.Module):
     """A timm pre-norm `Block` that recomputes only gated tokens; same parameters, no copies."""
 
-    def __init__(self, block: Block, attention: nn.Module | None = None) -> None:
-        """`attention`: the eventful attention to use (default: `EventfulAttention` over `block.attn`)."""
+    def __init__(self, block: Block, attention: nn.Module | None = None,
+                 layer_scale: Callable[[nn.Module, int, Tensor], Tensor] | None = None) -> None:
+        """`attention`: the eventful attention to use (default: `EventfulAttention` over `block.attn`);
+        `layer_scale(block, branch, x)`: the block's LayerScale of branch 1 or 2 (default: `block.ls1` / `ls2`)."""
         super().__init__()
         object.__setattr__(self, "block", block)
+        self.layer_scale = layer_scale or (lambda owner, branch, x: getattr(owner, f"ls{branch}")(x))
         self.attention = EventfulAttention(block.attn) if attention is None else attention
         self.attention_gate, self.projection_gate, self.mlp_gate = TokenGate(), TokenGate(), TokenGate()
         self.projection_buffer, self.mlp_buffer = TokenBuffer(), TokenBuffer()
@@ -159,9 +167,10 @@ class EventfulBlock(nn.Module):
         # The residual adds write into x: it is this frame's own tensor (the gates keep copies, and on a full
         # frame `tokens` is x itself but already consumed), and a fresh (B, N, D) tensor per add costs page
         # faults on the CPU at large N. The caller's input is copied once, before the first block.
-        x = x.add_(self.projection_buffer(selection, block.ls1(attn.proj(tokens if norm is None else norm(tokens)))))
+        projected = attn.proj(tokens if norm is None else norm(tokens))
+        x = x.add_(self.projection_buffer(selection, self.layer_scale(block, 1, projected)))
         selection, tokens = self.mlp_gate(x, policy, update_all)
-        return x.add_(self.mlp_buffer(selection, block.ls2(block.mlp(block.norm2(tokens)))))
+        return x.add_(self.mlp_buffer(selection, self.layer_scale(block, 2, block.mlp(block.norm2(tokens)))))
 
     def gate_counts(self) -> tuple[int | None, int | None, int | None]:
         """Tokens each gate let through on the last frame (attention, projection, MLP)."""

@@ -17,11 +17,12 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION, AttentionSums
-from frugalvit.eventful.block import EventfulBlock
+from frugalvit.eventful.block import EventfulAttention, EventfulBlock
 from frugalvit.eventful.neck import EventfulNeck
 from frugalvit.eventful.policies import TokenPolicy
+from frugalvit.eventful.relpos import TableBias
 from frugalvit.eventful.windowed import EventfulWindowAttention
-from frugalvit.timm import embed_tokens, sam
+from frugalvit.timm import beit, embed_tokens, sam
 
 DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION
 NONFINITE_MODES = ("error", "refresh")
@@ -103,15 +104,16 @@ class UnsupportedModelError(TypeError):
 
 def check_convertible(model: nn.Module) -> None:
     """Raise `UnsupportedModelError` naming the first module that cannot be made eventful."""
-    if sam.is_sam(model):
-        try:
-            sam.check_supported(model)
-        except TypeError as error:
-            raise UnsupportedModelError(f"cannot make this SAM backbone eventful: {error}") from None
-        return
+    for family, glue, matches in (("SAM backbone", sam, sam.is_sam), ("BEiT model", beit, beit.is_beit)):
+        if matches(model):
+            try:
+                glue.check_supported(model)
+            except TypeError as error:
+                raise UnsupportedModelError(f"cannot make this {family} eventful: {error}") from None
+            return
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
-            f"frugalvit.eventful supports timm VisionTransformer and VisionTransformerSAM models (and their "
+            f"frugalvit.eventful supports timm VisionTransformer, VisionTransformerSAM and Beit models (and their "
             f"subclasses); got {type(model).__name__}")
     for index, block in enumerate(model.blocks):
         name = f"blocks.{index}"
@@ -179,10 +181,14 @@ class EventfulViT(nn.Module):
         super().__init__()
         check_convertible(model)
         self.model = model
-        self._sam = sam.is_sam(model)
-        self.eventful_blocks = nn.ModuleList(
-            EventfulBlock(block, EventfulWindowAttention(block.attn, block.window_size)
-                          if self._sam and block.window_size > 0 else None) for block in model.blocks)
+        self._sam, self._beit = sam.is_sam(model), beit.is_beit(model)
+        if self._beit:
+            blocks = (EventfulBlock(block, EventfulAttention(block.attn, beit.split_qkv), beit.layer_scale)
+                      for block in model.blocks)
+        else:
+            blocks = (EventfulBlock(block, EventfulWindowAttention(block.attn, block.window_size)
+                                    if self._sam and block.window_size > 0 else None) for block in model.blocks)
+        self.eventful_blocks = nn.ModuleList(blocks)
         self._grid: tuple[int, int] | None = None  # the token grid of this sequence (SAM backbones)
         neck = sam.conv_neck(model) if self._sam else None
         self.eventful_neck = None if neck is None else EventfulNeck(neck)
@@ -375,6 +381,14 @@ class EventfulViT(nn.Module):
     def _embed(self, images: Tensor) -> Tensor:
         """Tokens (B, N, D) entering the first block; on a SAM backbone, also fixes the sequence's grid."""
         model = self.model
+        if self._beit:
+            tokens = beit.embed_tokens(model, images)
+            if self._grid is None:  # first frame of a sequence: each layer's relative position bias table
+                for block in self.eventful_blocks:
+                    table = beit.position_bias(model, block.block)
+                    block.attention.bias = None if table is None else TableBias(table)
+                self._grid = tuple(model.patch_embed.grid_size)
+            return tokens
         if not self._sam:
             return embed_tokens(model, images)
         tokens, grid = sam.embed_grid(model, images)

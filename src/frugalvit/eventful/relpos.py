@@ -108,3 +108,44 @@ class DecomposedRelativeBias:
 
     def reset(self) -> None:
         self.rel_h = self.rel_w = None
+
+
+class TableBias:
+    """`LogitBias` from a fixed (H, N, N) table of per query-key terms (BEiT's relative position bias).
+
+    Nothing depends on the queries, so nothing is cached per frame; the table
+    is also kept transposed, so the terms of M changed keys for all rows are
+    M whole rows of it, in the key-major layout of the column pass.
+    """
+
+    def __init__(self, table: Tensor) -> None:
+        self.table = table.float()  # (H, N query, N key)
+        self.by_key = self.table.transpose(-2, -1).contiguous()  # (H, N key, N query)
+
+    def state_tensors(self) -> list[Tensor]:
+        return []
+
+    def add_full_(self, logits: Tensor, q: Tensor) -> None:
+        logits += self.table
+
+    def mask(self, q: Tensor) -> Tensor:
+        return self.table.expand(q.shape[0], -1, -1, -1)
+
+    def add_rows_(self, logits: Tensor, q: Tensor, selection: Selection) -> None:
+        for sample in range(logits.shape[0]):
+            logits[sample] += self.table.index_select(-2, selection.indices[sample])
+
+    def add_columns_(self, logits: Tensor, selection: Selection, blocks: int = 1) -> None:
+        count = selection.count
+        for sample in range(logits.shape[0]):
+            terms = self.by_key.index_select(-2, selection.indices[sample])  # (H, M, N)
+            for block in range(blocks):
+                logits[sample, :, block * count:(block + 1) * count] += terms
+
+    def add_rows_at_(self, logits: Tensor, rows: Tensor) -> None:
+        batch, heads, count = rows.shape
+        table = self.table.expand(batch, -1, -1, -1)
+        logits += table.gather(2, rows.unsqueeze(-1).expand(-1, -1, -1, table.shape[-1]))
+
+    def reset(self) -> None:
+        pass
