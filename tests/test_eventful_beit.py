@@ -7,7 +7,6 @@ import timm
 import torch
 
 import frugalvit as fv
-from frugalvit.eventful.model import UnsupportedModelError
 from test_eventful import patch_video
 
 VARIANTS = {
@@ -72,9 +71,3 @@ def test_macs_fall_with_the_budget() -> None:
         macs.append(cost.macs)
     assert macs[0] > macs[1] > macs[2], macs
 
-
-def test_eva02_is_refused_clearly() -> None:
-    """EVA-02 (rotary positions, SwiGLU) is not supported yet: one clear error naming the supported families."""
-    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=1)
-    with pytest.raises(UnsupportedModelError, match="VisionTransformerSAM and Beit"):
-        fv.eventful(model, fv.TopR(1))

@@ -53,11 +53,14 @@ class EventfulAttention(nn.Module):
     output: Tensor | None  # per head: (B, H, N, Dh)
 
     def __init__(self, attention: Attention,
-                 project: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]] = split_qkv) -> None:
-        """`project(attention, tokens) -> q, k, v`: the layer's q/k/v projection (default: timm ViT's)."""
+                 project: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor, Tensor]] = split_qkv,
+                 rotate: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None) -> None:
+        """`project(attention, tokens) -> q, k, v`: the layer's q/k/v projection (default: timm ViT's);
+        `rotate(attention, q_or_k, rows)`: rotary position embedding, with per-token rows set by `set_rotary`."""
         super().__init__()
         object.__setattr__(self, "attention", attention)
-        self.project = project
+        self.project, self.rotate = project, rotate
+        self.rotary: Tensor | None = None  # (N, 2 Dh) rotary embedding row of every token
         for name in ("q", "k", "v", "output"):
             self.register_buffer(name, None, persistent=False)
         self.sums: AttentionSums | None = None
@@ -76,8 +79,16 @@ class EventfulAttention(nn.Module):
             self.bias.reset()
         self.last_path = "none"
 
-    def _project(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.project(self.attention, tokens)
+    def set_rotary(self, rows: Tensor | None) -> None:
+        """The rotary embedding row of every token (N, 2 Dh), once per sequence; None: no rotation."""
+        self.rotary = rows
+
+    def _project(self, tokens: Tensor, selection: Selection | None) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.project(self.attention, tokens)
+        if self.rotary is not None:  # queries and keys turn by their own tokens' positions
+            rows = self.rotary[None, None] if selection is None else self.rotary[selection.indices].unsqueeze(1)
+            q, k = self.rotate(self.attention, q, rows), self.rotate(self.attention, k, rows)
+        return q, k, v
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
                 keep_sums: bool = False, sync_free: bool = False) -> Tensor:
@@ -89,7 +100,7 @@ class EventfulAttention(nn.Module):
         a second dense attention pass.
         """
         scale = self.attention.scale
-        q, k, v = self._project(tokens)
+        q, k, v = self._project(tokens, selection)
         if selection is None:
             self.q, self.k, self.v = store_(self.q, q), store_(self.k, k), store_(self.v, v)
             if keep_sums:

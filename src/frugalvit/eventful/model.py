@@ -22,7 +22,7 @@ from frugalvit.eventful.neck import EventfulNeck
 from frugalvit.eventful.policies import TokenPolicy
 from frugalvit.eventful.relpos import TableBias
 from frugalvit.eventful.windowed import EventfulWindowAttention
-from frugalvit.timm import beit, embed_tokens, sam
+from frugalvit.timm import beit, embed_tokens, eva, sam
 
 DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION
 NONFINITE_MODES = ("error", "refresh")
@@ -104,7 +104,8 @@ class UnsupportedModelError(TypeError):
 
 def check_convertible(model: nn.Module) -> None:
     """Raise `UnsupportedModelError` naming the first module that cannot be made eventful."""
-    for family, glue, matches in (("SAM backbone", sam, sam.is_sam), ("BEiT model", beit, beit.is_beit)):
+    for family, glue, matches in (("SAM backbone", sam, sam.is_sam), ("BEiT model", beit, beit.is_beit),
+                                  ("EVA model", eva, eva.is_eva)):
         if matches(model):
             try:
                 glue.check_supported(model)
@@ -113,8 +114,8 @@ def check_convertible(model: nn.Module) -> None:
             return
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModelError(
-            f"frugalvit.eventful supports timm VisionTransformer, VisionTransformerSAM and Beit models (and their "
-            f"subclasses); got {type(model).__name__}")
+            f"frugalvit.eventful supports timm VisionTransformer, VisionTransformerSAM, Beit and Eva models (and "
+            f"their subclasses); got {type(model).__name__}")
     for index, block in enumerate(model.blocks):
         name = f"blocks.{index}"
         if not isinstance(block, Block):
@@ -181,8 +182,11 @@ class EventfulViT(nn.Module):
         super().__init__()
         check_convertible(model)
         self.model = model
-        self._sam, self._beit = sam.is_sam(model), beit.is_beit(model)
-        if self._beit:
+        self._sam, self._beit, self._eva = sam.is_sam(model), beit.is_beit(model), eva.is_eva(model)
+        if self._eva:
+            blocks = (EventfulBlock(block, EventfulAttention(block.attn, eva.split_qkv, eva.rotate), eva.layer_scale)
+                      for block in model.blocks)
+        elif self._beit:
             blocks = (EventfulBlock(block, EventfulAttention(block.attn, beit.split_qkv), beit.layer_scale)
                       for block in model.blocks)
         else:
@@ -381,6 +385,14 @@ class EventfulViT(nn.Module):
     def _embed(self, images: Tensor) -> Tensor:
         """Tokens (B, N, D) entering the first block; on a SAM backbone, also fixes the sequence's grid."""
         model = self.model
+        if self._eva:
+            tokens, rope = eva.embed_tokens(model, images)
+            if self._grid is None:  # first frame of a sequence: every token's rotary embedding row
+                rows = None if rope is None else eva.rotary_rows(model, rope)
+                for block in self.eventful_blocks:
+                    block.attention.set_rotary(rows)
+                self._grid = tuple(model.patch_embed.grid_size)
+            return tokens
         if self._beit:
             tokens = beit.embed_tokens(model, images)
             if self._grid is None:  # first frame of a sequence: each layer's relative position bias table
