@@ -66,15 +66,16 @@ def test_full_budget_threshold_zero_equals_dense() -> None:
             torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
 
 
-def patch_video(frames: int = 4, batch: int = 1, share: float = 0.3, seed: int = 0, size: int = SIZE) -> torch.Tensor:
-    """Frames in which a random share of the 16 x 16 patches changes each step (the others stay exactly equal)."""
+def patch_video(frames: int = 4, batch: int = 1, share: float = 0.3, seed: int = 0, size: int = SIZE,
+                patch: int = 16) -> torch.Tensor:
+    """Frames in which a random share of the patches changes each step (the others stay exactly equal)."""
     generator = torch.Generator().manual_seed(seed)
-    grid = size // 16
+    grid = size // patch
     frame = torch.randn(batch, 3, size, size, generator=generator)
     out = [frame]
     for _ in range(frames - 1):
         patches = (torch.rand(batch, 1, grid, grid, generator=generator) < share).float()
-        mask = torch.nn.functional.interpolate(patches, scale_factor=16, mode="nearest")
+        mask = torch.nn.functional.interpolate(patches, scale_factor=patch, mode="nearest")
         frame = frame + mask * torch.randn(batch, 3, size, size, generator=generator)
         out.append(frame)
     return torch.stack(out)

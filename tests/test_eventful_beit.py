@@ -7,6 +7,7 @@ import timm
 import torch
 
 import frugalvit as fv
+from eventful_anchors import assert_full_budget_equals, incremental_paths_equal_dense, last_frame_macs
 from test_eventful import patch_video
 
 VARIANTS = {
@@ -30,44 +31,18 @@ def make_beit(variant: str) -> torch.nn.Module:
     return model
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_full_budget_equals_the_timm_model(variant: str) -> None:
-    model = make_beit(variant)
-    ev = fv.eventful(model, fv.TopFraction(1.0))
-    with torch.no_grad():
-        for frame in patch_video(3, batch=2):
-            torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
+    assert_full_budget_equals(make_beit(variant), patch_video(3, batch=2))
 
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["host-checks", "sync-free"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_incremental_path_with_zero_threshold_equals_dense(variant: str, sync_free: bool) -> None:
-    model = make_beit(variant)
-    ev = fv.eventful(model, fv.Threshold(0.0), incremental_max_fraction=1.0)
-    ev.sync_free = sync_free
-    paths = set()
-    with torch.no_grad():
-        for frame in patch_video(5, batch=2, share=0.2):
-            assert relative_error(ev.forward_features(frame), model.forward_features(frame)) < 1e-4
-            paths.update(ev.attention_paths())
-    assert "incremental" in paths
+    assert "incremental" in incremental_paths_equal_dense(make_beit(variant), patch_video(5, batch=2, share=0.2),
+                                                          sync_free)
 
 
 def test_macs_fall_with_the_budget() -> None:
-    model = make_beit("per-layer-bias")
-    frames = patch_video(4, share=0.3)
-    macs = []
-    for r in (17, 8, 4):
-        ev = fv.eventful(model, fv.TopR(r))
-        with torch.no_grad():
-            for frame in frames[:-1]:
-                ev(frame)
-            with fv.CostCounter() as cost:
-                ev(frames[-1])
-        macs.append(cost.macs)
+    macs = last_frame_macs(make_beit("per-layer-bias"), patch_video(4, share=0.3), [fv.TopR(r) for r in (17, 8, 4)])
     assert macs[0] > macs[1] > macs[2], macs
-

@@ -7,7 +7,9 @@ import timm
 import torch
 
 import frugalvit as fv
+from eventful_anchors import assert_full_budget_equals, incremental_paths_equal_dense, last_frame_macs
 from frugalvit.eventful.model import UnsupportedModelError
+from test_eventful import patch_video
 
 SIZE = 56  # a 4 x 4 grid of 14-pixel patches
 VARIANTS = {
@@ -25,28 +27,12 @@ def make_eva(variant: str) -> torch.nn.Module:
 
 
 def eva_video(frames: int = 5, batch: int = 2, share: float = 0.3) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    frame = torch.randn(batch, 3, SIZE, SIZE, generator=generator)
-    out = [frame]
-    for _ in range(frames - 1):
-        patches = (torch.rand(batch, 1, SIZE // 14, SIZE // 14, generator=generator) < share).float()
-        mask = torch.nn.functional.interpolate(patches, scale_factor=14, mode="nearest")
-        frame = frame + mask * torch.randn(batch, 3, SIZE, SIZE, generator=generator)
-        out.append(frame)
-    return torch.stack(out)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+    return patch_video(frames, batch, share, size=SIZE, patch=14)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_full_budget_equals_the_timm_model(variant: str) -> None:
-    model = make_eva(variant)
-    ev = fv.eventful(model, fv.TopFraction(1.0))
-    with torch.no_grad():
-        for frame in eva_video(3):
-            torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
+    assert_full_budget_equals(make_eva(variant), eva_video(3))
 
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["host-checks", "sync-free"])
@@ -54,28 +40,19 @@ def test_full_budget_equals_the_timm_model(variant: str) -> None:
 def test_incremental_path_with_zero_threshold_equals_dense(variant: str, sync_free: bool) -> None:
     """The changed tokens' queries and keys are rotated by their own positions (prefix tokens not at all)."""
     model = make_eva(variant)
-    ev = fv.eventful(model, fv.Threshold(0.0), incremental_max_fraction=1.0)
-    ev.sync_free = sync_free
-    paths = set()
+    assert "incremental" in incremental_paths_equal_dense(model, eva_video(), sync_free)
+
+
+def test_rotation_is_applied() -> None:
+    ev = fv.eventful(make_eva("eva02-tiny"), fv.TopR(4))
     with torch.no_grad():
-        for frame in eva_video():
-            assert relative_error(ev.forward_features(frame), model.forward_features(frame)) < 1e-4
-            paths.update(ev.attention_paths())
-    assert "incremental" in paths and ev.eventful_blocks[0].attention.rotary is not None
+        ev(eva_video(1)[0])
+    rows = ev.eventful_blocks[0].attention.rotary
+    assert rows is not None and rows.shape[0] == 17 and not torch.equal(rows[1], rows[2])
 
 
 def test_macs_fall_with_the_budget() -> None:
-    model = make_eva("eva02-tiny")
-    frames = eva_video(4, batch=1)
-    macs = []
-    for r in (17, 8, 4):
-        ev = fv.eventful(model, fv.TopR(r))
-        with torch.no_grad():
-            for frame in frames[:-1]:
-                ev(frame)
-            with fv.CostCounter() as cost:
-                ev(frames[-1])
-        macs.append(cost.macs)
+    macs = last_frame_macs(make_eva("eva02-tiny"), eva_video(4, batch=1), [fv.TopR(r) for r in (17, 8, 4)])
     assert macs[0] > macs[1] > macs[2], macs
 
 

@@ -8,6 +8,8 @@ import torch
 
 import frugalvit as fv
 from frugalvit.eventful.model import EventfulViT
+from eventful_anchors import (assert_full_budget_equals, incremental_paths_equal_dense, last_frame_macs,
+                             relative_error)
 from test_eventful import patch_video
 from test_eventful_capture import FxGraphFrame
 
@@ -36,34 +38,16 @@ def sam_video(frames: int = 5, batch: int = 2, share: float = 0.2, seed: int = 0
     return patch_video(frames, batch, share, seed, size=SIZE)
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("variant", sorted(SAM_VARIANTS))
 def test_full_budget_equals_the_timm_model(variant: str) -> None:
-    model = make_sam(variant)
-    ev = fv.eventful(model, fv.TopFraction(1.0))
-    with torch.no_grad():
-        for frame in sam_video(3):
-            torch.testing.assert_close(ev.forward_features(frame), model.forward_features(frame), rtol=1e-5,
-                                       atol=1e-6)
-            torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-6)
+    assert_full_budget_equals(make_sam(variant), sam_video(3), atol=1e-6)
 
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["touched-windows", "all-windows"])
 @pytest.mark.parametrize("variant", sorted(SAM_VARIANTS))
 def test_incremental_path_with_zero_threshold_equals_dense(variant: str, sync_free: bool) -> None:
     """`Threshold(0)` with `incremental_max_fraction=1.0`: the windowed and incremental global paths run."""
-    model = make_sam(variant)
-    ev = fv.eventful(model, fv.Threshold(0.0), incremental_max_fraction=1.0)
-    ev.sync_free = sync_free
-    paths = set()
-    with torch.no_grad():
-        for frame in sam_video(5):
-            assert relative_error(ev.forward_features(frame), model.forward_features(frame)) < 1e-4
-            paths.update(ev.attention_paths())
-    assert {"windows", "incremental"} <= paths
+    assert {"windows", "incremental"} <= incremental_paths_equal_dense(make_sam(variant), sam_video(5), sync_free)
 
 
 def test_only_windows_with_changed_tokens_are_recomputed() -> None:
@@ -82,15 +66,7 @@ def test_only_windows_with_changed_tokens_are_recomputed() -> None:
 def test_macs_fall_with_the_budget() -> None:
     model = make_sam()
     frames = sam_video(4, batch=1, share=0.3)
-    macs = []
-    for fraction in (1.0, 0.5, 0.25, 0.125):
-        ev = fv.eventful(model, fv.TopFraction(fraction))
-        with torch.no_grad():
-            for frame in frames[:-1]:
-                ev(frame)
-            with fv.CostCounter() as cost:
-                ev(frames[-1])
-        macs.append(cost.macs)
+    macs = last_frame_macs(model, frames, [fv.TopFraction(f) for f in (1.0, 0.5, 0.25, 0.125)])
     with fv.CostCounter() as dense, torch.no_grad():
         model(frames[-1])
     assert macs[0] <= dense.macs * 1.01

@@ -47,8 +47,9 @@ def position_bias(model: nn.Module, block: nn.Module) -> Tensor | None:
     return bias
 
 
-def split_qkv(attn: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v (B, heads, M, Dh) of tokens (B, M, D) with BEiT's separate q/v biases."""
+def fused_qkv(attn: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (B, heads, M, Dh) from one qkv layer whose bias may live apart as q_bias / k_bias / v_bias
+    (BEiT, EVA), added the way the layer's own forward adds it."""
     batch, count, _ = tokens.shape
     if attn.q_bias is None:
         qkv = attn.qkv(tokens)
@@ -57,6 +58,11 @@ def split_qkv(attn: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         qkv = attn.qkv(tokens) + bias if attn.qkv_bias_separate else F.linear(tokens, attn.qkv.weight, bias)
     q, k, v = qkv.reshape(batch, count, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
+
+
+def split_qkv(attn: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (B, heads, M, Dh) of tokens (B, M, D) with BEiT's separate q/v biases."""
+    return fused_qkv(attn, tokens)
 
 
 def layer_scale(block: nn.Module, branch: int, x: Tensor) -> Tensor:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models import eva
 
-from frugalvit.timm.beit import layer_scale
+from frugalvit.timm.beit import fused_qkv, layer_scale
 
 __all__ = ["check_supported", "embed_tokens", "is_eva", "layer_scale", "rotary_rows", "rotate", "split_qkv"]
 
@@ -64,12 +63,7 @@ def split_qkv(attn: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v (B, heads, M, Dh) of tokens (B, M, D), q/k norms applied, before the rotation."""
     batch, count, _ = tokens.shape
     if attn.qkv is not None:
-        if attn.q_bias is None:
-            qkv = attn.qkv(tokens)
-        else:
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-            qkv = attn.qkv(tokens) + bias if attn.qkv_bias_separate else F.linear(tokens, attn.qkv.weight, bias)
-        q, k, v = qkv.reshape(batch, count, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = fused_qkv(attn, tokens)
     else:
         q, k, v = (layer(tokens).reshape(batch, count, attn.num_heads, -1).transpose(1, 2)
                    for layer in (attn.q_proj, attn.k_proj, attn.v_proj))
