@@ -24,7 +24,8 @@ from timm.models.vision_transformer import Block
 
 from frugalvit.eventful.attention import (AttentionSums, build_attention_sums, cancelled_rows, fused_attention,
                                          update_attention_sums_)
-from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_, store_
+from frugalvit.eventful.gates import (ScratchPool, Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_,
+                                     store_)
 from frugalvit.eventful.policies import TokenPolicy
 from frugalvit.eventful.relpos import DecomposedRelativeBias
 from frugalvit.timm import split_qkv
@@ -153,14 +154,16 @@ class EventfulBlock(nn.Module):
     """A timm pre-norm `Block` that recomputes only gated tokens; same parameters, no copies."""
 
     def __init__(self, block: Block, attention: nn.Module | None = None,
-                 layer_scale: Callable[[nn.Module, int, Tensor], Tensor] | None = None) -> None:
+                 layer_scale: Callable[[nn.Module, int, Tensor], Tensor] | None = None,
+                 pool: ScratchPool | None = None) -> None:
         """`attention`: the eventful attention to use (default: `EventfulAttention` over `block.attn`);
-        `layer_scale(block, branch, x)`: the block's LayerScale of branch 1 or 2 (default: `block.ls1` / `ls2`)."""
+        `layer_scale(block, branch, x)`: the block's LayerScale of branch 1 or 2 (default: `block.ls1` / `ls2`);
+        `pool`: the gates' shared work buffers."""
         super().__init__()
         object.__setattr__(self, "block", block)
         self.layer_scale = layer_scale or (lambda owner, branch, x: getattr(owner, f"ls{branch}")(x))
         self.attention = EventfulAttention(block.attn) if attention is None else attention
-        self.attention_gate, self.projection_gate, self.mlp_gate = TokenGate(), TokenGate(), TokenGate()
+        self.attention_gate, self.projection_gate, self.mlp_gate = TokenGate(pool), TokenGate(pool), TokenGate(pool)
         self.projection_buffer, self.mlp_buffer = TokenBuffer(), TokenBuffer()
 
     def reset(self) -> None:
@@ -188,8 +191,8 @@ class EventfulBlock(nn.Module):
         return self.attention_gate.last_count, self.projection_gate.last_count, self.mlp_gate.last_count
 
     def state_tensors(self) -> list[Tensor]:
-        """Every tensor held between frames (gates' references and scratch, buffers, attention caches)."""
+        """Every tensor held between frames (gates' references, buffers, attention caches; not the shared pool)."""
         tensors = [self.projection_buffer.state, self.mlp_buffer.state]
         for gate in (self.attention_gate, self.projection_gate, self.mlp_gate):
-            tensors += [gate.reference, gate.scratch, gate.indices]
+            tensors += [gate.reference, gate.indices]
         return self.attention.state_tensors() + [t for t in tensors if t is not None]

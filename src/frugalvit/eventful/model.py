@@ -18,6 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION, AttentionSums
 from frugalvit.eventful.block import EventfulAttention, EventfulBlock
+from frugalvit.eventful.gates import ScratchPool
 from frugalvit.eventful.neck import EventfulNeck
 from frugalvit.eventful.policies import TokenPolicy
 from frugalvit.eventful.relpos import TableBias
@@ -183,19 +184,21 @@ class EventfulViT(nn.Module):
         check_convertible(model)
         self.model = model
         self._sam, self._beit, self._eva = sam.is_sam(model), beit.is_beit(model), eva.is_eva(model)
+        self._scratch = ScratchPool()  # the gates' shared work buffer
         if self._eva:
-            blocks = (EventfulBlock(block, EventfulAttention(block.attn, eva.split_qkv, eva.rotate), eva.layer_scale)
-                      for block in model.blocks)
+            blocks = (EventfulBlock(block, EventfulAttention(block.attn, eva.split_qkv, eva.rotate), eva.layer_scale,
+                                    self._scratch) for block in model.blocks)
         elif self._beit:
-            blocks = (EventfulBlock(block, EventfulAttention(block.attn, beit.split_qkv), beit.layer_scale)
-                      for block in model.blocks)
+            blocks = (EventfulBlock(block, EventfulAttention(block.attn, beit.split_qkv), beit.layer_scale,
+                                    self._scratch) for block in model.blocks)
         else:
             blocks = (EventfulBlock(block, EventfulWindowAttention(block.attn, block.window_size)
-                                    if self._sam and block.window_size > 0 else None) for block in model.blocks)
+                                    if self._sam and block.window_size > 0 else None, pool=self._scratch)
+                      for block in model.blocks)
         self.eventful_blocks = nn.ModuleList(blocks)
         self._grid: tuple[int, int] | None = None  # the token grid of this sequence (SAM backbones)
         neck = sam.conv_neck(model) if self._sam else None
-        self.eventful_neck = None if neck is None else EventfulNeck(neck)
+        self.eventful_neck = None if neck is None else EventfulNeck(neck, self._scratch)
         self.policy = policy
         self.incremental_max_fraction = incremental_max_fraction
         self.refresh_every = refresh_every
@@ -246,6 +249,7 @@ class EventfulViT(nn.Module):
             block.reset()
         if self.eventful_neck is not None:
             self.eventful_neck.reset()
+        self._scratch.clear()
         self._graph, self._warm_up = None, (None, 0)  # the state is reallocated on the next frame
         self._grid = None
         self._frame_shape = None
@@ -490,7 +494,8 @@ class EventfulViT(nn.Module):
         """Every tensor the state holds now. After the first frame, with a fixed-size policy, these stay the
         same tensors at the same addresses frame after frame (written in place), which graph capture needs."""
         tensors = [tensor for block in self.eventful_blocks for tensor in block.state_tensors()]
-        return tensors + ([] if self.eventful_neck is None else self.eventful_neck.state_tensors())
+        tensors += [] if self.eventful_neck is None else self.eventful_neck.state_tensors()
+        return tensors + self._scratch.tensors()
 
     def state_bytes(self) -> int:
         """Memory the per-stream state holds now (gates, buffers, attention caches)."""

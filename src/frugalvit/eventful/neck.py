@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, store_
+from frugalvit.eventful.gates import ScratchPool, Selection, TokenBuffer, TokenGate, gather_tokens, store_
 from frugalvit.eventful.policies import TokenPolicy
 from frugalvit.timm.sam import ConvNeck
 
@@ -32,10 +32,10 @@ class EventfulNeck(nn.Module):
 
     conv_output: Tensor | None
 
-    def __init__(self, neck: ConvNeck) -> None:
+    def __init__(self, neck: ConvNeck, pool: ScratchPool | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "neck", neck)  # the model owns the parameters
-        self.gate, self.buffer = TokenGate(), TokenBuffer()
+        self.gate, self.buffer = TokenGate(pool), TokenBuffer()
         self.register_buffer("conv_output", None, persistent=False)  # (B, N + 1, C) float32; row N: scratch
 
     def reset(self) -> None:
@@ -82,5 +82,5 @@ class EventfulNeck(nn.Module):
                 target.index_add_(0, index.reshape(-1), contribution)
 
     def state_tensors(self) -> list[Tensor]:
-        tensors = [self.gate.reference, self.gate.scratch, self.gate.indices, self.buffer.state, self.conv_output]
+        tensors = [self.gate.reference, self.gate.indices, self.buffer.state, self.conv_output]
         return [t for t in tensors if t is not None]
