@@ -23,17 +23,30 @@ def assert_full_budget_equals(model: torch.nn.Module, frames: torch.Tensor, atol
             torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=atol)
 
 
-def incremental_paths_equal_dense(model: torch.nn.Module, frames: torch.Tensor, sync_free: bool) -> set[str]:
+def incremental_paths_equal_dense(model: torch.nn.Module, frames: torch.Tensor, sync_free: bool,
+                                  tolerance: float = 1e-4) -> set[str]:
     """`Threshold(0)` with `incremental_max_fraction=1.0` (so the incremental paths run, not the dense
-    shortcut) stays within 1e-4 relative error of dense on every frame; returns the attention paths taken."""
+    shortcut) stays within `tolerance` relative error of dense, in the model's dtype, on every frame, with no
+    NaN or Inf; returns the attention paths taken."""
     ev = fv.eventful(model, fv.Threshold(0.0), incremental_max_fraction=1.0)
     ev.sync_free = sync_free
+    dtype = next(model.parameters()).dtype
     paths: set[str] = set()
     with torch.no_grad():
-        for frame in frames:
-            assert relative_error(ev.forward_features(frame), model.forward_features(frame)) < 1e-4
+        for frame in frames.to(dtype):
+            out, reference = ev.forward_features(frame).float(), model.forward_features(frame).float()
+            assert torch.isfinite(out).all() and relative_error(out, reference) < tolerance
             paths.update(ev.attention_paths())
     return paths
+
+
+def assert_half_precision_incremental_matches(model: torch.nn.Module, frames: torch.Tensor) -> None:
+    """The same anchor in bfloat16 and float16 (state that needs range stays float32), host and sync-free."""
+    for dtype in (torch.bfloat16, torch.float16):
+        half = model.to(dtype)
+        for sync_free in (False, True):
+            assert "incremental" in incremental_paths_equal_dense(half, frames, sync_free, tolerance=2e-2)
+    model.float()
 
 
 def last_frame_macs(model: torch.nn.Module, frames: torch.Tensor, policies: Iterable[fv.TokenPolicy]) -> list[int]:

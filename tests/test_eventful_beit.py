@@ -7,7 +7,8 @@ import timm
 import torch
 
 import frugalvit as fv
-from eventful_anchors import assert_full_budget_equals, incremental_paths_equal_dense, last_frame_macs
+from eventful_anchors import (assert_full_budget_equals, assert_half_precision_incremental_matches,
+                              incremental_paths_equal_dense, last_frame_macs)
 from test_eventful import patch_video
 
 VARIANTS = {
@@ -46,3 +47,7 @@ def test_incremental_path_with_zero_threshold_equals_dense(variant: str, sync_fr
 def test_macs_fall_with_the_budget() -> None:
     macs = last_frame_macs(make_beit("per-layer-bias"), patch_video(4, share=0.3), [fv.TopR(r) for r in (17, 8, 4)])
     assert macs[0] > macs[1] > macs[2], macs
+
+
+def test_half_precision_incremental_path_matches_dense() -> None:
+    assert_half_precision_incremental_matches(make_beit("per-layer-bias"), patch_video(4, batch=2, share=0.2))

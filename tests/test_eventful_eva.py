@@ -7,7 +7,8 @@ import timm
 import torch
 
 import frugalvit as fv
-from eventful_anchors import assert_full_budget_equals, incremental_paths_equal_dense, last_frame_macs
+from eventful_anchors import (assert_full_budget_equals, assert_half_precision_incremental_matches,
+                              incremental_paths_equal_dense, last_frame_macs)
 from frugalvit.eventful.model import UnsupportedModelError
 from test_eventful import patch_video
 
@@ -61,3 +62,7 @@ def test_unhandled_eva_options_are_refused_clearly() -> None:
                               dynamic_img_size=True)
     with pytest.raises(UnsupportedModelError, match="dynamic_img_size is not handled; build the model at the"):
         fv.eventful(model, fv.TopR(1))
+
+
+def test_half_precision_incremental_path_matches_dense() -> None:
+    assert_half_precision_incremental_matches(make_eva("eva02-tiny"), eva_video(4))

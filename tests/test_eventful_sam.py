@@ -8,8 +8,8 @@ import torch
 
 import frugalvit as fv
 from frugalvit.eventful.model import EventfulViT
-from eventful_anchors import (assert_full_budget_equals, incremental_paths_equal_dense, last_frame_macs,
-                             relative_error)
+from eventful_anchors import (assert_full_budget_equals, assert_half_precision_incremental_matches,
+                              incremental_paths_equal_dense, last_frame_macs, relative_error)
 from test_eventful import patch_video
 from test_eventful_capture import FxGraphFrame
 
@@ -127,3 +127,7 @@ def test_video_command_runs_sam_end_to_end(tmp_path, capsys: pytest.CaptureFixtu
     assert later["eventful_gmacs"] < 0.6 * later["dense_gmacs"] and later["updated_share"] <= 0.25
     assert report["summary"]["feature_relative_l2_mean"] < 0.5 and report["frames"][0]["feature_cosine"] > 0.9999
     assert "feature map" in capsys.readouterr().out
+
+
+def test_half_precision_incremental_path_matches_dense() -> None:
+    assert_half_precision_incremental_matches(make_sam(), sam_video(4))
