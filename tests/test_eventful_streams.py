@@ -9,6 +9,8 @@ import frugalvit as fv
 from frugalvit.eventful.model import EventfulViT
 from test_eventful import make_model, patch_video
 from test_eventful_capture import FxGraphFrame
+from test_eventful_beit import make_beit
+from test_eventful_eva import eva_video, make_eva
 from test_eventful_sam import make_sam, sam_video
 
 
@@ -47,10 +49,13 @@ def test_one_stream_starts_over_and_the_others_go_on(capture: bool, monkeypatch:
         torch.testing.assert_close(outputs[4][1:2], model.forward_features(frames[4][1:2]), rtol=1e-5, atol=1e-5)
 
 
-def test_stream_reset_on_sam() -> None:
-    """Windowed, relative-position and neck state: the reset row is rewritten, the others untouched."""
-    model = make_sam()
-    frames = sam_video(5, batch=2)
+@pytest.mark.parametrize("family", ["sam", "beit", "eva"])
+def test_stream_reset_on_other_families(family: str) -> None:
+    """Windowed, relative-position, bias-table, rotary and neck state: the reset row is rewritten, the others
+    untouched."""
+    model, frames = {"sam": lambda: (make_sam(), sam_video(5, batch=2)),
+                     "beit": lambda: (make_beit("per-layer-bias"), patch_video(5, batch=2)),
+                     "eva": lambda: (make_eva("eva02-tiny"), eva_video(5, batch=2))}[family]()
     outputs, singles = run_streams(model, frames, reset_at=3, stream=0)
     for index, out in enumerate(outputs):
         for row in range(2):

@@ -356,8 +356,8 @@ class EventfulViT(nn.Module):
                 swapped.append((module.__dict__, "sums", sums))
                 module.__dict__["sums"] = AttentionSums(*(t[stream:stream + 1] for t in
                                                           (sums.stabilizer, sums.numerator, sums.denominator)))
-            bias = module.__dict__.get("bias")
-            if bias is not None and bias.rel_h is not None:
+            bias = module.__dict__.get("bias")  # per-row position terms, where the bias caches them
+            if getattr(bias, "rel_h", None) is not None:
                 swapped += [(bias.__dict__, "rel_h", bias.rel_h), (bias.__dict__, "rel_w", bias.rel_w)]
                 bias.rel_h, bias.rel_w = bias.rel_h[stream:stream + 1], bias.rel_w[stream:stream + 1]
         try:
