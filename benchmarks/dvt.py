@@ -21,7 +21,7 @@ import platform
 import statistics
 import time
 from dataclasses import replace
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +77,10 @@ def resolution_stats(cascade, split, batch_size: int = 500) -> tuple[np.ndarray,
     return stage_stats(cascade, split, batch_size)
 
 
-def budget_for_accuracy(val, costs, target: float, curve: list[dict], steps: int = 10) -> float | None:
-    """Smallest budget whose validation accuracy reaches `target`: bracketed by the curve, then bisection."""
-    reached = [i for i, point in enumerate(curve) if point["val_accuracy"] >= target]
-    if not reached:
-        return None
-    high = curve[reached[0]]["budget"]
-    low = curve[reached[0] - 1]["budget"] if reached[0] > 0 else float(costs[0])
+def bisect_budget(val, costs, target: float, low: float, high: float, steps: int,
+                  tolerance: float = 0.0) -> float:
+    """Smallest budget in [low, high] whose exact-search validation accuracy reaches `target`, by bisection
+    (`high` must reach it); stops after `steps` halvings or once the bracket is within `tolerance` of `high`."""
     if search_thresholds(*val, costs, low).accuracy >= target:
         return low
     for _ in range(steps):
@@ -92,17 +89,31 @@ def budget_for_accuracy(val, costs, target: float, curve: list[dict], steps: int
             high = middle
         else:
             low = middle
+        if high - low < tolerance * high:
+            break
     return high
 
 
-def real_run(cascade, split, thresholds, batch_size: int = 250) -> dict:
-    """The real early-exit forward on a split, MACs counted by CostCounter."""
+def budget_for_accuracy(val, costs, target: float, curve: list[dict], steps: int = 10) -> float | None:
+    """Smallest budget whose validation accuracy reaches `target`: bracketed by the curve, then bisection."""
+    reached = [i for i, point in enumerate(curve) if point["val_accuracy"] >= target]
+    if not reached:
+        return None
+    high = curve[reached[0]]["budget"]
+    low = curve[reached[0] - 1]["budget"] if reached[0] > 0 else float(costs[0])
+    return bisect_budget(val, costs, target, low, high, steps)
+
+
+def real_run(cascade, split, thresholds, batch_size: int = 250,
+             prepare: Callable[[torch.Tensor], torch.Tensor] = lambda images: images) -> dict:
+    """The real early-exit forward on a split, MACs counted by CostCounter; `prepare` maps a stored image
+    batch to the cascade's input (e.g. uint8 to float)."""
     cascade.set_thresholds(thresholds)
     correct = macs = 0
     exits = []
     with torch.no_grad():
         for start in range(0, len(split), batch_size):
-            images = split.images[start:start + batch_size]
+            images = prepare(split.images[start:start + batch_size])
             with CostCounter() as cost:
                 out = cascade(images)
             macs += cost.macs

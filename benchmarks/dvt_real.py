@@ -52,7 +52,8 @@ from frugalvit.timing import timed
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import TrainConfig, save_atomically, train
 
-from dvt import search_comparison  # noqa: E402 - the sibling benchmark script (this directory is on sys.path)
+# the sibling benchmark script (this directory is on sys.path)
+from dvt import bisect_budget, real_run as dvt_real_run, search_comparison  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {"none": (False, False), "feature": (True, False), "relation": (False, True), "both": (True, True)}
@@ -116,36 +117,12 @@ def budget_for_accuracy(val: Stats, costs: Sequence[int], target: float, steps: 
     """Smallest budget (to 0.1%) whose exact-search validation accuracy reaches `target`, by bisection."""
     if search_thresholds(*val, costs, costs[-1]).accuracy < target:
         return None
-    low, high = float(costs[0]), float(costs[-1])
-    if search_thresholds(*val, costs, low).accuracy >= target:
-        return low
-    for _ in range(steps):
-        middle = (low + high) / 2
-        if search_thresholds(*val, costs, middle).accuracy >= target:
-            high = middle
-        else:
-            low = middle
-        if high - low < 1e-3 * high:
-            break
-    return high
+    return bisect_budget(val, costs, target, float(costs[0]), float(costs[-1]), steps, tolerance=1e-3)
 
 
 def real_run(cascade, split: Split, thresholds: Sequence[float], batch_size: int = 250) -> dict:
-    """The real early-exit forward on a split, MACs counted by CostCounter."""
-    cascade.set_thresholds(thresholds)
-    correct = macs = 0
-    exits = []
-    with torch.no_grad():
-        for start in range(0, len(split), batch_size):
-            images = to_float(split.images[start:start + batch_size])
-            with CostCounter() as cost:
-                out = cascade(images)
-            macs += cost.macs
-            correct += int((out.logits.argmax(-1) == split.labels[start:start + batch_size]).sum())
-            exits.append(out.exit_stage)
-    shares = torch.bincount(torch.cat(exits), minlength=cascade.num_stages).float() / len(split)
-    return {"images": len(split), "accuracy": correct / len(split), "mean_macs": macs / len(split),
-            "exit_fractions": shares.tolist()}
+    """The real early-exit forward on a split (uint8 images), MACs counted by CostCounter."""
+    return {"images": len(split), **dvt_real_run(cascade, split, thresholds, batch_size, prepare=to_float)}
 
 
 def operating_point(name: str, cascade, costs: Sequence[int], val: Stats, test: Stats, reference: dict,
