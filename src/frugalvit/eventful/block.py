@@ -39,7 +39,7 @@ def _store_sums(current: AttentionSums | None, fresh: AttentionSums) -> Attentio
                          store_(current.denominator, fresh.denominator))
 
 
-def _merge_heads(per_head: Tensor) -> Tensor:
+def merge_head_outputs(per_head: Tensor) -> Tensor:
     """(B, H, N, Dh) -> (B, N, H * Dh), a new tensor."""
     batch, heads, num_tokens, head_dim = per_head.shape
     return per_head.transpose(1, 2).reshape(batch, num_tokens, heads * head_dim)
@@ -114,7 +114,7 @@ class EventfulAttention(nn.Module):
                 self.last_path = "dense"
         elif selection.count == 0:
             self.last_path = "skipped"
-            return _merge_heads(self.output)
+            return merge_head_outputs(self.output)
         else:
             old_k, old_v = gather_tokens(self.k, selection), gather_tokens(self.v, selection)
             for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
@@ -138,7 +138,7 @@ class EventfulAttention(nn.Module):
         # Kept per head (B, H, N, Dh): the next gate keeps the merged (B, N, D) copy, and two state tensors
         # holding one value in one layout could be merged into one buffer by a compiler (torch.compile does).
         self.output = store_(self.output, mixed)
-        return _merge_heads(mixed)
+        return merge_head_outputs(mixed)
 
     def state_tensors(self) -> list[Tensor]:
         """Every tensor held between frames."""

@@ -60,8 +60,9 @@ def _inference_only(method):  # noqa: ANN001, ANN202 - decorator over EventfulVi
 # Partial frames run eagerly before a capture: the first creates the last lazily allocated state (gate scratch,
 # selection buffers), so a compiled `step` sees its final guards (and compiles for them) before the capture.
 CAPTURE_WARM_UP_FRAMES = 2
-# What a gate's forward records for `gate_counts` / `updated_tokens`; a replay must restore it.
-_GATE_DIAGNOSTICS = ("last_count", "last_indices")
+# What the eventful modules record about a frame in plain attributes (`gate_counts`, `updated_tokens`,
+# `attention_paths`): a graph replay runs no Python and a one-stream pass must not overwrite them.
+_DIAGNOSTICS = ("last_count", "last_indices", "last_path", "last_windows")
 
 
 class CudaGraphFrame:
@@ -208,7 +209,7 @@ class EventfulViT(nn.Module):
         self.sync_free = False
         self.capture = capture
         self._graph: CudaGraphFrame | None = None
-        self._graph_diagnostics: list[tuple[nn.Module, str, object]] = []
+        self._graph_diagnostics: list[tuple[dict[str, object], str, object]] = []
         self._warm_up: tuple[tuple[object, ...] | None, int] = (None, 0)  # (key, eager partial frames run)
         self.last_frame_full = False
         self._frame_shape: tuple[int, ...] | None = None
@@ -332,6 +333,16 @@ class EventfulViT(nn.Module):
         self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
         return features
 
+    def _eventful_modules(self) -> list[nn.Module]:
+        """The modules that hold per-frame state (not the wrapped model's)."""
+        modules = list(self.eventful_blocks.modules())
+        return modules + ([] if self.eventful_neck is None else list(self.eventful_neck.modules()))
+
+    def _diagnostics(self) -> list[tuple[dict[str, object], str, object]]:
+        """(attribute dict, name, value) of every diagnostic attribute now set, for restoring it later."""
+        return [(module.__dict__, name, module.__dict__[name]) for module in self._eventful_modules()
+                for name in _DIAGNOSTICS if name in module.__dict__]
+
     def _full_stream(self, tokens: Tensor, stream: int) -> Tensor:
         """One stream's frame computed in full, its state rows rewritten in place; other streams untouched.
 
@@ -339,18 +350,12 @@ class EventfulViT(nn.Module):
         its row `stream` (a view), so the full-frame code writes into that row;
         then the batch tensors and the last batch frame's diagnostics return.
         """
-        swapped: list[tuple[dict[str, object], str, object]] = []
-        modules = list(self.eventful_blocks.modules())
-        if self.eventful_neck is not None:
-            modules += list(self.eventful_neck.modules())
-        for module in modules:
+        swapped = self._diagnostics()
+        for module in self._eventful_modules():
             for name, tensor in list(module._buffers.items()):
                 if tensor is not None:
                     swapped.append((module._buffers, name, tensor))
                     module._buffers[name] = tensor[stream:stream + 1]
-            for name in ("last_count", "last_indices", "last_path", "last_windows"):
-                if name in module.__dict__:
-                    swapped.append((module.__dict__, name, module.__dict__[name]))
             sums = module.__dict__.get("sums")
             if sums is not None:
                 swapped.append((module.__dict__, "sums", sums))
@@ -427,7 +432,7 @@ class EventfulViT(nn.Module):
         if self._graph is not None and self._graph.key == key:
             features = self._graph.replay(tokens)
             for owner, name, value in self._graph_diagnostics:  # a replay runs no Python: restore what it set
-                setattr(owner, name, value)
+                owner[name] = value
             return features
         self._graph = None
         frame = lambda static: self.step(static, False)  # noqa: E731
@@ -437,12 +442,7 @@ class EventfulViT(nn.Module):
             self._warm_up = (key, self._warm_up[1] + 1)
             return self.recorder.warm_up(frame, tokens)
         self._graph = self.recorder(key, frame, tokens)
-        self._graph_diagnostics = [(owner, name, getattr(owner, name)) for block in self.eventful_blocks
-                                   for owner, names in ((block.attention_gate, _GATE_DIAGNOSTICS),
-                                                        (block.projection_gate, _GATE_DIAGNOSTICS),
-                                                        (block.mlp_gate, _GATE_DIAGNOSTICS),
-                                                        (block.attention, ("last_path",)))
-                                   for name in names]
+        self._graph_diagnostics = self._diagnostics()
         return self._graph.replay(tokens)
 
     def _is_scene_cut(self, tokens: Tensor) -> bool:

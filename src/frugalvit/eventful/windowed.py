@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from frugalvit.eventful.block import merge_head_outputs
 from frugalvit.eventful.gates import Selection, store_
 from frugalvit.eventful.relpos import decomposed_bias
 from frugalvit.timm import split_qkv
@@ -147,9 +148,8 @@ class EventfulWindowAttention(nn.Module):
         self.output.view(-1, head_dim).index_copy_(0, flat, mixed.reshape(-1, head_dim))
 
     def _merged(self) -> Tensor:
-        """(B, N, heads * Dh) copy of the real tokens' outputs."""
-        batch, heads, _, head_dim = self.output.shape
-        return self.output[:, :, :-1].transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        """(B, N, heads * Dh) copy of the real tokens' outputs (the padding row left out)."""
+        return merge_head_outputs(self.output[:, :, :-1])
 
     def state_tensors(self) -> list[Tensor]:
         return [t for t in (self.q, self.k, self.v, self.output) if t is not None]
