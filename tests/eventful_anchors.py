@@ -61,3 +61,22 @@ def last_frame_macs(model: torch.nn.Module, frames: torch.Tensor, policies: Iter
                 ev(frames[-1])
         macs.append(cost.macs)
     return macs
+
+
+def assert_sync_free_step_compiles_whole(model: torch.nn.Module, frames: torch.Tensor) -> None:
+    """With a fixed-size policy and `sync_free`, `step` is one graph (no break, so no host sync), and the
+    compiled frames equal the eager ones."""
+    eager, compiled = fv.eventful(model, fv.TopFraction(0.25)), fv.eventful(model, fv.TopFraction(0.25))
+    eager.sync_free = compiled.sync_free = True
+    with torch.no_grad():
+        compiled(frames[0])
+        compiled(frames[1])
+        explanation = torch._dynamo.explain(compiled.step)(compiled._embed(frames[2]), False)
+        assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+        torch._dynamo.reset()
+        compiled.reset()
+        compiled.step = torch.compile(compiled.step, fullgraph=True, backend="eager")
+        for frame in frames:
+            torch.testing.assert_close(compiled.forward_features(frame), eager.forward_features(frame),
+                                       rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

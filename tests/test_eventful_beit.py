@@ -8,6 +8,7 @@ import torch
 
 import frugalvit as fv
 from eventful_anchors import (assert_full_budget_equals, assert_half_precision_incremental_matches,
+                              assert_sync_free_step_compiles_whole,
                               incremental_paths_equal_dense, last_frame_macs)
 from test_eventful import patch_video
 
@@ -51,3 +52,7 @@ def test_macs_fall_with_the_budget() -> None:
 
 def test_half_precision_incremental_path_matches_dense() -> None:
     assert_half_precision_incremental_matches(make_beit("per-layer-bias"), patch_video(4, batch=2, share=0.2))
+
+
+def test_sync_free_frame_compiles_whole_with_no_graph_break() -> None:
+    assert_sync_free_step_compiles_whole(make_beit("per-layer-bias"), patch_video(4, batch=2, share=0.2))

@@ -8,6 +8,7 @@ import torch
 
 import frugalvit as fv
 from eventful_anchors import (assert_full_budget_equals, assert_half_precision_incremental_matches,
+                              assert_sync_free_step_compiles_whole,
                               incremental_paths_equal_dense, last_frame_macs)
 from frugalvit.eventful.model import UnsupportedModelError
 from test_eventful import patch_video
@@ -66,3 +67,7 @@ def test_unhandled_eva_options_are_refused_clearly() -> None:
 
 def test_half_precision_incremental_path_matches_dense() -> None:
     assert_half_precision_incremental_matches(make_eva("eva02-tiny"), eva_video(4))
+
+
+def test_sync_free_frame_compiles_whole_with_no_graph_break() -> None:
+    assert_sync_free_step_compiles_whole(make_eva("eva02-tiny"), eva_video(4))

@@ -9,6 +9,7 @@ import torch
 import frugalvit as fv
 from frugalvit.eventful.model import EventfulViT
 from eventful_anchors import (assert_full_budget_equals, assert_half_precision_incremental_matches,
+                              assert_sync_free_step_compiles_whole,
                               incremental_paths_equal_dense, last_frame_macs, relative_error)
 from test_eventful import patch_video
 from test_eventful_capture import FxGraphFrame
@@ -131,3 +132,7 @@ def test_video_command_runs_sam_end_to_end(tmp_path, capsys: pytest.CaptureFixtu
 
 def test_half_precision_incremental_path_matches_dense() -> None:
     assert_half_precision_incremental_matches(make_sam(), sam_video(4))
+
+
+def test_sync_free_frame_compiles_whole_with_no_graph_break() -> None:
+    assert_sync_free_step_compiles_whole(make_sam(), sam_video(4))
