@@ -157,9 +157,14 @@ class Config:
         forward(self.clip[0])  # warm-up
         return summary([device_timed(lambda: forward(frame), self.device)[1] for frame in self.clip])
 
-    def time_eventful(self, budget: float, capture: bool, compiled: bool = False) -> dict[str, float]:
+    def time_eventful(self, budget: float, capture: bool, compiled: bool = False,
+                      attention: str | None = None) -> dict[str, float]:
+        """`attention`: None for the model's default, "incremental" (the sums, up to 1/3 of the tokens) or
+        "fused" (the fused kernel over the cached queries/keys/values on every partial frame)."""
         ev = eventful(self.model, TopFraction(budget), capture=capture)
         ev.sync_free = True
+        if attention is not None:
+            ev.incremental_max_fraction = {"incremental": 1 / 3, "fused": 0.0}[attention]
         if compiled:
             torch._dynamo.reset()
             ev.step = torch.compile(ev.step, fullgraph=True)
@@ -181,12 +186,14 @@ class Config:
         return stats
 
 
-def profile_eventful(config: Config, budget: float, path: Path) -> None:
+def profile_eventful(config: Config, budget: float, path: Path, attention: str | None = None) -> None:
     """Device time per kernel of eager sync-free eventful frames (the kernels a capture replays), as a table."""
     from torch.profiler import ProfilerActivity, profile
 
     ev = eventful(config.model, TopFraction(budget))
     ev.sync_free = True
+    if attention is not None:
+        ev.incremental_max_fraction = {"incremental": 1 / 3, "fused": 0.0}[attention]
     with torch.no_grad():
         for frame in config.clip[:4]:
             ev.forward_features(frame)
@@ -198,24 +205,28 @@ def profile_eventful(config: Config, budget: float, path: Path) -> None:
     table = averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
     with atomic_file(path) as handle:
         handle.write(f"5 partial frames, {config.result['model']} {config.result['size']}px "
-                     f"B{config.result['batch']}, TopFraction({budget:g})\n{table}".encode())
+                     f"B{config.result['batch']}, TopFraction({budget:g}), attention {attention or 'default'}\n"
+                     f"{table}".encode())
     print(table[:6000], flush=True)
 
 
-def phase_eager_and_captured(config: Config, deadline: Deadline) -> None:
-    """Dense eager (the baseline), dense captured, eventful eager and captured at every budget."""
+def phase_eager_and_captured(config: Config, deadline: Deadline, with_incremental: bool = False) -> None:
+    """Dense eager (the baseline), dense captured, eventful eager and captured at every budget (the device's
+    default attention path); `with_incremental`: also the other path at 1/8."""
     model, cuda = config.model, config.device.type == "cuda"
     config.record("dense eager", lambda: config.time_dense(model.forward_features))
     if cuda:
         config.record("dense captured", lambda: config.time_dense(capture_dense(model.forward_features,
                                                                                 config.clip[0])))
-    for budget in BUDGETS:
-        for capture in (False, True) if cuda else (False,):
-            label = f"eventful {budget:g} {'captured' if capture else 'eager'}"
-            if deadline.passed():
-                config.result["methods"][label] = {"skipped": "out of time"}
-                continue
-            config.record(label, lambda: config.time_eventful(budget, capture))
+    runs = [(budget, capture, None) for budget in BUDGETS for capture in ((False, True) if cuda else (False,))]
+    if with_incremental:  # the attention path that is not the device's default, at the target budget
+        runs.append((1 / 8, cuda, "incremental" if cuda else "fused"))
+    for budget, capture, attention in runs:
+        label = f"eventful {budget:g} {'captured' if capture else 'eager'}" + (f" {attention}" if attention else "")
+        if deadline.passed():
+            config.result["methods"][label] = {"skipped": "out of time"}
+            continue
+        config.record(label, lambda: config.time_eventful(budget, capture, attention=attention))
 
 
 def phase_compiled(config: Config, deadline: Deadline, budgets: tuple[float, ...]) -> None:
@@ -235,6 +246,61 @@ def phase_compiled(config: Config, deadline: Deadline, budgets: tuple[float, ...
             config.result["methods"][label] = {"skipped": "out of time"}
             continue
         config.record(label, lambda: config.time_eventful(budget, capture=cuda, compiled=True))
+
+
+def check_top_k_kernel(device: torch.device) -> dict[str, object]:
+    """The fused top-k kernel against its reference on this device, and both timed (CUDA events, 200 calls)."""
+    from frugalvit.kernels import top_k_ascending, top_k_ascending_reference
+
+    result: dict[str, object] = {}
+    for tokens in (577, 4097):
+        errors = torch.rand(1, tokens, device=device)
+        count = tokens // 8
+        equal = torch.equal(top_k_ascending(errors, count), top_k_ascending_reference(errors, count))
+        timed = {}
+        for name, fn in (("kernel", top_k_ascending), ("reference", top_k_ascending_reference)):
+            fn(errors, count)
+            times = [device_timed(lambda: [fn(errors, count) for _ in range(200)], device)[1] / 200 for _ in range(3)]
+            timed[f"{name}_us"] = 1000 * min(times)
+        result[f"{tokens}_tokens"] = {"equal": equal, **timed}
+    print(f"  top-k kernel: {result}", flush=True)
+    return result
+
+
+def guarded_top_k_check(device: torch.device) -> dict[str, object]:
+    """`check_top_k_kernel`; where the kernel fails or disagrees, the run goes on with the reference (recorded)."""
+    import frugalvit.kernels.topk as topk
+
+    try:
+        result = check_top_k_kernel(device)
+        if all(entry["equal"] for entry in result.values()):
+            return result
+        result["fallback"] = "kernel disagreed with the reference: reference used"
+    except Exception as error:  # a kernel that fails here must not sink the run
+        result = {"error": f"{type(error).__name__}: {error}"[:500], "fallback": "reference used"}
+    topk.kernel_applies = lambda *_, **__: False  # this process only: the benchmark's own guard
+    print(f"  top-k kernel: {result}", flush=True)
+    return result
+
+
+def phase_explore(config: Config, deadline: Deadline, compiled: tuple[str, ...]) -> None:
+    """Attention choices at 1/8 (and captured at 1/16, 1/4): incremental sums vs the fused kernel over the
+    cached tokens, captured and (for `compiled`) compiled+captured; dense eager and captured as baselines."""
+    cuda = config.device.type == "cuda"
+    config.record("dense eager", lambda: config.time_dense(config.model.forward_features))
+    if cuda:
+        config.record("dense captured", lambda: config.time_dense(capture_dense(config.model.forward_features,
+                                                                                config.clip[0])))
+    runs = [(1 / 8, attention, False) for attention in ("incremental", "fused")]
+    runs += [(budget, "fused", False) for budget in (1 / 16, 1 / 4)]
+    runs += [(1 / 8, attention, True) for attention in compiled]
+    for budget, attention, compile_it in runs:
+        label = f"eventful {budget:g} {'compiled+captured' if compile_it else 'captured'} {attention}"
+        if deadline.passed():
+            config.result["methods"][label] = {"skipped": "out of time"}
+            continue
+        config.record(label, lambda: config.time_eventful(budget, capture=cuda, compiled=compile_it,
+                                                          attention=attention))
 
 
 def plot(report: dict[str, object], path: Path) -> None:
@@ -274,12 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=17, help="frames per configuration (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--no-compile", action="store_true", help="eager and captured methods only")
+    parser.add_argument("--compile-configs", type=int, nargs="+",
+                        help="only these configurations (indices into those run) are compiled, at 1/8 (default: "
+                             "the first and last at 1/8, the dense model of the others)")
     parser.add_argument("--seconds", type=float, default=420.0,
                         help="time for the whole run; methods that would start later are skipped "
                              "(default: %(default)s)")
     parser.add_argument("--configs", type=int, nargs="+", help="indices into the grid to run (default: all)")
     parser.add_argument("--profile", action="store_true", help="also profile eventful kernels (CUDA, first config)")
     parser.add_argument("--tiny", action="store_true", help="a small model at 64 px (a CPU smoke test)")
+    parser.add_argument("--explore", action="store_true",
+                        help="instead of the grid: the attention choices at 1/8 on the first and last configuration, "
+                             "the top-k kernel check, a profile of the fused-attention frame")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_gpu"))
     args = parser.parse_args(argv)
     grid = TINY_GRID if args.tiny else GRID
@@ -307,12 +379,16 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() < end:
             warm @ warm
         torch.cuda.synchronize()
+    report["top_k_kernel"] = guarded_top_k_check(device)
+    if args.explore:
+        explore(report, grid, data, device, DTYPES[args.dtype], args, deadline)
+        return 0
     configs = []
     for name, size, batch in grid:  # phase 1 for every configuration first: the main figures survive a timeout
         config = Config(name, size, batch, data[f"size_{frame_size(size)}"], device, DTYPES[args.dtype], args.count)
         configs.append(config)
         report["results"].append(config.result)
-        phase_eager_and_captured(config, deadline)
+        phase_eager_and_captured(config, deadline, with_incremental=len(configs) == 1)
         if args.profile and device.type == "cuda" and len(configs) == 1:
             try:
                 profile_eventful(config, 1 / 8, args.out.with_name(args.out.name + "_profile.txt"))
@@ -320,8 +396,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no profile: {type(error).__name__}: {error}")
         write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
     if not args.no_compile:
-        first_and_last = sorted({0, len(configs) - 1})  # the target configurations first, then the others
-        for index in first_and_last + [i for i in range(len(configs)) if i not in first_and_last]:
+        first_and_last = sorted(set(args.compile_configs if args.compile_configs is not None
+                                    else {0, len(configs) - 1}))  # the target configurations first, then others
+        others = [] if args.compile_configs is not None else [i for i in range(len(configs)) if i not in first_and_last]
+        for index in first_and_last + others:
             phase_compiled(configs[index], deadline, COMPILED_BUDGETS if index in first_and_last else ())
             write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
     print_table(report)
@@ -330,6 +408,26 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as error:  # matplotlib missing on the GPU machine: the JSON has every figure
         print(f"no plot: {error}")
     return 0
+
+
+def explore(report: dict[str, object], grid: list[tuple[str, int, int]], data: np.lib.npyio.NpzFile,
+            device: torch.device, dtype: torch.dtype, args: argparse.Namespace, deadline: Deadline) -> None:
+    """`--explore`: which attention path and which top-k to make the GPU default (see `phase_explore`)."""
+    write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
+    for index, (name, size, batch) in enumerate([grid[0], grid[-1]]):
+        config = Config(name, size, batch, data[f"size_{frame_size(size)}"], device, dtype, args.count)
+        report["results"].append(config.result)
+        phase_explore(config, deadline, ("fused", "incremental") if index == 0 else ("fused",))
+        if args.profile and device.type == "cuda":
+            try:
+                suffix = f"_profile_{size}.txt"
+                profile_eventful(config, 1 / 8, args.out.with_name(args.out.name + suffix), attention="fused")
+            except Exception as error:  # the profile is an extra: never fatal
+                print(f"no profile: {type(error).__name__}: {error}")
+        write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
+        del config
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    print_table(report)
 
 
 def print_table(report: dict[str, object]) -> None:

@@ -174,6 +174,21 @@ def test_incremental_and_dense_switch_give_same_outputs() -> None:
     assert set(incremental.attention_paths()) == {"incremental"}
 
 
+def test_attention_switch_defaults_by_device() -> None:
+    """None picks the path by device (incremental up to 1/3 on the CPU, always fused on CUDA); a set value wins."""
+    ev = fv.eventful(make_model("vit_tiny_patch16_224"), fv.TopR(6))
+    assert ev.incremental_max_fraction is None
+    assert ev.attention_switch(torch.device("cpu")) == pytest.approx(1 / 3)
+    assert ev.attention_switch(torch.device("cuda")) == 0.0
+    ev.incremental_max_fraction = 0.5
+    assert ev.attention_switch(torch.device("cuda")) == 0.5
+    ev.incremental_max_fraction = None
+    frames = video(3)
+    for frame in frames:
+        ev(frame)
+    assert set(ev.attention_paths()) == {"incremental"}  # CPU default: 6 of 17 tokens is below 1/3
+
+
 def test_attention_sums_update_matches_dense_over_many_steps() -> None:
     generator = torch.Generator().manual_seed(1)
     batch, heads, tokens, width, changed = 2, 3, 40, 8, 6

@@ -11,7 +11,8 @@ from torch import nn
 
 from frugalvit.cli.options import add_device_arguments, device_report, resolve_device_dtype
 from frugalvit.eventful import check_convertible, eventful, parse_policy
-from frugalvit.eventful.model import DEFAULT_INCREMENTAL_MAX_FRACTION, UnsupportedModelError
+from frugalvit.eventful.model import (CUDA_INCREMENTAL_MAX_FRACTION, DEFAULT_INCREMENTAL_MAX_FRACTION,
+                                     UnsupportedModelError)
 from frugalvit.ioutil import check_output_dir
 from frugalvit.models import SaliencyViT, load_timm_model, saliency_vit
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
@@ -43,8 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
     parser.add_argument("--refresh", type=int, metavar="K", help="recompute all tokens every K frames")
     parser.add_argument("--cut-share", type=float, metavar="S",
                         help="scene-cut refresh: recompute all tokens when more than share S of them changed a lot")
-    parser.add_argument("--incremental-max-fraction", type=float, default=DEFAULT_INCREMENTAL_MAX_FRACTION,
-                        help="update attention incrementally up to this share of changed tokens (default: %(default).3f)")
+    parser.add_argument("--incremental-max-fraction", type=float,
+                        help="update attention incrementally up to this share of changed tokens, above it run the "
+                             f"fused kernel (default: {DEFAULT_INCREMENTAL_MAX_FRACTION:.3f} on the CPU, "
+                             f"{CUDA_INCREMENTAL_MAX_FRACTION:g} on CUDA)")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     add_device_arguments(parser, "model and frame dtype")
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                 "refresh_every": args.refresh, "cut_share": args.cut_share, "threads": args.threads,
                 **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
-                "incremental_max_fraction": args.incremental_max_fraction,
+                "incremental_max_fraction": ev.attention_switch(device),
                 "baseline": "the same timm model, dense, fused scaled_dot_product_attention, same thread count",
                 "macs_note": "executed multiply-accumulates counted by frugalvit.CostCounter; FLOPs = 2 x MACs"}
     extra = {}

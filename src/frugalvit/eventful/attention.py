@@ -21,7 +21,11 @@ only the changed terms. The column pass also touches the M changed rows,
 which the row pass then overwrites: M^2 wasted terms buy contiguous access.
 
 Numerics. The sums are kept in float32 whatever the model's dtype (float16
-would overflow or cancel), and the logits are formed in float32. A row's
+would overflow or cancel), and the logits are formed in float32. On CUDA with
+a half-precision model the products run on the tensor cores with float32
+output (`product_f32`): half inputs, float32 accumulation, weights rounded to
+the model's dtype before they multiply the values, as a fused attention
+kernel (flash attention) does; elsewhere they run in float32. A row's
 stabiliser only rises: when a new logit exceeds it, the row's sums are
 rescaled by exp(old - new) first (the online-softmax step), so no exponential
 ever exceeds 1 and nothing can overflow. Removing the terms of old keys can
@@ -103,17 +107,29 @@ class LogitBias(Protocol):
         """logits (B, H, R, N) += the terms of the current query rows at `rows` (B, H, R)."""
 
 
+def product_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b (broadcast leading dims) in float32. On CUDA, when either side is half precision, both multiply in
+    that dtype on the tensor cores with float32 accumulation and output (`bmm`'s `out_dtype`); elsewhere both
+    are converted to float32 (no rounding on the CPU, where half precision buys no speed)."""
+    half = next((t.dtype for t in (a, b) if t.dtype in (torch.float16, torch.bfloat16)), None)
+    if a.is_cuda and half is not None:
+        lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        a3 = a.to(half).expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b3 = b.to(half).expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        return torch.bmm(a3, b3, out_dtype=torch.float32).view(*lead, a.shape[-2], b.shape[-1])
+    return torch.matmul(a.float(), b.float())
+
+
 def _stabilized_sums(q: Tensor, k: Tensor, v: Tensor, scale: float,
                      add_bias: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """float32 (stabiliser, numerator, denominator) of rows `q` against all of `k`, `v` (`add_bias(logits)` adds
     position terms in place)."""
-    q, k, v = q.float(), k.float(), v.float()
-    logits = torch.matmul(q * scale, k.transpose(-2, -1))  # scale the (often fewer) query rows, not all keys
+    logits = product_f32(q, k.transpose(-2, -1)).mul_(scale)
     if add_bias is not None:
         add_bias(logits)
     stabilizer = logits.amax(dim=-1, keepdim=True)
     weights = logits.sub_(stabilizer).exp_()
-    return stabilizer, torch.matmul(weights, v), weights.sum(dim=-1, keepdim=True)
+    return stabilizer, product_f32(weights, v), weights.sum(dim=-1, keepdim=True)
 
 
 def build_attention_sums(q: Tensor, k: Tensor, v: Tensor, scale: float,
@@ -153,12 +169,12 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
     # With position terms the logits are laid out key-major, (B, H, 2M, N): a key's terms for all rows are one
     # contiguous run to add; without, row-major (B, H, N, 2M), which reduces faster over the few keys.
     key_major = bias is not None
-    keys = torch.cat([new_k, old_k], dim=-2).float() * scale
+    keys = torch.cat([new_k, old_k], dim=-2)
     if key_major:
-        logits = torch.matmul(keys, q.float().transpose(-2, -1))
+        logits = product_f32(keys, q.transpose(-2, -1)).mul_(scale)
         bias.add_columns_(logits, selection, blocks=2)  # new and old keys sit at the same positions
     else:
-        logits = torch.matmul(q.float(), keys.transpose(-2, -1))
+        logits = product_f32(q, keys.transpose(-2, -1)).mul_(scale)
     key_dim = -2 if key_major else -1
     as_rows = (lambda t: t.transpose(-2, -1)) if key_major else (lambda t: t)  # per-row (.., N, 1) view
     stabilizer = torch.maximum(sums.stabilizer, as_rows(logits.narrow(key_dim, 0, changed).amax(key_dim, True)))
@@ -171,7 +187,7 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
         sums.stabilizer.copy_(stabilizer)
     weights = logits.sub_(as_rows(stabilizer)).exp_()
     weights.narrow(key_dim, changed, changed).neg_()
-    sums.numerator.add_(torch.matmul(as_rows(weights), torch.cat([new_v, old_v], dim=-2).float()))
+    sums.numerator.add_(product_f32(as_rows(weights), torch.cat([new_v, old_v], dim=-2)))
     sums.denominator.add_(as_rows(weights.sum(key_dim, keepdim=True)))
 
     # Rows of changed queries: recompute in full against all (updated) keys and values.

@@ -25,7 +25,12 @@ from frugalvit.eventful.relpos import TableBias
 from frugalvit.eventful.windowed import EventfulWindowAttention
 from frugalvit.timm import beit, embed_tokens, eva, sam
 
-DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION
+DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION  # the CPU's default: where the MACs break even
+# CUDA's default: every partial frame runs the fused attention kernel over the cached queries, keys and values
+# (the same result). On an H100 in bfloat16 the incremental sums' many small products cost more than one fused
+# kernel at every budget measured (ViT-B/16: 576 tokens, 1/8: 4.65 vs 2.35 ms per captured frame; 4,096 tokens:
+# 29.2 vs 5.9 ms; benchmarks/results/eventful_gpu_explore.json).
+CUDA_INCREMENTAL_MAX_FRACTION = 0.0
 NONFINITE_MODES = ("error", "refresh")
 
 
@@ -136,7 +141,11 @@ class EventfulViT(nn.Module):
     Attributes (plain, settable between any two frames):
         policy: the `TokenPolicy` every gate uses (the compute budget).
         incremental_max_fraction: attention updates incrementally while at most
-            this fraction of tokens changed, and recomputes densely (fused) above it.
+            this fraction of tokens changed, and recomputes densely (fused) above it;
+            None (default) picks by device: 1/3 on the CPU (where the
+            multiply-accumulates break even), 0 on CUDA (the fused kernel over the
+            cached tokens is faster there at every budget; see
+            `attention_switch`).
         refresh_every: if set, every K-th frame recomputes all tokens (bounds drift).
         cut_share: if set, a frame in which more than this share of the input
             tokens moved by more than `cut_relative_error` of their own norm
@@ -178,7 +187,7 @@ class EventfulViT(nn.Module):
     recorder: type[CudaGraphFrame] = CudaGraphFrame
 
     def __init__(self, model: VisionTransformer, policy: TokenPolicy,
-                 incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
+                 incremental_max_fraction: float | None = None,
                  refresh_every: int | None = None, cut_share: float | None = None,
                  cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False) -> None:
         super().__init__()
@@ -221,8 +230,9 @@ class EventfulViT(nn.Module):
         if name == "policy" and not isinstance(value, TokenPolicy):
             raise TypeError(f"policy must be a frugalvit TokenPolicy (TopR, TopFraction, Threshold, ...), "
                             f"got {type(value).__name__}")
-        if name == "incremental_max_fraction" and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-            raise ValueError(f"incremental_max_fraction must lie in [0, 1], got {value!r}")
+        if name == "incremental_max_fraction" and value is not None \
+                and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"incremental_max_fraction must be None (by device) or lie in [0, 1], got {value!r}")
         if name == "refresh_every" and value is not None and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"refresh_every must be None or an integer >= 1, got {value!r}")
         if name == "cut_share" and value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
@@ -383,8 +393,9 @@ class EventfulViT(nn.Module):
         # may hand over a permuted view (SAM's patch embedding is channels-first in memory), and every gate
         # and residual add over such a layout runs several times slower.
         tokens = tokens.clone(memory_format=torch.contiguous_format)
+        switch = self.attention_switch(tokens.device)
         for block in self.eventful_blocks:
-            tokens = block(tokens, self.policy, self.incremental_max_fraction, update_all, self._sync_free)
+            tokens = block(tokens, self.policy, switch, update_all, self._sync_free)
         if self.eventful_neck is not None:
             return self.eventful_neck(tokens, self._grid, self.policy, update_all)
         if self._sam:
@@ -497,12 +508,19 @@ class EventfulViT(nn.Module):
         tensors += [] if self.eventful_neck is None else self.eventful_neck.state_tensors()
         return tensors + self._scratch.tensors()
 
+    def attention_switch(self, device: torch.device) -> float:
+        """The share of changed tokens above which attention runs the fused kernel on `device`: the
+        `incremental_max_fraction` set, or the device's default when it is None."""
+        if self.incremental_max_fraction is not None:
+            return float(self.incremental_max_fraction)
+        return CUDA_INCREMENTAL_MAX_FRACTION if device.type == "cuda" else DEFAULT_INCREMENTAL_MAX_FRACTION
+
     def state_bytes(self) -> int:
         """Memory the per-stream state holds now (gates, buffers, attention caches)."""
         return sum(t.numel() * t.element_size() for t in self.state_tensors())
 
 
-def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: float = DEFAULT_INCREMENTAL_MAX_FRACTION,
+def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: float | None = None,
              refresh_every: int | None = None, cut_share: float | None = None,
              cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False) -> EventfulViT:
     """Make a timm VisionTransformer eventful: same parameters (shared, not copied), original unchanged.

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from frugalvit.kernels import top_k_ascending
+
 
 class TokenPolicy(ABC):
     """Chooses, from per-token error norms (B, N), the tokens to recompute.
@@ -56,8 +58,7 @@ class TokenPolicy(ABC):
             raise ValueError(f"{self!r} selected {count} tokens; it must select between 0 and {num_tokens}")
         if count == num_tokens:
             return torch.arange(num_tokens, device=error_norms.device).expand(error_norms.shape[0], -1)
-        indices = torch.topk(error_norms, count, dim=-1, sorted=False).indices
-        return torch.sort(indices, dim=-1).values
+        return top_k_ascending(error_norms, count)  # one fused kernel on CUDA
 
 
 @dataclass(frozen=True)
