@@ -176,7 +176,7 @@ def test_incremental_and_dense_switch_give_same_outputs() -> None:
 
 def test_attention_switch_defaults_by_device() -> None:
     """None picks the path by device (incremental up to 1/3 on the CPU, always fused on CUDA); a set value wins."""
-    ev = fv.eventful(make_model("vit_tiny_patch16_224"), fv.TopR(6))
+    ev = fv.eventful(make_model("vit_tiny_patch16_224"), fv.TopR(4))
     assert ev.incremental_max_fraction is None
     assert ev.attention_switch(torch.device("cpu")) == pytest.approx(1 / 3)
     assert ev.attention_switch(torch.device("cuda")) == 0.0
@@ -186,7 +186,7 @@ def test_attention_switch_defaults_by_device() -> None:
     frames = video(3)
     for frame in frames:
         ev(frame)
-    assert set(ev.attention_paths()) == {"incremental"}  # CPU default: 6 of 17 tokens is below 1/3
+    assert set(ev.attention_paths()) == {"incremental"}  # CPU default: 4 of 17 tokens is below 1/3
 
 
 def test_attention_sums_update_matches_dense_over_many_steps() -> None:
