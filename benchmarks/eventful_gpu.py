@@ -410,6 +410,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def plot_explore(report: dict[str, object], path: Path) -> None:
+    """Per-frame median time of every method of an `--explore` run, one panel per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = report["results"]
+    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 3.8), squeeze=False)
+    for ax, config in zip(axes[0], configs):
+        timed = [(label, stats) for label, stats in config["methods"].items() if "median_ms" in stats]
+        labels = [label.replace("eventful ", "ev ") for label, _ in timed]
+        medians = [stats["median_ms"] for _, stats in timed]
+        errors = [[m - stats["min_ms"] for m, (_, stats) in zip(medians, timed)],
+                  [stats["max_ms"] - m for m, (_, stats) in zip(medians, timed)]]
+        colors = ["gray" if label.startswith("dense") else "tab:green" if "fused" in label else "tab:red"
+                  for label, _ in timed]
+        ax.barh(range(len(timed)), medians, xerr=errors, color=colors)
+        ax.set_yticks(range(len(timed)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel="ms per frame (median, min-max)", title=f"{config['model']} {config['size']}px B{config['batch']}")
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{report['device_name']}, {report['dtype']}: fused (green) vs incremental (red) attention",
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_file(path) as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
 def explore(report: dict[str, object], grid: list[tuple[str, int, int]], data: np.lib.npyio.NpzFile,
             device: torch.device, dtype: torch.dtype, args: argparse.Namespace, deadline: Deadline) -> None:
     """`--explore`: which attention path and which top-k to make the GPU default (see `phase_explore`)."""
@@ -428,6 +458,10 @@ def explore(report: dict[str, object], grid: list[tuple[str, int, int]], data: n
         del config
         torch.cuda.empty_cache() if device.type == "cuda" else None
     print_table(report)
+    try:
+        plot_explore(report, args.out.with_suffix(".png"))
+    except ImportError as error:  # matplotlib missing on the GPU machine: the JSON has every figure
+        print(f"no plot: {error}")
 
 
 def print_table(report: dict[str, object]) -> None:

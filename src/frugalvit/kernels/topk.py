@@ -3,12 +3,20 @@
 A gate picks the M tokens with the largest errors out of N and wants their
 indices ascending (rows are then copied in memory order). In PyTorch that is
 `topk` followed by `sort`: two kernels of about 9 us each on an H100 for one
-row of a few hundred tokens, 36 of each per ViT-B frame. Here one Triton
-program per row does both: a radix select (8 steps of 4 bits) over
-order-preserving integer keys finds the M-th largest error, and a prefix sum over the row
-writes the chosen positions in ascending order. Ties at the M-th value go to
-the lowest indices (`torch.topk` leaves them unspecified). NaN counts as
-larger than every number, as in `torch.topk`.
+row of 577 tokens, 36 of each per ViT-B frame. Here one Triton program per
+row does both: a 32-step radix select (one bit per step) over
+order-preserving integer keys finds the M-th largest error, and a prefix sum
+over the row writes the chosen positions in ascending order. Ties at the
+M-th value go to the lowest indices (`torch.topk` leaves them unspecified).
+NaN counts as larger than every number, as in `torch.topk`.
+
+Measured on an H100 (profiles in benchmarks/results/eventful_gpu_explore_*):
+7.7 us per call at 577 tokens, against about 17 us for topk + sort; 49 us at
+4,097 tokens, where one program runs 32 block-wide reductions over 8,192
+lanes on one SM (topk + sort was not profiled at that size; a multi-program
+select is the obvious next step). A variant with 4 bits per step (16
+candidate thresholds compared at once) was slower at both sizes (14 us at 577
+tokens, benchmarks/results/eventful_gpu_run3.json).
 """
 
 from __future__ import annotations
@@ -44,16 +52,12 @@ if triton is not None:
         # integers then sort as the floats do), then the sign is offset away (int64, so nothing overflows).
         keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (tl.full((), 1, tl.int64) << 31)
         keys = tl.where(inside, keys, 0)
-        # Radix select, 4 bits per step from the top: of the 16 candidate thresholds that extend the prefix by
-        # one digit, keep the largest that at least k keys reach (one 16 x BLOCK comparison and one reduction
-        # per step: 8 block-wide reductions instead of 32). At the end `threshold` is the k-th largest key.
+        # Radix select, highest bit first: the largest threshold that at least k keys reach is the k-th key.
         threshold = tl.zeros((), dtype=tl.int64)
-        digits = tl.arange(0, 16).to(tl.int64)
-        for shift in tl.static_range(28, -1, -4):
-            candidates = threshold | (digits << shift)
-            reached = tl.sum((keys[None, :] >= candidates[:, None]).to(tl.int32), axis=1)
-            best = tl.sum((reached >= k).to(tl.int32), axis=0) - 1  # reached falls with the digit; digit 0 holds
-            threshold = threshold | (best.to(tl.int64) << shift)
+        for bit in tl.static_range(31, -1, -1):
+            candidate = threshold | (tl.full((), 1, tl.int64) << bit)
+            reached = tl.sum((keys >= candidate).to(tl.int32), axis=0)
+            threshold = tl.where(reached >= k, candidate, threshold)
         above = keys > threshold
         ties = (keys == threshold) & inside
         tie_rank = tl.cumsum(ties.to(tl.int32), axis=0) - 1
