@@ -107,24 +107,29 @@ class LogitBias(Protocol):
         """logits (B, H, R, N) += the terms of the current query rows at `rows` (B, H, R)."""
 
 
-def product_f32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b (broadcast leading dims) in float32. On CUDA, when either side is half precision, both multiply in
-    that dtype on the tensor cores with float32 accumulation and output (`bmm`'s `out_dtype`); elsewhere both
-    are converted to float32 (no rounding on the CPU, where half precision buys no speed)."""
+def product_f32(a: Tensor, b: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * (a @ b) (broadcast leading dims) in float32. On CUDA, when either side is half precision, both
+    multiply in that dtype on the tensor cores with float32 accumulation and output (`bmm`'s `out_dtype`), and
+    the float32 product is scaled; elsewhere both are converted to float32, the smaller one is scaled, and they
+    multiply in float32 (no rounding on the CPU, where half precision buys no speed)."""
     half = next((t.dtype for t in (a, b) if t.dtype in (torch.float16, torch.bfloat16)), None)
     if a.is_cuda and half is not None:
         lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3 = a.to(half).expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
         b3 = b.to(half).expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-        return torch.bmm(a3, b3, out_dtype=torch.float32).view(*lead, a.shape[-2], b.shape[-1])
-    return torch.matmul(a.float(), b.float())
+        product = torch.bmm(a3, b3, out_dtype=torch.float32).view(*lead, a.shape[-2], b.shape[-1])
+        return product if scale == 1.0 else product.mul_(scale)
+    a, b = a.float(), b.float()
+    if scale != 1.0:  # scale the smaller operand
+        a, b = (a * scale, b) if a.numel() <= b.numel() else (a, b * scale)
+    return torch.matmul(a, b)
 
 
 def _stabilized_sums(q: Tensor, k: Tensor, v: Tensor, scale: float,
                      add_bias: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """float32 (stabiliser, numerator, denominator) of rows `q` against all of `k`, `v` (`add_bias(logits)` adds
     position terms in place)."""
-    logits = product_f32(q, k.transpose(-2, -1)).mul_(scale)
+    logits = product_f32(q, k.transpose(-2, -1), scale)
     if add_bias is not None:
         add_bias(logits)
     stabilizer = logits.amax(dim=-1, keepdim=True)
@@ -171,10 +176,10 @@ def update_attention_sums_(sums: AttentionSums, q: Tensor, k: Tensor, v: Tensor,
     key_major = bias is not None
     keys = torch.cat([new_k, old_k], dim=-2)
     if key_major:
-        logits = product_f32(keys, q.transpose(-2, -1)).mul_(scale)
+        logits = product_f32(keys, q.transpose(-2, -1), scale)
         bias.add_columns_(logits, selection, blocks=2)  # new and old keys sit at the same positions
     else:
-        logits = product_f32(q, keys.transpose(-2, -1)).mul_(scale)
+        logits = product_f32(q, keys.transpose(-2, -1), scale)
     key_dim = -2 if key_major else -1
     as_rows = (lambda t: t.transpose(-2, -1)) if key_major else (lambda t: t)  # per-row (.., N, 1) view
     stabilizer = torch.maximum(sums.stabilizer, as_rows(logits.narrow(key_dim, 0, changed).amax(key_dim, True)))
