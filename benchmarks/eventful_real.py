@@ -12,8 +12,11 @@ and the IoU of the top-10% salient pixels. Methods:
 - lower resolution: the dense model on a smaller frame, its map upsampled.
 
 MACs are reported twice: the backbone (what `frugalvit.eventful` converts) and
-the whole model (backbone + the convolutional decoder, which the eventful model
-runs densely on every frame and keyframe-and-hold skips between keyframes).
+the whole model (backbone + the convolutional decoder, which keyframe-and-hold
+skips between keyframes and the eventful model runs eventfully: its input is
+gated with the backbone's policy and its transposed convolutions recompute
+only the area under the propagated tokens; `decoder_max_abs_error` is the
+largest difference from the dense decoder on the same features).
 
 Usage:
     python3 benchmarks/eventful_real.py --out benchmarks/results/eventful_real [--clips bigbuckbunny bikes]
@@ -79,16 +82,33 @@ def dense_run(model: SaliencyViT, frames: Tensor) -> tuple[Tensor, int, int]:
     return maps, backbone_macs, decoder_macs
 
 
+@dataclass
+class EventfulRun:
+    """Per frame: the eventful maps, backbone and decoder MACs, full updates, and the largest difference between
+    the eventful decoder's map and the dense decoder's on the same (eventful) features."""
+
+    maps: Tensor
+    backbone_macs: list[int]
+    decoder_macs: list[int]
+    full: list[bool]
+    decoder_max_abs_error: float
+
+
 @torch.no_grad()
-def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -> tuple[Tensor, list[int], list[bool]]:
-    """Eventful maps, backbone MACs per frame, and which frames were full updates."""
+def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -> EventfulRun:
+    """The eventful backbone and the eventful decoder (`SaliencyViT.eventful_decoder`) over the clip."""
     ev = eventful(model.backbone, parse_policy(setting.policy), **setting.options)
-    maps, macs, full = [], [], []
+    decode = model.eventful_decoder(ev.policy)  # the decoder's input gated like the backbone's gates
+    maps, macs, decoder_macs, full, error = [], [], [], [], 0.0
     for _, _, _, results in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
-        maps.append(model.decode(results["eventful"].output))
+        features = results["eventful"].output
+        saliency, counted_macs = counted(lambda f: decode(f, update_all=ev.last_frame_full), features)
+        error = max(error, (saliency - model.decode(features)).abs().max().item())
+        maps.append(saliency)
         macs.append(results["eventful"].macs)
+        decoder_macs.append(counted_macs)
         full.append(ev.last_frame_full)
-    return torch.cat(maps), macs, full
+    return EventfulRun(torch.cat(maps), macs, decoder_macs, full, error)
 
 
 def keyframe_hold(dense_maps: Tensor, period: int) -> Tensor:
@@ -147,7 +167,7 @@ def dominance(rows: list[dict[str, object]], ratio_key: str, low: float = 2.0, h
 
 
 def plot(report: dict[str, object], path: Path) -> None:
-    """Mean saliency r and top-10% IoU against backbone MAC ratio, one column per clip and size."""
+    """Mean saliency r and top-10% IoU against the whole model's MAC ratio, one column per clip and size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,19 +182,19 @@ def plot(report: dict[str, object], path: Path) -> None:
         for row_index, metric in enumerate(("pearson_mean", "iou_top10_mean")):
             ax = axes[row_index][column]
             for kind, (color, style, label) in styles.items():
-                points = sorted((r["backbone_mac_ratio"], r[metric]) for r in rows if r["kind"] == kind)
+                points = sorted((r["mac_ratio"], r[metric]) for r in rows if r["kind"] == kind)
                 if points:
                     ax.plot(*zip(*points), style, color=color, label=label, markersize=4)
             for select, color, style, label in (
                     (lambda t: t.startswith("top ") and "+" not in t, "tab:red", "^-", "eventful TopFraction"),
                     (lambda t: t.startswith("relative "), "tab:blue", "v-", "eventful RelativeThreshold"),
                     (lambda t: "adaptive keyframes" in t, "tab:purple", "D", "eventful top-f + adaptive keyframes")):
-                points = sorted((r["backbone_mac_ratio"], r[metric]) for r in rows
+                points = sorted((r["mac_ratio"], r[metric]) for r in rows
                                 if r["kind"] == "eventful" and select(r["label"]))
                 if points:
                     ax.plot(*zip(*points), style, color=color, label=label, markersize=5)
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("backbone MAC ratio (dense / method)")
+            ax.set_xlabel("MAC ratio, backbone + decoder (dense / method)")
             ax.set_ylabel("mean saliency Pearson r" if row_index == 0 else "mean top-10% IoU")
             ax.set_title(f"{result['clip']}, {result['size']} px ({result['tokens']} tokens)", fontsize=9)
             ax.grid(alpha=0.3)
@@ -219,10 +239,13 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
         maps, backbone, decoder = lower_resolution_run(size, low, frames_low)
         add("lowres", f"dense at {low} px", maps, total * backbone, total * decoder)
     for setting in settings:
-        maps, macs, full = eventful_run(model, frames, setting)
-        add("eventful", setting.label, maps, sum(macs), total * dense_decoder,
-            {"policy": setting.policy, "options": setting.options, "full_frames": sum(full),
-             "backbone_gmacs_per_frame": [m / 1e9 for m in macs]})
+        run = eventful_run(model, frames, setting)
+        add("eventful", setting.label, run.maps, sum(run.backbone_macs), sum(run.decoder_macs),
+            {"policy": setting.policy, "options": setting.options, "full_frames": sum(run.full),
+             "backbone_gmacs_per_frame": [m / 1e9 for m in run.backbone_macs],
+             "decoder_gmacs_per_frame": [m / 1e9 for m in run.decoder_macs],
+             "decoder_mac_ratio": dense_decoder * total / sum(run.decoder_macs),
+             "decoder_max_abs_error": run.decoder_max_abs_error})
     verdicts = {key: dominance(rows, key) for key in ("backbone_mac_ratio", "mac_ratio")}
     for key, items in verdicts.items():
         beaten = sum(v["beaten"] for v in items)

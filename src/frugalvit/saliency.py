@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from frugalvit.eventful.deconv import EventfulDeconvStack
+from frugalvit.eventful.policies import TokenPolicy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,17 +61,20 @@ class SaliencyDecoder(nn.Module):
 class EventfulSaliencyDecoder(nn.Module):
     """`SaliencyDecoder` that recomputes only what changed in its input tokens since the last call.
 
-    Its three upsampling stages run as an `EventfulDeconvStack` (exact: the
-    same map as the dense decoder up to float rounding, at a cost that
-    follows the changed area); the 1x1 convolution, resize and sigmoid
-    (under 0.1% of the decoder's MACs) run densely. Pair it with an eventful
-    backbone, whose unchanged tokens come out bit-for-bit unchanged; call
-    `reset()` with the backbone's. Inference only (BatchNorm folded when built).
+    Its three upsampling stages run as an `EventfulDeconvStack` (without a
+    policy exact: the same map as the dense decoder up to float rounding, at
+    a cost that follows the changed area; with one, only the tokens the
+    policy picks are propagated); the 1x1 convolution, resize and sigmoid
+    (under 0.1% of the decoder's MACs) run densely. Call `reset()` (or pass
+    `update_all`) with the backbone's full frames. Inference only (BatchNorm
+    folded when built).
     """
 
-    def __init__(self, decoder: SaliencyDecoder) -> None:
+    def __init__(self, decoder: SaliencyDecoder, policy: TokenPolicy | None = None) -> None:
+        """`policy`: which changed tokens to propagate (None: all that changed at all; see
+        `EventfulDeconvStack`)."""
         super().__init__()
-        self.stack = EventfulDeconvStack(decoder.stages)
+        self.stack = EventfulDeconvStack(decoder.stages, policy)
         object.__setattr__(self, "decoder", decoder)  # shared, not registered twice
 
     def reset(self) -> None:
@@ -119,9 +123,10 @@ class SaliencyViT(nn.Module):
         prefix = getattr(self.backbone, "num_prefix_tokens", 1)
         return self.decoder(features[:, prefix:], self.grid, (self.image_size, self.image_size))
 
-    def eventful_decoder(self) -> "EventfulDecode":
-        """A `decode` that recomputes only the changed part of the map (see `EventfulSaliencyDecoder`)."""
-        return EventfulDecode(self, EventfulSaliencyDecoder(self.decoder))
+    def eventful_decoder(self, policy: TokenPolicy | None = None) -> "EventfulDecode":
+        """A `decode` that recomputes only the changed part of the map (see `EventfulSaliencyDecoder`); with a
+        `policy`, only the tokens it picks (an approximation, like the backbone's gates)."""
+        return EventfulDecode(self, EventfulSaliencyDecoder(self.decoder, policy))
 
     def forward(self, images: Tensor) -> Tensor:
         """Normalised images (B, 3, S, S) -> saliency (B, 1, S, S), as the ONNX model computes it."""

@@ -19,6 +19,15 @@ recomputes it densely). The cost follows the changed area, which grows by
 about half a kernel per stage around each changed region. Full frames (the
 first, or `update_all`) run the dense transposed convolution.
 
+Which input rows count as changed: without a policy, every row that differs
+at all from the last call (exact; but behind an eventful backbone every
+final token moves a little every frame, since the residual stream carries the
+fresh patch embedding, so little is saved). With a `TokenPolicy` the input is
+gated like a backbone gate: each row's error against its reference (the value
+last propagated), the policy picks the rows to propagate and their
+references move; the others keep their stale contribution (an approximation,
+bounded by the policy, as in the backbone).
+
 The changed pixel sets have data-dependent sizes (like `Threshold` policies),
 so a frame synchronises with the host once per stage.
 """
@@ -31,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from frugalvit.eventful.policies import TokenPolicy
 
 
 @dataclass
@@ -108,8 +119,11 @@ class EventfulDeconvStack(nn.Module):
     inference only); rebuild it after changing them.
     """
 
-    def __init__(self, stages: Sequence[nn.Module]) -> None:
+    def __init__(self, stages: Sequence[nn.Module], policy: TokenPolicy | None = None) -> None:
+        """`policy`: which input rows to propagate each frame (None: every row that changed at all, exact);
+        settable between calls."""
         super().__init__()
+        self.policy = policy
         self._stages = [_fold(stage) for stage in stages]
         self._taps = [stage.taps() for stage in self._stages]
         self._targets: dict[tuple[int, tuple[int, int], torch.device], Tensor] = {}
@@ -153,7 +167,7 @@ class EventfulDeconvStack(nn.Module):
         flat = rows.reshape(batch * count, width)
         if update_all or self._input is None or self._grid != grid or self._input.shape != flat.shape:
             return self._full(flat, batch, grid)
-        changed = (flat != self._input).any(dim=-1).nonzero().squeeze(1)  # exact: unchanged rows are equal
+        changed = self._select(flat, batch, count)
         delta = flat.index_select(0, changed) - self._input.index_select(0, changed)
         self._input.index_copy_(0, changed, flat.index_select(0, changed))
         self.last_updated_share = []
@@ -165,6 +179,18 @@ class EventfulDeconvStack(nn.Module):
             changed, delta = self._update_stage(index, changed, delta, pixels, in_grid, out_grid[0] * out_grid[1])
             in_grid = out_grid
         return self._activations(-1).view(batch, -1, self._pre[-1].shape[-1])
+
+    def _select(self, flat: Tensor, batch: int, count: int) -> Tensor:
+        """Flat indices (into B * P) of the input rows to propagate this frame, ascending."""
+        if self.policy is None:
+            return (flat != self._input).any(dim=-1).nonzero().squeeze(1)  # exact: unchanged rows are equal
+        reference = self._input.view(batch, count, -1)
+        errors = torch.linalg.vector_norm(flat.view(batch, count, -1) - reference, dim=-1)
+        if self.policy.relative:
+            errors = errors / torch.linalg.vector_norm(reference, dim=-1).clamp_min(1e-6)
+        indices = self.policy.select(errors)  # (B, M)
+        offsets = torch.arange(batch, device=flat.device)[:, None] * count
+        return (indices + offsets).reshape(-1)
 
     def _activations(self, index: int) -> Tensor:
         pre = self._pre[index][:-1]
