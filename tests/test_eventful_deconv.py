@@ -143,3 +143,27 @@ def test_real_saliency_model_eventful_decode_matches_dense() -> None:
             torch.testing.assert_close(decode(features), model.decode(features), rtol=1e-5, atol=1e-5)
         decode.reset()
         torch.testing.assert_close(decode(features), model.decode(features), rtol=1e-5, atol=1e-5)
+
+
+def test_gated_input_propagates_only_the_policys_rows() -> None:
+    """With a policy the stack propagates the rows it picks: all rows (TopFraction(1)) is exact; a small budget
+    costs less and leaves the other rows stale (an approximation) until a full frame."""
+    stack = random_stack()
+    grid = (6, 6)
+    torch.manual_seed(2)
+    frames = [torch.randn(1, 36, 24)]
+    for _ in range(4):
+        frames.append(frames[-1] + 0.05 * torch.randn(1, 36, 24))  # every row moves a little
+    everything = EventfulDeconvStack(list(stack), fv.TopFraction(1.0))
+    budget = EventfulDeconvStack(list(stack), fv.TopR(3))
+    with torch.no_grad():
+        for index, rows in enumerate(frames):
+            torch.testing.assert_close(everything(rows, grid), dense(stack, rows, grid), rtol=1e-5, atol=1e-5)
+            with CostCounter() as cost:
+                out = budget(rows, grid)
+            if index:
+                assert budget.last_updated_share[0] == pytest.approx(3 / 36)
+                assert cost.macs < 0.8 * (36 * 24 * 16 * 16 + 144 * 16 * 8 * 16)
+        assert (out - dense(stack, frames[-1], grid)).abs().max() > 1e-4  # stale rows: an approximation
+        refreshed = budget(frames[-1], grid, update_all=True)
+    torch.testing.assert_close(refreshed, dense(stack, frames[-1], grid), rtol=1e-5, atol=1e-5)
