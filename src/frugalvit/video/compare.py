@@ -109,7 +109,7 @@ class FrameStep:
     """
 
     name: str
-    fn: Callable[[Tensor], Tensor]
+    fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]]
     measure: Literal["time", "macs"]
     first_frame_only: bool = False
 
@@ -118,7 +118,7 @@ class FrameStep:
 class StepResult:
     """A step's output on one frame and its cost: wall milliseconds ("time") or executed MACs ("macs")."""
 
-    output: Tensor
+    output: Tensor | tuple[Tensor, ...]
     ms: float | None = None
     macs: int | None = None
 
@@ -166,26 +166,69 @@ def _twin(ev: EventfulViT) -> EventfulViT:
                     ev.cut_relative_error, ev.nonfinite)
 
 
+# A stateful task head for an eventful backbone, made per eventful model: head(features, update_all) -> output
+# (e.g. `SaliencyViT.eventful_decoder(ev.policy)`); update_all is the backbone's `last_frame_full`.
+EventfulHeadFactory = Callable[[EventfulViT], Callable[[Tensor, bool], Tensor]]
+
+
+def _with_head(backbone: Callable[[Tensor], Tensor], head: Callable[[Tensor], Tensor]
+               ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    return lambda batch: (lambda features: (features, head(features)))(backbone(batch))
+
+
+def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor]
+                        ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    def run(batch: Tensor) -> tuple[Tensor, Tensor]:
+        features = ev.forward_features(batch)
+        return features, head(features, ev.last_frame_full)
+
+    return run
+
+
+def _steps(model: nn.Module, ev: EventfulViT, task_head: Callable[[Tensor], Tensor] | None,
+           eventful_task_head: EventfulHeadFactory | None, counted: EventfulViT | None) -> list[FrameStep]:
+    """Dense and eventful steps (timed; and counted where `counted`, the eventful twin, is given): the
+    backbones alone, or with `eventful_task_head` the whole pipelines (backbone + head), each head fresh."""
+    dense = partial(_dense_features, model)
+    if eventful_task_head is not None:
+        if task_head is None:
+            raise ValueError("an eventful task head needs the dense task head to compare with")
+        dense = _with_head(dense, task_head)
+        eventful_step = _eventful_with_head(ev, eventful_task_head(ev))
+        counted_step = None if counted is None else _eventful_with_head(counted, eventful_task_head(counted))
+    else:
+        eventful_step = ev.forward_features
+        counted_step = None if counted is None else counted.forward_features
+    steps = [FrameStep("dense", dense, "time"), FrameStep("eventful", eventful_step, "time")]
+    if counted_step is not None:
+        steps = [FrameStep("dense counted", dense, "macs", first_frame_only=True), *steps,
+                 FrameStep("eventful counted", counted_step, "macs")]
+    return steps
+
+
 @torch.no_grad()
 def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor], progress: bool = True,
                       total: int | None = None, task_head: Callable[[Tensor], Tensor] | None = None,
-                      on_frame: FrameCallback | None = None) -> tuple[list[FrameRecord], int]:
+                      on_frame: FrameCallback | None = None, eventful_task_head: EventfulHeadFactory | None = None
+                      ) -> tuple[list[FrameRecord], int]:
     """Run `model` and `ev` on every frame (3, H, W); return per-frame records and the eventful state bytes.
 
     `task_head` maps final features (B, N, D) to the task output (e.g. the
-    saliency decoder of `frugalvit.models.saliency_vit`); it runs on both
-    feature sets, untimed, and the records then carry its fidelity
-    (`frugalvit.video.fidelity`). `on_frame` sees every frame's outputs (for
+    saliency decoder of `frugalvit.models.saliency_vit`); the records then
+    carry its fidelity (`frugalvit.video.fidelity`). Alone, it runs on both
+    feature sets, untimed and uncounted (times and MACs are the backbones').
+    With `eventful_task_head` (a factory of the eventful side's head, e.g.
+    `lambda ev: saliency.eventful_decoder(ev.policy)`), times and MACs are
+    the whole pipelines': dense backbone + `task_head` against eventful
+    backbone + its eventful head. `on_frame` sees every frame's outputs (for
     a side-by-side video).
     """
     model.eval()
     ev.reset()
     counted = _twin(ev)
     device, dtype = model_device_dtype(model)
-    dense = partial(_dense_features, model)
-    steps = [FrameStep("dense counted", dense, "macs", first_frame_only=True), FrameStep("dense", dense, "time"),
-             FrameStep("eventful", ev.forward_features, "time"),
-             FrameStep("eventful counted", counted.forward_features, "macs")]
+    steps = _steps(model, ev, task_head, eventful_task_head, counted)
+    whole = eventful_task_head is not None
     dense_gmacs = 0.0
     records: list[FrameRecord] = []
     for index, frame, _, results in frame_loop(frames, steps, device, dtype, progress, total):
@@ -193,12 +236,15 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
             dense_gmacs = results["dense counted"].macs / 1e9
         dense_features, dense_ms = results["dense"].output, results["dense"].ms
         eventful_features, eventful_ms = results["eventful"].output, results["eventful"].ms
+        if whole:
+            (dense_features, dense_out), (eventful_features, eventful_out) = dense_features, eventful_features
+        elif task_head is not None:
+            dense_out, eventful_out = task_head(dense_features), task_head(eventful_features)
         dense_pooled = model.forward_head(dense_features, pre_logits=True)
         eventful_pooled = model.forward_head(eventful_features, pre_logits=True)
         counts = [count for block in ev.gate_counts() for count in block if count is not None]
         task: dict[str, float] = {}
         if task_head is not None:
-            dense_out, eventful_out = task_head(dense_features), task_head(eventful_features)
             task = {f"task_{name}": values[0] for name, values in map_fidelity(eventful_out, dense_out).items()}
             if on_frame is not None:
                 on_frame(index, frame, dense_out, eventful_out, ev.updated_tokens())
@@ -224,11 +270,13 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
 
 @torch.no_grad()
 def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int,
-                 progress: bool = False) -> list[tuple[list[float], list[float]]]:
+                 progress: bool = False, task_head: Callable[[Tensor], Tensor] | None = None,
+                 eventful_task_head: EventfulHeadFactory | None = None) -> list[tuple[list[float], list[float]]]:
     """Replay `frames` (T, 3, H, W) `repeats` times from a reset, timing dense and eventful interleaved per frame.
 
     Returns, per replay, the per-frame wall times in ms of the dense model and
-    of the eventful one. Nothing is counted, so the replays cost only the two
+    of the eventful one (the whole pipelines with `eventful_task_head`, as in
+    `compare_on_frames`). Nothing is counted, so the replays cost only the two
     forward passes per frame.
     """
     if repeats < 0:
@@ -236,10 +284,9 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
     model.eval()
     device, dtype = model_device_dtype(model)
     replays: list[tuple[list[float], list[float]]] = []
-    steps = [FrameStep("dense", partial(_dense_features, model), "time"),
-             FrameStep("eventful", ev.forward_features, "time")]
     for _ in tqdm(range(repeats), desc="timing repeats", disable=not progress or repeats == 0, unit="replay"):
         ev.reset()
+        steps = _steps(model, ev, task_head, eventful_task_head, None)  # a fresh eventful head per replay
         dense_times, eventful_times = [], []
         for _, _, _, results in frame_loop(frames, steps, device, dtype):
             dense_times.append(results["dense"].ms)
