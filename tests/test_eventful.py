@@ -407,6 +407,43 @@ def test_scene_cut_triggers_full_update() -> None:
     assert ev.last_frame_full and ev.gate_counts()[0] == (17, 17, 17)
 
 
+def test_sync_free_scene_cut_is_decided_on_the_device_and_applied_one_frame_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With sync_free, a cut is flagged per stream on the device and recomputed in full on the next frame (no
+    host sync in the frame: no .item() or bool(tensor)); only the cut stream of a batch is refreshed."""
+    model = make_model("vit_tiny_patch16_224")
+    calm = video(3, batch=2, moving=0.01)
+    cut = torch.stack([calm[-1, 0], video(1, seed=7)[0, 0]])  # stream 1 cuts, stream 0 stays calm
+    after = cut + 0.01 * torch.randn_like(cut)
+    ev = fv.eventful(model, fv.TopR(2), cut_share=0.5, cut_relative_error=0.5)
+    ev.sync_free = True
+
+    def no_sync(*_: object) -> None:
+        raise AssertionError("host sync in a sync-free frame")
+
+    with torch.no_grad():
+        for frame in calm:
+            ev(frame)
+        monkeypatch.setattr(torch.Tensor, "item", no_sync)
+        monkeypatch.setattr(torch.Tensor, "__bool__", no_sync)
+        ev(cut)
+        assert not ev.last_frame_full and ev.gate_counts()[0] == (2, 2, 2)  # flagged, not yet applied
+        out = ev(after)
+        monkeypatch.undo()
+        torch.testing.assert_close(out[1], model(after)[1], rtol=1e-5, atol=1e-5)  # stream 1 recomputed in full
+        assert not ev.last_frame_full
+        ev(after + 0.01 * torch.randn_like(after))  # stream 1 was refreshed: no second cut for it
+        assert ev._streams_pending == set() and ev._pending_cuts is not None
+        single = fv.eventful(model, fv.TopR(2), cut_share=0.5, cut_relative_error=0.5)
+        single.sync_free = True
+        for frame in calm[:, :1]:
+            single(frame)
+        single(cut[1:])
+        assert not single.last_frame_full
+        single(after[1:])
+        assert single.last_frame_full  # one stream, all of it cut: one full frame
+
+
 def test_batch_samples_are_independent() -> None:
     model = make_model("vit_tiny_patch16_224")
     frames = video(4, batch=2)

@@ -70,3 +70,21 @@ def test_stream_reset_checks_the_row() -> None:
         ev.reset(stream=2)
     with pytest.raises(TypeError, match="integer"):
         ev.refresh(stream=1.0)
+
+
+def test_captured_frames_apply_scene_cuts_per_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """capture=True with cut_share: a stream that cuts is flagged on the device during a replayed frame and
+    recomputed in full on the next one, the other streams going on; equal to that stream run alone."""
+    monkeypatch.setattr(EventfulViT, "recorder", FxGraphFrame)
+    model = make_model("deit3_small_patch16_224")
+    frames = patch_video(8, batch=2, share=0.1)
+    frames[5:, 1] = patch_video(3, batch=1, share=0.1, seed=9)[:, 0]  # stream 1 cuts at frame 5
+    batched = fv.eventful(model, fv.TopR(5), cut_share=0.5, capture=True)
+    alone = fv.eventful(model, fv.TopR(5), cut_share=0.5, capture=True)
+    with torch.no_grad():
+        outputs = [batched.forward_features(frame) for frame in frames]
+        singles = [alone.forward_features(frame[:1]) for frame in frames]
+        torch.testing.assert_close(outputs[6][1:], model.forward_features(frames[6][1:]), rtol=1e-5, atol=1e-5)
+    assert FxGraphFrame.captures > 0
+    for out, single in zip(outputs, singles):  # stream 0 never cut: as if alone
+        torch.testing.assert_close(out[:1], single, rtol=1e-4, atol=1e-5)

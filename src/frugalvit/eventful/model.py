@@ -159,13 +159,16 @@ class EventfulViT(nn.Module):
         sync_free: False (default) keeps the host checks above and, on the
             CPU, the exact dense rebuild of attention rows that stay cancelled.
             True removes every host synchronisation from a frame with a
-            fixed-size policy (`TopR`, `TopFraction`) and no `cut_share`:
-            non-finite frames are not checked (they yield non-finite outputs
-            and state, as in the dense model, until `reset()`), and cancelled
-            attention rows keep their previous output for a frame, as on CUDA.
+            fixed-size policy (`TopR`, `TopFraction`): non-finite frames are
+            not checked (they yield non-finite outputs and state, as in the
+            dense model, until `reset()`), cancelled attention rows keep their
+            previous output for a frame, as on CUDA, and a `cut_share` scene
+            cut is flagged per stream on the device and that stream is
+            recomputed in full on the next frame (one frame late; the host
+            reads the previous frame's flags, never waits for this frame's).
             `step` is then one graph: `torch.compile(ev.step, fullgraph=True)`
             traces it with no break (tested), which is what CUDA-graph capture
-            needs. `Threshold` policies and `cut_share` keep one sync each.
+            needs. `Threshold` policies keep one sync per gate.
         capture: True replays each partial frame on CUDA as one captured CUDA
             graph (all blocks: a few hundred kernels for one launch), which
             removes the host from the frame; implies `sync_free` and needs a
@@ -225,6 +228,9 @@ class EventfulViT(nn.Module):
         self._frames_since_refresh = 0
         self._refresh_pending = False
         self._streams_pending: set[int] = set()
+        # sync-free scene cuts: (host copy of the last frame's per-stream flags, its CUDA event or None,
+        # streams that frame recomputed in full anyway)
+        self._pending_cuts: tuple[Tensor, torch.cuda.Event | None, frozenset[int]] | None = None
 
     def __setattr__(self, name: str, value: object) -> None:
         if name == "policy" and not isinstance(value, TokenPolicy):
@@ -267,6 +273,7 @@ class EventfulViT(nn.Module):
         self._frames_since_refresh = 0
         self._refresh_pending = False
         self._streams_pending = set()
+        self._pending_cuts = None
 
     def refresh(self, stream: int | None = None) -> None:
         """Recompute every token on the next frame (e.g. after a scene cut), keeping the sequence.
@@ -328,7 +335,14 @@ class EventfulViT(nn.Module):
         update_all = self._frame_shape is None or self._refresh_pending or (
             self.refresh_every is not None and self._frames_since_refresh >= self.refresh_every)
         x = self._embed(images)
-        update_all = update_all or self._is_scene_cut(x)
+        if self._sync_free and self.cut_share is not None:  # decided on the device, applied on the next frame
+            self._apply_deferred_cuts(x.shape[0])
+            if len(self._streams_pending) == x.shape[0]:  # every stream is cut: one full frame
+                update_all, self._streams_pending = True, set()
+            if not update_all:
+                self._detect_cuts_async(x)
+        else:
+            update_all = update_all or self._is_scene_cut(x)
         self.last_frame_full = update_all
         if self.capture and not update_all and self.recorder.available(x.device):
             features = self._captured_step(x)
@@ -456,13 +470,52 @@ class EventfulViT(nn.Module):
         self._graph_diagnostics = self._diagnostics()
         return self._graph.replay(tokens)
 
-    def _is_scene_cut(self, tokens: Tensor) -> bool:
+    def _cut_flags(self, tokens: Tensor) -> Tensor | None:
+        """(B,) bool on the tokens' device: which streams' input moved like a scene cut; None before a reference."""
         reference = self.eventful_blocks[0].attention_gate.reference
         if self.cut_share is None or reference is None:
-            return False
+            return None
         moved = torch.linalg.vector_norm(reference - tokens, dim=-1)
         relative = moved / torch.linalg.vector_norm(reference, dim=-1).clamp_min(1e-12)
-        return bool(((relative > self.cut_relative_error).float().mean(dim=-1) > self.cut_share).any().item())
+        return (relative > self.cut_relative_error).float().mean(dim=-1) > self.cut_share
+
+    def _is_scene_cut(self, tokens: Tensor) -> bool:
+        flags = self._cut_flags(tokens)
+        return flags is not None and bool(flags.any().item())
+
+    def _detect_cuts_async(self, tokens: Tensor) -> None:
+        """Start copying this frame's per-stream cut flags to the host without waiting for them (sync-free cuts).
+
+        Streams already recomputed in full on this frame are left out when the flags are applied.
+        """
+        flags = self._cut_flags(tokens)
+        if flags is None:
+            return
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = flags, None
+        self._pending_cuts = (host, event, frozenset(self._streams_pending))
+
+    def _apply_deferred_cuts(self, batch: int) -> None:
+        """Streams flagged as cut on the previous frame are recomputed in full on this one (`reset(stream=i)`).
+
+        Waits, if at all, only for the previous frame's flag copy (done by the time its output was read).
+        """
+        if self._pending_cuts is None:
+            return
+        host, event, refreshed = self._pending_cuts
+        self._pending_cuts = None
+        if event is not None:
+            event.synchronize()
+        if host.shape[0] != batch:
+            return
+        for stream in host.nonzero().flatten().tolist():
+            if stream not in refreshed:
+                self._streams_pending.add(stream)
 
     @_inference_only
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
