@@ -9,6 +9,7 @@ behind a real eventful backbone gives the dense decoder's map.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -36,6 +37,19 @@ def random_stack(seed: int = 0, widths: tuple[int, ...] = (24, 16, 8), kernel: i
     return nn.Sequential(*stages).eval()
 
 
+def changing(rows: torch.Tensor, frames: int, count: Callable[[int], int], skip: int = 0) -> Iterator[torch.Tensor]:
+    """`rows` (B, P, C) and then, each frame, a copy in which `count(frame)` random rows (over all P rows of all
+    B samples, leaving the first `skip` of each sample alone) got a random change."""
+    batch, pixels, width = rows.shape
+    yield rows
+    for frame in range(1, frames):
+        rows = rows.clone()
+        picked = torch.randperm(batch * (pixels - skip))[:count(frame)]
+        flat = (picked // (pixels - skip)) * pixels + skip + picked % (pixels - skip)
+        rows.view(-1, width)[flat] += torch.randn(flat.numel(), width)
+        yield rows
+
+
 def dense(stack: nn.Sequential, rows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     x = rows.transpose(1, 2).reshape(rows.shape[0], rows.shape[2], *grid)
     out = stack(x)
@@ -49,13 +63,8 @@ def test_partial_updates_equal_the_dense_stack(geometry: dict[str, int]) -> None
     ev = EventfulDeconvStack(list(stack))
     grid = (5, 7)
     torch.manual_seed(1)
-    rows = torch.randn(2, 35, 24)
     with torch.no_grad():
-        for frame in range(8):
-            if frame:
-                rows = rows.clone()
-                changed = torch.randperm(70)[:frame % 4 * 3]  # 0, 3, 6 or 9 rows across the batch
-                rows.view(70, 24)[changed] += torch.randn(changed.numel(), 24)
+        for rows in changing(torch.randn(2, 35, 24), 8, lambda frame: frame % 4 * 3):  # 0, 3, 6 or 9 rows
             torch.testing.assert_close(ev(rows, grid), dense(stack, rows, grid), rtol=1e-5, atol=1e-5)
     assert ev.last_updated_share[0] < 1.0
 
@@ -134,12 +143,8 @@ def test_real_saliency_model_eventful_decode_matches_dense() -> None:
     model = saliency_vit(112)
     decode = model.eventful_decoder()
     torch.manual_seed(0)
-    features = torch.randn(1, 65, 384)
     with torch.no_grad():
-        for step in range(4):
-            if step:
-                features = features.clone()
-                features[:, 1 + torch.randperm(64)[:8]] += torch.randn(8, 384)
+        for features in changing(torch.randn(1, 65, 384), 4, lambda _: 8, skip=1):  # the class token stays
             torch.testing.assert_close(decode(features), model.decode(features), rtol=1e-5, atol=1e-5)
         decode.reset()
         torch.testing.assert_close(decode(features), model.decode(features), rtol=1e-5, atol=1e-5)
