@@ -172,3 +172,20 @@ def test_gated_input_propagates_only_the_policys_rows() -> None:
         assert (out - dense(stack, frames[-1], grid)).abs().max() > 1e-4  # stale rows: an approximation
         refreshed = budget(frames[-1], grid, update_all=True)
     torch.testing.assert_close(refreshed, dense(stack, frames[-1], grid), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_follows_the_input_and_stays_finite(dtype: torch.dtype) -> None:
+    """Half-precision input: output in that dtype, finite, close to the dense stack run in that dtype (the
+    pre-activations accumulate in float32)."""
+    stack = random_stack()
+    half = random_stack().to(dtype)
+    ev = EventfulDeconvStack(list(half))
+    grid = (6, 6)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for rows in changing(torch.randn(1, 36, 24), 6, lambda _: 5):
+            out = ev(rows.to(dtype), grid)
+            assert out.dtype == dtype and torch.isfinite(out).all()
+            reference = dense(stack, rows, grid)
+            assert (out.float() - reference).abs().max() <= 0.05 * reference.abs().max()

@@ -14,8 +14,8 @@ is still linear) and, per frame:
     delta for the next stage = relu(pre_new) - relu(pre_old) at the touched outputs (zero rows dropped)
 
 which is exact: the stored pre-activation always equals the dense one up to
-float rounding (about 1e-7 relative per frame in float32; a full frame
-recomputes it densely). The cost follows the changed area, which grows by
+float rounding (kept in float32 whatever the model's dtype, about 1e-7
+relative per frame; a full frame recomputes it densely). The cost follows the changed area, which grows by
 about half a kernel per stage around each changed region. Full frames (the
 first, or `update_all`) run the dense transposed convolution.
 
@@ -48,8 +48,8 @@ from frugalvit.eventful.policies import TokenPolicy
 class _Stage:
     """One transposed convolution with its BatchNorm folded in and its activation (ReLU or none)."""
 
-    weight: Tensor  # (C_in, C_out, k, k), BatchNorm scale folded in
-    bias: Tensor  # (C_out,)
+    weight: Tensor  # (C_in, C_out, k, k), BatchNorm scale folded in, float32
+    bias: Tensor  # (C_out,), float32
     stride: int
     padding: int
     output_padding: int
@@ -90,19 +90,20 @@ def _fold(stage: nn.Module) -> _Stage:
             or conv.output_padding[0] != conv.output_padding[1] or conv.padding_mode != "zeros":
         raise TypeError("only square, ungrouped, undilated, zero-padded ConvTranspose2d stages are supported, got "
                         f"{conv}")
-    weight = conv.weight.detach()
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(weight.shape[1], device=weight.device,
-                                                                       dtype=weight.dtype)
+    weight = conv.weight.detach().float()  # folded in float32 whatever the module's dtype
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros(weight.shape[1],
+                                                                               device=weight.device)
     relu = False
     for part in parts[1:]:
         if isinstance(part, nn.BatchNorm2d) and not relu:
             if part.training or part.running_mean is None:
                 raise TypeError("BatchNorm2d must be in eval mode with running statistics (inference only)")
-            scale = part.weight.detach() / torch.sqrt(part.running_var + part.eps) if part.affine else \
-                1.0 / torch.sqrt(part.running_var + part.eps)
-            shift = part.bias.detach() if part.affine else torch.zeros_like(scale)
+            variance, mean = part.running_var.float(), part.running_mean.float()
+            scale = part.weight.detach().float() / torch.sqrt(variance + part.eps) if part.affine else \
+                1.0 / torch.sqrt(variance + part.eps)
+            shift = part.bias.detach().float() if part.affine else torch.zeros_like(scale)
             weight = weight * scale[None, :, None, None]
-            bias = (bias - part.running_mean) * scale + shift
+            bias = (bias - mean) * scale + shift
         elif isinstance(part, nn.ReLU) and not relu:
             relu = True
         else:
@@ -144,11 +145,12 @@ class EventfulDeconvStack(nn.Module):
         return grid
 
     def _cast(self, like: Tensor) -> None:
-        """Weights on the input's device and dtype (moved once)."""
-        first = self._stages[0].weight
-        if first.device != like.device or first.dtype != like.dtype:
+        """The folded float32 weights on the input's device (moved once). They stay float32: the
+        pre-activations accumulate changes frame after frame, so they are kept in float32; the dense pass
+        runs in the input's dtype."""
+        if self._stages[0].weight.device != like.device:
             for stage in self._stages:
-                stage.weight, stage.bias = stage.weight.to(like), stage.bias.to(like)
+                stage.weight, stage.bias = stage.weight.to(like.device), stage.bias.to(like.device)
             self._taps = [stage.taps() for stage in self._stages]
             self._targets.clear()
 
@@ -158,6 +160,7 @@ class EventfulDeconvStack(nn.Module):
             self._targets[key] = self._stages[index].targets(grid, device)
         return self._targets[key]
 
+    @torch.no_grad()  # inference only: state carried across frames must not carry autograd history
     def forward(self, rows: Tensor, grid: tuple[int, int], update_all: bool = False) -> Tensor:
         """Input rows (B, h * w, C_in) on `grid` -> the last stage's activations (B, H * W, C_out), row-major."""
         batch, count, width = rows.shape
@@ -168,7 +171,7 @@ class EventfulDeconvStack(nn.Module):
         if update_all or self._input is None or self._grid != grid or self._input.shape != flat.shape:
             return self._full(flat, batch, grid)
         changed = self._select(flat, batch, count)
-        delta = flat.index_select(0, changed) - self._input.index_select(0, changed)
+        delta = flat.index_select(0, changed).float() - self._input.index_select(0, changed).float()
         self._input.index_copy_(0, changed, flat.index_select(0, changed))
         self.last_updated_share = []
         in_grid = grid
@@ -178,7 +181,7 @@ class EventfulDeconvStack(nn.Module):
             out_grid = stage.output_grid(in_grid)
             changed, delta = self._update_stage(index, changed, delta, pixels, in_grid, out_grid[0] * out_grid[1])
             in_grid = out_grid
-        return self._activations(-1).view(batch, -1, self._pre[-1].shape[-1])
+        return self._activations(-1).to(rows.dtype).view(batch, -1, self._pre[-1].shape[-1])
 
     def _select(self, flat: Tensor, batch: int, count: int) -> Tensor:
         """Flat indices (into B * P) of the input rows to propagate this frame, ascending."""
@@ -203,12 +206,13 @@ class EventfulDeconvStack(nn.Module):
         x = flat.view(batch, grid[0], grid[1], -1).permute(0, 3, 1, 2)
         self._pre = []
         for stage in self._stages:
-            pre = F.conv_transpose2d(x, stage.weight, stage.bias, stage.stride, stage.padding, stage.output_padding)
-            rows = pre.permute(0, 2, 3, 1).reshape(-1, pre.shape[1])
+            pre = F.conv_transpose2d(x, stage.weight.to(x.dtype), stage.bias.to(x.dtype), stage.stride, stage.padding,
+                                     stage.output_padding)
+            rows = pre.permute(0, 2, 3, 1).reshape(-1, pre.shape[1]).float()
             self._pre.append(torch.cat([rows, rows.new_zeros(1, rows.shape[1])]))
             x = torch.relu(pre) if stage.relu else pre
         self.last_updated_share = [1.0] * len(self._stages)
-        return self._activations(-1).view(batch, -1, self._pre[-1].shape[-1])
+        return self._activations(-1).to(flat.dtype).view(batch, -1, self._pre[-1].shape[-1])
 
     def _update_stage(self, index: int, changed: Tensor, delta: Tensor, pixels: int, grid: tuple[int, int],
                       out_pixels: int) -> tuple[Tensor, Tensor]:
