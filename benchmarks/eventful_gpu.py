@@ -249,19 +249,26 @@ def phase_compiled(config: Config, deadline: Deadline, budgets: tuple[float, ...
 
 
 def check_top_k_kernel(device: torch.device) -> dict[str, object]:
-    """The fused top-k kernel against its reference on this device, and both timed (CUDA events, 200 calls)."""
+    """The fused top-k kernel against its reference on this device, and both timed per call: 200 calls in a
+    loop (CUDA events; launch time included) and, on CUDA, the same calls captured as one CUDA graph (device
+    time only, as inside a captured eventful frame)."""
     from frugalvit.kernels import top_k_ascending, top_k_ascending_reference
 
     result: dict[str, object] = {}
-    for tokens in (577, 4097):
+    for tokens in (577, 1025, 4097):
         errors = torch.rand(1, tokens, device=device)
         count = tokens // 8
         equal = torch.equal(top_k_ascending(errors, count), top_k_ascending_reference(errors, count))
         timed = {}
         for name, fn in (("kernel", top_k_ascending), ("reference", top_k_ascending_reference)):
             fn(errors, count)
-            times = [device_timed(lambda: [fn(errors, count) for _ in range(200)], device)[1] / 200 for _ in range(3)]
+            loop = lambda: [fn(errors, count) for _ in range(200)]  # noqa: E731 - timed twice below
+            times = [device_timed(loop, device)[1] / 200 for _ in range(3)]
             timed[f"{name}_us"] = 1000 * min(times)
+            if device.type == "cuda":
+                replay = capture_dense(lambda e: [fn(e, count) for _ in range(200)][-1], errors)
+                times = [device_timed(lambda: replay(errors), device)[1] / 200 for _ in range(3)]
+                timed[f"{name}_graph_us"] = 1000 * min(times)
         result[f"{tokens}_tokens"] = {"equal": equal, **timed}
     print(f"  top-k kernel: {result}", flush=True)
     return result
