@@ -232,6 +232,7 @@ class EventfulDeconvStack(nn.Module):
         touched = hit[:-1].nonzero().squeeze(1)
         before = pre.index_select(0, touched)
         pre.index_add_(0, flat_targets, contributions)
+        pre[-1].zero_()  # the outside row: emptied, so it never grows over a long sequence
         after = pre.index_select(0, touched)
         change = torch.relu(after) - torch.relu(before) if stage.relu else after - before
         moved = (change != 0).any(dim=-1).nonzero().squeeze(1)
