@@ -18,8 +18,9 @@ head: 4 N M Dh (columns: logits of new and old keys, then their values) +
 incremental path pays while M < N / 3, the CPU's default switch point (on
 CUDA one fused kernel over all queries is faster at every budget measured:
 `EventfulViT.attention_switch`). A softmax would couple every entry of a
-row to all others; the fixed stabiliser moves only the changed terms. The column pass also touches the M changed rows,
-which the row pass then overwrites: M^2 wasted terms buy contiguous access.
+row to all others; the fixed stabiliser moves only the changed terms. The
+column pass also touches the M changed rows, which the row pass then
+overwrites: M^2 wasted terms buy contiguous access.
 
 Numerics. The sums are kept in float32 whatever the model's dtype (float16
 would overflow or cancel), and the logits are formed in float32. On CUDA with
