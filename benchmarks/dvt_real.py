@@ -504,7 +504,8 @@ def plot(results: dict, path: Path) -> None:
         ax = axes[0, 1]
         points = pretrained["curve"]
         ax.plot([p["test_mean_macs"] / 1e9 for p in points], [100 * p["test_accuracy"] for p in points], ".-",
-                color="tab:purple", label="resolution cascade 112/168/224 (training-free, linear heads)")
+                color="tab:purple", label="resolution cascade 112/168/224 (frozen backbone, "
+                + ("attention-pool heads)" if "AttentionPoolHead" in pretrained["backbone"] else "linear heads)"))
         point = pretrained.get("operating_point", {})
         if point.get("test_real"):
             ax.plot(point["test_real"]["mean_macs"] / 1e9, 100 * point["test_real"]["accuracy"], "o", mfc="none",
