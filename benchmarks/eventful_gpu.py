@@ -39,6 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from frugalvit import TopFraction, eventful
+from frugalvit.eventful.model import CUDA_INCREMENTAL_MAX_FRACTION, DEFAULT_INCREMENTAL_MAX_FRACTION
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.timing import device_timed
 
@@ -48,6 +49,9 @@ TINY_GRID = [("vit_tiny_patch16_224", 64, 1), ("vit_tiny_patch16_224", 64, 2)]
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
 COMPILED_BUDGETS = (1 / 8,)  # compiling takes a minute per budget: the target budget, first and last configs
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# `incremental_max_fraction` of each attention path a run can force: the incremental sums up to the CPU's break-even
+# share, or the fused kernel on every partial frame (CUDA's default)
+ATTENTION_SWITCHES = {"incremental": DEFAULT_INCREMENTAL_MAX_FRACTION, "fused": CUDA_INCREMENTAL_MAX_FRACTION}
 
 
 def frame_size(size: int) -> int:
@@ -164,7 +168,7 @@ class Config:
         ev = eventful(self.model, TopFraction(budget), capture=capture)
         ev.sync_free = True
         if attention is not None:
-            ev.incremental_max_fraction = {"incremental": 1 / 3, "fused": 0.0}[attention]
+            ev.incremental_max_fraction = ATTENTION_SWITCHES[attention]
         if compiled:
             torch._dynamo.reset()
             ev.step = torch.compile(ev.step, fullgraph=True)
@@ -193,7 +197,7 @@ def profile_eventful(config: Config, budget: float, path: Path, attention: str |
     ev = eventful(config.model, TopFraction(budget))
     ev.sync_free = True
     if attention is not None:
-        ev.incremental_max_fraction = {"incremental": 1 / 3, "fused": 0.0}[attention]
+        ev.incremental_max_fraction = ATTENTION_SWITCHES[attention]
     with torch.no_grad():
         for frame in config.clip[:4]:
             ev.forward_features(frame)

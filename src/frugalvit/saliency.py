@@ -82,10 +82,8 @@ class EventfulSaliencyDecoder(nn.Module):
 
     def forward(self, patch_tokens: Tensor, grid: tuple[int, int], image_size: tuple[int, int],
                 update_all: bool = False) -> Tensor:
-        batch, count, _ = patch_tokens.shape
-        if count != grid[0] * grid[1]:
-            raise ValueError(f"{count} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
-        rows = self.stack(patch_tokens, grid, update_all)  # (B, H * W, C)
+        batch = patch_tokens.shape[0]
+        rows = self.stack(patch_tokens, grid, update_all)  # (B, H * W, C); checks that the tokens fill the grid
         conv = self.decoder.final_conv  # 1x1: a linear map of each row, no transpose of the rows needed
         x = F.linear(rows, conv.weight.flatten(1), conv.bias).view(batch, 1, *self.stack.output_grid(grid))
         x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)

@@ -116,16 +116,16 @@ class EventfulAttention(nn.Module):
             self.last_path = "skipped"
             return merge_head_outputs(self.output)
         else:
-            if selection.count > incremental_max_fraction * selection.num_tokens:
-                for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
-                    scatter_tokens_(state, selection, fresh)
+            incremental = selection.count <= incremental_max_fraction * selection.num_tokens
+            if incremental:  # the sums need the keys and values being replaced
+                old_k, old_v = gather_tokens(self.k, selection), gather_tokens(self.v, selection)
+            for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
+                scatter_tokens_(state, selection, fresh)
+            if not incremental:
                 self.sums = None
                 mixed = fused_attention(self.q, self.k, self.v, scale, self.bias)
                 self.last_path = "dense"
             else:
-                old_k, old_v = gather_tokens(self.k, selection), gather_tokens(self.v, selection)
-                for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
-                    scatter_tokens_(state, selection, fresh)
                 host_checks = not (sync_free or q.is_cuda)  # see the attention module's numerics
                 if self.sums is not None:
                     rebuilt = update_attention_sums_(self.sums, self.q, self.k, self.v, selection, q, k, v,

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from frugalvit.eventful.gates import Selection, token_errors
 from frugalvit.eventful.policies import TokenPolicy
 
 
@@ -171,8 +172,9 @@ class EventfulDeconvStack(nn.Module):
         if update_all or self._input is None or self._grid != grid or self._input.shape != flat.shape:
             return self._full(flat, batch, grid)
         changed = self._select(flat, batch, count)
-        delta = flat.index_select(0, changed).float() - self._input.index_select(0, changed).float()
-        self._input.index_copy_(0, changed, flat.index_select(0, changed))
+        picked = flat.index_select(0, changed)
+        delta = picked.float() - self._input.index_select(0, changed).float()
+        self._input.index_copy_(0, changed, picked)
         self.last_updated_share = []
         in_grid = grid
         for index, stage in enumerate(self._stages):
@@ -187,13 +189,8 @@ class EventfulDeconvStack(nn.Module):
         """Flat indices (into B * P) of the input rows to propagate this frame, ascending."""
         if self.policy is None:
             return (flat != self._input).any(dim=-1).nonzero().squeeze(1)  # exact: unchanged rows are equal
-        reference = self._input.view(batch, count, -1)
-        errors = torch.linalg.vector_norm(flat.view(batch, count, -1) - reference, dim=-1)
-        if self.policy.relative:
-            errors = errors / torch.linalg.vector_norm(reference, dim=-1).clamp_min(1e-6)
-        indices = self.policy.select(errors)  # (B, M)
-        offsets = torch.arange(batch, device=flat.device)[:, None] * count
-        return (indices + offsets).reshape(-1)
+        errors = token_errors(self._input.view(batch, count, -1), flat.view(batch, count, -1), self.policy)
+        return Selection(self.policy.select(errors), count).flat()  # as a backbone gate selects
 
     def _activations(self, index: int) -> Tensor:
         pre = self._pre[index][:-1]

@@ -79,6 +79,15 @@ def scatter_tokens_(target: Tensor, selection: Selection, values: Tensor) -> Ten
     return target
 
 
+def token_errors(reference: Tensor, tokens: Tensor, policy: TokenPolicy, out: Tensor | None = None) -> Tensor:
+    """Per-token error (B, N) that `policy` selects on: the L2 norm of reference - tokens (B, N, D), divided by
+    the reference's norm for a relative policy. `out`: a work buffer shaped like `tokens` for the difference."""
+    errors = torch.linalg.vector_norm(torch.sub(reference, tokens, out=out), dim=-1)
+    if policy.relative:
+        errors = errors / torch.linalg.vector_norm(reference, dim=-1).clamp_min(1e-6)
+    return errors
+
+
 class ScratchPool:
     """One reusable work buffer per (shape, dtype, device), shared by the gates of a model.
 
@@ -132,10 +141,7 @@ class TokenGate(nn.Module):
             self.reference = store_(self.reference, tokens)
             self.last_count, self.last_indices = tokens.shape[1], None
             return None, tokens
-        error_norms = torch.linalg.vector_norm(torch.sub(self.reference, tokens, out=self.pool.get(tokens)), dim=-1)
-        if policy.relative:
-            error_norms = error_norms / torch.linalg.vector_norm(self.reference, dim=-1).clamp_min(1e-6)
-        indices = policy.select(error_norms)
+        indices = policy.select(token_errors(self.reference, tokens, policy, out=self.pool.get(tokens)))
         self.last_count = indices.shape[1]
         if indices.shape[1] == tokens.shape[1]:
             self.reference.copy_(tokens)

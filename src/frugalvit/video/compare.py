@@ -173,7 +173,11 @@ EventfulHeadFactory = Callable[[EventfulViT], Callable[[Tensor, bool], Tensor]]
 
 def _with_head(backbone: Callable[[Tensor], Tensor], head: Callable[[Tensor], Tensor]
                ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    return lambda batch: (lambda features: (features, head(features)))(backbone(batch))
+    def run(batch: Tensor) -> tuple[Tensor, Tensor]:
+        features = backbone(batch)
+        return features, head(features)
+
+    return run
 
 
 def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor]
