@@ -78,10 +78,12 @@ class EventfulSaliencyDecoder(nn.Module):
         object.__setattr__(self, "decoder", decoder)  # shared, not registered twice
 
     def reset(self) -> None:
+        """Forget the state: the next call decodes densely."""
         self.stack.reset()
 
     def forward(self, patch_tokens: Tensor, grid: tuple[int, int], image_size: tuple[int, int],
                 update_all: bool = False) -> Tensor:
+        """Patch tokens (B, N, D) on `grid` -> saliency (B, 1, H, W); `update_all`: decode densely (a full frame)."""
         batch = patch_tokens.shape[0]
         rows = self.stack(patch_tokens, grid, update_all)  # (B, H * W, C); checks that the tokens fill the grid
         conv = self.decoder.final_conv  # 1x1: a linear map of each row, no transpose of the rows needed
@@ -138,11 +140,13 @@ class EventfulDecode:
         self.model, self.decoder = model, decoder
 
     def __call__(self, features: Tensor, update_all: bool = False) -> Tensor:
+        """Final-normed tokens (B, 1 + N, D) -> saliency (B, 1, S, S); pass the backbone's `last_frame_full`."""
         prefix = getattr(self.model.backbone, "num_prefix_tokens", 1)
         size = self.model.image_size
         return self.decoder(features[:, prefix:], self.model.grid, (size, size), update_all)
 
     def reset(self) -> None:
+        """Forget the decoder's state (with the eventful backbone's `reset()`)."""
         self.decoder.reset()
 
 

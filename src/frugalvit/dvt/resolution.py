@@ -90,6 +90,7 @@ class AttentionPoolHead(nn.Module):
                                  nn.Linear(hidden, num_classes))
 
     def forward(self, tokens: Tensor) -> Tensor:
+        """Final tokens (B, N, D), prefix tokens first -> logits (B, num_classes)."""
         tokens = self.norm(tokens.to(self.queries.dtype))
         patches = tokens[:, self.num_prefix_tokens:]
         scores = torch.einsum("bnd,qd->bqn", self.key(patches), self.queries) / patches.shape[-1] ** 0.5

@@ -137,10 +137,12 @@ class EventfulDeconvStack(nn.Module):
         self.last_updated_share: list[float] = []  # per stage: share of input rows recomputed on the last call
 
     def reset(self) -> None:
+        """Forget the state: the next call runs the dense pass."""
         self._input, self._pre, self._grid = None, [], None
         self.last_updated_share = []
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The (H, W) grid the last stage outputs for an input `grid`."""
         for stage in self._stages:
             grid = stage.output_grid(grid)
         return grid
