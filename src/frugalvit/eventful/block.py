@@ -188,6 +188,12 @@ class EventfulBlock(nn.Module):
         selection, tokens = self.mlp_gate(x, policy, update_all)
         return x.add_(self.mlp_buffer(selection, self.layer_scale(block, 2, block.mlp(block.norm2(tokens)))))
 
+    def mark_held(self) -> None:
+        """Record a held frame (`EventfulViT.hold_share`): no gate passed anything, attention did not run."""
+        for gate in (self.attention_gate, self.projection_gate, self.mlp_gate):
+            gate.mark_held()
+        self.attention.last_path = "held"
+
     def gate_counts(self) -> tuple[int | None, int | None, int | None]:
         """Tokens each gate let through on the last frame (attention, projection, MLP)."""
         return self.attention_gate.last_count, self.projection_gate.last_count, self.mlp_gate.last_count

@@ -134,6 +134,13 @@ class TokenGate(nn.Module):
         self.last_count = None
         self.last_indices = None
 
+    def mark_held(self) -> None:
+        """Record a frame this gate did not run on (a held frame): nothing passed, the reference unchanged."""
+        if self.reference is not None:
+            self.last_count = 0
+            self.last_indices = torch.empty(self.reference.shape[0], 0, dtype=torch.long,
+                                            device=self.reference.device)
+
     def forward(self, tokens: Tensor, policy: TokenPolicy,
                 update_all: bool = False) -> tuple[Selection | None, Tensor]:
         """Return (selection, or None for all tokens; the selected tokens (B, M, D)); update the reference."""

@@ -150,7 +150,23 @@ class EventfulViT(nn.Module):
         cut_share: if set, a frame in which more than this share of the input
             tokens moved by more than `cut_relative_error` of their own norm
             (since they were last computed) is a scene cut and is recomputed in full.
-        cut_relative_error: see `cut_share`.
+        cut_relative_error: see `cut_share` and `hold_share`.
+        hold_share: if set (with `cut_share` above it), a frame in which more
+            than this share of the input tokens moved by more than
+            `cut_relative_error` since last computed, but no more than
+            `cut_share`, is held: nothing is computed beyond the patch
+            embedding, and the output of the last computed frame is returned
+            (`last_frame_held`). Why: when a change is widespread (a pan), a
+            partial update mixes fresh and stale tokens into an output worse
+            than the stale frame itself, while holding costs nothing; the
+            change since last computed keeps growing while held, so a full
+            frame follows once it passes `cut_share`, or after
+            `max_held_frames` held frames in a row. Small, local changes still
+            get partial updates. With several streams, a frame is held only
+            when every stream would hold. One host synchronisation per frame:
+            not available with `sync_free` or `capture`.
+        max_held_frames: at most this many frames in a row are held; the next
+            frame that would hold is computed in full instead (bounds staleness).
         nonfinite: what a frame with a NaN or infinite value does. "error"
             (default) raises ValueError; "refresh" returns the dense model's
             output for it (non-finite, as the dense model's is) and computes the
@@ -192,7 +208,8 @@ class EventfulViT(nn.Module):
     def __init__(self, model: VisionTransformer, policy: TokenPolicy,
                  incremental_max_fraction: float | None = None,
                  refresh_every: int | None = None, cut_share: float | None = None,
-                 cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False) -> None:
+                 cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False,
+                 hold_share: float | None = None, max_held_frames: int = 3) -> None:
         super().__init__()
         check_convertible(model)
         self.model = model
@@ -217,6 +234,8 @@ class EventfulViT(nn.Module):
         self.refresh_every = refresh_every
         self.cut_share = cut_share
         self.cut_relative_error = cut_relative_error
+        self.hold_share = hold_share
+        self.max_held_frames = max_held_frames
         self.nonfinite = nonfinite
         self.sync_free = False
         self.capture = capture
@@ -224,6 +243,9 @@ class EventfulViT(nn.Module):
         self._graph_diagnostics: list[tuple[dict[str, object], str, object]] = []
         self._warm_up: tuple[tuple[object, ...] | None, int] = (None, 0)  # (key, eager partial frames run)
         self.last_frame_full = False
+        self.last_frame_held = False
+        self._last_features: Tensor | None = None  # the last computed frame's output, for held frames
+        self._held_in_a_row = 0
         self._frame_shape: tuple[int, ...] | None = None
         self._frames_since_refresh = 0
         self._refresh_pending = False
@@ -243,6 +265,10 @@ class EventfulViT(nn.Module):
             raise ValueError(f"refresh_every must be None or an integer >= 1, got {value!r}")
         if name == "cut_share" and value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
             raise ValueError(f"cut_share must be None or lie in [0, 1], got {value!r}")
+        if name == "hold_share" and value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"hold_share must be None or lie in [0, 1], got {value!r}")
+        if name == "max_held_frames" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ValueError(f"max_held_frames must be an integer >= 1, got {value!r}")
         if name == "cut_relative_error" and not (isinstance(value, (int, float)) and value >= 0.0):
             raise ValueError(f"cut_relative_error must be >= 0, got {value!r}")
         if name in ("sync_free", "capture") and not isinstance(value, bool):
@@ -274,6 +300,9 @@ class EventfulViT(nn.Module):
         self._refresh_pending = False
         self._streams_pending = set()
         self._pending_cuts = None
+        self._last_features = None
+        self._held_in_a_row = 0
+        self.last_frame_held = False
 
     def refresh(self, stream: int | None = None) -> None:
         """Recompute every token on the next frame (e.g. after a scene cut), keeping the sequence.
@@ -320,6 +349,14 @@ class EventfulViT(nn.Module):
         if self.model.training:
             raise RuntimeError("EventfulViT is for inference: call .eval() on it (or the wrapped model) first")
         self._check_frame(images)
+        if self.hold_share is not None:
+            if self.cut_share is None or self.hold_share >= self.cut_share:
+                raise ValueError(f"hold_share ({self.hold_share}) needs a larger cut_share (now {self.cut_share}): "
+                                 "held frames end with a full frame once the change passes cut_share; set e.g. "
+                                 "ev.cut_share = 0.5 with ev.hold_share = 0.15")
+            if self._sync_free:
+                raise ValueError("hold_share decides on the host whether to compute a frame at all, which "
+                                 "sync_free / capture exclude; set ev.hold_share = None for a sync-free frame")
         if self.capture and not self.policy.fixed_size:
             raise ValueError(f"capture=True needs a fixed-size policy (TopR, TopFraction): {self.policy!r} selects "
                              "a data-dependent number of tokens, so a frame has no fixed shapes to capture; "
@@ -342,8 +379,13 @@ class EventfulViT(nn.Module):
             if not update_all:
                 self._detect_cuts_async(x)
         else:
-            update_all = update_all or self._is_scene_cut(x)
-        self.last_frame_full = update_all
+            cut, hold = self._cut_or_hold(x)
+            update_all = update_all or cut
+            if hold and not update_all:
+                if self._held_in_a_row < self.max_held_frames:
+                    return self._hold(images)
+                update_all = True  # held long enough: staleness is bounded by a full frame
+        self.last_frame_full, self.last_frame_held, self._held_in_a_row = update_all, False, 0
         if self.capture and not update_all and self.recorder.available(x.device):
             features = self._captured_step(x)
         else:
@@ -355,7 +397,19 @@ class EventfulViT(nn.Module):
         self._frame_shape = tuple(images.shape)
         self._refresh_pending = False
         self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
+        if self.hold_share is not None:
+            self._last_features = features
         return features
+
+    def _hold(self, images: Tensor) -> Tensor:
+        """A held frame: the state is untouched, the last computed output returned (a copy, safe to keep)."""
+        self.last_frame_full, self.last_frame_held = False, True
+        self._held_in_a_row += 1
+        self._frame_shape = tuple(images.shape)
+        self._frames_since_refresh += 1
+        for block in self.eventful_blocks:  # diagnostics: no gate let anything through
+            block.mark_held()
+        return self._last_features.clone()
 
     def _eventful_modules(self) -> list[nn.Module]:
         """The modules that hold per-frame state (not the wrapped model's)."""
@@ -472,16 +526,31 @@ class EventfulViT(nn.Module):
 
     def _cut_flags(self, tokens: Tensor) -> Tensor | None:
         """(B,) bool on the tokens' device: which streams' input moved like a scene cut; None before a reference."""
+        share = None if self.cut_share is None else self._moved_share(tokens)
+        return None if share is None else share > self.cut_share
+
+    def _moved_share(self, tokens: Tensor) -> Tensor | None:
+        """(B,) share of each stream's input tokens that moved by more than `cut_relative_error` of their norm
+        since last computed (against the first gate's reference); None before a reference."""
         reference = self.eventful_blocks[0].attention_gate.reference
-        if self.cut_share is None or reference is None:
+        if reference is None:
             return None
         moved = torch.linalg.vector_norm(reference - tokens, dim=-1)
         relative = moved / torch.linalg.vector_norm(reference, dim=-1).clamp_min(1e-12)
-        return (relative > self.cut_relative_error).float().mean(dim=-1) > self.cut_share
+        return (relative > self.cut_relative_error).float().mean(dim=-1)
 
-    def _is_scene_cut(self, tokens: Tensor) -> bool:
-        flags = self._cut_flags(tokens)
-        return flags is not None and bool(flags.any().item())
+    def _cut_or_hold(self, tokens: Tensor) -> tuple[bool, bool]:
+        """(scene cut in any stream, every stream would hold), read with one host synchronisation."""
+        if self.cut_share is None:
+            return False, False
+        share = self._moved_share(tokens)
+        if share is None or self._frame_shape is None:
+            return False, False
+        cut = (share > self.cut_share).any()
+        if self.hold_share is None or self._last_features is None:
+            return bool(cut.item()), False
+        flags = torch.stack([cut, (share > self.hold_share).all()]).tolist()
+        return bool(flags[0]), bool(flags[1])
 
     def _detect_cuts_async(self, tokens: Tensor) -> None:
         """Start copying this frame's per-stream cut flags to the host without waiting for them (sync-free cuts).
@@ -551,7 +620,7 @@ class EventfulViT(nn.Module):
 
     def attention_paths(self) -> list[str]:
         """Per block, how attention ran on the last frame: dense, dense+sums (a full update that keeps the
-        incremental path's sums), incremental, rebuild or skipped."""
+        incremental path's sums), incremental, rebuild, skipped, or held (a frame `hold_share` held)."""
         return [block.attention.last_path for block in self.eventful_blocks]
 
     def state_tensors(self) -> list[Tensor]:
@@ -575,11 +644,12 @@ class EventfulViT(nn.Module):
 
 def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: float | None = None,
              refresh_every: int | None = None, cut_share: float | None = None,
-             cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False) -> EventfulViT:
+             cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False,
+             hold_share: float | None = None, max_held_frames: int = 3) -> EventfulViT:
     """Make a timm VisionTransformer eventful: same parameters (shared, not copied), original unchanged.
 
     Undo by simply using `model` again (or `ev.model`); nothing in it was modified.
     See `EventfulViT` for the arguments.
     """
     return EventfulViT(model, policy, incremental_max_fraction, refresh_every, cut_share, cut_relative_error,
-                       nonfinite, capture)
+                       nonfinite, capture, hold_share, max_held_frames)

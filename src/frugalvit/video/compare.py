@@ -49,6 +49,7 @@ class FrameRecord:
     top1_agrees: bool
     full_update: bool
     updated_share: float
+    held: bool = False  # the eventful model held its last output (`EventfulViT.hold_share`)
     task_pearson: float | None = None  # with a task head (e.g. a saliency decoder): its output's fidelity
     task_relative_l2: float | None = None
     task_iou_top10: float | None = None
@@ -88,6 +89,7 @@ class ComparisonSummary:
     top1_agreement: float
     full_updates: int
     state_mib: float
+    held_frames: int = 0
     task_pearson_mean: float | None = None
     task_pearson_min: float | None = None
     task_iou_top10_mean: float | None = None
@@ -163,12 +165,13 @@ def _dense_features(model: nn.Module, frame: Tensor) -> Tensor:
 
 def _twin(ev: EventfulViT) -> EventfulViT:
     return eventful(ev.model, ev.policy, ev.incremental_max_fraction, ev.refresh_every, ev.cut_share,
-                    ev.cut_relative_error, ev.nonfinite)
+                    ev.cut_relative_error, ev.nonfinite, hold_share=ev.hold_share, max_held_frames=ev.max_held_frames)
 
 
-# A stateful task head for an eventful backbone, made per eventful model: head(features, update_all) -> output
-# (e.g. `SaliencyViT.eventful_decoder(ev.policy)`); update_all is the backbone's `last_frame_full`.
-EventfulHeadFactory = Callable[[EventfulViT], Callable[[Tensor, bool], Tensor]]
+# A stateful task head for an eventful backbone, made per eventful model: head(features, update_all, held) ->
+# output (e.g. `SaliencyViT.eventful_decoder(ev.policy)`); update_all and held are the backbone's
+# `last_frame_full` and `last_frame_held`.
+EventfulHeadFactory = Callable[[EventfulViT], Callable[[Tensor, bool, bool], Tensor]]
 
 
 def _with_head(backbone: Callable[[Tensor], Tensor], head: Callable[[Tensor], Tensor]
@@ -180,11 +183,11 @@ def _with_head(backbone: Callable[[Tensor], Tensor], head: Callable[[Tensor], Te
     return run
 
 
-def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor]
+def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool, bool], Tensor]
                         ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     def run(batch: Tensor) -> tuple[Tensor, Tensor]:
         features = ev.forward_features(batch)
-        return features, head(features, ev.last_frame_full)
+        return features, head(features, ev.last_frame_full, ev.last_frame_held)
 
     return run
 
@@ -266,6 +269,7 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
             top1_agrees=bool((model.forward_head(dense_features).argmax(-1)
                               == model.forward_head(eventful_features).argmax(-1)).item()),
             full_update=ev.last_frame_full,
+            held=ev.last_frame_held,
             updated_share=sum(counts) / (len(counts) * ev.eventful_blocks[0].attention_gate.reference.shape[1]),
             **task,
         ))
@@ -342,6 +346,7 @@ def summarize(records: list[FrameRecord], state_bytes: int,
         top1_agreement=sum(r.top1_agrees for r in records) / len(records),
         full_updates=sum(r.full_update for r in records),
         state_mib=state_bytes / 2**20,
+        held_frames=sum(r.held for r in records),
         **_task_summary(records[1:] or records),
         **_feature_summary(records),
     )
