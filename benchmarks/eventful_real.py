@@ -6,7 +6,8 @@ method we record, per frame, the executed MACs (CostCounter) and the map's
 fidelity against the dense model on the same frame: Pearson r, relative L2
 and the IoU of the top-10% salient pixels. Methods:
 
-- eventful settings (token policies, keyframe period, bounded staleness, ...);
+- eventful settings (token policies, keyframe period, adaptive keyframes, held frames, ...), and eventful
+  on a smaller frame (its map upsampled);
 - keyframe-and-hold K: the dense model on every K-th frame, its map reused between;
 - previous dense frame: the map of frame t-1 (a one-frame delay, full cost);
 - lower resolution: the dense model on a smaller frame, its map upsampled.
@@ -53,6 +54,7 @@ class EventfulSetting:
     label: str
     policy: str
     options: dict[str, object] = field(default_factory=dict)
+    size: int | None = None  # run the model at this smaller input size, its map upsampled (None: the clip's size)
 
 
 def summarize(per_frame: dict[str, list[float]], first: int = 1) -> dict[str, float]:
@@ -130,8 +132,11 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
 
     Adaptive keyframes: a small TopFraction budget, and a full frame whenever
     more than `cut_share` of the input tokens moved by over half their norm
-    since they were last computed (`EventfulViT.cut_share`). Fewer settings
-    at large sizes, where every run costs several times more.
+    since they were last computed (`EventfulViT.cut_share`). Held frames:
+    the same plus `hold_share` (`hold_settings`). At 224 px also eventful on
+    a smaller frame (kind "eventful_lowres"), so the resolution's share of a
+    win can be told apart. Fewer settings at large sizes, where every run
+    costs several times more.
     """
     large = size > 224
     fractions = (0.25, 0.125) if quick else (0.25, 0.125, 0.0625) if large else (0.5, 0.25, 0.125, 0.0625)
@@ -145,14 +150,41 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
                  for f, c in keyframed]
     if not quick and not large:
         settings.append(EventfulSetting("top 0.125 + keyframe every 4", "fraction:0.125", {"refresh_every": 4}))
+    settings += [EventfulSetting(f"{policy.replace('fraction:', 'top ').replace('relative:', 'relative ')} + hold "
+                                 f"{options['hold_share']:g} / cut {options['cut_share']:g}", policy, options)
+                 for policy, options in hold_settings(quick, large)]
+    if not quick and not large:  # the same method on a smaller frame, its map upsampled
+        settings += [EventfulSetting(f"relative {t:g} at {low} px", f"relative:{t}", size=low)
+                     for low in (112, 168) for t in (0.15, 0.3)]
     return settings
 
 
-def dominance(rows: list[dict[str, object]], ratio_key: str, low: float = 2.0, high: float = 8.0) -> list[dict]:
-    """For each keyframe-and-hold point with MAC ratio in [low, high]: does the best eventful setting
-    with at least that ratio beat it on both mean Pearson r and mean top-10% IoU?"""
+def hold_settings(quick: bool, large: bool) -> list[tuple[str, dict[str, object]]]:
+    """Partial frames for local change, held frames for widespread change, full frames when it grew large
+    (`EventfulViT.hold_share`); from a sweep on the two clips at 224 px (docs/eventful.md), spanning 2-8x."""
+    def hold(policy: str, hold_share: float, cut_share: float, max_held: int = 3,
+             relative_error: float = 0.5) -> tuple[str, dict[str, object]]:
+        return policy, {"hold_share": hold_share, "cut_share": cut_share, "max_held_frames": max_held,
+                        "cut_relative_error": relative_error}
+
+    chosen = [hold("fraction:0.125", 0.2, 0.5), hold("fraction:0.125", 0.1, 0.7),
+              hold("fraction:0.0625", 0.1, 0.7, 4), hold("fraction:0.03125", 0.15, 0.8, 5),
+              hold("fraction:0.03125", 0.2, 0.9, 5), hold("fraction:0.015625", 0.1, 0.85, 6),
+              hold("relative:0.2", 0.25, 0.5, relative_error=0.3)]
+    if quick:
+        return chosen[:1]
+    if large:
+        return chosen
+    return chosen + [hold("fraction:0.125", 0.15, 0.25), hold("fraction:0.0625", 0.2, 0.5),
+                     hold("relative:0.15", 0.25, 0.5, relative_error=0.3)]
+
+
+def dominance(rows: list[dict[str, object]], ratio_key: str, low: float = 2.0, high: float = 8.0,
+              kinds: tuple[str, ...] = ("eventful",)) -> list[dict]:
+    """For each keyframe-and-hold point with MAC ratio in [low, high]: does the best eventful setting (rows of
+    `kinds`) with at least that ratio beat it on both mean Pearson r and mean top-10% IoU?"""
     holds = [r for r in rows if r["kind"] == "keyframe" and low <= r[ratio_key] <= high]
-    eventful_rows = [r for r in rows if r["kind"] == "eventful"]
+    eventful_rows = [r for r in rows if r["kind"] in kinds]
     verdicts = []
     for hold in holds:
         candidates = [r for r in eventful_rows if r[ratio_key] >= hold[ratio_key]]
@@ -189,12 +221,17 @@ def plot(report: dict[str, object], path: Path) -> None:
                     ax.plot(*zip(*points), style, color=color, label=label, markersize=4)
             for select, color, style, label in (
                     (lambda t: t.startswith("top ") and "+" not in t, "tab:red", "^-", "eventful TopFraction"),
-                    (lambda t: t.startswith("relative "), "tab:blue", "v-", "eventful RelativeThreshold"),
-                    (lambda t: "adaptive keyframes" in t, "tab:purple", "D", "eventful top-f + adaptive keyframes")):
+                    (lambda t: t.startswith("relative ") and "+" not in t, "tab:blue", "v-",
+                     "eventful RelativeThreshold"),
+                    (lambda t: "adaptive keyframes" in t, "tab:purple", "D", "eventful top-f + adaptive keyframes"),
+                    (lambda t: "+ hold" in t, "tab:orange", "*", "eventful + held frames (hold_share)")):
                 points = sorted((r["mac_ratio"], r[metric]) for r in rows
                                 if r["kind"] == "eventful" and select(r["label"]))
                 if points:
                     ax.plot(*zip(*points), style, color=color, label=label, markersize=5)
+            points = sorted((r["mac_ratio"], r[metric]) for r in rows if r["kind"] == "eventful_lowres")
+            if points:
+                ax.plot(*zip(*points), "P", color="tab:cyan", label="eventful at lower resolution", markersize=5)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("MAC ratio, backbone + decoder (dense / method)")
             ax.set_ylabel("mean saliency Pearson r" if row_index == 0 else "mean top-10% IoU")
@@ -241,8 +278,15 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
         maps, backbone, decoder = lower_resolution_run(size, low, frames_low)
         add("lowres", f"dense at {low} px", maps, total * backbone, total * decoder)
     for setting in settings:
-        run = eventful_run(model, frames, setting)
-        add("eventful", setting.label, run.maps, sum(run.backbone_macs), sum(run.decoder_macs),
+        if setting.size is None:
+            run = eventful_run(model, frames, setting)
+            maps, kind = run.maps, "eventful"
+        else:
+            low_frames = load_frames(path, setting.size, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
+            run = eventful_run(saliency_vit(setting.size), low_frames, setting)
+            maps = F.interpolate(run.maps, size=(size, size), mode="bilinear", align_corners=False)
+            kind = "eventful_lowres"
+        add(kind, setting.label, maps, sum(run.backbone_macs), sum(run.decoder_macs),
             {"policy": setting.policy, "options": setting.options, "full_frames": sum(run.full),
              "held_frames": sum(run.held),
              "backbone_gmacs_per_frame": [m / 1e9 for m in run.backbone_macs],
@@ -250,6 +294,9 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
              "decoder_mac_ratio": dense_decoder * total / sum(run.decoder_macs),
              "decoder_max_abs_error": run.decoder_max_abs_error})
     verdicts = {key: dominance(rows, key) for key in ("backbone_mac_ratio", "mac_ratio")}
+    # the same verdict when eventful runs on a smaller frame count too (then the resolution does part of the work)
+    verdicts["mac_ratio, with eventful at lower resolution"] = dominance(rows, "mac_ratio",
+                                                                        kinds=("eventful", "eventful_lowres"))
     for key, items in verdicts.items():
         beaten = sum(v["beaten"] for v in items)
         print(f"  {clip} {size}px: eventful beats keyframe-and-hold on r and IoU at {beaten}/{len(items)} "
