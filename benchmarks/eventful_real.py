@@ -173,8 +173,9 @@ def hold_settings(quick: bool, large: bool) -> list[tuple[str, dict[str, object]
               hold("relative:0.2", 0.25, 0.5, relative_error=0.3)]
     if quick:
         return chosen[:1]
-    if large:
-        return chosen
+    if large:  # partial frames cost more at 1,024 tokens: a few settings from a sweep at 448 px
+        return chosen + [hold("fraction:0.03125", 0.1, 0.5, 4), hold("fraction:0.125", 0.1, 0.75),
+                         hold("fraction:0.125", 0.15, 0.25), hold("relative:0.3", 0.25, 0.5, relative_error=0.3)]
     return chosen + [hold("fraction:0.125", 0.15, 0.25), hold("fraction:0.0625", 0.2, 0.5),
                      hold("relative:0.15", 0.25, 0.5, relative_error=0.3)]
 
