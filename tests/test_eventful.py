@@ -426,6 +426,8 @@ def test_widespread_change_is_held_then_computed_in_full() -> None:
             last = ev(frame)
         assert not ev.last_frame_held and ev.gate_counts()[0] == (2, 2, 2)
         state = [t.clone() for t in ev.state_tensors()]
+        kept, last = last, last.clone()
+        kept.zero_()  # the caller owns its output: writing into it must not change what a held frame returns
         for seed in (1, 2):
             held = ev(half_changed(calm[-1], seed))
             assert ev.last_frame_held and not ev.last_frame_full
@@ -468,10 +470,25 @@ def test_hold_share_bad_settings_are_clear_errors() -> None:
         ev = fv.eventful(model, fv.TopR(2), cut_share=cut_share, hold_share=0.2)
         with pytest.raises(ValueError, match="needs a larger cut_share"):
             ev(frame)
-    ev = fv.eventful(model, fv.TopR(2), cut_share=0.5, hold_share=0.2)
-    ev.sync_free = True
-    with pytest.raises(ValueError, match="sync_free"):
-        ev(frame)
+
+
+def test_held_frames_with_sync_free_decide_on_the_host_and_match_the_eager_path() -> None:
+    """hold_share with sync_free: one host decision per frame, then the sync-free frame; same outputs and the
+    same held / full / partial frames as without sync_free."""
+    model = make_model("vit_tiny_patch16_224")
+    calm = video(3, moving=0.01)
+    frames = [*calm, half_changed(calm[-1], 1), half_changed(calm[-1], 2), calm[-1] + 0.01, video(1, seed=7)[0]]
+    runs = []
+    for sync_free in (False, True):
+        ev = fv.eventful(model, fv.TopR(2), cut_share=0.9, hold_share=0.3)
+        ev.sync_free = sync_free
+        with torch.no_grad():
+            runs.append([(ev(frame), ev.last_frame_held, ev.last_frame_full) for frame in frames])
+    for (eager, held, full), (free, held_free, full_free) in zip(*runs):
+        assert (held, full) == (held_free, full_free)
+        torch.testing.assert_close(free, eager, rtol=1e-5, atol=1e-5)
+    assert [held for _, held, _ in runs[0]] == [False, False, False, True, True, False, False]
+    assert runs[0][-1][2]  # the cut: a full frame at once, not a frame late
 
 
 def test_sync_free_scene_cut_is_decided_on_the_device_and_applied_one_frame_later(

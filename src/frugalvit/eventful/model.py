@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION, AttentionSums
 from frugalvit.eventful.block import EventfulAttention, EventfulBlock
-from frugalvit.eventful.gates import ScratchPool
+from frugalvit.eventful.gates import ScratchPool, store_
 from frugalvit.eventful.neck import EventfulNeck
 from frugalvit.eventful.policies import TokenPolicy
 from frugalvit.eventful.relpos import TableBias
@@ -163,8 +163,10 @@ class EventfulViT(nn.Module):
             frame follows once it passes `cut_share`, or after
             `max_held_frames` held frames in a row. Small, local changes still
             get partial updates. With several streams, a frame is held only
-            when every stream would hold. One host synchronisation per frame:
-            not available with `sync_free` or `capture`.
+            when every stream would hold. The decision costs one host
+            synchronisation per frame, before the frame runs, also with
+            `sync_free` or `capture` (the frame itself stays sync-free and
+            captured; cuts are then applied at once, not a frame late).
         max_held_frames: at most this many frames in a row are held; the next
             frame that would hold is computed in full instead (bounds staleness).
         nonfinite: what a frame with a NaN or infinite value does. "error"
@@ -354,9 +356,6 @@ class EventfulViT(nn.Module):
                 raise ValueError(f"hold_share ({self.hold_share}) needs a larger cut_share (now {self.cut_share}): "
                                  "held frames end with a full frame once the change passes cut_share; set e.g. "
                                  "ev.cut_share = 0.5 with ev.hold_share = 0.15")
-            if self._sync_free:
-                raise ValueError("hold_share decides on the host whether to compute a frame at all, which "
-                                 "sync_free / capture exclude; set ev.hold_share = None for a sync-free frame")
         if self.capture and not self.policy.fixed_size:
             raise ValueError(f"capture=True needs a fixed-size policy (TopR, TopFraction): {self.policy!r} selects "
                              "a data-dependent number of tokens, so a frame has no fixed shapes to capture; "
@@ -372,7 +371,9 @@ class EventfulViT(nn.Module):
         update_all = self._frame_shape is None or self._refresh_pending or (
             self.refresh_every is not None and self._frames_since_refresh >= self.refresh_every)
         x = self._embed(images)
-        if self._sync_free and self.cut_share is not None:  # decided on the device, applied on the next frame
+        # With hold_share the host decides each frame (one sync, before any block runs); otherwise a sync-free
+        # cut is decided on the device and applied on the next frame.
+        if self._sync_free and self.cut_share is not None and self.hold_share is None:
             self._apply_deferred_cuts(x.shape[0])
             if len(self._streams_pending) == x.shape[0]:  # every stream is cut: one full frame
                 update_all, self._streams_pending = True, set()
@@ -397,8 +398,8 @@ class EventfulViT(nn.Module):
         self._frame_shape = tuple(images.shape)
         self._refresh_pending = False
         self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
-        if self.hold_share is not None:
-            self._last_features = features
+        if self.hold_share is not None:  # a copy: the caller may write into the output it gets
+            self._last_features = store_(self._last_features, features)
         return features
 
     def _hold(self, images: Tensor) -> Tensor:
