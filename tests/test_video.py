@@ -249,3 +249,18 @@ def test_whole_pipeline_comparison_with_an_eventful_head() -> None:
     assert len(time_repeats(model, ev, frames, 1, task_head=dense_head, eventful_task_head=factory)) == 1
     with pytest.raises(ValueError, match="dense task head"):
         compare_on_frames(model, ev, frames, progress=False, eventful_task_head=factory)
+    # held frames: the backbone holds, and the head is not called; its last output is held too (and costs 0 MACs)
+    calls: list[bool] = []
+
+    def counting_factory(ev_: fv.EventfulViT):
+        head = factory(ev_)
+        return lambda features, update_all: calls.append(update_all) or head(features, update_all)
+
+    moving = frames.clone()
+    moving[2:, :, :64] = torch.randn_like(moving[2:, :, :64])  # half the frame changes from frame 2 on
+    ev = fv.eventful(model, fv.TopFraction(1 / 16), cut_share=0.9, hold_share=0.3)
+    records, _ = compare_on_frames(model, ev, moving, progress=False, task_head=dense_head,
+                                   eventful_task_head=counting_factory)
+    held = [r.held for r in records]
+    assert any(held) and len(calls) == 2 * (len(records) - sum(held))  # timed model + counted twin
+    assert all(r.eventful_gmacs < 0.02 * r.dense_gmacs for r in records if r.held)

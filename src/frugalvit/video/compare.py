@@ -168,10 +168,10 @@ def _twin(ev: EventfulViT) -> EventfulViT:
                     ev.cut_relative_error, ev.nonfinite, hold_share=ev.hold_share, max_held_frames=ev.max_held_frames)
 
 
-# A stateful task head for an eventful backbone, made per eventful model: head(features, update_all, held) ->
-# output (e.g. `SaliencyViT.eventful_decoder(ev.policy)`); update_all and held are the backbone's
-# `last_frame_full` and `last_frame_held`.
-EventfulHeadFactory = Callable[[EventfulViT], Callable[[Tensor, bool, bool], Tensor]]
+# A stateful task head for an eventful backbone, made per eventful model: head(features, update_all) -> output
+# (e.g. `SaliencyViT.eventful_decoder(ev.policy)`); update_all is the backbone's `last_frame_full`. On a frame
+# the backbone held (`last_frame_held`) the head is not called: its last output is held too.
+EventfulHeadFactory = Callable[[EventfulViT], Callable[[Tensor, bool], Tensor]]
 
 
 def _with_head(backbone: Callable[[Tensor], Tensor], head: Callable[[Tensor], Tensor]
@@ -183,11 +183,16 @@ def _with_head(backbone: Callable[[Tensor], Tensor], head: Callable[[Tensor], Te
     return run
 
 
-def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool, bool], Tensor]
+def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor]
                         ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    last: list[Tensor] = []  # the head's last output, for held frames
+
     def run(batch: Tensor) -> tuple[Tensor, Tensor]:
         features = ev.forward_features(batch)
-        return features, head(features, ev.last_frame_full, ev.last_frame_held)
+        if ev.last_frame_held and last:
+            return features, last[0].clone()
+        last[:] = [head(features, ev.last_frame_full)]
+        return features, last[0]
 
     return run
 
