@@ -382,7 +382,7 @@ class EventfulViT(nn.Module):
         else:
             cut, hold = self._cut_or_hold(x)
             update_all = update_all or cut
-            if hold and not update_all:
+            if hold and not update_all and not self._streams_pending:  # a stream reset is never held off
                 if self._held_in_a_row < self.max_held_frames:
                     return self._hold(images)
                 update_all = True  # held long enough: staleness is bounded by a full frame
