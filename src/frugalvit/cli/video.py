@@ -194,7 +194,8 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         print(f"  saliency map vs dense (after the first frame): Pearson r mean {summary.task_pearson_mean:.4f} "
               f"(worst {summary.task_pearson_min:.4f}), top-10% IoU mean {summary.task_iou_top10_mean:.3f} "
               f"(worst {summary.task_iou_top10_min:.3f})")
-    print(f"  full updates {summary.full_updates}, held frames {summary.held_frames}, eventful state {summary.state_mib:.1f} MiB per stream")
+    print(f"  full updates {summary.full_updates}, held frames {summary.held_frames}, "
+          f"eventful state {summary.state_mib:.1f} MiB per stream")
     print(f"  wrote {json_path} and {png_path}" + (f" and {args.out / ANIMATION_FILE}" if animation else ""))
     return 0
 
