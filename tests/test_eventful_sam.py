@@ -136,3 +136,22 @@ def test_half_precision_incremental_path_matches_dense() -> None:
 
 def test_sync_free_frame_compiles_whole_with_no_graph_break() -> None:
     assert_sync_free_step_compiles_whole(make_sam(), sam_video(4))
+
+
+def test_held_frames_on_a_sam_backbone() -> None:
+    """hold_share on a SAM backbone (conv neck, feature-map output): a held frame returns the last feature map;
+    the full frame that ends a run of held frames equals the dense model."""
+    model = make_sam()
+    height, width = model.patch_embed.img_size
+    frame = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    ev = fv.eventful(model, fv.TopFraction(0.125), cut_share=0.9, hold_share=0.2, max_held_frames=1)
+    moved = frame.clone()
+    moved[..., : height // 2, :] = torch.randn(1, 3, height // 2, width, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ev.forward_features(frame)
+        last = ev.forward_features(frame + 1e-3)
+        held = ev.forward_features(moved)
+        assert ev.last_frame_held and torch.equal(held, last)
+        full = ev.forward_features(moved)
+        assert ev.last_frame_full
+        torch.testing.assert_close(full, model.forward_features(moved), rtol=1e-4, atol=1e-4)
