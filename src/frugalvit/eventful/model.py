@@ -380,11 +380,11 @@ class EventfulViT(nn.Module):
             if not update_all:
                 self._detect_cuts_async(x)
         else:
-            cut, hold = self._cut_or_hold(x)
+            cut, hold = (False, False) if update_all else self._cut_or_hold(x)  # no sync when already full
             update_all = update_all or cut
             if hold and not update_all and not self._streams_pending:  # a stream reset is never held off
                 if self._held_in_a_row < self.max_held_frames:
-                    return self._hold(images)
+                    return self._hold()
                 update_all = True  # held long enough: staleness is bounded by a full frame
         self.last_frame_full, self.last_frame_held, self._held_in_a_row = update_all, False, 0
         if self.capture and not update_all and self.recorder.available(x.device):
@@ -402,11 +402,10 @@ class EventfulViT(nn.Module):
             self._last_features = store_(self._last_features, features)
         return features
 
-    def _hold(self, images: Tensor) -> Tensor:
+    def _hold(self) -> Tensor:
         """A held frame: the state is untouched, the last computed output returned (a copy, safe to keep)."""
         self.last_frame_full, self.last_frame_held = False, True
-        self._held_in_a_row += 1
-        self._frame_shape = tuple(images.shape)
+        self._held_in_a_row += 1  # (the frame shape was checked against the sequence's: nothing to record)
         self._frames_since_refresh += 1
         for block in self.eventful_blocks:  # diagnostics: no gate let anything through
             block.mark_held()
@@ -545,7 +544,7 @@ class EventfulViT(nn.Module):
         if self.cut_share is None:
             return False, False
         share = self._moved_share(tokens)
-        if share is None or self._frame_shape is None:
+        if share is None:
             return False, False
         cut = (share > self.cut_share).any()
         if self.hold_share is None or self._last_features is None:
