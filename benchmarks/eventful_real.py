@@ -120,11 +120,9 @@ def keyframe_hold(dense_maps: Tensor, period: int) -> Tensor:
     return dense_maps[index]
 
 
-@torch.no_grad()
-def lower_resolution_run(size: int, low: int, frames_low: Tensor) -> tuple[Tensor, int, int]:
-    model = saliency_vit(low)
-    maps, backbone_macs, decoder_macs = dense_run(model, frames_low)
-    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False), backbone_macs, decoder_macs
+def upsampled(maps: Tensor, size: int) -> Tensor:
+    """Maps (T, 1, s, s) of a smaller frame, resized to the clip's size for comparison."""
+    return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
@@ -251,8 +249,15 @@ def plot(report: dict[str, object], path: Path) -> None:
 def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[EventfulSetting],
                   keyframe_periods: list[int], low_sizes: list[int]) -> dict[str, object]:
     path = bundled_clip_path(clip) if "/" not in clip and not clip.endswith(".mp4") else resolve_clip(clip)
-    frames = load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
-    model = saliency_vit(size)
+    at_size: dict[int, tuple[SaliencyViT, Tensor]] = {}  # the model and decoded frames per input size, built once
+
+    def model_and_frames(side: int) -> tuple[SaliencyViT, Tensor]:
+        if side not in at_size:
+            at_size[side] = (saliency_vit(side),
+                             load_frames(path, side, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count))
+        return at_size[side]
+
+    model, frames = model_and_frames(size)
     dense_maps, dense_backbone, dense_decoder = dense_run(model, frames)
     total = frames.shape[0]
     rows: list[dict[str, object]] = []
@@ -276,18 +281,15 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
     add("previous", "previous dense frame", torch.cat([dense_maps[:1], dense_maps[:-1]]),
         total * dense_backbone, total * dense_decoder)
     for low in low_sizes:
-        frames_low = load_frames(path, low, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
-        maps, backbone, decoder = lower_resolution_run(size, low, frames_low)
-        add("lowres", f"dense at {low} px", maps, total * backbone, total * decoder)
+        maps, backbone, decoder = dense_run(*model_and_frames(low))
+        add("lowres", f"dense at {low} px", upsampled(maps, size), total * backbone, total * decoder)
     for setting in settings:
         if setting.size is None:
             run = eventful_run(model, frames, setting)
             maps, kind = run.maps, "eventful"
         else:
-            low_frames = load_frames(path, setting.size, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
-            run = eventful_run(saliency_vit(setting.size), low_frames, setting)
-            maps = F.interpolate(run.maps, size=(size, size), mode="bilinear", align_corners=False)
-            kind = "eventful_lowres"
+            run = eventful_run(*model_and_frames(setting.size), setting)
+            maps, kind = upsampled(run.maps, size), "eventful_lowres"
         add(kind, setting.label, maps, sum(run.backbone_macs), sum(run.decoder_macs),
             {"policy": setting.policy, "options": setting.options, "full_frames": sum(run.full),
              "held_frames": sum(run.held),
