@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import frugalvit.kernels.topk as topk
 from frugalvit import TopFraction, eventful
 from frugalvit.eventful.model import CUDA_INCREMENTAL_MAX_FRACTION, DEFAULT_INCREMENTAL_MAX_FRACTION
 from frugalvit.ioutil import atomic_file, write_json_atomically
@@ -49,9 +50,11 @@ TINY_GRID = [("vit_tiny_patch16_224", 64, 1), ("vit_tiny_patch16_224", 64, 2)]
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2)
 COMPILED_BUDGETS = (1 / 8,)  # compiling takes a minute per budget: the target budget, first and last configs
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# `incremental_max_fraction` of each attention path a run can force: the incremental sums up to the CPU's break-even
-# share, or the fused kernel on every partial frame (CUDA's default)
-ATTENTION_SWITCHES = {"incremental": DEFAULT_INCREMENTAL_MAX_FRACTION, "fused": CUDA_INCREMENTAL_MAX_FRACTION}
+# The attention paths a run can force (EventfulViT attributes): the incremental sums up to the CPU's break-even
+# share, the fused kernel over all queries on every partial frame (CUDA's default), or only the changed queries' rows
+ATTENTION_MODES = {"incremental": {"incremental_max_fraction": DEFAULT_INCREMENTAL_MAX_FRACTION},
+                   "fused": {"incremental_max_fraction": CUDA_INCREMENTAL_MAX_FRACTION},
+                   "rows": {"attention_rows": "changed"}}
 
 
 def frame_size(size: int) -> int:
@@ -162,13 +165,22 @@ class Config:
         return summary([device_timed(lambda: forward(frame), self.device)[1] for frame in self.clip])
 
     def time_eventful(self, budget: float, capture: bool, compiled: bool = False,
-                      attention: str | None = None) -> dict[str, float]:
-        """`attention`: None for the model's default, "incremental" (the sums, up to 1/3 of the tokens) or
-        "fused" (the fused kernel over the cached queries/keys/values on every partial frame)."""
+                      attention: str | None = None, top_k: str | None = None) -> dict[str, float]:
+        """`attention`: None for the model's default, or a key of `ATTENTION_MODES`: "incremental" (the sums, up
+        to 1/3 of the tokens), "fused" (the fused kernel over all cached queries/keys/values on every partial
+        frame), "rows" (`attention_rows="changed"`: only the changed queries' rows). `top_k`: force that top-k
+        kernel ("bits" or "histogram") for this run (default: by row length)."""
+        if top_k is not None:
+            saved = topk.HISTOGRAM_MIN_TOKENS
+            topk.HISTOGRAM_MIN_TOKENS = 0 if top_k == "histogram" else topk.MAX_KERNEL_TOKENS + 1
+            try:
+                return self.time_eventful(budget, capture, compiled, attention)
+            finally:
+                topk.HISTOGRAM_MIN_TOKENS = saved
         ev = eventful(self.model, TopFraction(budget), capture=capture)
         ev.sync_free = True
-        if attention is not None:
-            ev.incremental_max_fraction = ATTENTION_SWITCHES[attention]
+        for name, value in ATTENTION_MODES.get(attention, {}).items():
+            setattr(ev, name, value)
         if compiled:
             torch._dynamo.reset()
             ev.step = torch.compile(ev.step, fullgraph=True)
@@ -196,8 +208,8 @@ def profile_eventful(config: Config, budget: float, path: Path, attention: str |
 
     ev = eventful(config.model, TopFraction(budget))
     ev.sync_free = True
-    if attention is not None:
-        ev.incremental_max_fraction = ATTENTION_SWITCHES[attention]
+    for name, value in ATTENTION_MODES.get(attention, {}).items():
+        setattr(ev, name, value)
     with torch.no_grad():
         for frame in config.clip[:4]:
             ev.forward_features(frame)
@@ -253,7 +265,7 @@ def phase_compiled(config: Config, deadline: Deadline, budgets: tuple[float, ...
 
 
 def check_top_k_kernel(device: torch.device) -> dict[str, object]:
-    """The fused top-k kernel against its reference on this device, and both timed per call: 200 calls in a
+    """Both top-k kernels against their reference on this device, and all three timed per call: 200 calls in a
     loop (CUDA events; launch time included) and, on CUDA, the same calls captured as one CUDA graph (device
     time only, as inside a captured eventful frame)."""
     from frugalvit.kernels import top_k_ascending, top_k_ascending_reference
@@ -262,56 +274,87 @@ def check_top_k_kernel(device: torch.device) -> dict[str, object]:
     for tokens in (577, 1025, 4097):
         errors = torch.rand(1, tokens, device=device)
         count = tokens // 8
-        equal = torch.equal(top_k_ascending(errors, count), top_k_ascending_reference(errors, count))
-        timed = {}
-        for name, fn in (("kernel", top_k_ascending), ("reference", top_k_ascending_reference)):
-            fn(errors, count)
-            loop = lambda: [fn(errors, count) for _ in range(200)]  # noqa: E731 - timed twice below
-            times = [device_timed(loop, device)[1] / 200 for _ in range(3)]
-            timed[f"{name}_us"] = 1000 * min(times)
-            if device.type == "cuda":
-                replay = capture_dense(lambda e: [fn(e, count) for _ in range(200)][-1], errors)
-                times = [device_timed(lambda: replay(errors), device)[1] / 200 for _ in range(3)]
-                timed[f"{name}_graph_us"] = 1000 * min(times)
-        result[f"{tokens}_tokens"] = {"equal": equal, **timed}
+        expected = top_k_ascending_reference(errors, count)
+        entry: dict[str, object] = {}
+        methods = [(variant, lambda e, c, v=variant: top_k_ascending(e, c, variant=v)) for variant in ("bits", "histogram")]
+        for name, fn in methods + [("reference", top_k_ascending_reference)]:
+            try:
+                if name != "reference":
+                    entry[f"{name}_equal"] = torch.equal(fn(errors, count), expected)
+                fn(errors, count)
+                loop = lambda: [fn(errors, count) for _ in range(200)]  # noqa: E731 - timed twice below
+                times = [device_timed(loop, device)[1] / 200 for _ in range(3)]
+                entry[f"{name}_us"] = 1000 * min(times)
+                if device.type == "cuda":
+                    replay = capture_dense(lambda e: [fn(e, count) for _ in range(200)][-1], errors)
+                    times = [device_timed(lambda: replay(errors), device)[1] / 200 for _ in range(3)]
+                    entry[f"{name}_graph_us"] = 1000 * min(times)
+            except Exception as error:  # one kernel failing must not hide the other's figures
+                entry[f"{name}_error"] = f"{type(error).__name__}: {error}"[:300]
+                entry[f"{name}_equal"] = False
+        entry["equal"] = entry.get("bits_equal", False) and entry.get("histogram_equal", False)
+        result[f"{tokens}_tokens"] = entry
     print(f"  top-k kernel: {result}", flush=True)
     return result
 
 
 def guarded_top_k_check(device: torch.device) -> dict[str, object]:
-    """`check_top_k_kernel`; where the kernel fails or disagrees, the run goes on with the reference (recorded)."""
-    import frugalvit.kernels.topk as topk
-
+    """`check_top_k_kernel`; a kernel that fails or disagrees is replaced for the rest of the run (recorded): the
+    histogram kernel by the bitwise one, the bitwise one (or both) by the reference."""
     try:
         result = check_top_k_kernel(device)
-        if all(entry["equal"] for entry in result.values()):
-            return result
-        result["fallback"] = "kernel disagreed with the reference: reference used"
     except Exception as error:  # a kernel that fails here must not sink the run
-        result = {"error": f"{type(error).__name__}: {error}"[:500], "fallback": "reference used"}
-    topk.kernel_applies = lambda *_, **__: False  # this process only: the benchmark's own guard
+        result = {"error": f"{type(error).__name__}: {error}"[:500]}
+    entries = [entry for entry in result.values() if isinstance(entry, dict)]
+    bits_ok = bool(entries) and all(entry.get("bits_equal") for entry in entries)
+    histogram_ok = bool(entries) and all(entry.get("histogram_equal") for entry in entries)
+    if not histogram_ok:  # this process only: the benchmark's own guard
+        topk.HISTOGRAM_MIN_TOKENS = topk.MAX_KERNEL_TOKENS + 1
+        result["fallback_histogram"] = "histogram kernel failed or disagreed: bitwise kernel used"
+    if not bits_ok:
+        topk.kernel_applies = lambda *_, **__: False
+        result["fallback"] = "bitwise kernel failed or disagreed: reference used"
     print(f"  top-k kernel: {result}", flush=True)
     return result
 
 
-def phase_explore(config: Config, deadline: Deadline, compiled: tuple[str, ...]) -> None:
-    """Attention choices at 1/8 (and captured at 1/16, 1/4): incremental sums vs the fused kernel over the
-    cached tokens, captured and (for `compiled`) compiled+captured; dense eager and captured as baselines."""
+def phase_explore(config: Config, deadline: Deadline) -> None:
+    """Attention choices, captured: the fused kernel over all queries (CUDA's default) at 1/8, and only the
+    changed queries' rows (`attention_rows="changed"`) at 1/16, 1/8 and 1/4; at 1/8 also with the top-k kernel
+    that the row length does not pick by default. Dense eager and captured as baselines."""
     cuda = config.device.type == "cuda"
     config.record("dense eager", lambda: config.time_dense(config.model.forward_features))
     if cuda:
         config.record("dense captured", lambda: config.time_dense(capture_dense(config.model.forward_features,
                                                                                 config.clip[0])))
-    runs = [(1 / 8, attention, False) for attention in ("incremental", "fused")]
-    runs += [(budget, "fused", False) for budget in (1 / 16, 1 / 4)]
-    runs += [(1 / 8, attention, True) for attention in compiled]
-    for budget, attention, compile_it in runs:
-        label = f"eventful {budget:g} {'compiled+captured' if compile_it else 'captured'} {attention}"
+    other_top_k = "bits" if config.result["tokens"] + 1 >= topk.HISTOGRAM_MIN_TOKENS else "histogram"
+    runs = [(1 / 8, "fused", None)] + [(budget, "rows", None) for budget in (1 / 8, 1 / 16, 1 / 4)]
+    runs += [(1 / 8, "rows", other_top_k)]
+    for budget, attention, top_k in runs:
+        label = f"eventful {budget:g} captured {attention}" + (f" top-k {top_k}" if top_k else "")
         if deadline.passed():
             config.result["methods"][label] = {"skipped": "out of time"}
             continue
-        config.record(label, lambda: config.time_eventful(budget, capture=cuda, compiled=compile_it,
-                                                          attention=attention))
+        config.record(label, lambda: config.time_eventful(budget, capture=cuda, attention=attention, top_k=top_k))
+
+
+def phase_explore_compiled(config: Config, deadline: Deadline) -> None:
+    """Both attention choices at 1/8 compiled (`torch.compile(ev.step, fullgraph=True)`) and captured, then the
+    dense model compiled and captured (the strongest dense baseline)."""
+    cuda = config.device.type == "cuda"
+    for attention in ("rows", "fused"):
+        label = f"eventful 0.125 compiled+captured {attention}"
+        if deadline.passed():
+            config.result["methods"][label] = {"skipped": "out of time"}
+            continue
+        config.record(label, lambda: config.time_eventful(1 / 8, capture=cuda, compiled=True, attention=attention))
+    label = "dense compiled+captured" if cuda else "dense compiled"
+    if deadline.passed():
+        config.result["methods"][label] = {"skipped": "out of time"}
+        return
+    torch._dynamo.reset()
+    forward = torch.compile(config.model.forward_features)
+    config.record(label, lambda: config.time_dense(capture_dense(forward, config.clip[0]) if cuda else forward))
 
 
 def plot(report: dict[str, object], path: Path) -> None:
@@ -361,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also profile eventful kernels (CUDA, first config)")
     parser.add_argument("--tiny", action="store_true", help="a small model at 64 px (a CPU smoke test)")
     parser.add_argument("--explore", action="store_true",
-                        help="instead of the grid: the attention choices at 1/8 on the first and last configuration, "
-                             "the top-k kernel check, a profile of the fused-attention frame")
+                        help="instead of the grid: the attention choices (all queries / changed rows) on the first "
+                             "and last configuration, the top-k kernel check, a profile of the changed-rows frame")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_gpu"))
     args = parser.parse_args(argv)
     grid = TINY_GRID if args.tiny else GRID
@@ -436,14 +479,14 @@ def plot_explore(report: dict[str, object], path: Path) -> None:
         medians = [stats["median_ms"] for _, stats in timed]
         errors = [[m - stats["min_ms"] for m, (_, stats) in zip(medians, timed)],
                   [stats["max_ms"] - m for m, (_, stats) in zip(medians, timed)]]
-        colors = ["gray" if label.startswith("dense") else "tab:green" if "fused" in label else "tab:red"
+        colors = ["gray" if label.startswith("dense") else "tab:green" if "fused" in label else "tab:blue"
                   for label, _ in timed]
         ax.barh(range(len(timed)), medians, xerr=errors, color=colors)
         ax.set_yticks(range(len(timed)), labels, fontsize=7)
         ax.invert_yaxis()
         ax.set(xlabel="ms per frame (median, min-max)", title=f"{config['model']} {config['size']}px B{config['batch']}")
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{report['device_name']}, {report['dtype']}: fused (green) vs incremental (red) attention",
+    fig.suptitle(f"{report['device_name']}, {report['dtype']}: attention over all queries (green) vs the changed queries' rows (blue)",
                  fontsize=9)
     fig.tight_layout()
     with atomic_file(path) as handle:
@@ -453,21 +496,27 @@ def plot_explore(report: dict[str, object], path: Path) -> None:
 
 def explore(report: dict[str, object], grid: list[tuple[str, int, int]], data: np.lib.npyio.NpzFile,
             device: torch.device, dtype: torch.dtype, args: argparse.Namespace, deadline: Deadline) -> None:
-    """`--explore`: which attention path and which top-k to make the GPU default (see `phase_explore`)."""
+    """`--explore`: which attention path and which top-k to make the GPU default, on the first and last
+    configuration: every captured method of both first (`phase_explore`), then the compiled ones (slow to
+    compile), so that a deadline cuts the compiled ones first."""
     write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
-    for index, (name, size, batch) in enumerate([grid[0], grid[-1]]):
+    configs = []
+    for name, size, batch in (grid[0], grid[-1]):
         config = Config(name, size, batch, data[f"size_{frame_size(size)}"], device, dtype, args.count)
+        configs.append(config)
         report["results"].append(config.result)
-        phase_explore(config, deadline, ("fused", "incremental") if index == 0 else ("fused",))
+        phase_explore(config, deadline)
         if args.profile and device.type == "cuda":
             try:
                 suffix = f"_profile_{size}.txt"
-                profile_eventful(config, 1 / 8, args.out.with_name(args.out.name + suffix), attention="fused")
+                profile_eventful(config, 1 / 8, args.out.with_name(args.out.name + suffix), attention="rows")
             except Exception as error:  # the profile is an extra: never fatal
                 print(f"no profile: {type(error).__name__}: {error}")
         write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
-        del config
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+    if not args.no_compile:
+        for config in reversed(configs):  # the largest configuration (the target that is further off) first
+            phase_explore_compiled(config, deadline)
+            write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
     print_table(report)
     try:
         plot_explore(report, args.out.with_suffix(".png"))

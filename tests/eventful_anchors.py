@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 
 import frugalvit as fv
+from frugalvit.eventful.block import EventfulAttention
+from frugalvit.eventful.gates import Selection, scatter_tokens_
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,10 +65,11 @@ def last_frame_macs(model: torch.nn.Module, frames: torch.Tensor, policies: Iter
     return macs
 
 
-def assert_sync_free_step_compiles_whole(model: torch.nn.Module, frames: torch.Tensor) -> None:
+def assert_sync_free_step_compiles_whole(model: torch.nn.Module, frames: torch.Tensor,
+                                         attention_rows: str = "all") -> None:
     """With a fixed-size policy and `sync_free`, `step` is one graph (no break, so no host sync), and the
     compiled frames equal the eager ones."""
-    eager, compiled = fv.eventful(model, fv.TopFraction(0.25)), fv.eventful(model, fv.TopFraction(0.25))
+    eager, compiled = (fv.eventful(model, fv.TopFraction(0.25), attention_rows=attention_rows) for _ in range(2))
     eager.sync_free = compiled.sync_free = True
     with torch.no_grad():
         compiled(frames[0])
@@ -80,3 +83,39 @@ def assert_sync_free_step_compiles_whole(model: torch.nn.Module, frames: torch.T
             torch.testing.assert_close(compiled.forward_features(frame), eager.forward_features(frame),
                                        rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def assert_changed_rows_path_matches_dense(model: torch.nn.Module, frames: torch.Tensor, atol: float = 1e-5) -> None:
+    """`attention_rows="changed"`, checked on every global attention layer (position terms and rotary embeddings
+    as the first frame set them): a partial update recomputes exactly the selected rows (as dense attention over
+    the updated tokens has them) and keeps every other row as it was; with every token selected (through the
+    partial path, not the dense shortcut) the layer reproduces dense attention."""
+    ev = fv.eventful(model, fv.TopFraction(0.5), attention_rows="changed")
+    generator = torch.Generator().manual_seed(0)
+    checked = 0
+    with torch.no_grad():
+        ev.forward_features(frames[0])
+        for block in ev.eventful_blocks:
+            attention = block.attention
+            if not isinstance(attention, EventfulAttention):
+                continue  # windowed layers always recompute whole windows
+            batch, _, num_tokens, _ = attention.q.shape
+            width = block.block.norm1.normalized_shape[0]
+            before = torch.randn(batch, num_tokens, width, generator=generator)
+            dense_before = attention(None, before, 0.0)
+            picks = [torch.randperm(num_tokens, generator=generator)[:num_tokens // 3].sort().values
+                     for _ in range(batch)]
+            selection = Selection(torch.stack(picks), num_tokens)
+            rows = torch.randn(batch, selection.count, width, generator=generator)
+            partial = attention(selection, rows, 0.0, changed_rows_only=True)
+            assert attention.last_path == "rows"
+            dense_after = attention(None, scatter_tokens_(before.clone(), selection, rows), 0.0)
+            chosen = torch.zeros(batch, num_tokens, 1, dtype=torch.bool)
+            chosen.scatter_(1, selection.indices.unsqueeze(-1), True)
+            torch.testing.assert_close(partial, torch.where(chosen, dense_after, dense_before), rtol=1e-5, atol=atol)
+            every = Selection(torch.arange(num_tokens).expand(batch, -1).contiguous(), num_tokens)
+            fresh = torch.randn(batch, num_tokens, width, generator=generator)
+            everything = attention(every, fresh, 0.0, changed_rows_only=True)
+            torch.testing.assert_close(everything, attention(None, fresh, 0.0), rtol=1e-5, atol=atol)
+            checked += 1
+    assert checked > 0

@@ -12,6 +12,8 @@ from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_t
 from frugalvit.eventful.model import UnsupportedModelError
 from frugalvit.timm import embed_tokens
 
+from eventful_anchors import assert_changed_rows_path_matches_dense, assert_sync_free_step_compiles_whole
+
 SIZE = 64
 # Small versions of real timm architectures: class token, LayerScale (deit3, dinov2), registers,
 # class-token-free average pooling, pre-norm (CLIP), qk-norm.
@@ -118,6 +120,39 @@ def test_sync_free_frame_compiles_whole_with_no_graph_break(policy: fv.TokenPoli
             torch.testing.assert_close(compiled(frame), eager(frame), rtol=1e-5, atol=1e-5)
             paths += compiled.attention_paths()
     assert "incremental" in paths
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_changed_rows_attention_recomputes_exactly_the_selected_rows(name: str) -> None:
+    assert_changed_rows_path_matches_dense(make_model(name), patch_video(1, batch=2))
+
+
+def test_changed_rows_attention_frames() -> None:
+    """`attention_rows="changed"` on whole frames: only the "rows" path runs on partial frames, a full budget
+    still equals the timm model, attention costs less than over all queries, and a bad value is refused."""
+    model = make_model("vit_tiny_patch16_224", img_size=128)  # 64 tokens: attention matters in the MACs
+    frames = patch_video(4, share=0.2, size=128)
+    full = fv.eventful(model, fv.TopFraction(1.0), attention_rows="changed")
+    macs = {}
+    with torch.no_grad():
+        for frame in frames:
+            torch.testing.assert_close(full(frame), model(frame), rtol=1e-5, atol=1e-5)
+        for rows in ("all", "changed"):
+            ev = fv.eventful(model, fv.TopR(8), incremental_max_fraction=0.0, attention_rows=rows)
+            for frame in frames[:-1]:
+                ev(frame)
+            with fv.CostCounter() as cost:
+                ev(frames[-1])
+            macs[rows] = cost.macs
+            assert set(ev.attention_paths()) == {"rows" if rows == "changed" else "dense"}
+    assert macs["changed"] < macs["all"]
+    with pytest.raises(ValueError, match="attention_rows must be one of all, changed"):
+        ev.attention_rows = "some"
+
+
+def test_changed_rows_frame_compiles_whole_with_no_graph_break() -> None:
+    assert_sync_free_step_compiles_whole(make_model("deit3_small_patch16_224"), patch_video(4, share=0.2),
+                                         attention_rows="changed")
 
 
 def test_relative_threshold_is_scale_free() -> None:

@@ -7,7 +7,7 @@ import timm
 import torch
 
 import frugalvit as fv
-from eventful_anchors import (assert_full_budget_equals, assert_half_precision_incremental_matches,
+from eventful_anchors import (assert_changed_rows_path_matches_dense, assert_full_budget_equals, assert_half_precision_incremental_matches,
                               assert_sync_free_step_compiles_whole,
                               incremental_paths_equal_dense, last_frame_macs)
 from frugalvit.eventful.model import UnsupportedModelError
@@ -71,3 +71,7 @@ def test_half_precision_incremental_path_matches_dense() -> None:
 
 def test_sync_free_frame_compiles_whole_with_no_graph_break() -> None:
     assert_sync_free_step_compiles_whole(make_eva("eva02-tiny"), eva_video(4))
+
+
+def test_changed_rows_attention_recomputes_exactly_the_selected_rows() -> None:
+    assert_changed_rows_path_matches_dense(make_eva("eva02-tiny"), eva_video(2))

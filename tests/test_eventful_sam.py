@@ -8,7 +8,7 @@ import torch
 
 import frugalvit as fv
 from frugalvit.eventful.model import EventfulViT
-from eventful_anchors import (assert_full_budget_equals, assert_half_precision_incremental_matches,
+from eventful_anchors import (assert_changed_rows_path_matches_dense, assert_full_budget_equals, assert_half_precision_incremental_matches,
                               assert_sync_free_step_compiles_whole,
                               incremental_paths_equal_dense, last_frame_macs, relative_error)
 from test_eventful import patch_video
@@ -155,3 +155,8 @@ def test_held_frames_on_a_sam_backbone() -> None:
         full = ev.forward_features(moved)
         assert ev.last_frame_full
         torch.testing.assert_close(full, model.forward_features(moved), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", sorted(SAM_VARIANTS))
+def test_changed_rows_attention_recomputes_exactly_the_selected_rows(variant: str) -> None:
+    assert_changed_rows_path_matches_dense(make_sam(variant), sam_video(1))

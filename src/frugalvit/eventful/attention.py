@@ -151,6 +151,18 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: LogitBi
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def fused_row_attention(q_rows: Tensor, k: Tensor, v: Tensor, scale: float, selection: Selection,
+                        bias: LogitBias | None = None) -> Tensor:
+    """Attention of the query rows `q_rows` (B, H, M, Dh), the tokens at `selection`, against all keys and
+    values (B, H, N, Dh), with the fused kernel: (B, H, M, Dh). 4 M N Dh multiply-accumulates per head."""
+    mask = None
+    if bias is not None:
+        mask = q_rows.new_zeros(*q_rows.shape[:-1], k.shape[-2], dtype=torch.float32)
+        bias.add_rows_(mask, q=q_rows, selection=selection)
+        mask = mask.to(q_rows.dtype)
+    return F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask, scale=scale)
+
+
 def _scatter_rows_(state: Tensor, rows: Tensor, values: Tensor) -> None:
     """state[b, h, rows[b, h, i]] = values[b, h, i] for (B, H, N, X) state and (B, H, R) rows."""
     state.scatter_(2, rows.unsqueeze(-1).expand(-1, -1, -1, state.shape[-1]), values)

@@ -23,7 +23,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 
 from frugalvit.eventful.attention import (AttentionSums, build_attention_sums, cancelled_rows, fused_attention,
-                                         update_attention_sums_)
+                                         fused_row_attention, update_attention_sums_)
 from frugalvit.eventful.gates import (ScratchPool, Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_,
                                      store_)
 from frugalvit.eventful.policies import TokenPolicy
@@ -92,13 +92,16 @@ class EventfulAttention(nn.Module):
         return q, k, v
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
-                keep_sums: bool = False, sync_free: bool = False) -> Tensor:
+                keep_sums: bool = False, sync_free: bool = False, changed_rows_only: bool = False) -> Tensor:
         """Attention output for all N tokens (B, N, heads * head_dim), before the output norm/projection.
 
         `keep_sums`: on a full update, build the incremental path's sums (same
         MACs as the fused kernel, a little more wall time) so that the next,
         partial frame updates them instead of rebuilding them, which would cost
-        a second dense attention pass.
+        a second dense attention pass. `changed_rows_only`: on a partial frame,
+        recompute only the rows of the selected queries (against every key and
+        value, fused kernel, 4 M N Dh per head) and keep the other rows' last
+        output (`EventfulViT.attention_rows`).
         """
         scale = self.attention.scale
         q, k, v = self._project(tokens, selection)
@@ -114,6 +117,14 @@ class EventfulAttention(nn.Module):
                 self.last_path = "dense"
         elif selection.count == 0:
             self.last_path = "skipped"
+            return merge_head_outputs(self.output)
+        elif changed_rows_only:
+            for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
+                scatter_tokens_(state, selection, fresh)
+            self.sums = None
+            scatter_tokens_(self.output, selection, fused_row_attention(q, self.k, self.v, scale, selection,
+                                                                        self.bias))
+            self.last_path = "rows"
             return merge_head_outputs(self.output)
         else:
             incremental = selection.count <= incremental_max_fraction * selection.num_tokens
@@ -173,11 +184,14 @@ class EventfulBlock(nn.Module):
             module.reset()
 
     def forward(self, x: Tensor, policy: TokenPolicy, incremental_max_fraction: float,
-                update_all: bool = False, sync_free: bool = False) -> Tensor:
+                update_all: bool = False, sync_free: bool = False, changed_rows_only: bool = False) -> Tensor:
+        """One block over all tokens (B, N, D); `changed_rows_only`: see `EventfulAttention.forward`."""
         block, attn = self.block, self.block.attn
         selection, tokens = self.attention_gate(x, policy, update_all)
-        keep_sums = selection is None and policy.may_select_fewer_than(incremental_max_fraction, x.shape[1])
-        mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep_sums, sync_free)
+        keep_sums = selection is None and not changed_rows_only \
+            and policy.may_select_fewer_than(incremental_max_fraction, x.shape[1])
+        mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep_sums, sync_free,
+                               changed_rows_only)
         selection, tokens = self.projection_gate(mixed, policy, update_all)
         norm = getattr(attn, "norm", None)  # timm's ViT Attention has a norm before its projection; SAM's has none
         # The residual adds write into x: it is this frame's own tensor (the gates keep copies, and on a full

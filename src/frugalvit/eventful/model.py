@@ -32,6 +32,7 @@ DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION  # the CPU's 
 # 29.2 vs 5.9 ms; benchmarks/results/eventful_gpu_explore.json).
 CUDA_INCREMENTAL_MAX_FRACTION = 0.0
 NONFINITE_MODES = ("error", "refresh")
+ATTENTION_ROWS = ("all", "changed")
 
 
 class _InferenceOnly(torch.autograd.Function):
@@ -146,6 +147,19 @@ class EventfulViT(nn.Module):
             multiply-accumulates break even), 0 on CUDA (the fused kernel over the
             cached tokens is faster there at every budget; see
             `attention_switch`).
+        attention_rows: which attention rows a partial frame brings up to date.
+            "all" (default): every row, exactly for the gated queries, keys and
+            values (the incremental sums or the fused kernel above). "changed":
+            only the rows of the queries the gate let through, recomputed
+            against every key and value with the fused kernel; every other row
+            keeps its last output although M keys and values changed under it
+            (an approximation on top of the gating: such a token sees the change
+            through attention only once its own input moves enough, or on the
+            next full frame). Attention then costs 4 M N Dh per head instead of
+            the incremental 6 M N Dh or the fused 4 N^2 Dh, so a frame's cost
+            shrinks with the budget at large N (at 4,096 tokens and 1/8, the
+            fused pass over all queries is most of a partial frame). Selecting
+            every token through this path reproduces the dense model.
         refresh_every: if set, every K-th frame recomputes all tokens (bounds drift).
         cut_share: if set, a frame in which more than this share of the input
             tokens moved by more than `cut_relative_error` of their own norm
@@ -191,10 +205,10 @@ class EventfulViT(nn.Module):
             graph (all blocks: a few hundred kernels for one launch), which
             removes the host from the frame; implies `sync_free` and needs a
             fixed-size policy (`TopR`, `TopFraction`). The first two partial
-            frames after a change of policy, `incremental_max_fraction`, frame
-            shape or dtype, or after `reset()`, run eagerly (warm-up) and the
-            next one captures; full frames (first, refresh, scene cut) run eagerly
-            and write into the same state buffers. Outputs are copies, safe
+            frames after a change of policy, `incremental_max_fraction`,
+            `attention_rows`, frame shape or dtype, or after `reset()`, run
+            eagerly (warm-up) and the next one captures; full frames (first,
+            refresh, scene cut) run eagerly and write into the same state buffers. Outputs are copies, safe
             to keep. On the CPU there is no graph: the frame runs as with
             `sync_free`.
 
@@ -211,7 +225,7 @@ class EventfulViT(nn.Module):
                  incremental_max_fraction: float | None = None,
                  refresh_every: int | None = None, cut_share: float | None = None,
                  cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False,
-                 hold_share: float | None = None, max_held_frames: int = 3) -> None:
+                 hold_share: float | None = None, max_held_frames: int = 3, attention_rows: str = "all") -> None:
         super().__init__()
         check_convertible(model)
         self.model = model
@@ -233,6 +247,7 @@ class EventfulViT(nn.Module):
         self.eventful_neck = None if neck is None else EventfulNeck(neck, self._scratch)
         self.policy = policy
         self.incremental_max_fraction = incremental_max_fraction
+        self.attention_rows = attention_rows
         self.refresh_every = refresh_every
         self.cut_share = cut_share
         self.cut_relative_error = cut_relative_error
@@ -263,6 +278,8 @@ class EventfulViT(nn.Module):
         if name == "incremental_max_fraction" and value is not None \
                 and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
             raise ValueError(f"incremental_max_fraction must be None (by device) or lie in [0, 1], got {value!r}")
+        if name == "attention_rows" and value not in ATTENTION_ROWS:
+            raise ValueError(f"attention_rows must be one of {', '.join(ATTENTION_ROWS)}, got {value!r}")
         if name == "refresh_every" and value is not None and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"refresh_every must be None or an integer >= 1, got {value!r}")
         if name == "cut_share" and value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
@@ -462,8 +479,9 @@ class EventfulViT(nn.Module):
         # and residual add over such a layout runs several times slower.
         tokens = tokens.clone(memory_format=torch.contiguous_format)
         switch = self.attention_switch(tokens.device)
+        changed_rows = self.attention_rows == "changed"
         for block in self.eventful_blocks:
-            tokens = block(tokens, self.policy, switch, update_all, self._sync_free)
+            tokens = block(tokens, self.policy, switch, update_all, self._sync_free, changed_rows)
         if self.eventful_neck is not None:
             return self.eventful_neck(tokens, self._grid, self.policy, update_all)
         if self._sam:
@@ -507,7 +525,8 @@ class EventfulViT(nn.Module):
 
     def _captured_step(self, tokens: Tensor) -> Tensor:
         """A partial frame on CUDA through the captured graph: warm up, capture, then replay (see `capture`)."""
-        key = (tuple(tokens.shape), tokens.dtype, tokens.device, self.policy, self.incremental_max_fraction)
+        key = (tuple(tokens.shape), tokens.dtype, tokens.device, self.policy, self.incremental_max_fraction,
+               self.attention_rows)
         if self._graph is not None and self._graph.key == key:
             features = self._graph.replay(tokens)
             for owner, name, value in self._graph_diagnostics:  # a replay runs no Python: restore what it set
@@ -645,11 +664,11 @@ class EventfulViT(nn.Module):
 def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: float | None = None,
              refresh_every: int | None = None, cut_share: float | None = None,
              cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False,
-             hold_share: float | None = None, max_held_frames: int = 3) -> EventfulViT:
+             hold_share: float | None = None, max_held_frames: int = 3, attention_rows: str = "all") -> EventfulViT:
     """Make a timm VisionTransformer eventful: same parameters (shared, not copied), original unchanged.
 
     Undo by simply using `model` again (or `ev.model`); nothing in it was modified.
     See `EventfulViT` for the arguments.
     """
     return EventfulViT(model, policy, incremental_max_fraction, refresh_every, cut_share, cut_relative_error,
-                       nonfinite, capture, hold_share, max_held_frames)
+                       nonfinite, capture, hold_share, max_held_frames, attention_rows)
