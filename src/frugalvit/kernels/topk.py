@@ -100,14 +100,14 @@ if triton is not None:
         threshold = tl.zeros((), dtype=tl.int64)  # the k-th key, one byte per step, highest first
         need = k  # how many of the keys matching the bytes found so far must lie at or above the threshold
         for step in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * step
+            shift = 24 - 8 * step
             digit = ((keys >> shift) & 255).to(tl.int32)
             if step == 0:
                 match = inside
             else:
                 match = inside & ((keys >> (shift + 8)) == (threshold >> (shift + 8)))
             counts = tl.histogram(digit, 256, mask=match)
-            at_least = tl.cumsum(counts, axis=0, reverse=True)  # matching keys whose byte is >= each value
+            at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # matching keys, byte >= each
             chosen = tl.sum((at_least >= need).to(tl.int32), axis=0) - 1  # the largest byte that leaves need
             need = need - tl.sum(tl.where(digits > chosen, counts, 0), axis=0)
             threshold = threshold | (chosen.to(tl.int64) << shift)
