@@ -165,18 +165,10 @@ class Config:
         return summary([device_timed(lambda: forward(frame), self.device)[1] for frame in self.clip])
 
     def time_eventful(self, budget: float, capture: bool, compiled: bool = False,
-                      attention: str | None = None, top_k: str | None = None) -> dict[str, float]:
+                      attention: str | None = None) -> dict[str, float]:
         """`attention`: None for the model's default, or a key of `ATTENTION_MODES`: "incremental" (the sums, up
         to 1/3 of the tokens), "fused" (the fused kernel over all cached queries/keys/values on every partial
-        frame), "rows" (`attention_rows="changed"`: only the changed queries' rows). `top_k`: force that top-k
-        kernel ("bits" or "histogram") for this run (default: by row length)."""
-        if top_k is not None:
-            saved = topk.HISTOGRAM_MIN_TOKENS
-            topk.HISTOGRAM_MIN_TOKENS = 0 if top_k == "histogram" else topk.MAX_KERNEL_TOKENS + 1
-            try:
-                return self.time_eventful(budget, capture, compiled, attention)
-            finally:
-                topk.HISTOGRAM_MIN_TOKENS = saved
+        frame), "rows" (`attention_rows="changed"`: only the changed queries' rows)."""
         ev = eventful(self.model, TopFraction(budget), capture=capture)
         ev.sync_free = True
         for name, value in ATTENTION_MODES.get(attention, {}).items():
@@ -265,7 +257,7 @@ def phase_compiled(config: Config, deadline: Deadline, budgets: tuple[float, ...
 
 
 def check_top_k_kernel(device: torch.device) -> dict[str, object]:
-    """Both top-k kernels against their reference on this device, and all three timed per call: 200 calls in a
+    """The fused top-k kernel against its reference on this device, and both timed per call: 200 calls in a
     loop (CUDA events; launch time included) and, on CUDA, the same calls captured as one CUDA graph (device
     time only, as inside a captured eventful frame)."""
     from frugalvit.kernels import top_k_ascending, top_k_ascending_reference
@@ -274,68 +266,52 @@ def check_top_k_kernel(device: torch.device) -> dict[str, object]:
     for tokens in (577, 1025, 4097):
         errors = torch.rand(1, tokens, device=device)
         count = tokens // 8
-        expected = top_k_ascending_reference(errors, count)
-        entry: dict[str, object] = {}
-        methods = [(variant, lambda e, c, v=variant: top_k_ascending(e, c, variant=v)) for variant in ("bits", "histogram")]
-        for name, fn in methods + [("reference", top_k_ascending_reference)]:
-            try:
-                if name != "reference":
-                    entry[f"{name}_equal"] = torch.equal(fn(errors, count), expected)
-                fn(errors, count)
-                loop = lambda: [fn(errors, count) for _ in range(200)]  # noqa: E731 - timed twice below
-                times = [device_timed(loop, device)[1] / 200 for _ in range(3)]
-                entry[f"{name}_us"] = 1000 * min(times)
-                if device.type == "cuda":
-                    replay = capture_dense(lambda e: [fn(e, count) for _ in range(200)][-1], errors)
-                    times = [device_timed(lambda: replay(errors), device)[1] / 200 for _ in range(3)]
-                    entry[f"{name}_graph_us"] = 1000 * min(times)
-            except Exception as error:  # one kernel failing must not hide the other's figures
-                entry[f"{name}_error"] = f"{type(error).__name__}: {error}"[:300]
-                entry[f"{name}_equal"] = False
-        entry["equal"] = entry.get("bits_equal", False) and entry.get("histogram_equal", False)
-        result[f"{tokens}_tokens"] = entry
+        equal = torch.equal(top_k_ascending(errors, count), top_k_ascending_reference(errors, count))
+        timed = {}
+        for name, fn in (("kernel", top_k_ascending), ("reference", top_k_ascending_reference)):
+            fn(errors, count)
+            loop = lambda: [fn(errors, count) for _ in range(200)]  # noqa: E731 - timed twice below
+            times = [device_timed(loop, device)[1] / 200 for _ in range(3)]
+            timed[f"{name}_us"] = 1000 * min(times)
+            if device.type == "cuda":
+                replay = capture_dense(lambda e: [fn(e, count) for _ in range(200)][-1], errors)
+                times = [device_timed(lambda: replay(errors), device)[1] / 200 for _ in range(3)]
+                timed[f"{name}_graph_us"] = 1000 * min(times)
+        result[f"{tokens}_tokens"] = {"equal": equal, **timed}
     print(f"  top-k kernel: {result}", flush=True)
     return result
 
 
 def guarded_top_k_check(device: torch.device) -> dict[str, object]:
-    """`check_top_k_kernel`; a kernel that fails or disagrees is replaced for the rest of the run (recorded): the
-    histogram kernel by the bitwise one, the bitwise one (or both) by the reference."""
+    """`check_top_k_kernel`; where the kernel fails or disagrees, the run goes on with the reference (recorded)."""
     try:
         result = check_top_k_kernel(device)
+        if all(entry["equal"] for entry in result.values()):
+            return result
+        result["fallback"] = "kernel disagreed with the reference: reference used"
     except Exception as error:  # a kernel that fails here must not sink the run
-        result = {"error": f"{type(error).__name__}: {error}"[:500]}
-    entries = [entry for entry in result.values() if isinstance(entry, dict)]
-    bits_ok = bool(entries) and all(entry.get("bits_equal") for entry in entries)
-    histogram_ok = bool(entries) and all(entry.get("histogram_equal") for entry in entries)
-    if not histogram_ok:  # this process only: the benchmark's own guard
-        topk.HISTOGRAM_MIN_TOKENS = topk.MAX_KERNEL_TOKENS + 1
-        result["fallback_histogram"] = "histogram kernel failed or disagreed: bitwise kernel used"
-    if not bits_ok:
-        topk.kernel_applies = lambda *_, **__: False
-        result["fallback"] = "bitwise kernel failed or disagreed: reference used"
+        result = {"error": f"{type(error).__name__}: {error}"[:500], "fallback": "reference used"}
+    topk.kernel_applies = lambda *_, **__: False  # this process only: the benchmark's own guard
     print(f"  top-k kernel: {result}", flush=True)
     return result
 
 
 def phase_explore(config: Config, deadline: Deadline) -> None:
     """Attention choices, captured: the fused kernel over all queries (CUDA's default) at 1/8, and only the
-    changed queries' rows (`attention_rows="changed"`) at 1/16, 1/8 and 1/4; at 1/8 also with the top-k kernel
-    that the row length does not pick by default. Dense eager and captured as baselines."""
+    changed queries' rows (`attention_rows="changed"`) at 1/16, 1/8 and 1/4. Dense eager and captured as
+    baselines."""
     cuda = config.device.type == "cuda"
     config.record("dense eager", lambda: config.time_dense(config.model.forward_features))
     if cuda:
         config.record("dense captured", lambda: config.time_dense(capture_dense(config.model.forward_features,
                                                                                 config.clip[0])))
-    other_top_k = "bits" if config.result["tokens"] + 1 >= topk.HISTOGRAM_MIN_TOKENS else "histogram"
-    runs = [(1 / 8, "fused", None)] + [(budget, "rows", None) for budget in (1 / 8, 1 / 16, 1 / 4)]
-    runs += [(1 / 8, "rows", other_top_k)]
-    for budget, attention, top_k in runs:
-        label = f"eventful {budget:g} captured {attention}" + (f" top-k {top_k}" if top_k else "")
+    runs = [(1 / 8, "fused")] + [(budget, "rows") for budget in (1 / 8, 1 / 16, 1 / 4)]
+    for budget, attention in runs:
+        label = f"eventful {budget:g} captured {attention}"
         if deadline.passed():
             config.result["methods"][label] = {"skipped": "out of time"}
             continue
-        config.record(label, lambda: config.time_eventful(budget, capture=cuda, attention=attention, top_k=top_k))
+        config.record(label, lambda: config.time_eventful(budget, capture=cuda, attention=attention))
 
 
 def phase_explore_compiled(config: Config, deadline: Deadline) -> None:

@@ -30,23 +30,21 @@ def run_interpreted(code: str) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("variant", ["bits", "histogram"])
-def test_top_k_kernel_matches_reference_under_interpreter(variant: str) -> None:
+def test_top_k_kernel_matches_reference_under_interpreter() -> None:
     """Distinct values: same indices as topk + sort, for token counts around powers of two, several rows."""
-    out = run_interpreted(f"""
+    out = run_interpreted("""
         import torch
         from frugalvit.kernels import top_k_ascending, top_k_ascending_reference
         torch.manual_seed(0)
-        variant = {variant!r}
         for tokens, k, rows in [(577, 72, 1), (577, 1, 3), (577, 576, 2), (4097, 512, 2), (197, 24, 8), (64, 8, 1),
                                 (8192, 1024, 1)]:
             errors = torch.rand(rows, tokens) * 10
             errors[0, :5] = -errors[0, :5]  # negatives order as floats do
-            got = top_k_ascending(errors, k, interpret=True, variant=variant)
+            got = top_k_ascending(errors, k, interpret=True)
             assert got.dtype == torch.int64 and got.shape == (rows, k), (got.dtype, got.shape)
             assert torch.equal(got, top_k_ascending_reference(errors, k)), (tokens, k, rows)
             half = errors.to(torch.bfloat16)  # many ties after rounding: the tie rule decides
-            got = top_k_ascending(half, k, interpret=True, variant=variant)
+            got = top_k_ascending(half, k, interpret=True)
             assert torch.all(got[:, 1:] > got[:, :-1])
             chosen = torch.gather(half.float(), 1, got)
             kth = torch.topk(half.float(), k, dim=-1).values[:, -1:]
@@ -56,17 +54,16 @@ def test_top_k_kernel_matches_reference_under_interpreter(variant: str) -> None:
     assert out.strip() == "ok"
 
 
-@pytest.mark.parametrize("variant", ["bits", "histogram"])
-def test_top_k_kernel_ties_nan_and_zeros(variant: str) -> None:
+def test_top_k_kernel_ties_nan_and_zeros() -> None:
     """Ties go to the lowest indices; NaN ranks above every number (as in torch.topk); all-equal rows."""
-    out = run_interpreted(f"""
+    out = run_interpreted("""
         import torch
         from frugalvit.kernels import top_k_ascending
         nan = float("nan")
         row = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.5, nan, -2.0, float("inf")]])
-        print(top_k_ascending(row, 3, interpret=True, variant={variant!r}).tolist())
-        print(top_k_ascending(row, 4, interpret=True, variant={variant!r}).tolist())
-        print(top_k_ascending(torch.zeros(2, 10), 3, interpret=True, variant={variant!r}).tolist())
+        print(top_k_ascending(row, 3, interpret=True).tolist())
+        print(top_k_ascending(row, 4, interpret=True).tolist())
+        print(top_k_ascending(torch.zeros(2, 10), 3, interpret=True).tolist())
     """)
     assert out.splitlines()[:3] == ["[[1, 5, 7]]", "[[1, 2, 5, 7]]", "[[0, 1, 2], [0, 1, 2]]"]
 
@@ -78,5 +75,3 @@ def test_kernel_dispatch_on_the_cpu_is_the_reference() -> None:
     assert torch.equal(top_k_ascending(errors, 7), top_k_ascending_reference(errors, 7))
     assert not kernel_applies(torch.rand(1, 9000), interpret=True)  # longer rows than one program holds
     assert not kernel_applies(torch.rand(50), interpret=True)
-    with pytest.raises(ValueError, match="variant must be"):
-        top_k_ascending(errors, 7, variant="radix")

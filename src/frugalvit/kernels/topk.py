@@ -18,19 +18,15 @@ select is the obvious next step). A variant with 4 bits per step (16
 candidate thresholds compared at once) was slower at both sizes (14 us at 577
 tokens in benchmarks/results/eventful_gpu_run3_profile.txt; 67 against 28 us
 per call at 4,097 tokens in the checks of eventful_gpu_run3.json and
-eventful_gpu_explore.json).
-
-A second kernel finds the same threshold in 4 steps of 8 bits instead of 32
-steps of one: each step counts the row's keys by their next byte (a 256-bin
-histogram of the keys that match the bytes found so far) and takes the
-largest byte that still leaves at least k keys at or above it. The tie rule
-and the output are the same; which of the two runs is chosen by row length
-(`HISTOGRAM_MIN_TOKENS`).
+eventful_gpu_explore.json). Neither was a radix select in 4 steps of 8 bits
+(a masked 256-bin `tl.histogram` of the next byte per step): in a CUDA graph
+on the H100 it took 39 against this kernel's 28 us at 4,097 tokens, 11.7
+against 10.4 us at 1,025, 7.6 against 8.0 us at 577, and a captured ViT-B
+frame at 4,096 tokens 5.63 against 4.86 ms
+(benchmarks/results/eventful_gpu_explore3.json).
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import Tensor
@@ -40,14 +36,9 @@ try:
     import triton.language as tl
 except ImportError:  # triton ships with torch's CUDA wheels; without it the reference runs
     triton = None
-# The histogram kernel needs a masked `tl.histogram` (Triton 3.4 and later); older Tritons run the bitwise one.
-HISTOGRAM_AVAILABLE = triton is not None and "mask" in inspect.signature(tl.histogram).parameters
 
 # One program holds a whole row in registers; longer rows use the reference.
 MAX_KERNEL_TOKENS = 8192
-# Rows at least this long use the histogram kernel (4 steps of 8 bits), shorter ones the bitwise one.
-HISTOGRAM_MIN_TOKENS = 1024
-VARIANTS = ("bits", "histogram")
 
 
 def top_k_ascending_reference(errors: Tensor, k: int) -> Tensor:
@@ -58,8 +49,8 @@ def top_k_ascending_reference(errors: Tensor, k: int) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _row_keys(errors_ptr, row, num_tokens, BLOCK: tl.constexpr):
-        """Order-preserving int64 keys in [0, 2^32) of one row (0 past its end), the lanes' offsets and mask."""
+    def _top_k_ascending_kernel(errors_ptr, out_ptr, num_tokens, k, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
         offsets = tl.arange(0, BLOCK)
         inside = offsets < num_tokens
         values = tl.load(errors_ptr + row * num_tokens + offsets, mask=inside, other=float("-inf")).to(tl.float32)
@@ -67,51 +58,19 @@ if triton is not None:
         # Order-preserving map float32 -> [0, 2^32): negatives get their magnitude bits flipped (the signed
         # integers then sort as the floats do), then the sign is offset away (int64, so nothing overflows).
         keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (tl.full((), 1, tl.int64) << 31)
-        return tl.where(inside, keys, 0), offsets, inside
-
-    @triton.jit
-    def _store_ascending(out_ptr, keys, threshold, inside, offsets, k):
-        """Write the positions of the k largest keys (those above the k-th key `threshold`, then ties by
-        position) in ascending order."""
-        above = keys > threshold
-        ties = (keys == threshold) & inside
-        tie_rank = tl.cumsum(ties.to(tl.int32), axis=0) - 1
-        take = above | (ties & (tie_rank < k - tl.sum(above.to(tl.int32), axis=0)))
-        position = tl.cumsum(take.to(tl.int32), axis=0) - 1
-        tl.store(out_ptr + position, offsets.to(tl.int64), mask=take)
-
-    @triton.jit
-    def _top_k_ascending_kernel(errors_ptr, out_ptr, num_tokens, k, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        keys, offsets, inside = _row_keys(errors_ptr, row, num_tokens, BLOCK)
+        keys = tl.where(inside, keys, 0)
         # Radix select, highest bit first: the largest threshold that at least k keys reach is the k-th key.
         threshold = tl.zeros((), dtype=tl.int64)
         for bit in tl.static_range(31, -1, -1):
             candidate = threshold | (tl.full((), 1, tl.int64) << bit)
             reached = tl.sum((keys >= candidate).to(tl.int32), axis=0)
             threshold = tl.where(reached >= k, candidate, threshold)
-        _store_ascending(out_ptr + row * k, keys, threshold, inside, offsets, k)
-
-    @triton.jit
-    def _top_k_ascending_histogram_kernel(errors_ptr, out_ptr, num_tokens, k, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        keys, offsets, inside = _row_keys(errors_ptr, row, num_tokens, BLOCK)
-        digits = tl.arange(0, 256)
-        threshold = tl.zeros((), dtype=tl.int64)  # the k-th key, one byte per step, highest first
-        need = k  # how many of the keys matching the bytes found so far must lie at or above the threshold
-        for step in tl.static_range(4):
-            shift = 24 - 8 * step
-            digit = ((keys >> shift) & 255).to(tl.int32)
-            if step == 0:
-                match = inside
-            else:
-                match = inside & ((keys >> (shift + 8)) == (threshold >> (shift + 8)))
-            counts = tl.histogram(digit, 256, mask=match)
-            at_least = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # matching keys, byte >= each
-            chosen = tl.sum((at_least >= need).to(tl.int32), axis=0) - 1  # the largest byte that leaves need
-            need = need - tl.sum(tl.where(digits > chosen, counts, 0), axis=0)
-            threshold = threshold | (chosen.to(tl.int64) << shift)
-        _store_ascending(out_ptr + row * k, keys, threshold, inside, offsets, k)
+        above = keys > threshold
+        ties = (keys == threshold) & inside
+        tie_rank = tl.cumsum(ties.to(tl.int32), axis=0) - 1
+        take = above | (ties & (tie_rank < k - tl.sum(above.to(tl.int32), axis=0)))
+        position = tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out_ptr + row * k + position, offsets.to(tl.int64), mask=take)
 
 
 def kernel_applies(errors: Tensor, interpret: bool = False) -> bool:
@@ -121,27 +80,17 @@ def kernel_applies(errors: Tensor, interpret: bool = False) -> bool:
             and 0 < errors.shape[-1] <= MAX_KERNEL_TOKENS)
 
 
-def top_k_ascending(errors: Tensor, k: int, interpret: bool = False, variant: str | None = None) -> Tensor:
+def top_k_ascending(errors: Tensor, k: int, interpret: bool = False) -> Tensor:
     """`top_k_ascending_reference` as one kernel on CUDA; the reference elsewhere.
 
     `interpret=True` runs the kernel on the CPU (the process must have set
     TRITON_INTERPRET=1 before importing triton): how the tests check it.
-    `variant`: "bits" or "histogram" (see the module docstring); None picks
-    by row length (`HISTOGRAM_MIN_TOKENS`).
     """
-    if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"variant must be None or one of {', '.join(VARIANTS)}, got {variant!r}")
-    if variant == "histogram" and triton is not None and not HISTOGRAM_AVAILABLE:
-        raise RuntimeError("the histogram top-k kernel needs Triton >= 3.4 (a masked tl.histogram); "
-                           "upgrade triton or use variant='bits'")
     if not kernel_applies(errors, interpret) or not 0 < k < errors.shape[-1]:
         return top_k_ascending_reference(errors, k)
     rows, num_tokens = errors.shape
     errors = errors.contiguous()
     out = torch.empty(rows, k, dtype=torch.int64, device=errors.device)
     block = triton.next_power_of_2(num_tokens)
-    if variant is None:
-        variant = "histogram" if HISTOGRAM_AVAILABLE and num_tokens >= HISTOGRAM_MIN_TOKENS else "bits"
-    kernel = _top_k_ascending_histogram_kernel if variant == "histogram" else _top_k_ascending_kernel
-    kernel[(rows,)](errors, out, num_tokens, k, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    _top_k_ascending_kernel[(rows,)](errors, out, num_tokens, k, BLOCK=block, num_warps=4 if block <= 2048 else 8)
     return out
