@@ -229,12 +229,41 @@ def phase_eager_and_captured(config: Config, deadline: Deadline, with_incrementa
     runs = [(budget, capture, None) for budget in BUDGETS for capture in ((False, True) if cuda else (False,))]
     if with_incremental:  # the attention path that is not the device's default, at the target budget
         runs.append((1 / 8, cuda, "incremental" if cuda else "fused"))
+    runs.append((1 / 8, cuda, "rows"))  # attention over the changed queries' rows only
     for budget, capture, attention in runs:
         label = f"eventful {budget:g} {'captured' if capture else 'eager'}" + (f" {attention}" if attention else "")
         if deadline.passed():
             config.result["methods"][label] = {"skipped": "out of time"}
             continue
         config.record(label, lambda: config.time_eventful(budget, capture, attention=attention))
+
+
+def check_hold_capture(config: Config) -> dict[str, object]:
+    """Held frames (`hold_share`) with `capture=True` against the same settings eager and sync-free, over the
+    clip: the same frame kinds (partial / held / full) and the same outputs. Thresholds that mix all three on
+    this clip with random weights: tokens count as moved beyond 5% of their norm, hold above 20% moved, full
+    frame above 50%."""
+    options = dict(cut_share=0.5, hold_share=0.2, cut_relative_error=0.05)
+    runs = {}
+    for name, capture in (("eager", False), ("captured", True)):
+        ev = eventful(config.model, TopFraction(1 / 8), capture=capture, **options)
+        ev.sync_free = True
+        kinds, outputs, times = [], [], []
+        with torch.no_grad():
+            for frame in config.clip:
+                out, ms = device_timed(lambda: ev.forward_features(frame), config.device)
+                kinds.append("full" if ev.last_frame_full else "held" if ev.last_frame_held else "partial")
+                outputs.append(out.float())
+                times.append(ms)
+        runs[name] = (kinds, outputs, times)
+    (kinds_e, out_e, times_e), (kinds_c, out_c, times_c) = runs["eager"], runs["captured"]
+    result = {"options": options, "kinds_eager": kinds_e, "kinds_captured": kinds_c, "same_kinds": kinds_e == kinds_c,
+              "max_abs_difference": max((a - b).abs().max().item() for a, b in zip(out_e, out_c)),
+              "eager_ms": summary(times_e), "captured_ms": summary(times_c),
+              "relative_l2_vs_dense_mean": statistics.fmean(
+                  ((o - r).norm() / r.norm()).item() for o, r in zip(out_c[1:], config.reference[1:]))}
+    print(f"  held frames with capture: {result}", flush=True)
+    return result
 
 
 def phase_compiled(config: Config, deadline: Deadline, budgets: tuple[float, ...]) -> None:
@@ -379,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", type=int, nargs="+", help="indices into the grid to run (default: all)")
     parser.add_argument("--profile", action="store_true", help="also profile eventful kernels (CUDA, first config)")
     parser.add_argument("--tiny", action="store_true", help="a small model at 64 px (a CPU smoke test)")
+    parser.add_argument("--check-hold", action="store_true",
+                        help="first: held frames with capture against eager (first configuration of the grid)")
     parser.add_argument("--explore", action="store_true",
                         help="instead of the grid: the attention choices (all queries / changed rows) on the first "
                              "and last configuration, the top-k kernel check, a profile of the changed-rows frame")
@@ -410,6 +441,16 @@ def main(argv: list[str] | None = None) -> int:
             warm @ warm
         torch.cuda.synchronize()
     report["top_k_kernel"] = guarded_top_k_check(device)
+    if args.check_hold:
+        name, size, batch = (TINY_GRID if args.tiny else GRID)[0]
+        config = Config(name, size, batch, data[f"size_{frame_size(size)}"], device, DTYPES[args.dtype], args.count)
+        try:
+            report["hold_capture_check"] = check_hold_capture(config)
+        except Exception as error:  # a check, never fatal to the timings
+            report["hold_capture_check"] = {"error": f"{type(error).__name__}: {error}"[:500],
+                                            "trace": traceback.format_exc()[-1500:]}
+        del config
+        write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
     if args.explore:
         explore(report, grid, data, device, DTYPES[args.dtype], args, deadline)
         return 0
