@@ -264,3 +264,17 @@ def test_whole_pipeline_comparison_with_an_eventful_head() -> None:
     held = [r.held for r in records]
     assert any(held) and len(calls) == 2 * (len(records) - sum(held))  # timed model + counted twin
     assert all(r.eventful_gmacs < 0.02 * r.dense_gmacs for r in records if r.held)
+
+
+def test_the_timing_twin_has_every_setting_of_the_eventful_model() -> None:
+    """The replays time a twin of the compared eventful model: it must run the same method."""
+    from frugalvit.video.compare import _twin
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1).eval()
+    ev = fv.eventful(model, fv.TopR(2), 0.5, refresh_every=3, cut_share=0.6, cut_relative_error=0.4,
+                     nonfinite="refresh", hold_share=0.3, max_held_frames=2, attention_rows="changed")
+    twin = _twin(ev)
+    for name in ("policy", "incremental_max_fraction", "refresh_every", "cut_share", "cut_relative_error",
+                 "nonfinite", "hold_share", "max_held_frames", "attention_rows"):
+        assert getattr(twin, name) == getattr(ev, name), name
+    assert twin.model is ev.model and twin is not ev

@@ -11,8 +11,8 @@ from torch import nn
 
 from frugalvit.cli.options import add_device_arguments, device_report, resolve_device_dtype
 from frugalvit.eventful import check_convertible, eventful, parse_policy
-from frugalvit.eventful.model import (CUDA_INCREMENTAL_MAX_FRACTION, DEFAULT_INCREMENTAL_MAX_FRACTION,
-                                     UnsupportedModelError)
+from frugalvit.eventful.model import (ATTENTION_ROWS, CUDA_INCREMENTAL_MAX_FRACTION,
+                                     DEFAULT_INCREMENTAL_MAX_FRACTION, UnsupportedModelError)
 from frugalvit.ioutil import check_output_dir
 from frugalvit.models import SaliencyViT, load_timm_model, saliency_vit
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
                         help="update attention incrementally up to this share of changed tokens, above it run the "
                              f"fused kernel (default: {DEFAULT_INCREMENTAL_MAX_FRACTION:.3f} on the CPU, "
                              f"{CUDA_INCREMENTAL_MAX_FRACTION:g} on CUDA)")
+    parser.add_argument("--attention-rows", choices=ATTENTION_ROWS, default="all",
+                        help="on partial frames, bring every attention row up to date ('all', exact for the gated "
+                             "tokens) or only the changed queries' rows ('changed': cheaper at many tokens, other "
+                             "rows keep their last output) (default: %(default)s)")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     add_device_arguments(parser, "model and frame dtype")
@@ -138,7 +142,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         raise ValueError(str(error)) from error
     frames = load_frames(clip, size, mean, std, args.max_frames)
     ev = eventful(model, policy, args.incremental_max_fraction, args.refresh, args.cut_share,
-                  hold_share=args.hold_share)
+                  hold_share=args.hold_share, attention_rows=args.attention_rows)
     animation = None
     if saliency is not None:
         depth = len(ev.eventful_blocks)
@@ -160,7 +164,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                 "threads": args.threads,
                 **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
-                "incremental_max_fraction": ev.attention_switch(device),
+                "incremental_max_fraction": ev.attention_switch(device), "attention_rows": ev.attention_rows,
                 "measured": ("whole model: backbone + saliency decoder (eventful decoder on the eventful side)"
                              if saliency is not None else "backbone (forward_features)"),
                 "baseline": "the same timm model, dense, fused scaled_dot_product_attention, same thread count",
