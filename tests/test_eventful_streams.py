@@ -15,12 +15,13 @@ from test_eventful_sam import make_sam, sam_video
 
 
 def run_streams(model: torch.nn.Module, frames: torch.Tensor, reset_at: int, stream: int,
-                capture: bool = False) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+                capture: bool = False, attention_rows: str = "all"
+                ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """Batched outputs with a per-stream reset at `reset_at`, and each stream run alone (reset there too)."""
     policy = fv.TopR(5)
-    batched = fv.eventful(model, policy, capture=capture)
+    batched = fv.eventful(model, policy, capture=capture, attention_rows=attention_rows)
     batched.sync_free = capture
-    alone = [fv.eventful(model, policy) for _ in range(frames.shape[1])]
+    alone = [fv.eventful(model, policy, attention_rows=attention_rows) for _ in range(frames.shape[1])]
     for single in alone:
         single.sync_free = capture
     outputs, singles = [], [[] for _ in alone]
@@ -35,13 +36,16 @@ def run_streams(model: torch.nn.Module, frames: torch.Tensor, reset_at: int, str
     return outputs, singles
 
 
+@pytest.mark.parametrize("attention_rows", ["all", "changed"])
 @pytest.mark.parametrize("capture", [False, True], ids=["eager", "captured"])
-def test_one_stream_starts_over_and_the_others_go_on(capture: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_stream_starts_over_and_the_others_go_on(capture: bool, attention_rows: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Each batch row equals the same stream run alone, the reset stream included (TopR: rows independent)."""
     monkeypatch.setattr(EventfulViT, "recorder", FxGraphFrame)
     model = make_model("deit3_small_patch16_224")
     frames = patch_video(8, batch=3, share=0.3)
-    outputs, singles = run_streams(model, frames, reset_at=4, stream=1, capture=capture)
+    outputs, singles = run_streams(model, frames, reset_at=4, stream=1, capture=capture,
+                                   attention_rows=attention_rows)
     for index, out in enumerate(outputs):
         for row in range(3):
             torch.testing.assert_close(out[row:row + 1], singles[row][index], rtol=1e-4, atol=1e-5)
