@@ -639,7 +639,8 @@ class EventfulViT(nn.Module):
 
     def attention_paths(self) -> list[str]:
         """Per block, how attention ran on the last frame: dense, dense+sums (a full update that keeps the
-        incremental path's sums), incremental, rebuild, skipped, or held (a frame `hold_share` held)."""
+        incremental path's sums), incremental, rebuild, rows (`attention_rows="changed"`), skipped, windows
+        (SAM's windowed layers), or held (a frame `hold_share` held)."""
         return [block.attention.last_path for block in self.eventful_blocks]
 
     def state_tensors(self) -> list[Tensor]:
