@@ -64,8 +64,9 @@ def test_top_k_kernel_ties_nan_and_zeros() -> None:
         print(top_k_ascending(row, 3, interpret=True).tolist())
         print(top_k_ascending(row, 4, interpret=True).tolist())
         print(top_k_ascending(torch.zeros(2, 10), 3, interpret=True).tolist())
+        print(top_k_ascending(torch.zeros(1, 8192), 8190, interpret=True)[0, -2:].tolist())  # counts fill 14 bits
     """)
-    assert out.splitlines()[:3] == ["[[1, 5, 7]]", "[[1, 2, 5, 7]]", "[[0, 1, 2], [0, 1, 2]]"]
+    assert out.splitlines()[:4] == ["[[1, 5, 7]]", "[[1, 2, 5, 7]]", "[[0, 1, 2], [0, 1, 2]]", "[8188, 8189]"]
 
 
 def test_kernel_dispatch_on_the_cpu_is_the_reference() -> None:

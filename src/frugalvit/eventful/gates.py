@@ -42,9 +42,13 @@ class Selection:
         """Row indices into a (B * G * N, X) view of a (B, G, N, X) or (B, N, X) tensor."""
         if groups_per_sample not in self._flat:
             batch = self.indices.shape[0]
-            offsets = torch.arange(batch * groups_per_sample, device=self.indices.device) * self.num_tokens
-            rows = self.indices.repeat_interleave(groups_per_sample, dim=0)
-            self._flat[groups_per_sample] = (rows + offsets[:, None]).reshape(-1)
+            if batch * groups_per_sample == 1:  # one sample, one group: the indices themselves (no kernel)
+                self._flat[groups_per_sample] = self.indices.reshape(-1)
+            else:  # two kernels (a strided arange and a broadcast add): a captured frame builds 48 of these
+                groups = batch * groups_per_sample
+                offsets = torch.arange(0, groups * self.num_tokens, self.num_tokens, device=self.indices.device)
+                rows = self.indices.unsqueeze(1) + offsets.view(batch, groups_per_sample, 1)
+                self._flat[groups_per_sample] = rows.reshape(-1)
         return self._flat[groups_per_sample]
 
 
