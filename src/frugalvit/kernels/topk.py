@@ -23,7 +23,11 @@ eventful_gpu_explore.json). Neither was a radix select in 4 steps of 8 bits
 on the H100 it took 39 against this kernel's 28 us at 4,097 tokens, 11.7
 against 10.4 us at 1,025, 7.6 against 8.0 us at 577, and a captured ViT-B
 frame at 4,096 tokens 5.63 against 4.86 ms
-(benchmarks/results/eventful_gpu_explore3.json).
+(benchmarks/results/eventful_gpu_explore3.json). Nor was two bits per step
+with the three candidates' counts packed into one int64 reduction (16
+reductions instead of 32; 64-bit reductions cost more than twice as much):
+32.8 against about 28 us at 4,097 tokens, 12.0 against 10.4-10.8 at 1,025,
+7.6 against 7.7-8.0 at 577 (eventful_gpu_explore4.json).
 """
 
 from __future__ import annotations
@@ -59,20 +63,12 @@ if triton is not None:
         # integers then sort as the floats do), then the sign is offset away (int64, so nothing overflows).
         keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (tl.full((), 1, tl.int64) << 31)
         keys = tl.where(inside, keys, 0)
-        # Radix select, highest bits first: the largest threshold that at least k keys reach is the k-th key.
-        # Two bits per step: the three candidates' counts (each <= 8,192 < 2^14) are packed into 14-bit fields of
-        # one int64, so one block-wide reduction serves them all (16 reductions instead of 32).
+        # Radix select, highest bit first: the largest threshold that at least k keys reach is the k-th key.
         threshold = tl.zeros((), dtype=tl.int64)
-        for step in tl.static_range(16):
-            low = threshold | (tl.full((), 1, tl.int64) << (30 - 2 * step))
-            middle = threshold | (tl.full((), 2, tl.int64) << (30 - 2 * step))
-            high = threshold | (tl.full((), 3, tl.int64) << (30 - 2 * step))
-            packed = (keys >= low).to(tl.int64) + ((keys >= middle).to(tl.int64) << 14) \
-                + ((keys >= high).to(tl.int64) << 28)
-            counts = tl.sum(packed, axis=0)
-            threshold = tl.where(((counts >> 28) & 0x3FFF) >= k, high,
-                                 tl.where(((counts >> 14) & 0x3FFF) >= k, middle,
-                                          tl.where((counts & 0x3FFF) >= k, low, threshold)))
+        for bit in tl.static_range(31, -1, -1):
+            candidate = threshold | (tl.full((), 1, tl.int64) << bit)
+            reached = tl.sum((keys >= candidate).to(tl.int32), axis=0)
+            threshold = tl.where(reached >= k, candidate, threshold)
         above = keys > threshold
         ties = (keys == threshold) & inside
         tie_rank = tl.cumsum(ties.to(tl.int32), axis=0) - 1
