@@ -663,3 +663,20 @@ def test_dynamic_image_size_model() -> None:
     frame = torch.randn(1, 3, 48, 80)
     with torch.no_grad():
         torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_changed_rows_attention_in_half_precision(dtype: torch.dtype) -> None:
+    """`attention_rows="changed"` in half precision: finite, and within half-precision rounding of the same
+    frames in float32 (the selections can differ where errors tie after rounding, so the check is loose)."""
+    model = make_model("deit3_small_patch16_224")
+    frames = patch_video(5, batch=2, share=0.2)
+    reference = fv.eventful(model, fv.TopFraction(0.25), attention_rows="changed")
+    with torch.no_grad():
+        expected = [reference.forward_features(frame) for frame in frames]
+        half = fv.eventful(model.to(dtype), fv.TopFraction(0.25), attention_rows="changed")
+        for frame, want in zip(frames, expected):
+            got = half.forward_features(frame.to(dtype)).float()
+            assert torch.isfinite(got).all()
+            assert ((got - want).norm() / want.norm()).item() < 5e-2
+    model.float()
