@@ -154,7 +154,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: LogitBi
 def fused_row_attention(q_rows: Tensor, k: Tensor, v: Tensor, scale: float, selection: Selection,
                         bias: LogitBias | None = None) -> Tensor:
     """Attention of the query rows `q_rows` (B, H, M, Dh), the tokens at `selection`, against all keys and
-    values (B, H, N, Dh), with the fused kernel: (B, H, M, Dh). 4 M N Dh multiply-accumulates per head."""
+    values (B, H, N, Dh), with the fused kernel: (B, H, M, Dh). 2 M N Dh multiply-accumulates per head."""
     mask = None
     if bias is not None:
         mask = q_rows.new_zeros(*q_rows.shape[:-1], k.shape[-2], dtype=torch.float32)

@@ -100,7 +100,7 @@ class EventfulAttention(nn.Module):
         partial frame updates them instead of rebuilding them, which would cost
         a second dense attention pass. `changed_rows_only`: on a partial frame,
         recompute only the rows of the selected queries (against every key and
-        value, fused kernel, 4 M N Dh per head) and keep the other rows' last
+        value, fused kernel, 2 M N Dh per head) and keep the other rows' last
         output (`EventfulViT.attention_rows`).
         """
         scale = self.attention.scale
