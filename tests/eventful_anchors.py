@@ -87,9 +87,10 @@ def assert_sync_free_step_compiles_whole(model: torch.nn.Module, frames: torch.T
 
 def assert_changed_rows_path_matches_dense(model: torch.nn.Module, frames: torch.Tensor, atol: float = 1e-5) -> None:
     """`attention_rows="changed"`, checked on every global attention layer (position terms and rotary embeddings
-    as the first frame set them): a partial update recomputes exactly the selected rows (as dense attention over
-    the updated tokens has them) and keeps every other row as it was; with every token selected (through the
-    partial path, not the dense shortcut) the layer reproduces dense attention."""
+    as the first frame set them): a partial update recomputes exactly the selected rows and the prefix tokens'
+    (class token, registers), as dense attention over the updated tokens has them, and keeps every other row as
+    it was; with every token selected (through the partial path, not the dense shortcut) the layer reproduces
+    dense attention."""
     ev = fv.eventful(model, fv.TopFraction(0.5), attention_rows="changed")
     generator = torch.Generator().manual_seed(0)
     checked = 0
@@ -112,6 +113,8 @@ def assert_changed_rows_path_matches_dense(model: torch.nn.Module, frames: torch
             dense_after = attention(None, scatter_tokens_(before.clone(), selection, rows), 0.0)
             chosen = torch.zeros(batch, num_tokens, 1, dtype=torch.bool)
             chosen.scatter_(1, selection.indices.unsqueeze(-1), True)
+            chosen[:, :attention.prefix_rows] = True  # the class token and registers: every frame
+            assert attention.prefix_rows == int(getattr(model, "num_prefix_tokens", 0) or 0)
             torch.testing.assert_close(partial, torch.where(chosen, dense_after, dense_before), rtol=1e-5, atol=atol)
             every = Selection(torch.arange(num_tokens).expand(batch, -1).contiguous(), num_tokens)
             fresh = torch.randn(batch, num_tokens, width, generator=generator)

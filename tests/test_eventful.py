@@ -146,11 +146,21 @@ def test_changed_rows_attention_frames() -> None:
             macs[rows] = cost.macs
             assert set(ev.attention_paths()) == {"rows" if rows == "changed" else "dense"}
     # Same gate counts, so the linear layers cost the same: the difference is attention, 2 N^2 D against
-    # 2 M N D multiply-accumulates per layer (D = heads x head width).
+    # 2 (M + 1) N D multiply-accumulates per layer (the class token's row too; D = heads x head width).
     tokens, width, depth = 65, 64, 2
-    assert macs["all"] - macs["changed"] == depth * 2 * tokens * (tokens - 8) * width
+    assert macs["all"] - macs["changed"] == depth * 2 * tokens * (tokens - 8 - 1) * width
     with pytest.raises(ValueError, match="attention_rows must be one of all, changed"):
         ev.attention_rows = "some"
+
+
+def test_changed_rows_keep_the_class_token_current() -> None:
+    """A classifier reads the class token, whose own input never moves: with changed rows its attention row is
+    recomputed every frame, so the logits follow the video (they stayed at frame 1's when it was not)."""
+    model = make_model("vit_tiny_patch16_224", img_size=128)
+    ev = fv.eventful(model, fv.TopFraction(0.25), attention_rows="changed")
+    with torch.no_grad():
+        logits = [ev(frame) for frame in patch_video(4, share=0.3, size=128)]
+    assert all(not torch.equal(logits[0], later) for later in logits[1:])
 
 
 def test_changed_rows_frame_compiles_whole_with_no_graph_break() -> None:
@@ -670,8 +680,9 @@ def test_dynamic_image_size_model() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 def test_changed_rows_attention_in_half_precision(dtype: torch.dtype) -> None:
-    """`attention_rows="changed"` in half precision: finite, and within half-precision rounding of the same
-    frames in float32 (the selections can differ where errors tie after rounding, so the check is loose)."""
+    """`attention_rows="changed"` in half precision: finite, and close to the same frames in float32. Loose: where
+    two tokens' errors tie after rounding the half-precision gate may pick the other one, which moves a frame by
+    about 0.05 relative L2 (every-row attention shows the same, up to 0.058 on these frames)."""
     model = make_model("deit3_small_patch16_224")
     frames = patch_video(5, batch=2, share=0.2)
     reference = fv.eventful(model, fv.TopFraction(0.25), attention_rows="changed")
@@ -681,5 +692,5 @@ def test_changed_rows_attention_in_half_precision(dtype: torch.dtype) -> None:
         for frame, want in zip(frames, expected):
             got = half.forward_features(frame.to(dtype)).float()
             assert torch.isfinite(got).all()
-            assert ((got - want).norm() / want.norm()).item() < 5e-2
+            assert ((got - want).norm() / want.norm()).item() < 0.1
     model.float()

@@ -66,6 +66,8 @@ class EventfulAttention(nn.Module):
             self.register_buffer(name, None, persistent=False)
         self.sums: AttentionSums | None = None
         self.bias: DecomposedRelativeBias | None = None  # relative-position logit terms, if the layer has them
+        # Leading tokens (class token, registers) whose rows `changed_rows_only` recomputes on every partial frame
+        self.prefix_rows: int = 0
         self.last_path: str = "none"
 
     def prepare(self, grid: tuple[int, int], tables: tuple[Tensor, Tensor] | None, device: torch.device) -> None:
@@ -100,8 +102,9 @@ class EventfulAttention(nn.Module):
         partial frame updates them instead of rebuilding them, which would cost
         a second dense attention pass. `changed_rows_only`: on a partial frame,
         recompute only the rows of the selected queries (against every key and
-        value, fused kernel, 2 M N Dh per head) and keep the other rows' last
-        output (`EventfulViT.attention_rows`).
+        value, fused kernel, 2 M N Dh per head), and those of the first
+        `prefix_rows` tokens, and keep the other rows' last output
+        (`EventfulViT.attention_rows`).
         """
         scale = self.attention.scale
         q, k, v = self._project(tokens, selection)
@@ -124,6 +127,12 @@ class EventfulAttention(nn.Module):
             self.sums = None
             scatter_tokens_(self.output, selection, fused_row_attention(q, self.k, self.v, scale, selection,
                                                                         self.bias))
+            if self.prefix_rows:  # the class token (and registers) every frame: their input never moves, but they
+                # pool every token, and a classifier reads the class token; frozen, it would keep frame 1's answer
+                count = self.prefix_rows
+                prefix = Selection(torch.arange(count, device=q.device).expand(q.shape[0], count), self.q.shape[2])
+                self.output[:, :, :count] = fused_row_attention(self.q[:, :, :count], self.k, self.v, scale, prefix,
+                                                                self.bias)
             self.last_path = "rows"
             return merge_head_outputs(self.output)
         else:

@@ -150,8 +150,11 @@ class EventfulViT(nn.Module):
         attention_rows: which attention rows a partial frame brings up to date.
             "all" (default): every row, exactly for the gated queries, keys and
             values (the incremental sums or the fused kernel above). "changed":
-            only the rows of the queries the gate let through, recomputed
-            against every key and value with the fused kernel; every other row
+            only the rows of the queries the gate let through, and those of
+            the class token and registers (they pool every token, and a
+            classifier reads the class token; their own input never moves, so
+            otherwise they would never update), recomputed against every key
+            and value with the fused kernel; every other row
             keeps its last output although M keys and values changed under it
             (an approximation on top of the gating: such a token sees the change
             through attention only once its own input moves enough, or on the
@@ -242,6 +245,9 @@ class EventfulViT(nn.Module):
                                     if self._sam and block.window_size > 0 else None, pool=self._scratch)
                       for block in model.blocks)
         self.eventful_blocks = nn.ModuleList(blocks)
+        for block in self.eventful_blocks:  # attention_rows="changed" recomputes the class token and registers too
+            if isinstance(block.attention, EventfulAttention):
+                block.attention.prefix_rows = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self._grid: tuple[int, int] | None = None  # the token grid of this sequence (SAM backbones)
         neck = sam.conv_neck(model) if self._sam else None
         self.eventful_neck = None if neck is None else EventfulNeck(neck, self._scratch)
