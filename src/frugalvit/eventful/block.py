@@ -121,26 +121,15 @@ class EventfulAttention(nn.Module):
         elif selection.count == 0:
             self.last_path = "skipped"
             return merge_head_outputs(self.output)
-        elif changed_rows_only:
-            for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
-                scatter_tokens_(state, selection, fresh)
-            self.sums = None
-            scatter_tokens_(self.output, selection, fused_row_attention(q, self.k, self.v, scale, selection,
-                                                                        self.bias))
-            if self.prefix_rows:  # the class token (and registers) every frame: their input never moves, but they
-                # pool every token, and a classifier reads the class token; frozen, it would keep frame 1's answer
-                count = self.prefix_rows
-                prefix = Selection(torch.arange(count, device=q.device).expand(q.shape[0], count), self.q.shape[2])
-                self.output[:, :, :count] = fused_row_attention(self.q[:, :, :count], self.k, self.v, scale, prefix,
-                                                                self.bias)
-            self.last_path = "rows"
-            return merge_head_outputs(self.output)
         else:
-            incremental = selection.count <= incremental_max_fraction * selection.num_tokens
+            incremental = not changed_rows_only and selection.count <= incremental_max_fraction * selection.num_tokens
             if incremental:  # the sums need the keys and values being replaced
                 old_k, old_v = gather_tokens(self.k, selection), gather_tokens(self.v, selection)
             for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
                 scatter_tokens_(state, selection, fresh)
+            if changed_rows_only:
+                self._update_changed_rows(q, selection, scale)
+                return merge_head_outputs(self.output)
             if not incremental:
                 self.sums = None
                 mixed = fused_attention(self.q, self.k, self.v, scale, self.bias)
@@ -161,6 +150,21 @@ class EventfulAttention(nn.Module):
         # holding one value in one layout could be merged into one buffer by a compiler (torch.compile does).
         self.output = store_(self.output, mixed)
         return merge_head_outputs(mixed)
+
+    def _update_changed_rows(self, new_q: Tensor, selection: Selection, scale: float) -> None:
+        """`changed_rows_only`: recompute the output rows of the selected queries `new_q` (B, H, M, Dh) and of the
+        first `prefix_rows` tokens against the (updated) keys and values, in place; the other rows stay."""
+        self.sums = None
+        scatter_tokens_(self.output, selection, fused_row_attention(new_q, self.k, self.v, scale, selection,
+                                                                    self.bias))
+        if self.prefix_rows:  # the class token (and registers) every frame: their input never moves, but they
+            # pool every token, and a classifier reads the class token; frozen, it would keep frame 1's answer
+            count = self.prefix_rows
+            prefix = Selection(torch.arange(count, device=new_q.device).expand(new_q.shape[0], count),
+                               self.q.shape[2])
+            self.output[:, :, :count] = fused_row_attention(self.q[:, :, :count], self.k, self.v, scale, prefix,
+                                                            self.bias)
+        self.last_path = "rows"
 
     def state_tensors(self) -> list[Tensor]:
         """Every tensor held between frames."""
