@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 import frugalvit.kernels.topk as topk
 from frugalvit import TopFraction, eventful
-from frugalvit.eventful.model import CUDA_INCREMENTAL_MAX_FRACTION, DEFAULT_INCREMENTAL_MAX_FRACTION
+from frugalvit.eventful.model import CUDA_INCREMENTAL_MAX_FRACTION, DEFAULT_INCREMENTAL_MAX_FRACTION, EventfulViT
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.timing import device_timed
 
@@ -55,6 +55,17 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 ATTENTION_MODES = {"incremental": {"incremental_max_fraction": DEFAULT_INCREMENTAL_MAX_FRACTION},
                    "fused": {"incremental_max_fraction": CUDA_INCREMENTAL_MAX_FRACTION},
                    "rows": {"attention_rows": "changed"}}
+
+
+def sync_free_eventful(model: torch.nn.Module, budget: float, attention: str | None = None,
+                       **options: object) -> EventfulViT:
+    """The eventful model every method times: `TopFraction(budget)` at every gate, `sync_free`, the attention path
+    `attention` (a key of `ATTENTION_MODES`; None: the device's default), `options` passed to `eventful`."""
+    ev = eventful(model, TopFraction(budget), **options)
+    ev.sync_free = True
+    for name, value in ATTENTION_MODES.get(attention, {}).items():
+        setattr(ev, name, value)
+    return ev
 
 
 def frame_size(size: int) -> int:
@@ -169,10 +180,7 @@ class Config:
         """`attention`: None for the model's default, or a key of `ATTENTION_MODES`: "incremental" (the sums, up
         to 1/3 of the tokens), "fused" (the fused kernel over all cached queries/keys/values on every partial
         frame), "rows" (`attention_rows="changed"`: only the changed queries' rows)."""
-        ev = eventful(self.model, TopFraction(budget), capture=capture)
-        ev.sync_free = True
-        for name, value in ATTENTION_MODES.get(attention, {}).items():
-            setattr(ev, name, value)
+        ev = sync_free_eventful(self.model, budget, attention, capture=capture)
         if compiled:
             torch._dynamo.reset()
             ev.step = torch.compile(ev.step, fullgraph=True)
@@ -198,10 +206,7 @@ def profile_eventful(config: Config, budget: float, path: Path, attention: str |
     """Device time per kernel of eager sync-free eventful frames (the kernels a capture replays), as a table."""
     from torch.profiler import ProfilerActivity, profile
 
-    ev = eventful(config.model, TopFraction(budget))
-    ev.sync_free = True
-    for name, value in ATTENTION_MODES.get(attention, {}).items():
-        setattr(ev, name, value)
+    ev = sync_free_eventful(config.model, budget, attention)
     with torch.no_grad():
         for frame in config.clip[:4]:
             ev.forward_features(frame)
@@ -246,8 +251,7 @@ def check_hold_capture(config: Config) -> dict[str, object]:
     options = dict(cut_share=0.5, hold_share=0.2, cut_relative_error=0.05)
     runs = {}
     for name, capture in (("eager", False), ("captured", True)):
-        ev = eventful(config.model, TopFraction(1 / 8), capture=capture, **options)
-        ev.sync_free = True
+        ev = sync_free_eventful(config.model, 1 / 8, capture=capture, **options)
         kinds, outputs, times = [], [], []
         with torch.no_grad():
             for frame in config.clip:
