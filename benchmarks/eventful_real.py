@@ -180,10 +180,11 @@ def hold_settings(quick: bool, large: bool) -> list[tuple[str, dict[str, object]
 
 
 def dominance(rows: list[dict[str, object]], ratio_key: str, low: float = 2.0, high: float = 8.0,
-              kinds: tuple[str, ...] = ("eventful",)) -> list[dict]:
-    """For each keyframe-and-hold point with MAC ratio in [low, high]: does the best eventful setting (rows of
-    `kinds`) with at least that ratio beat it on both mean Pearson r and mean top-10% IoU?"""
-    holds = [r for r in rows if r["kind"] == "keyframe" and low <= r[ratio_key] <= high]
+              kinds: tuple[str, ...] = ("eventful",), baseline: str = "keyframe") -> list[dict]:
+    """For each keyframe-and-hold point (rows of kind `baseline`) with MAC ratio in [low, high]: does the best
+    eventful setting (rows of `kinds`) with at least that ratio beat it on both mean Pearson r and mean top-10%
+    IoU?"""
+    holds = [r for r in rows if r["kind"] == baseline and low <= r[ratio_key] <= high]
     eventful_rows = [r for r in rows if r["kind"] in kinds]
     verdicts = []
     for hold in holds:
