@@ -278,3 +278,48 @@ def test_the_timing_twin_has_every_setting_of_the_eventful_model() -> None:
                  "nonfinite", "hold_share", "max_held_frames", "attention_rows"):
         assert getattr(twin, name) == getattr(ev, name), name
     assert twin.model is ev.model and twin is not ev
+
+
+def test_held_saliency_maps_move_with_the_camera(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bikes.mp4 opens with a fast pan: `--motion-compensate` moves each held map by the measured shift, so held
+    frames follow the dense map more closely than the map as it was; it needs the saliency model and held frames."""
+    options = ("video", "bundled:bikes", "--model", "saliency-vit", "--size", "112", "--policy", "fraction:0.125",
+               "--cut-share", "0.9", "--hold-share", "0.05", "--max-frames", "6", "--repeats", "1", "--no-progress")
+    reports = {}
+    for name, extra in (("held", ()), ("moved", ("--motion-compensate",))):
+        assert run_cli(*options, *extra, "--out", str(tmp_path / name)) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert reports["moved"]["settings"]["motion_compensated_hold"] is True
+    held = [i for i, frame in enumerate(reports["held"]["frames"]) if frame["held"]]
+    assert held and held == [i for i, frame in enumerate(reports["moved"]["frames"]) if frame["held"]]
+    pearson = {name: [report["frames"][i]["task_pearson"] for i in held] for name, report in reports.items()}
+    assert sum(pearson["moved"]) > sum(pearson["held"])
+    capsys.readouterr()
+    assert run_cli("video", "bundled:bikes", *TINY, "--random-init", "--motion-compensate",
+                   "--out", str(tmp_path / "bad")) == 2
+    assert "--motion-compensate moves held saliency maps" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_motion_compensated_pipeline_moves_the_last_map_by_the_measured_shift() -> None:
+    """The eventful pipeline's held frame: the last computed map moved by global_shift(its frame, this frame)."""
+    from frugalvit.video.compare import _eventful_with_head
+    from frugalvit.video.motion import global_shift, shift_maps
+
+    class Stub:  # an eventful model that holds every frame after the first
+        last_frame_full = True
+        last_frame_held = False
+
+        def forward_features(self, batch: torch.Tensor) -> torch.Tensor:
+            return batch.mean(1, keepdim=True)
+
+    stub = Stub()
+    run = _eventful_with_head(stub, lambda features, full: features * 2.0, motion_compensated=True)
+    big = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0)).repeat_interleave(4, -1) \
+        .repeat_interleave(4, -2)
+    first, second = big[..., 10:74, 10:74], big[..., 4:68, 13:77]
+    _, computed = run(first)
+    stub.last_frame_full, stub.last_frame_held = False, True
+    _, held = run(second)
+    assert torch.equal(held, shift_maps(computed, global_shift(first, second)))
+    assert global_shift(first, second).tolist() == [[6, -3]]

@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
                         help="hold the last output (compute nothing) when more than share S of the input tokens "
                              "changed a lot but no more than --cut-share (needs it, above S): a pan is better "
                              "held than half-updated; 'none': never hold")
+    parser.add_argument("--motion-compensate", action="store_true",
+                        help=f"with --model {SALIENCY_MODEL} and --hold-share: move each held saliency map by the "
+                             "camera's global motion since the frame it was computed on (phase correlation; helps "
+                             "on pans, not on objects moving in a still scene)")
     parser.add_argument("--incremental-max-fraction", type=float,
                         help="update attention incrementally up to this share of changed tokens, above it run the "
                              f"fused kernel (default: {DEFAULT_INCREMENTAL_MAX_FRACTION:.3f} on the CPU, "
@@ -126,6 +130,9 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         raise ValueError(f"--hold-share {args.hold_share:g} needs a larger --cut-share (got {args.cut_share}): a "
                          "held stream is computed in full again once its change passes the cut share (or pass "
                          "--hold-share none)")
+    if args.motion_compensate and not (saliency_run and args.hold_share is not None):
+        raise ValueError(f"--motion-compensate moves held saliency maps: it needs --model {SALIENCY_MODEL} and "
+                         "--hold-share (with --cut-share above it)")
     if args.max_frames is not None and args.max_frames < 2:
         raise ValueError("--max-frames must be >= 2: the comparison needs at least two frames")
     device, dtype = resolve_device_dtype(args)
@@ -150,7 +157,8 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     # With the saliency model the whole pipeline is measured: dense backbone + decoder against eventful backbone +
     # eventful decoder (its input gated with the same policy: frugalvit.eventful.deconv).
     heads = {} if saliency is None else {"task_head": saliency.decode,
-                                         "eventful_task_head": lambda ev_: saliency.eventful_decoder(ev_.policy)}
+                                         "eventful_task_head": lambda ev_: saliency.eventful_decoder(ev_.policy),
+                                         "motion_compensated": args.motion_compensate}
     records, state_bytes = compare_on_frames(model, ev, frames, progress=not args.no_progress, total=len(frames),
                                              on_frame=animation.add if animation is not None else None, **heads)
     replays = time_repeats(model, ev, frames, args.repeats - 1, progress=not args.no_progress, **heads)
@@ -161,7 +169,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                else f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (timm hub)")
     settings = {"clip": str(clip), "model": args.model, "size": size, "policy": args.policy, "weights": weights,
                 "refresh_every": args.refresh, "cut_share": args.cut_share, "hold_share": args.hold_share,
-                "threads": args.threads,
+                "motion_compensated_hold": args.motion_compensate, "threads": args.threads,
                 **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
                 "incremental_max_fraction": ev.attention_switch(device), "attention_rows": ev.attention_rows,
@@ -174,6 +182,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         extra[ANIMATION_FILE] = animation.gif_bytes(
             header=f"{args.policy}" + (f", cut share {args.cut_share:g}" if args.cut_share is not None else "")
             + (f", hold share {args.hold_share:g}" if args.hold_share is not None else "")
+            + (", motion-compensated" if args.motion_compensate else "")
             + f": {summary.mac_ratio:.1f}x fewer MACs (whole model), map r {summary.task_pearson_mean:.3f}, "
               f"top-10% IoU {summary.task_iou_top10_mean:.3f}")
     json_path, png_path = write_report(args.out, settings, records, summary, extra)

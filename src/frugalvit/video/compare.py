@@ -33,6 +33,7 @@ from frugalvit.cost import CostCounter
 from frugalvit.eventful import EventfulViT, eventful
 from frugalvit.timing import model_device_dtype, timed
 from frugalvit.video.fidelity import map_fidelity
+from frugalvit.video.motion import global_shift, shift_maps
 
 
 @dataclass(frozen=True)
@@ -184,31 +185,38 @@ def _with_head(backbone: Callable[[Tensor], Tensor], head: Callable[[Tensor], Te
     return run
 
 
-def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor]
+def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor], motion_compensated: bool = False
                         ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
-    last: list[Tensor] = []  # the head's last output, for held frames
+    """The eventful pipeline; on a held frame the head's last output, moved by the global motion since the
+    frame it was computed on when `motion_compensated` (the output must then be a map at frame resolution)."""
+    last: list[Tensor] = []  # the head's last output and the frame it was computed on, for held frames
 
     def run(batch: Tensor) -> tuple[Tensor, Tensor]:
         features = ev.forward_features(batch)
         if ev.last_frame_held and last:
-            return features, last[0].clone()
-        last[:] = [head(features, ev.last_frame_full)]
+            output, frame = last
+            return features, shift_maps(output, global_shift(frame, batch)) if motion_compensated else output.clone()
+        last[:] = [head(features, ev.last_frame_full), batch]
         return features, last[0]
 
     return run
 
 
 def _steps(model: nn.Module, ev: EventfulViT, task_head: Callable[[Tensor], Tensor] | None,
-           eventful_task_head: EventfulHeadFactory | None, counted: EventfulViT | None) -> list[FrameStep]:
+           eventful_task_head: EventfulHeadFactory | None, counted: EventfulViT | None,
+           motion_compensated: bool = False) -> list[FrameStep]:
     """Dense and eventful steps (timed; and counted where `counted`, the eventful twin, is given): the
     backbones alone, or with `eventful_task_head` the whole pipelines (backbone + head), each head fresh."""
+    if motion_compensated and eventful_task_head is None:
+        raise ValueError("motion-compensated held frames move the task head's map: they need an eventful task head")
     dense = partial(_dense_features, model)
     if eventful_task_head is not None:
         if task_head is None:
             raise ValueError("an eventful task head needs the dense task head to compare with")
         dense = _with_head(dense, task_head)
-        eventful_step = _eventful_with_head(ev, eventful_task_head(ev))
-        counted_step = None if counted is None else _eventful_with_head(counted, eventful_task_head(counted))
+        eventful_step = _eventful_with_head(ev, eventful_task_head(ev), motion_compensated)
+        counted_step = None if counted is None else _eventful_with_head(counted, eventful_task_head(counted),
+                                                                        motion_compensated)
     else:
         eventful_step = ev.forward_features
         counted_step = None if counted is None else counted.forward_features
@@ -222,8 +230,8 @@ def _steps(model: nn.Module, ev: EventfulViT, task_head: Callable[[Tensor], Tens
 @torch.no_grad()
 def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor], progress: bool = True,
                       total: int | None = None, task_head: Callable[[Tensor], Tensor] | None = None,
-                      on_frame: FrameCallback | None = None, eventful_task_head: EventfulHeadFactory | None = None
-                      ) -> tuple[list[FrameRecord], int]:
+                      on_frame: FrameCallback | None = None, eventful_task_head: EventfulHeadFactory | None = None,
+                      motion_compensated: bool = False) -> tuple[list[FrameRecord], int]:
     """Run `model` and `ev` on every frame (3, H, W); return per-frame records and the eventful state bytes.
 
     `task_head` maps final features (B, N, D) to the task output (e.g. the
@@ -234,13 +242,17 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     `lambda ev: saliency.eventful_decoder(ev.policy)`), times and MACs are
     the whole pipelines': dense backbone + `task_head` against eventful
     backbone + its eventful head. `on_frame` sees every frame's outputs (for
-    a side-by-side video).
+    a side-by-side video). `motion_compensated` (with `eventful_task_head`,
+    whose output is a map at frame resolution): a held frame returns the last
+    map moved by the global motion since it was computed
+    (`frugalvit.video.motion`; timed but not in the MAC count: three FFTs of
+    the frame, at most ~6 M multiply-accumulates at 224 px).
     """
     model.eval()
     ev.reset()
     counted = _twin(ev)
     device, dtype = model_device_dtype(model)
-    steps = _steps(model, ev, task_head, eventful_task_head, counted)
+    steps = _steps(model, ev, task_head, eventful_task_head, counted, motion_compensated)
     whole = eventful_task_head is not None
     dense_gmacs = 0.0
     records: list[FrameRecord] = []
@@ -285,7 +297,8 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
 @torch.no_grad()
 def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int,
                  progress: bool = False, task_head: Callable[[Tensor], Tensor] | None = None,
-                 eventful_task_head: EventfulHeadFactory | None = None) -> list[tuple[list[float], list[float]]]:
+                 eventful_task_head: EventfulHeadFactory | None = None, motion_compensated: bool = False
+                 ) -> list[tuple[list[float], list[float]]]:
     """Replay `frames` (T, 3, H, W) `repeats` times from a reset, timing dense and eventful interleaved per frame.
 
     Returns, per replay, the per-frame wall times in ms of the dense model and
@@ -300,7 +313,7 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
     replays: list[tuple[list[float], list[float]]] = []
     for _ in tqdm(range(repeats), desc="timing repeats", disable=not progress or repeats == 0, unit="replay"):
         ev.reset()
-        steps = _steps(model, ev, task_head, eventful_task_head, None)  # a fresh eventful head per replay
+        steps = _steps(model, ev, task_head, eventful_task_head, None, motion_compensated)  # a fresh head per replay
         dense_times, eventful_times = [], []
         for _, _, _, results in frame_loop(frames, steps, device, dtype):
             dense_times.append(results["dense"].ms)

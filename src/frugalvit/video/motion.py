@@ -4,8 +4,8 @@ Why: a held output (keyframe-and-hold, or an eventful model's held frame)
 is stale by however far the scene moved since it was computed. When the
 camera pans, most of that staleness is a translation, and moving the held
 map by the measured translation removes it for almost nothing (three FFTs
-of the grey frame: about 3 MFLOPs at 224 px against 7.6 GMACs for the
-saliency ViT-S). On `bikes.mp4` (the
+of the grey frame: at most ~6 M multiply-accumulates at 224 px, 0.08% of
+the saliency ViT-S's 7.6 GMACs). On `bikes.mp4` (the
 camera pans ~16 px per frame at 224 px) this lifts keyframe-and-hold K=4
 from Pearson r 0.70 to 0.87; see docs/eventful.md, "Motion-compensated
 holding".
