@@ -6,7 +6,7 @@ camera pans, most of that staleness is a translation, and moving the held
 map by the measured translation removes it for almost nothing (three FFTs
 of the grey frame: at most ~6 M multiply-accumulates at 224 px, 0.08% of
 the saliency ViT-S's 7.6 GMACs). On `bikes.mp4` (the
-camera pans ~16 px per frame at 224 px) this lifts keyframe-and-hold K=4
+camera pans 11-19 px per frame at 224 px) this lifts keyframe-and-hold K=4
 from Pearson r 0.70 to 0.87; see docs/eventful.md, "Motion-compensated
 holding".
 
