@@ -52,9 +52,12 @@ COMPILED_BUDGETS = (1 / 8,)  # compiling takes a minute per budget: the target b
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # The attention paths a run can force (EventfulViT attributes): the incremental sums up to the CPU's break-even
 # share, the fused kernel over all queries on every partial frame (CUDA's default), or only the changed queries' rows
+# (and "shared": one token selection per frame for every gate, `token_selection="shared"`)
 ATTENTION_MODES = {"incremental": {"incremental_max_fraction": DEFAULT_INCREMENTAL_MAX_FRACTION},
                    "fused": {"incremental_max_fraction": CUDA_INCREMENTAL_MAX_FRACTION},
-                   "rows": {"attention_rows": "changed"}}
+                   "rows": {"attention_rows": "changed"},
+                   "shared": {"incremental_max_fraction": CUDA_INCREMENTAL_MAX_FRACTION, "token_selection": "shared"},
+                   "rows+shared": {"attention_rows": "changed", "token_selection": "shared"}}
 
 
 def sync_free_eventful(model: torch.nn.Module, budget: float, attention: str | None = None,
@@ -330,15 +333,17 @@ def guarded_top_k_check(device: torch.device) -> dict[str, object]:
 
 
 def phase_explore(config: Config, deadline: Deadline) -> None:
-    """Attention choices, captured: the fused kernel over all queries (CUDA's default) at 1/8, and only the
-    changed queries' rows (`attention_rows="changed"`) at 1/16, 1/8 and 1/4. Dense eager and captured as
+    """Attention choices, captured: the fused kernel over all queries (CUDA's default) at 1/8, only the changed
+    queries' rows (`attention_rows="changed"`) at 1/8, both with one token selection per frame
+    (`token_selection="shared"`) at 1/8, then changed rows at 1/16 and 1/4. Dense eager and captured as
     baselines."""
     cuda = config.device.type == "cuda"
     config.record("dense eager", lambda: config.time_dense(config.model.forward_features))
     if cuda:
         config.record("dense captured", lambda: config.time_dense(capture_dense(config.model.forward_features,
                                                                                 config.clip[0])))
-    runs = [(1 / 8, "fused")] + [(budget, "rows") for budget in (1 / 8, 1 / 16, 1 / 4)]
+    runs = [(1 / 8, "fused"), (1 / 8, "rows"), (1 / 8, "rows+shared"), (1 / 8, "shared"), (1 / 16, "rows"),
+            (1 / 4, "rows")]
     for budget, attention in runs:
         label = f"eventful {budget:g} captured {attention}"
         if deadline.passed():
@@ -348,10 +353,10 @@ def phase_explore(config: Config, deadline: Deadline) -> None:
 
 
 def phase_explore_compiled(config: Config, deadline: Deadline) -> None:
-    """Both attention choices at 1/8 compiled (`torch.compile(ev.step, fullgraph=True)`) and captured, then the
+    """The attention choices at 1/8 compiled (`torch.compile(ev.step, fullgraph=True)`) and captured, then the
     dense model compiled and captured (the strongest dense baseline)."""
     cuda = config.device.type == "cuda"
-    for attention in ("rows", "fused"):
+    for attention in ("rows+shared", "rows", "fused"):
         label = f"eventful 0.125 compiled+captured {attention}"
         if deadline.passed():
             config.result["methods"][label] = {"skipped": "out of time"}

@@ -197,22 +197,24 @@ class EventfulBlock(nn.Module):
             module.reset()
 
     def forward(self, x: Tensor, policy: TokenPolicy, incremental_max_fraction: float,
-                update_all: bool = False, sync_free: bool = False, changed_rows_only: bool = False) -> Tensor:
-        """One block over all tokens (B, N, D); `changed_rows_only`: see `EventfulAttention.forward`."""
+                update_all: bool = False, sync_free: bool = False, changed_rows_only: bool = False,
+                indices: Tensor | None = None) -> Tensor:
+        """One block over all tokens (B, N, D); `changed_rows_only`: see `EventfulAttention.forward`; `indices`
+        (B, M): the tokens every gate passes on a partial frame (default: each gate chooses by its own error)."""
         block, attn = self.block, self.block.attn
-        selection, tokens = self.attention_gate(x, policy, update_all)
+        selection, tokens = self.attention_gate(x, policy, update_all, indices)
         keep_sums = selection is None and not changed_rows_only \
             and policy.may_select_fewer_than(incremental_max_fraction, x.shape[1])
         mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep_sums, sync_free,
                                changed_rows_only)
-        selection, tokens = self.projection_gate(mixed, policy, update_all)
+        selection, tokens = self.projection_gate(mixed, policy, update_all, indices)
         norm = getattr(attn, "norm", None)  # timm's ViT Attention has a norm before its projection; SAM's has none
         # The residual adds write into x: it is this frame's own tensor (the gates keep copies, and on a full
         # frame `tokens` is x itself but already consumed), and a fresh (B, N, D) tensor per add costs page
         # faults on the CPU at large N. The caller's input is copied once, before the first block.
         projected = attn.proj(tokens if norm is None else norm(tokens))
         x = x.add_(self.projection_buffer(selection, self.layer_scale(block, 1, projected)))
-        selection, tokens = self.mlp_gate(x, policy, update_all)
+        selection, tokens = self.mlp_gate(x, policy, update_all, indices)
         return x.add_(self.mlp_buffer(selection, self.layer_scale(block, 2, block.mlp(block.norm2(tokens)))))
 
     def mark_held(self) -> None:

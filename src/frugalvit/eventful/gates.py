@@ -145,14 +145,19 @@ class TokenGate(nn.Module):
             self.last_indices = torch.empty(self.reference.shape[0], 0, dtype=torch.long,
                                             device=self.reference.device)
 
-    def forward(self, tokens: Tensor, policy: TokenPolicy,
-                update_all: bool = False) -> tuple[Selection | None, Tensor]:
-        """Return (selection, or None for all tokens; the selected tokens (B, M, D)); update the reference."""
+    def forward(self, tokens: Tensor, policy: TokenPolicy, update_all: bool = False,
+                indices: Tensor | None = None) -> tuple[Selection | None, Tensor]:
+        """Return (selection, or None for all tokens; the selected tokens (B, M, D)); update the reference.
+
+        `indices` (B, M), ascending: pass these tokens instead of choosing by this gate's own error (one
+        selection shared by every gate of a frame, `EventfulViT.token_selection`).
+        """
         if self.reference is None or update_all:
             self.reference = store_(self.reference, tokens)
             self.last_count, self.last_indices = tokens.shape[1], None
             return None, tokens
-        indices = policy.select(token_errors(self.reference, tokens, policy, out=self.pool.get(tokens)))
+        if indices is None:
+            indices = self.choose(tokens, policy)
         self.last_count = indices.shape[1]
         if indices.shape[1] == tokens.shape[1]:
             self.reference.copy_(tokens)
@@ -163,6 +168,15 @@ class TokenGate(nn.Module):
         selected = gather_tokens(tokens, selection)
         scatter_tokens_(self.reference, selection, selected)
         return selection, selected
+
+
+    def choose(self, tokens: Tensor, policy: TokenPolicy, always: int = 0) -> Tensor:
+        """The tokens (B, M), ascending, that `policy` picks by their error against this gate's reference; the
+        first `always` tokens (class token, registers) count as changed without limit, so they are among them."""
+        errors = token_errors(self.reference, tokens, policy, out=self.pool.get(tokens))
+        if always:
+            errors[:, :always] = float("inf")
+        return policy.select(errors)
 
 
 class TokenBuffer(nn.Module):

@@ -33,6 +33,7 @@ DEFAULT_INCREMENTAL_MAX_FRACTION = INCREMENTAL_BREAK_EVEN_FRACTION  # the CPU's 
 CUDA_INCREMENTAL_MAX_FRACTION = 0.0
 NONFINITE_MODES = ("error", "refresh")
 ATTENTION_ROWS = ("all", "changed")
+TOKEN_SELECTIONS = ("per_gate", "shared")
 
 
 class _InferenceOnly(torch.autograd.Function):
@@ -163,6 +164,20 @@ class EventfulViT(nn.Module):
             shrinks with the budget at large N (at 4,096 tokens and 1/8 on an
             H100, the fused pass over all queries took 1.6 of 5.9 ms). Selecting
             every token through this path reproduces the dense model.
+        token_selection: how a partial frame chooses its tokens. "per_gate"
+            (default, the paper's): each of the 3 x depth gates picks, with the
+            policy, the tokens whose own input moved most since that gate last
+            passed them. "shared": the first gate picks (its input is the
+            embedded frame; the class token and registers always, as they
+            pool every token) and every gate passes those same tokens, so a token
+            is recomputed through the whole network or not at all; the other
+            gates compute no error and run no selection (at 4,096 tokens on an
+            H100, the 36 top-k selections of a ViT-B frame took 41% of a
+            captured frame's GPU time; benchmarks/results/
+            eventful_gpu_explore5_profile_1024.txt). A data-dependent policy
+            (`Threshold`, `RelativeThreshold`) then synchronises once per
+            frame instead of once per gate. Fidelity on real weights:
+            docs/eventful.md, "One selection per frame".
         refresh_every: if set, every K-th frame recomputes all tokens (bounds drift).
         cut_share: if set, a frame in which more than this share of the input
             tokens moved by more than `cut_relative_error` of their own norm
@@ -209,7 +224,7 @@ class EventfulViT(nn.Module):
             removes the host from the frame; implies `sync_free` and needs a
             fixed-size policy (`TopR`, `TopFraction`). The first two partial
             frames after a change of policy, `incremental_max_fraction`,
-            `attention_rows`, frame shape or dtype, or after `reset()`, run
+            `attention_rows`, `token_selection`, frame shape or dtype, or after `reset()`, run
             eagerly (warm-up) and the next one captures; full frames (first,
             refresh, scene cut) run eagerly and write into the same state buffers. Outputs are copies, safe
             to keep. On the CPU there is no graph: the frame runs as with
@@ -228,7 +243,8 @@ class EventfulViT(nn.Module):
                  incremental_max_fraction: float | None = None,
                  refresh_every: int | None = None, cut_share: float | None = None,
                  cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False,
-                 hold_share: float | None = None, max_held_frames: int = 3, attention_rows: str = "all") -> None:
+                 hold_share: float | None = None, max_held_frames: int = 3, attention_rows: str = "all",
+                 token_selection: str = "per_gate") -> None:
         super().__init__()
         check_convertible(model)
         self.model = model
@@ -245,15 +261,17 @@ class EventfulViT(nn.Module):
                                     if self._sam and block.window_size > 0 else None, pool=self._scratch)
                       for block in model.blocks)
         self.eventful_blocks = nn.ModuleList(blocks)
+        self._prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)  # class token, registers
         for block in self.eventful_blocks:  # attention_rows="changed" recomputes the class token and registers too
             if isinstance(block.attention, EventfulAttention):
-                block.attention.prefix_rows = int(getattr(model, "num_prefix_tokens", 0) or 0)
+                block.attention.prefix_rows = self._prefix_tokens
         self._grid: tuple[int, int] | None = None  # the token grid of this sequence (SAM backbones)
         neck = sam.conv_neck(model) if self._sam else None
         self.eventful_neck = None if neck is None else EventfulNeck(neck, self._scratch)
         self.policy = policy
         self.incremental_max_fraction = incremental_max_fraction
         self.attention_rows = attention_rows
+        self.token_selection = token_selection
         self.refresh_every = refresh_every
         self.cut_share = cut_share
         self.cut_relative_error = cut_relative_error
@@ -286,6 +304,8 @@ class EventfulViT(nn.Module):
             raise ValueError(f"incremental_max_fraction must be None (by device) or lie in [0, 1], got {value!r}")
         if name == "attention_rows" and value not in ATTENTION_ROWS:
             raise ValueError(f"attention_rows must be one of {', '.join(ATTENTION_ROWS)}, got {value!r}")
+        if name == "token_selection" and value not in TOKEN_SELECTIONS:
+            raise ValueError(f"token_selection must be one of {', '.join(TOKEN_SELECTIONS)}, got {value!r}")
         if name == "refresh_every" and value is not None and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"refresh_every must be None or an integer >= 1, got {value!r}")
         if name == "cut_share" and value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
@@ -486,8 +506,14 @@ class EventfulViT(nn.Module):
         tokens = tokens.clone(memory_format=torch.contiguous_format)
         switch = self.attention_switch(tokens.device)
         changed_rows = self.attention_rows == "changed"
+        first = self.eventful_blocks[0].attention_gate
+        shared = None  # token_selection="shared": the first gate's choice, passed by every gate
+        if self.token_selection == "shared" and not update_all and first.reference is not None:
+            # The class token and registers always: their input never moves, but they pool every token (and a
+            # classifier reads the class token), so chosen by their input alone they would never update.
+            shared = first.choose(tokens, self.policy, always=self._prefix_tokens)
         for block in self.eventful_blocks:
-            tokens = block(tokens, self.policy, switch, update_all, self._sync_free, changed_rows)
+            tokens = block(tokens, self.policy, switch, update_all, self._sync_free, changed_rows, shared)
         if self.eventful_neck is not None:
             return self.eventful_neck(tokens, self._grid, self.policy, update_all)
         if self._sam:
@@ -532,7 +558,7 @@ class EventfulViT(nn.Module):
     def _captured_step(self, tokens: Tensor) -> Tensor:
         """A partial frame on CUDA through the captured graph: warm up, capture, then replay (see `capture`)."""
         key = (tuple(tokens.shape), tokens.dtype, tokens.device, self.policy, self.incremental_max_fraction,
-               self.attention_rows)
+               self.attention_rows, self.token_selection)
         if self._graph is not None and self._graph.key == key:
             features = self._graph.replay(tokens)
             for owner, name, value in self._graph_diagnostics:  # a replay runs no Python: restore what it set
@@ -671,11 +697,12 @@ class EventfulViT(nn.Module):
 def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: float | None = None,
              refresh_every: int | None = None, cut_share: float | None = None,
              cut_relative_error: float = 0.5, nonfinite: str = "error", capture: bool = False,
-             hold_share: float | None = None, max_held_frames: int = 3, attention_rows: str = "all") -> EventfulViT:
+             hold_share: float | None = None, max_held_frames: int = 3, attention_rows: str = "all",
+             token_selection: str = "per_gate") -> EventfulViT:
     """Make a timm VisionTransformer eventful: same parameters (shared, not copied), original unchanged.
 
     Undo by simply using `model` again (or `ev.model`); nothing in it was modified.
     See `EventfulViT` for the arguments.
     """
     return EventfulViT(model, policy, incremental_max_fraction, refresh_every, cut_share, cut_relative_error,
-                       nonfinite, capture, hold_share, max_held_frames, attention_rows)
+                       nonfinite, capture, hold_share, max_held_frames, attention_rows, token_selection)
