@@ -66,10 +66,11 @@ def last_frame_macs(model: torch.nn.Module, frames: torch.Tensor, policies: Iter
 
 
 def assert_sync_free_step_compiles_whole(model: torch.nn.Module, frames: torch.Tensor,
-                                         attention_rows: str = "all") -> None:
+                                         attention_rows: str = "all", token_selection: str = "per_gate") -> None:
     """With a fixed-size policy and `sync_free`, `step` is one graph (no break, so no host sync), and the
     compiled frames equal the eager ones."""
-    eager, compiled = (fv.eventful(model, fv.TopFraction(0.25), attention_rows=attention_rows) for _ in range(2))
+    eager, compiled = (fv.eventful(model, fv.TopFraction(0.25), attention_rows=attention_rows,
+                                   token_selection=token_selection) for _ in range(2))
     eager.sync_free = compiled.sync_free = True
     with torch.no_grad():
         compiled(frames[0])

@@ -299,14 +299,17 @@ def test_video_hold_share_runs_and_reports_held_frames(tmp_path: Path) -> None:
 
 
 def test_video_attention_rows_is_passed_on_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`--attention-rows changed` reaches the eventful model (its attention takes the "rows" path) and the report;
+    """`--attention-rows changed` (and `--token-selection shared`) reaches the eventful model (its attention takes the "rows" path) and the report;
     an unknown value is an argument error (exit 2) before any work."""
     out = tmp_path / "out"
     assert main(["video", "bundled:bikes", *TINY, "--random-init", "--max-frames", "3", "--repeats", "1",
-                 "--policy", "topr:2", "--attention-rows", "changed", "--out", str(out)]) == 0
-    assert json.loads((out / "report.json").read_text())["settings"]["attention_rows"] == "changed"
-    with pytest.raises(SystemExit) as exit_info:
-        main([*VIDEO, "--attention-rows", "some", "--out", str(tmp_path / "other")])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'some'" in capsys.readouterr().err
-    assert not (tmp_path / "other").exists()
+                 "--policy", "topr:2", "--attention-rows", "changed", "--token-selection", "shared",
+                 "--out", str(out)]) == 0
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    assert settings["attention_rows"] == "changed" and settings["token_selection"] == "shared"
+    for option in ("--attention-rows", "--token-selection"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*VIDEO, option, "some", "--out", str(tmp_path / "other")])
+        assert exit_info.value.code == 2
+        assert "invalid choice: 'some'" in capsys.readouterr().err
+        assert not (tmp_path / "other").exists()

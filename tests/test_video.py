@@ -272,10 +272,11 @@ def test_the_timing_twin_has_every_setting_of_the_eventful_model() -> None:
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1).eval()
     ev = fv.eventful(model, fv.TopR(2), 0.5, refresh_every=3, cut_share=0.6, cut_relative_error=0.4,
-                     nonfinite="refresh", hold_share=0.3, max_held_frames=2, attention_rows="changed")
+                     nonfinite="refresh", hold_share=0.3, max_held_frames=2, attention_rows="changed",
+                     token_selection="shared")
     twin = _twin(ev)
     for name in ("policy", "incremental_max_fraction", "refresh_every", "cut_share", "cut_relative_error",
-                 "nonfinite", "hold_share", "max_held_frames", "attention_rows"):
+                 "nonfinite", "hold_share", "max_held_frames", "attention_rows", "token_selection"):
         assert getattr(twin, name) == getattr(ev, name), name
     assert twin.model is ev.model and twin is not ev
 

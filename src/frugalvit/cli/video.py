@@ -11,7 +11,7 @@ from torch import nn
 
 from frugalvit.cli.options import add_device_arguments, device_report, resolve_device_dtype
 from frugalvit.eventful import check_convertible, eventful, parse_policy
-from frugalvit.eventful.model import (ATTENTION_ROWS, CUDA_INCREMENTAL_MAX_FRACTION,
+from frugalvit.eventful.model import (ATTENTION_ROWS, CUDA_INCREMENTAL_MAX_FRACTION, TOKEN_SELECTIONS,
                                      DEFAULT_INCREMENTAL_MAX_FRACTION, UnsupportedModelError)
 from frugalvit.ioutil import check_output_dir
 from frugalvit.models import SaliencyViT, load_timm_model, saliency_vit
@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
                         help="on partial frames, bring every attention row up to date ('all', exact for the gated "
                              "tokens) or only the changed queries' rows ('changed': cheaper at many tokens, other "
                              "rows keep their last output) (default: %(default)s)")
+    parser.add_argument("--token-selection", choices=TOKEN_SELECTIONS, default="per_gate",
+                        help="on partial frames, let every gate choose its own tokens ('per_gate', the paper's) or "
+                             "pass at every gate the tokens the first gate chose ('shared': one selection per "
+                             "frame) (default: %(default)s)")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     add_device_arguments(parser, "model and frame dtype")
@@ -149,7 +153,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         raise ValueError(str(error)) from error
     frames = load_frames(clip, size, mean, std, args.max_frames)
     ev = eventful(model, policy, args.incremental_max_fraction, args.refresh, args.cut_share,
-                  hold_share=args.hold_share, attention_rows=args.attention_rows)
+                  hold_share=args.hold_share, attention_rows=args.attention_rows, token_selection=args.token_selection)
     animation = None
     if saliency is not None:
         depth = len(ev.eventful_blocks)
@@ -173,6 +177,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                 **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
                 "incremental_max_fraction": ev.attention_switch(device), "attention_rows": ev.attention_rows,
+                "token_selection": ev.token_selection,
                 "measured": ("whole model: backbone + saliency decoder (eventful decoder on the eventful side)"
                              if saliency is not None else "backbone (forward_features)"),
                 "baseline": "the same timm model, dense, fused scaled_dot_product_attention, same thread count",

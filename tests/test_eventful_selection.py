@@ -1,0 +1,127 @@
+"""`token_selection="shared"`: one token set per frame, chosen at the first gate, passed by every gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import frugalvit as fv
+from frugalvit.eventful.policies import TokenPolicy
+
+from eventful_anchors import assert_sync_free_step_compiles_whole
+from test_eventful import ARCHITECTURES, make_model, patch_video
+
+
+class Replay(TokenPolicy):
+    """Every gate passes the indices recorded for this frame (a per-gate run that selects what shared did)."""
+
+    fixed_size = True
+
+    def __init__(self, frames: list[torch.Tensor]) -> None:
+        self.frames, self.frame = frames, 0
+
+    def count(self, error_norms: torch.Tensor) -> int:
+        return self.frames[self.frame].shape[1]
+
+    def select(self, error_norms: torch.Tensor) -> torch.Tensor:
+        return self.frames[self.frame]
+
+
+def gate_indices(ev: fv.EventfulViT) -> list[torch.Tensor | None]:
+    return [gate.last_indices for block in ev.eventful_blocks
+            for gate in (block.attention_gate, block.projection_gate, block.mlp_gate)]
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_full_budget_equals_the_timm_model(name: str) -> None:
+    model = make_model(name)
+    ev = fv.eventful(model, fv.TopFraction(1.0), token_selection="shared")
+    with torch.no_grad():
+        for frame in patch_video(4, batch=2):
+            torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_gate_passes_the_first_gates_choice_with_the_prefix_tokens(name: str) -> None:
+    """The first gate chooses by the input's change (the class token and registers always among the chosen),
+    every gate passes exactly those tokens, and the frames equal a per-gate run whose every gate is told to
+    select the same tokens (the shared path is the per-gate path with one selection)."""
+    model = make_model(name)
+    frames = patch_video(5, batch=2, share=0.3)
+    shared = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared")
+    recorded, outputs = [], []
+    prefix = model.num_prefix_tokens
+    with torch.no_grad():
+        for frame in frames:
+            outputs.append(shared(frame))
+            indices = gate_indices(shared)
+            if shared.last_frame_full:
+                assert all(index is None for index in indices)
+                recorded.append(None)
+                continue
+            assert all(torch.equal(index, indices[0]) for index in indices)
+            assert (indices[0][:, :prefix] == torch.arange(prefix)).all()
+            recorded.append(indices[0].clone())
+        replay = Replay([index for index in recorded if index is not None])
+        per_gate = fv.eventful(model, replay)
+        for frame, index, expected in zip(frames, recorded, outputs):
+            torch.testing.assert_close(per_gate(frame), expected, rtol=1e-6, atol=1e-6)
+            replay.frame += index is not None
+
+
+def test_same_budget_same_macs_and_the_class_token_follows_the_video() -> None:
+    """Every gate passes as many tokens as with per-gate selection, so a frame costs the same; a classifier's
+    logits move with the video, since the class token is recomputed on every partial frame."""
+    model = make_model("vit_tiny_patch16_224", img_size=128)
+    frames = patch_video(4, share=0.3, size=128)
+    macs, logits = {}, {}
+    for selection in ("per_gate", "shared"):
+        ev = fv.eventful(model, fv.TopR(9), token_selection=selection)
+        with torch.no_grad():
+            logits[selection] = [ev(frame) for frame in frames[:-1]]
+            with fv.CostCounter() as cost:
+                ev(frames[-1])
+        macs[selection] = cost.macs
+        assert ev.gate_counts()[-1] == (9, 9, 9)
+    assert macs["shared"] == macs["per_gate"]
+    assert all(not torch.equal(logits["shared"][0], later) for later in logits["shared"][1:])
+    counts = ev.updated_tokens()
+    assert counts[0, 0] == 3 * len(ev.eventful_blocks)  # the class token through every gate
+    assert set(counts.flatten().tolist()) <= {0, 3 * len(ev.eventful_blocks)}  # whole network or nothing
+
+
+def test_threshold_policies_choose_once_per_frame() -> None:
+    """A data-dependent policy decides the count once, at the first gate, from the input's change."""
+    model = make_model("deit3_small_patch16_224")
+    ev = fv.eventful(model, fv.RelativeThreshold(0.05), token_selection="shared")
+    with torch.no_grad():
+        for frame in patch_video(3, share=0.25):
+            ev(frame)
+    counts = {count for block in ev.gate_counts() for count in block}
+    assert len(counts) == 1 and 1 <= counts.pop() < 17
+
+
+def test_shared_frame_compiles_whole_with_no_graph_break() -> None:
+    model = make_model("vit_small_patch14_reg4_dinov2")
+    frames = patch_video(4, share=0.2)
+    assert_sync_free_step_compiles_whole(model, frames, token_selection="shared")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_stays_finite_and_close(dtype: torch.dtype) -> None:
+    model = make_model("deit3_small_patch16_224")
+    frames = patch_video(4, share=0.3)
+    reference = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared")
+    with torch.no_grad():
+        expected = [reference.forward_features(frame) for frame in frames]
+        half = fv.eventful(model.to(dtype), fv.TopFraction(0.25), token_selection="shared")
+        for frame, target in zip(frames, expected):
+            out = half.forward_features(frame.to(dtype)).float()
+            assert torch.isfinite(out).all() and ((out - target).norm() / target.norm()).item() < 0.1
+    model.float()
+
+
+def test_a_bad_value_is_one_clear_error() -> None:
+    ev = fv.eventful(make_model("vit_tiny_patch16_224"), fv.TopFraction(0.25))
+    with pytest.raises(ValueError, match="token_selection must be one of per_gate, shared"):
+        ev.token_selection = "global"
