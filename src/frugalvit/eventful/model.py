@@ -172,8 +172,9 @@ class EventfulViT(nn.Module):
             pool every token) and every gate passes those same tokens, so a token
             is recomputed through the whole network or not at all; the other
             gates compute no error and run no selection (at 4,096 tokens on an
-            H100, the 36 top-k selections of a ViT-B frame took 41% of a
-            captured frame's GPU time; benchmarks/results/
+            H100, the 36 top-k selections of a ViT-B frame took 41% of its
+            GPU kernel time, profiled in sync-free frames, whose kernels a
+            capture replays; benchmarks/results/
             eventful_gpu_explore5_profile_1024.txt). A data-dependent policy
             (`Threshold`, `RelativeThreshold`) then synchronises once per
             frame instead of once per gate. Fidelity on real weights:
