@@ -125,3 +125,28 @@ def test_a_bad_value_is_one_clear_error() -> None:
     ev = fv.eventful(make_model("vit_tiny_patch16_224"), fv.TopFraction(0.25))
     with pytest.raises(ValueError, match="token_selection must be one of per_gate, shared"):
         ev.token_selection = "global"
+
+
+def other_families() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+    from test_eventful_beit import make_beit
+    from test_eventful_eva import eva_video, make_eva
+    from test_eventful_sam import make_sam, sam_video
+
+    return [("sam", make_sam(), sam_video(4)), ("beit", make_beit("per-layer-bias"), patch_video(4, batch=2)),
+            ("eva", make_eva("eva02-tiny"), eva_video(4))]
+
+
+def test_sam_beit_and_eva_full_budget_and_one_selection() -> None:
+    """Windowed attention with relative positions and a conv neck (SAM), a relative-position table (BEiT) and
+    rotary embeddings (EVA): full budget equals the timm model; partial frames pass one selection everywhere."""
+    for name, model, frames in other_families():
+        full = fv.eventful(model, fv.TopFraction(1.0), token_selection="shared")
+        shared = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared")
+        with torch.no_grad():
+            for frame in frames:
+                torch.testing.assert_close(full.forward_features(frame), model.forward_features(frame),
+                                           rtol=1e-5, atol=1e-5, msg=name)
+                out = shared.forward_features(frame)
+                assert torch.isfinite(out).all(), name
+        indices = gate_indices(shared)
+        assert all(torch.equal(index, indices[0]) for index in indices), name
