@@ -169,7 +169,6 @@ class TokenGate(nn.Module):
         scatter_tokens_(self.reference, selection, selected)
         return selection, selected
 
-
     def choose(self, tokens: Tensor, policy: TokenPolicy, always: int = 0) -> Tensor:
         """The tokens (B, M), ascending, that `policy` picks by their error against this gate's reference; the
         first `always` tokens (class token, registers) count as changed without limit, so they are among them."""
