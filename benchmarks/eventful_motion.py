@@ -21,7 +21,8 @@ an upper bound for a real one).
 
 Usage:
     python3 benchmarks/eventful_motion.py --out benchmarks/results/eventful_motion_224 \\
-        [--clips bigbuckbunny bikes carphone_pristine] [--size 224] [--frames 60] [--attention-rows changed]
+        [--clips bigbuckbunny bikes carphone_pristine] [--size 224] [--frames 60] [--attention-rows changed] \\
+        [--token-selection shared]
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def verdicts_of(rows: list[dict[str, object]]) -> dict[str, list[dict]]:
             for kind in ("eventful", "eventful_mc") for baseline in ("keyframe", "keyframe_mc")}
 
 
-def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str = "all") -> dict[str, object]:
+def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str = "all",
+                  token_selection: str = "per_gate") -> dict[str, object]:
     path = bundled_clip_path(clip) if "/" not in clip and not clip.endswith(".mp4") else resolve_clip(clip)
     model = saliency_vit(size)
     frames = load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
@@ -99,7 +101,7 @@ def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str =
         add("keyframe_mc", f"motion-compensated hold K={period}", compensated(dense_maps, frames, source),
             keys * dense + (total - keys) * estimate)
     for policy, options in hold_settings(False, size > 224):
-        options = {**options, "attention_rows": attention_rows}
+        options = {**options, "attention_rows": attention_rows, "token_selection": token_selection}
         label = (f"{policy.replace('fraction:', 'top ').replace('relative:', 'relative ')} + hold "
                  f"{options['hold_share']:g} / cut {options['cut_share']:g}")
         run = eventful_run(model, frames, EventfulSetting(label, policy, options))
@@ -157,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--attention-rows", choices=["all", "changed"], default="all",
                         help="EventfulViT.attention_rows of every eventful setting (default: %(default)s)")
+    parser.add_argument("--token-selection", choices=["per_gate", "shared"], default="per_gate",
+                        help="EventfulViT.token_selection of every eventful setting (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [evaluate_clip(clip, args.size, args.frames, args.attention_rows) for clip in args.clips]
+    results = [evaluate_clip(clip, args.size, args.frames, args.attention_rows, args.token_selection)
+               for clip in args.clips]
     write_report("eventful_motion", results, args, plot)
     return 0
 
