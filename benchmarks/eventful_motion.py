@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from eventful_real import (EventfulSetting, dense_run, dominance, eventful_run, hold_settings, keyframe_hold,
-                           style_axis, summarize, write_report)
+from eventful_real import (EventfulSetting, add_run_arguments, dense_run, dominance, eventful_run, hold_settings,
+                           keyframe_hold, style_axis, summarize, write_report)
 from frugalvit.models import saliency_vit
 from frugalvit.reporting import save_figure_atomically
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
@@ -151,12 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_motion_224"))
     parser.add_argument("--clips", nargs="+", default=["bigbuckbunny", "bikes", "carphone_pristine"])
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--frames", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--attention-rows", choices=["all", "changed"], default="all",
-                        help="EventfulViT.attention_rows of every eventful setting (default: %(default)s)")
-    parser.add_argument("--token-selection", choices=["per_gate", "shared"], default="per_gate",
-                        help="EventfulViT.token_selection of every eventful setting (default: %(default)s)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = [evaluate_clip(clip, args.size, args.frames, args.attention_rows, args.token_selection)

