@@ -41,14 +41,16 @@ def test_full_budget_equals_the_timm_model(name: str) -> None:
             torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", ["all", "changed"])
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
-def test_every_gate_passes_the_first_gates_choice_with_the_prefix_tokens(name: str) -> None:
+def test_every_gate_passes_the_first_gates_choice_with_the_prefix_tokens(name: str, rows: str) -> None:
     """The first gate chooses by the input's change (the class token and registers always among the chosen),
     every gate passes exactly those tokens, and the frames equal a per-gate run whose every gate is told to
-    select the same tokens (the shared path is the per-gate path with one selection)."""
+    select the same tokens (the shared path is the per-gate path with one selection; with changed attention rows
+    the prefix rows, chosen already, are not recomputed a second time)."""
     model = make_model(name)
     frames = patch_video(5, batch=2, share=0.3)
-    shared = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared")
+    shared = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared", attention_rows=rows)
     recorded, outputs = [], []
     prefix = model.num_prefix_tokens
     with torch.no_grad():
@@ -63,7 +65,7 @@ def test_every_gate_passes_the_first_gates_choice_with_the_prefix_tokens(name: s
             assert (indices[0][:, :prefix] == torch.arange(prefix)).all()
             recorded.append(indices[0].clone())
         replay = Replay([index for index in recorded if index is not None])
-        per_gate = fv.eventful(model, replay)
+        per_gate = fv.eventful(model, replay, attention_rows=rows)
         for frame, index, expected in zip(frames, recorded, outputs):
             torch.testing.assert_close(per_gate(frame), expected, rtol=1e-6, atol=1e-6)
             replay.frame += index is not None

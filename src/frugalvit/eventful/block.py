@@ -94,7 +94,8 @@ class EventfulAttention(nn.Module):
         return q, k, v
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
-                keep_sums: bool = False, sync_free: bool = False, changed_rows_only: bool = False) -> Tensor:
+                keep_sums: bool = False, sync_free: bool = False, changed_rows_only: bool = False,
+                prefix_selected: bool = False) -> Tensor:
         """Attention output for all N tokens (B, N, heads * head_dim), before the output norm/projection.
 
         `keep_sums`: on a full update, build the incremental path's sums (same
@@ -103,8 +104,9 @@ class EventfulAttention(nn.Module):
         a second dense attention pass. `changed_rows_only`: on a partial frame,
         recompute only the rows of the selected queries (against every key and
         value, fused kernel, 2 M N Dh per head), and those of the first
-        `prefix_rows` tokens, and keep the other rows' last output
-        (`EventfulViT.attention_rows`).
+        `prefix_rows` tokens (unless `prefix_selected`: the selection holds them
+        already, as a shared selection does), and keep the other rows' last
+        output (`EventfulViT.attention_rows`).
         """
         scale = self.attention.scale
         q, k, v = self._project(tokens, selection)
@@ -128,7 +130,7 @@ class EventfulAttention(nn.Module):
             for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
                 scatter_tokens_(state, selection, fresh)
             if changed_rows_only:
-                self._update_changed_rows(q, selection, scale)
+                self._update_changed_rows(q, selection, scale, prefix_selected)
                 return merge_head_outputs(self.output)
             if not incremental:
                 self.sums = None
@@ -151,13 +153,15 @@ class EventfulAttention(nn.Module):
         self.output = store_(self.output, mixed)
         return merge_head_outputs(mixed)
 
-    def _update_changed_rows(self, new_q: Tensor, selection: Selection, scale: float) -> None:
+    def _update_changed_rows(self, new_q: Tensor, selection: Selection, scale: float,
+                             prefix_selected: bool = False) -> None:
         """`changed_rows_only`: recompute the output rows of the selected queries `new_q` (B, H, M, Dh) and of the
-        first `prefix_rows` tokens against the (updated) keys and values, in place; the other rows stay."""
+        first `prefix_rows` tokens (unless `prefix_selected`: then they are among the selected) against the
+        (updated) keys and values, in place; the other rows stay."""
         self.sums = None
         scatter_tokens_(self.output, selection, fused_row_attention(new_q, self.k, self.v, scale, selection,
                                                                     self.bias))
-        if self.prefix_rows:  # the class token (and registers) every frame: their input never moves, but they
+        if self.prefix_rows and not prefix_selected:  # the class token (and registers) every frame: their input never moves, but they
             # pool every token, and a classifier reads the class token; frozen, it would keep frame 1's answer
             count = self.prefix_rows
             prefix = Selection(torch.arange(count, device=new_q.device).expand(new_q.shape[0], count),
@@ -205,8 +209,9 @@ class EventfulBlock(nn.Module):
         selection, tokens = self.attention_gate(x, policy, update_all, indices)
         keep_sums = selection is None and not changed_rows_only \
             and policy.may_select_fewer_than(incremental_max_fraction, x.shape[1])
+        # A shared selection holds the class token and registers (`EventfulViT.token_selection`)
         mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, keep_sums, sync_free,
-                               changed_rows_only)
+                               changed_rows_only, prefix_selected=indices is not None)
         selection, tokens = self.projection_gate(mixed, policy, update_all, indices)
         norm = getattr(attn, "norm", None)  # timm's ViT Attention has a norm before its projection; SAM's has none
         # The residual adds write into x: it is this frame's own tensor (the gates keep copies, and on a full

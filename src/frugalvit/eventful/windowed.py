@@ -97,9 +97,10 @@ class EventfulWindowAttention(nn.Module):
         return split_qkv(self.attention, tokens)
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
-                keep_sums: bool = False, sync_free: bool = False, changed_rows_only: bool = False) -> Tensor:
+                keep_sums: bool = False, sync_free: bool = False, changed_rows_only: bool = False,
+                prefix_selected: bool = False) -> Tensor:
         """Attention output for all N tokens (B, N, heads * head_dim), before the output projection."""
-        del incremental_max_fraction, keep_sums, changed_rows_only  # windows are always recomputed densely
+        del incremental_max_fraction, keep_sums, changed_rows_only, prefix_selected  # windows: always recomputed
         geometry = self.geometry
         if geometry is None:
             raise RuntimeError("EventfulWindowAttention.prepare(grid, ...) must run before the first frame")
