@@ -22,11 +22,11 @@ from torch import Tensor
 
 def _grey(frames: Tensor) -> Tensor:
     """(B, C, H, W) or (B, H, W) -> (B, H, W) float32 with its per-frame mean removed."""
-    if frames.dim() == 4:
-        frames = frames.float().mean(dim=1)
-    elif frames.dim() != 3:
+    if frames.dim() not in (3, 4):
         raise ValueError(f"frames must be (B, C, H, W) or (B, H, W), got shape {tuple(frames.shape)}")
     frames = frames.float()
+    if frames.dim() == 4:
+        frames = frames.mean(dim=1)
     return frames - frames.mean(dim=(-2, -1), keepdim=True)
 
 
