@@ -52,11 +52,10 @@ def motion_macs(height: int, width: int) -> float:
 
 
 def compensated(maps: Tensor, frames: Tensor, source: list[int]) -> Tensor:
-    """Frame t's map is `maps[source[t]]` moved by the global shift from frame source[t] to frame t."""
+    """Frame t's map is `maps[source[t]]` moved by the global shift from frame source[t] to frame t (a frame that
+    is its own source does not move: the shift between a frame and itself is zero). One batched call."""
     index = torch.tensor(source)
-    moved = [shift_maps(maps[index[t]][None], global_shift(frames[index[t]][None], frames[t][None]))
-             if source[t] != t else maps[t][None] for t in range(len(source))]
-    return torch.cat(moved)
+    return shift_maps(maps[index], global_shift(frames[index], frames))
 
 
 def last_computed(held: list[bool]) -> list[int]:
