@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 

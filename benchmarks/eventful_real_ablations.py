@@ -172,8 +172,9 @@ def run_gate_policies(model, frames: Tensor, policies: GatePolicies, **options: 
     original = EventfulBlock.forward
 
     def forward(self: EventfulBlock, x: Tensor, policy: TokenPolicy, incremental_max_fraction: float,
-                update_all: bool = False, sync_free: bool = False, changed_rows_only: bool = False) -> Tensor:
-        del sync_free, changed_rows_only  # the library's defaults
+                update_all: bool = False, sync_free: bool = False, changed_rows_only: bool = False,
+                indices: Tensor | None = None) -> Tensor:
+        del sync_free, changed_rows_only, indices  # the library's defaults (per-gate selection here)
         block, attn, index = self.block, self.block.attn, self.index
         selection, tokens = self.attention_gate(x, policies(index, "attn"), update_all)
         keep = selection is None
@@ -202,9 +203,9 @@ def run_gate_policies(model, frames: Tensor, policies: GatePolicies, **options: 
 
 
 @torch.no_grad()
-def output_oracle(model, frames: Tensor, fraction: float) -> Tensor:
-    """Dense final tokens; each frame only the `fraction` most changed ones are refreshed, the rest held."""
-    features = torch.cat([model.backbone.forward_features(frame[None]) for frame in frames])
+def output_oracle(model, features: Tensor, fraction: float) -> Tensor:
+    """Dense final tokens `features` (T, N, D); each frame only the `fraction` most changed ones are refreshed,
+    the rest held."""
     held = features[0].clone()
     count = math.ceil(fraction * held.shape[0])
     maps = [model.decode(held[None])]
@@ -215,15 +216,15 @@ def output_oracle(model, frames: Tensor, fraction: float) -> Tensor:
     return torch.cat(maps)
 
 
-def oracle_scores(model, frames: Tensor, kind: str) -> Callable[[int, Tensor], Tensor]:
-    """Per-frame token scores (1, N) from the dense model's final tokens (an oracle: it runs the dense model).
+def oracle_scores(dense: Tensor, kind: str
+                  ) -> tuple[Callable[[int, Tensor], Tensor], Callable[[int, Tensor, Tensor | None], None]]:
+    """(score, record): per-frame token scores (1, N) from the dense model's final tokens `dense` (T, N, D) (an
+    oracle), and the callback that records each frame's eventful output.
 
     "error": how far the eventful output (recorded after each frame via `record`) is from the dense output of
     this frame; "change": how much the dense output changed since the frame before; "lagged": the same one
     frame late (from t-2 to t-1).
     """
-    with torch.no_grad():
-        dense = torch.cat([model.backbone.forward_features(frame[None]) for frame in frames])
     state: dict[str, Tensor] = {}
 
     def score(frame: int, errors: Tensor) -> Tensor:
@@ -269,7 +270,7 @@ def oracle_keyframes(dense: Tensor, keyframes: int) -> Tensor:
     return dense[source]
 
 
-def cases(model, frames: Tensor) -> list[tuple[str, GatePolicies, dict[str, object]]]:
+def cases(dense_features: Tensor) -> list[tuple[str, GatePolicies, dict[str, object]]]:
     top = TopFraction
     out: list[tuple[str, GatePolicies, dict[str, object]]] = []
     for f in (0.25, 0.125):
@@ -295,7 +296,7 @@ def cases(model, frames: Tensor) -> list[tuple[str, GatePolicies, dict[str, obje
         for kind, what in (("error", "eventful output furthest from the dense output"),
                            ("change", "dense output changed most since t-1"),
                            ("lagged", "dense output changed most from t-2 to t-1")):
-            score, record = oracle_scores(model, frames, kind)
+            score, record = oracle_scores(dense_features, kind)
             out.append((f"oracle shared selection {f}: {what}", PerFrameSelection(f, score, record), {}))
         for weight in (1.0, 3.0):
             drift = OutputDrift(weight)
@@ -314,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     model = saliency_vit(args.size)
     frames = load_frames(bundled_clip_path(args.clip), args.size, IMAGENET_MEAN, IMAGENET_STD, args.frames)
-    with torch.no_grad():
-        dense = torch.cat([model(frame[None]) for frame in frames])
+    with torch.no_grad():  # the dense final tokens (the oracles read them) and maps, computed once
+        features = torch.cat([model.backbone.forward_features(frame[None]) for frame in frames])
+        dense = torch.cat([model.decode(tokens[None]) for tokens in features])
     _, dense_macs = counted(model.backbone.forward_features, frames[:1])
     total = frames.shape[0]
     rows = []
@@ -331,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     for count in (30, 20, 15, 12, 10, 8):
         add(f"oracle keyframe schedule, {count} keyframes", oracle_keyframes(dense, count), total / count)
     for fraction in (0.25, 0.125, 0.0625):
-        add(f"output oracle: dense final tokens, top {fraction} refreshed", output_oracle(model, frames, fraction),
-            float("nan"))
-    for label, policies, options in cases(model, frames):
+        add(f"output oracle: dense final tokens, top {fraction} refreshed",
+            output_oracle(model, features, fraction), float("nan"))
+    for label, policies, options in cases(features):
         maps, macs = run_gate_policies(model, frames, policies, **options)
         add(label, maps, dense_macs * total / macs)
     write_json_atomically({"clip": args.clip, "size": args.size, "frames": total, "rows": rows}, args.out, indent=1)
