@@ -123,3 +123,19 @@ def assert_changed_rows_path_matches_dense(model: torch.nn.Module, frames: torch
             torch.testing.assert_close(everything, attention(None, fresh, 0.0), rtol=1e-5, atol=atol)
             checked += 1
     assert checked > 0
+
+
+def assert_half_precision_close_to_float32(model: torch.nn.Module, frames: torch.Tensor, dtype: torch.dtype,
+                                           tolerance: float = 0.1, **options: object) -> None:
+    """`TopFraction(0.25)` eventful frames in `dtype` are finite and within `tolerance` relative L2 of the same
+    frames in float32 (loose: where two tokens' errors tie after rounding, the half-precision gate may pick the
+    other one). `options` go to `frugalvit.eventful`."""
+    reference = fv.eventful(model, fv.TopFraction(0.25), **options)
+    with torch.no_grad():
+        expected = [reference.forward_features(frame) for frame in frames]
+        half = fv.eventful(model.to(dtype), fv.TopFraction(0.25), **options)
+        for frame, want in zip(frames, expected):
+            got = half.forward_features(frame.to(dtype)).float()
+            assert torch.isfinite(got).all()
+            assert relative_error(got, want) < tolerance
+    model.float()

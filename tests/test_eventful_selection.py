@@ -8,7 +8,7 @@ import torch
 import frugalvit as fv
 from frugalvit.eventful.policies import TokenPolicy
 
-from eventful_anchors import assert_sync_free_step_compiles_whole
+from eventful_anchors import assert_half_precision_close_to_float32, assert_sync_free_step_compiles_whole
 from test_eventful import ARCHITECTURES, make_model, patch_video
 
 
@@ -111,16 +111,8 @@ def test_shared_frame_compiles_whole_with_no_graph_break() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_stays_finite_and_close(dtype: torch.dtype) -> None:
-    model = make_model("deit3_small_patch16_224")
-    frames = patch_video(4, share=0.3)
-    reference = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared")
-    with torch.no_grad():
-        expected = [reference.forward_features(frame) for frame in frames]
-        half = fv.eventful(model.to(dtype), fv.TopFraction(0.25), token_selection="shared")
-        for frame, target in zip(frames, expected):
-            out = half.forward_features(frame.to(dtype)).float()
-            assert torch.isfinite(out).all() and ((out - target).norm() / target.norm()).item() < 0.1
-    model.float()
+    assert_half_precision_close_to_float32(make_model("deit3_small_patch16_224"), patch_video(4, share=0.3), dtype,
+                                           token_selection="shared")
 
 
 def test_a_bad_value_is_one_clear_error() -> None:
