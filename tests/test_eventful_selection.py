@@ -103,16 +103,18 @@ def test_threshold_policies_choose_once_per_frame() -> None:
     assert len(counts) == 1 and 1 <= counts.pop() < 17
 
 
-def test_shared_frame_compiles_whole_with_no_graph_break() -> None:
+@pytest.mark.parametrize("rows", ["all", "changed"])
+def test_shared_frame_compiles_whole_with_no_graph_break(rows: str) -> None:
     model = make_model("vit_small_patch14_reg4_dinov2")
     frames = patch_video(4, share=0.2)
-    assert_sync_free_step_compiles_whole(model, frames, token_selection="shared")
+    assert_sync_free_step_compiles_whole(model, frames, attention_rows=rows, token_selection="shared")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_stays_finite_and_close(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("rows", ["all", "changed"])
+def test_half_precision_stays_finite_and_close(dtype: torch.dtype, rows: str) -> None:
     assert_half_precision_close_to_float32(make_model("deit3_small_patch16_224"), patch_video(4, share=0.3), dtype,
-                                           token_selection="shared")
+                                           attention_rows=rows, token_selection="shared")
 
 
 def test_a_bad_value_is_one_clear_error() -> None:
