@@ -117,6 +117,42 @@ def test_half_precision_stays_finite_and_close(dtype: torch.dtype, rows: str) ->
                                            attention_rows=rows, token_selection="shared")
 
 
+def test_only_the_choosing_gate_keeps_its_reference() -> None:
+    """A shared partial frame writes the first gate's reference (it chooses) and no other gate's (they follow),
+    so the frame does one reference update instead of 3 x depth."""
+    model = make_model("vit_small_patch14_reg4_dinov2")
+    ev = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared", attention_rows="changed")
+    frames = patch_video(3, share=0.3)
+    with torch.no_grad():
+        ev(frames[0])
+        gates = [gate for block in ev.eventful_blocks
+                 for gate in (block.attention_gate, block.projection_gate, block.mlp_gate)]
+        before = [gate.reference.clone() for gate in gates]
+        ev(frames[1])
+    assert not ev.last_frame_full
+    assert not torch.equal(gates[0].reference, before[0])
+    assert all(torch.equal(gate.reference, old) for gate, old in zip(gates[1:], before[1:]))
+
+
+def test_switching_back_to_per_gate_recomputes_one_frame_in_full() -> None:
+    """The following gates' references are stale after shared frames, so switching to per-gate selection
+    mid-sequence computes the next frame in full; from there the frames equal a per-gate run started there."""
+    model = make_model("deit3_small_patch16_224")
+    frames = patch_video(6, batch=2, share=0.3)
+    ev = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared")
+    fresh = fv.eventful(model, fv.TopFraction(0.25))
+    with torch.no_grad():
+        for frame in frames[:3]:
+            ev(frame)
+        ev.token_selection = "per_gate"
+        for step, frame in enumerate(frames[3:]):
+            torch.testing.assert_close(ev(frame), fresh(frame), rtol=1e-6, atol=1e-6)
+            assert ev.last_frame_full == (step == 0)
+        ev.token_selection = "shared"  # the other way needs nothing: the first gate's reference is kept always
+        ev(frames[0])
+        assert not ev.last_frame_full
+
+
 def test_a_bad_value_is_one_clear_error() -> None:
     ev = fv.eventful(make_model("vit_tiny_patch16_224"), fv.TopFraction(0.25))
     with pytest.raises(ValueError, match="token_selection must be one of per_gate, shared"):

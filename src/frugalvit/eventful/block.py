@@ -95,7 +95,7 @@ class EventfulAttention(nn.Module):
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
                 keep_sums: bool = False, sync_free: bool = False, changed_rows_only: bool = False,
-                prefix_selected: bool = False) -> Tensor:
+                prefix_selected: bool = False, selected_only: bool = False) -> Tensor:
         """Attention output for all N tokens (B, N, heads * head_dim), before the output norm/projection.
 
         `keep_sums`: on a full update, build the incremental path's sums (same
@@ -106,7 +106,10 @@ class EventfulAttention(nn.Module):
         value, fused kernel, 2 M N Dh per head), and those of the first
         `prefix_rows` tokens (unless `prefix_selected`: the selection holds them
         already, as a shared selection does), and keep the other rows' last
-        output (`EventfulViT.attention_rows`).
+        output (`EventfulViT.attention_rows`). `selected_only`: on a partial
+        frame return only the rows of `selection` (B, M, heads * head_dim), all
+        the next gate passes when it follows the same selection; the full
+        (B, N, D) merge of the heads is then skipped.
         """
         scale = self.attention.scale
         q, k, v = self._project(tokens, selection)
@@ -122,7 +125,7 @@ class EventfulAttention(nn.Module):
                 self.last_path = "dense"
         elif selection.count == 0:
             self.last_path = "skipped"
-            return merge_head_outputs(self.output)
+            return merge_head_outputs(gather_tokens(self.output, selection) if selected_only else self.output)
         else:
             incremental = not changed_rows_only and selection.count <= incremental_max_fraction * selection.num_tokens
             if incremental:  # the sums need the keys and values being replaced
@@ -130,7 +133,9 @@ class EventfulAttention(nn.Module):
             for state, fresh in ((self.q, q), (self.k, k), (self.v, v)):
                 scatter_tokens_(state, selection, fresh)
             if changed_rows_only:
-                self._update_changed_rows(q, selection, scale, prefix_selected)
+                fresh = self._update_changed_rows(q, selection, scale, prefix_selected)
+                if selected_only:  # the selected rows are exactly the fresh ones (the prefix among them)
+                    return merge_head_outputs(fresh if prefix_selected else gather_tokens(self.output, selection))
                 return merge_head_outputs(self.output)
             if not incremental:
                 self.sums = None
@@ -151,16 +156,18 @@ class EventfulAttention(nn.Module):
         # Kept per head (B, H, N, Dh): the next gate keeps the merged (B, N, D) copy, and two state tensors
         # holding one value in one layout could be merged into one buffer by a compiler (torch.compile does).
         self.output = store_(self.output, mixed)
+        if selected_only and selection is not None:
+            return merge_head_outputs(gather_tokens(mixed, selection))
         return merge_head_outputs(mixed)
 
     def _update_changed_rows(self, new_q: Tensor, selection: Selection, scale: float,
-                             prefix_selected: bool = False) -> None:
+                             prefix_selected: bool = False) -> Tensor:
         """`changed_rows_only`: recompute the output rows of the selected queries `new_q` (B, H, M, Dh) and of the
         first `prefix_rows` tokens (unless `prefix_selected`: then they are among the selected) against the
-        (updated) keys and values, in place; the other rows stay."""
+        (updated) keys and values, in place; the other rows stay. Returns the selected queries' rows."""
         self.sums = None
-        scatter_tokens_(self.output, selection, fused_row_attention(new_q, self.k, self.v, scale, selection,
-                                                                    self.bias))
+        fresh = fused_row_attention(new_q, self.k, self.v, scale, selection, self.bias)
+        scatter_tokens_(self.output, selection, fresh)
         if self.prefix_rows and not prefix_selected:  # the class token (and registers) every frame: their input never moves, but they
             # pool every token, and a classifier reads the class token; frozen, it would keep frame 1's answer
             count = self.prefix_rows
@@ -169,6 +176,7 @@ class EventfulAttention(nn.Module):
             self.output[:, :, :count] = fused_row_attention(self.q[:, :, :count], self.k, self.v, scale, prefix,
                                                             self.bias)
         self.last_path = "rows"
+        return fresh
 
     def state_tensors(self) -> list[Tensor]:
         """Every tensor held between frames."""
@@ -202,9 +210,18 @@ class EventfulBlock(nn.Module):
 
     def forward(self, x: Tensor, policy: TokenPolicy, incremental_max_fraction: float,
                 update_all: bool = False, sync_free: bool = False, changed_rows_only: bool = False,
-                indices: Tensor | None = None) -> Tensor:
+                indices: Tensor | None = None, shared: Selection | None = None, chooser: bool = False) -> Tensor:
         """One block over all tokens (B, N, D); `changed_rows_only`: see `EventfulAttention.forward`; `indices`
-        (B, M): the tokens every gate passes on a partial frame (default: each gate chooses by its own error)."""
+        (B, M): the tokens every gate passes on a partial frame (default: each gate chooses by its own error).
+
+        `shared`: a partial frame's one selection for every gate (`EventfulViT.token_selection="shared"`, fewer
+        than N tokens, the class token and registers among them), taken by a leaner path that computes the
+        same values: the selection's flat row indices are built once for the frame, attention hands over only
+        the selected rows, and only the gate that chose (`chooser`: the first block's attention gate) keeps
+        its reference up to date.
+        """
+        if shared is not None and not update_all:
+            return self._forward_shared(x, incremental_max_fraction, sync_free, changed_rows_only, shared, chooser)
         block, attn = self.block, self.block.attn
         selection, tokens = self.attention_gate(x, policy, update_all, indices)
         keep_sums = selection is None and not changed_rows_only \
@@ -220,6 +237,22 @@ class EventfulBlock(nn.Module):
         projected = attn.proj(tokens if norm is None else norm(tokens))
         x = x.add_(self.projection_buffer(selection, self.layer_scale(block, 1, projected)))
         selection, tokens = self.mlp_gate(x, policy, update_all, indices)
+        return x.add_(self.mlp_buffer(selection, self.layer_scale(block, 2, block.mlp(block.norm2(tokens)))))
+
+    def _forward_shared(self, x: Tensor, incremental_max_fraction: float, sync_free: bool, changed_rows_only: bool,
+                        selection: Selection, chooser: bool) -> Tensor:
+        """`forward` on a partial frame whose every gate passes `selection` (see `forward`'s `shared`)."""
+        block, attn = self.block, self.block.attn
+        tokens = gather_tokens(x, selection)
+        self.attention_gate.follow(tokens, selection, keep_reference=chooser)
+        mixed = self.attention(selection, block.norm1(tokens), incremental_max_fraction, False, sync_free,
+                               changed_rows_only, prefix_selected=True, selected_only=True)
+        self.projection_gate.follow(mixed, selection, keep_reference=False)
+        norm = getattr(attn, "norm", None)
+        projected = attn.proj(mixed if norm is None else norm(mixed))
+        x = x.add_(self.projection_buffer(selection, self.layer_scale(block, 1, projected)))
+        tokens = gather_tokens(x, selection)
+        self.mlp_gate.follow(tokens, selection, keep_reference=False)
         return x.add_(self.mlp_buffer(selection, self.layer_scale(block, 2, block.mlp(block.norm2(tokens)))))
 
     def mark_held(self) -> None:

@@ -169,6 +169,18 @@ class TokenGate(nn.Module):
         scatter_tokens_(self.reference, selection, selected)
         return selection, selected
 
+    def follow(self, tokens: Tensor, selection: Selection, keep_reference: bool) -> None:
+        """Record passing `tokens` (B, M, D), the rows `selection` that another gate chose for the whole frame
+        (`EventfulViT.token_selection="shared"`); the reference moves only if `keep_reference`.
+
+        Only the gate that chooses needs its reference: the others pass what it chose, so keeping theirs would
+        cost a scatter per gate per frame for nothing; they go stale, and the model refreshes in full before
+        these gates choose again (switching back to per-gate selection).
+        """
+        self.last_count, self.last_indices = selection.count, selection.indices
+        if keep_reference:
+            scatter_tokens_(self.reference, selection, tokens)
+
     def choose(self, tokens: Tensor, policy: TokenPolicy, always: int = 0) -> Tensor:
         """The tokens (B, M), ascending, that `policy` picks by their error against this gate's reference; the
         first `always` tokens (class token, registers) count as changed without limit, so they are among them."""

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION, AttentionSums
 from frugalvit.eventful.block import EventfulAttention, EventfulBlock
-from frugalvit.eventful.gates import ScratchPool, store_
+from frugalvit.eventful.gates import ScratchPool, Selection, store_
 from frugalvit.eventful.neck import EventfulNeck
 from frugalvit.eventful.policies import TokenPolicy
 from frugalvit.eventful.relpos import TableBias
@@ -307,6 +307,10 @@ class EventfulViT(nn.Module):
             raise ValueError(f"attention_rows must be one of {', '.join(ATTENTION_ROWS)}, got {value!r}")
         if name == "token_selection" and value not in TOKEN_SELECTIONS:
             raise ValueError(f"token_selection must be one of {', '.join(TOKEN_SELECTIONS)}, got {value!r}")
+        if name == "token_selection" and value != "shared" and getattr(self, "token_selection", value) == "shared":
+            # Shared selection keeps only the choosing gate's reference; the others must start again from a
+            # full frame before they choose (a mid-sequence switch costs one dense frame).
+            super().__setattr__("_refresh_pending", True)
         if name == "refresh_every" and value is not None and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"refresh_every must be None or an integer >= 1, got {value!r}")
         if name == "cut_share" and value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
@@ -508,13 +512,16 @@ class EventfulViT(nn.Module):
         switch = self.attention_switch(tokens.device)
         changed_rows = self.attention_rows == "changed"
         first = self.eventful_blocks[0].attention_gate
-        shared = None  # token_selection="shared": the first gate's choice, passed by every gate
+        indices = shared = None  # token_selection="shared": the first gate's choice, passed by every gate
         if self.token_selection == "shared" and not update_all and first.reference is not None:
             # The class token and registers always: their input never moves, but they pool every token (and a
             # classifier reads the class token), so chosen by their input alone they would never update.
-            shared = first.choose(tokens, self.policy, always=self._prefix_tokens)
-        for block in self.eventful_blocks:
-            tokens = block(tokens, self.policy, switch, update_all, self._sync_free, changed_rows, shared)
+            indices = first.choose(tokens, self.policy, always=self._prefix_tokens)
+            if indices.shape[1] < tokens.shape[1]:  # else every gate passes all tokens, as on a full frame
+                shared, indices = Selection(indices, tokens.shape[1]), None
+        for index, block in enumerate(self.eventful_blocks):
+            tokens = block(tokens, self.policy, switch, update_all, self._sync_free, changed_rows, indices,
+                           shared=shared, chooser=index == 0)
         if self.eventful_neck is not None:
             return self.eventful_neck(tokens, self._grid, self.policy, update_all)
         if self._sam:

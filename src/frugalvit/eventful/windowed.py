@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from frugalvit.eventful.block import merge_head_outputs
-from frugalvit.eventful.gates import Selection, store_
+from frugalvit.eventful.gates import Selection, gather_tokens, store_
 from frugalvit.eventful.relpos import decomposed_bias
 from frugalvit.timm import split_qkv
 
@@ -98,9 +98,14 @@ class EventfulWindowAttention(nn.Module):
 
     def forward(self, selection: Selection | None, tokens: Tensor, incremental_max_fraction: float,
                 keep_sums: bool = False, sync_free: bool = False, changed_rows_only: bool = False,
-                prefix_selected: bool = False) -> Tensor:
-        """Attention output for all N tokens (B, N, heads * head_dim), before the output projection."""
+                prefix_selected: bool = False, selected_only: bool = False) -> Tensor:
+        """Attention output for all N tokens (B, N, heads * head_dim), before the output projection; with
+        `selected_only` on a partial frame, the rows of `selection` only (see `EventfulAttention.forward`)."""
         del incremental_max_fraction, keep_sums, changed_rows_only, prefix_selected  # windows: always recomputed
+        merged = self._forward(selection, tokens, sync_free)
+        return gather_tokens(merged, selection) if selected_only and selection is not None else merged
+
+    def _forward(self, selection: Selection | None, tokens: Tensor, sync_free: bool) -> Tensor:
         geometry = self.geometry
         if geometry is None:
             raise RuntimeError("EventfulWindowAttention.prepare(grid, ...) must run before the first frame")
