@@ -242,6 +242,7 @@ def phase_eager_and_captured(config: Config, deadline: Deadline, with_incrementa
     if with_incremental:  # the attention path that is not the device's default, at the target budget
         runs.append((1 / 8, cuda, "incremental" if cuda else "fused"))
     runs.append((1 / 8, cuda, "rows"))  # attention over the changed queries' rows only
+    runs.append((1 / 8, cuda, "rows+shared"))  # and one selection per frame: the GPU configuration
     for budget, capture, attention in runs:
         label = f"eventful {budget:g} {'captured' if capture else 'eager'}" + (f" {attention}" if attention else "")
         if deadline.passed():

@@ -173,8 +173,8 @@ def run_gate_policies(model, frames: Tensor, policies: GatePolicies, **options: 
 
     def forward(self: EventfulBlock, x: Tensor, policy: TokenPolicy, incremental_max_fraction: float,
                 update_all: bool = False, sync_free: bool = False, changed_rows_only: bool = False,
-                indices: Tensor | None = None) -> Tensor:
-        del sync_free, changed_rows_only, indices  # the library's defaults (per-gate selection here)
+                indices: Tensor | None = None, shared: object = None, chooser: bool = False) -> Tensor:
+        del sync_free, changed_rows_only, indices, shared, chooser  # the library's defaults (per-gate selection)
         block, attn, index = self.block, self.block.attn, self.index
         selection, tokens = self.attention_gate(x, policies(index, "attn"), update_all)
         keep = selection is None
