@@ -56,12 +56,13 @@ def state_ids(ev: EventfulViT) -> list[tuple[int, int]]:
     return [(id(t), t.data_ptr()) for t in ev.state_tensors()]
 
 
+@pytest.mark.parametrize("selection", ["per_gate", "shared"])
 @pytest.mark.parametrize("name", ["deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2",
                                   "vit_small_patch16_224"])
-def test_state_is_written_in_place_across_frames(name: str) -> None:
+def test_state_is_written_in_place_across_frames(name: str, selection: str) -> None:
     """After the first partial frame no state tensor is replaced, not even by a refresh (full) frame."""
     model = make_model(name)
-    ev = fv.eventful(model, fv.TopFraction(0.2), refresh_every=3, capture=True)
+    ev = fv.eventful(model, fv.TopFraction(0.2), refresh_every=3, capture=True, token_selection=selection)
     frames = patch_video(8, share=0.2)
     with torch.no_grad():
         ev(frames[0])
@@ -75,16 +76,18 @@ def test_state_is_written_in_place_across_frames(name: str) -> None:
     assert any(full) and not all(full)
 
 
+@pytest.mark.parametrize("selection", ["per_gate", "shared"])
 @pytest.mark.parametrize("policy", [fv.TopR(4), fv.TopFraction(0.2), fv.TopFraction(0.5), fv.TopR(0)],
                          ids=["topr", "fraction", "dense-attention", "none"])
-def test_replayed_frames_equal_eager_frames(policy: fv.TokenPolicy, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replayed_frames_equal_eager_frames(policy: fv.TokenPolicy, selection: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Capture with CUDA-graph semantics (fixed ops on fixed tensors) gives the eager frames' outputs,
     across refreshes, a policy change (recapture) and a reset."""
     monkeypatch.setattr(EventfulViT, "recorder", FxGraphFrame)
     FxGraphFrame.captures = 0
     model = make_model("deit3_small_patch16_224")
-    eager, captured = fv.eventful(model, policy, refresh_every=4), fv.eventful(model, policy, refresh_every=4,
-                                                                             capture=True)
+    options = {"refresh_every": 4, "token_selection": selection}
+    eager, captured = fv.eventful(model, policy, **options), fv.eventful(model, policy, capture=True, **options)
     eager.sync_free = True
     frames = patch_video(11, share=0.2)
     with torch.no_grad():
@@ -123,14 +126,15 @@ def test_capture_needs_a_fixed_size_policy() -> None:
         ev.capture = 1
 
 
-def test_compiled_frames_keep_distinct_state_and_equal_eager() -> None:
+@pytest.mark.parametrize("selection", ["per_gate", "shared"])
+def test_compiled_frames_keep_distinct_state_and_equal_eager(selection: str) -> None:
     """With the real compiler (inductor), the state stays one buffer per tensor and the frames equal eager.
 
     Inductor drops copies it considers no-ops and may then hand two state tensors that hold one value the
     same buffer; in-place updates of one would then corrupt the other (seen once, now guarded by layout).
     """
     model = make_model("vit_tiny_patch16_224", depth=1)
-    eager, compiled = fv.eventful(model, fv.TopFraction(0.25)), fv.eventful(model, fv.TopFraction(0.25))
+    eager, compiled = (fv.eventful(model, fv.TopFraction(0.25), token_selection=selection) for _ in range(2))
     eager.sync_free = compiled.sync_free = True
     torch._dynamo.reset()
     compiled.step = torch.compile(compiled.step, fullgraph=True)

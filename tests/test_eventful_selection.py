@@ -71,22 +71,30 @@ def test_every_gate_passes_the_first_gates_choice_with_the_prefix_tokens(name: s
             replay.frame += index is not None
 
 
-def test_same_budget_same_macs_and_the_class_token_follows_the_video() -> None:
-    """Every gate passes as many tokens as with per-gate selection, so a frame costs the same; a classifier's
-    logits move with the video, since the class token is recomputed on every partial frame."""
+def test_token_wise_cost_as_per_gate_and_the_class_token_follows_the_video() -> None:
+    """Every gate passes as many tokens as with per-gate selection; attention costs only the selected rows
+    (a per-gate frame with changed rows told the same tokens computes the class token's row once more per
+    layer, the only difference); a classifier's logits move with the video, since the class token is
+    recomputed on every partial frame."""
     model = make_model("vit_tiny_patch16_224", img_size=128)
     frames = patch_video(4, share=0.3, size=128)
-    macs, logits = {}, {}
-    for selection in ("per_gate", "shared"):
-        ev = fv.eventful(model, fv.TopR(9), token_selection=selection)
-        with torch.no_grad():
-            logits[selection] = [ev(frame) for frame in frames[:-1]]
-            with fv.CostCounter() as cost:
-                ev(frames[-1])
-        macs[selection] = cost.macs
+    ev = fv.eventful(model, fv.TopR(9), token_selection="shared")
+    with torch.no_grad():
+        logits = [ev(frame) for frame in frames[:-1]]
+        with fv.CostCounter() as shared:
+            ev(frames[-1])
         assert ev.gate_counts()[-1] == (9, 9, 9)
-    assert macs["shared"] == macs["per_gate"]
-    assert all(not torch.equal(logits["shared"][0], later) for later in logits["shared"][1:])
+        recorded = [None] + [ev.eventful_blocks[0].attention_gate.last_indices.clone()]
+        replay = Replay([ev.eventful_blocks[0].attention_gate.last_indices.clone()])
+        per_gate = fv.eventful(model, fv.TopR(9), attention_rows="changed")
+        for frame in frames[:-1]:
+            per_gate(frame)
+        per_gate.policy = replay
+        with fv.CostCounter() as told:
+            per_gate(frames[-1])
+    tokens, width, depth = 65, model.embed_dim, len(model.blocks)
+    assert shared.macs == told.macs - depth * 2 * tokens * width  # the class token's row: q.K^T and a.V
+    assert all(not torch.equal(logits[0], later) for later in logits[1:])
     counts = ev.updated_tokens()
     assert counts[0, 0] == 3 * len(ev.eventful_blocks)  # the class token through every gate
     assert set(counts.flatten().tolist()) <= {0, 3 * len(ev.eventful_blocks)}  # whole network or nothing
@@ -134,23 +142,24 @@ def test_only_the_choosing_gate_keeps_its_reference() -> None:
     assert all(torch.equal(gate.reference, old) for gate, old in zip(gates[1:], before[1:]))
 
 
-def test_switching_back_to_per_gate_recomputes_one_frame_in_full() -> None:
-    """The following gates' references are stale after shared frames, so switching to per-gate selection
-    mid-sequence computes the next frame in full; from there the frames equal a per-gate run started there."""
+@pytest.mark.parametrize("order", [("shared", "per_gate"), ("per_gate", "shared")])
+def test_switching_selection_mid_sequence_recomputes_one_frame_in_full(order: tuple[str, str]) -> None:
+    """Shared frames keep only the first gate's reference and the residual sums, per-gate frames the other
+    gates' references and buffers: a switch either way computes the next frame in full, and from there the
+    frames equal a run started there with the new selection."""
+    before, after = order
     model = make_model("deit3_small_patch16_224")
     frames = patch_video(6, batch=2, share=0.3)
-    ev = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared")
-    fresh = fv.eventful(model, fv.TopFraction(0.25))
+    ev = fv.eventful(model, fv.TopFraction(0.25), token_selection=before)
+    fresh = fv.eventful(model, fv.TopFraction(0.25), token_selection=after)
     with torch.no_grad():
         for frame in frames[:3]:
             ev(frame)
-        ev.token_selection = "per_gate"
+        assert not ev.last_frame_full
+        ev.token_selection = after
         for step, frame in enumerate(frames[3:]):
             torch.testing.assert_close(ev(frame), fresh(frame), rtol=1e-6, atol=1e-6)
             assert ev.last_frame_full == (step == 0)
-        ev.token_selection = "shared"  # the other way needs nothing: the first gate's reference is kept always
-        ev(frames[0])
-        assert not ev.last_frame_full
 
 
 def test_a_bad_value_is_one_clear_error() -> None:

@@ -15,13 +15,14 @@ from test_eventful_sam import make_sam, sam_video
 
 
 def run_streams(model: torch.nn.Module, frames: torch.Tensor, reset_at: int, stream: int,
-                capture: bool = False, attention_rows: str = "all"
+                capture: bool = False, attention_rows: str = "all", token_selection: str = "per_gate"
                 ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """Batched outputs with a per-stream reset at `reset_at`, and each stream run alone (reset there too)."""
     policy = fv.TopR(5)
-    batched = fv.eventful(model, policy, capture=capture, attention_rows=attention_rows)
+    options = {"attention_rows": attention_rows, "token_selection": token_selection}
+    batched = fv.eventful(model, policy, capture=capture, **options)
     batched.sync_free = capture
-    alone = [fv.eventful(model, policy, attention_rows=attention_rows) for _ in range(frames.shape[1])]
+    alone = [fv.eventful(model, policy, **options) for _ in range(frames.shape[1])]
     for single in alone:
         single.sync_free = capture
     outputs, singles = [], [[] for _ in alone]
@@ -36,16 +37,18 @@ def run_streams(model: torch.nn.Module, frames: torch.Tensor, reset_at: int, str
     return outputs, singles
 
 
-@pytest.mark.parametrize("attention_rows", ["all", "changed"])
+@pytest.mark.parametrize("attention_rows,selection", [("all", "per_gate"), ("changed", "per_gate"),
+                                                      ("all", "shared")])
 @pytest.mark.parametrize("capture", [False, True], ids=["eager", "captured"])
-def test_one_stream_starts_over_and_the_others_go_on(capture: bool, attention_rows: str,
+def test_one_stream_starts_over_and_the_others_go_on(capture: bool, attention_rows: str, selection: str,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each batch row equals the same stream run alone, the reset stream included (TopR: rows independent)."""
+    """Each batch row equals the same stream run alone, the reset stream included (TopR: rows independent;
+    with shared selection the residual sums' row is rewritten too)."""
     monkeypatch.setattr(EventfulViT, "recorder", FxGraphFrame)
     model = make_model("deit3_small_patch16_224")
     frames = patch_video(8, batch=3, share=0.3)
     outputs, singles = run_streams(model, frames, reset_at=4, stream=1, capture=capture,
-                                   attention_rows=attention_rows)
+                                   attention_rows=attention_rows, token_selection=selection)
     for index, out in enumerate(outputs):
         for row in range(3):
             torch.testing.assert_close(out[row:row + 1], singles[row][index], rtol=1e-4, atol=1e-5)
@@ -53,14 +56,15 @@ def test_one_stream_starts_over_and_the_others_go_on(capture: bool, attention_ro
         torch.testing.assert_close(outputs[4][1:2], model.forward_features(frames[4][1:2]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("selection", ["per_gate", "shared"])
 @pytest.mark.parametrize("family", ["sam", "beit", "eva"])
-def test_stream_reset_on_other_families(family: str) -> None:
+def test_stream_reset_on_other_families(family: str, selection: str) -> None:
     """Windowed, relative-position, bias-table, rotary and neck state: the reset row is rewritten, the others
     untouched."""
     model, frames = {"sam": lambda: (make_sam(), sam_video(5, batch=2)),
                      "beit": lambda: (make_beit("per-layer-bias"), patch_video(5, batch=2)),
                      "eva": lambda: (make_eva("eva02-tiny"), eva_video(5, batch=2))}[family]()
-    outputs, singles = run_streams(model, frames, reset_at=3, stream=0)
+    outputs, singles = run_streams(model, frames, reset_at=3, stream=0, token_selection=selection)
     for index, out in enumerate(outputs):
         for row in range(2):
             torch.testing.assert_close(out[row:row + 1], singles[row][index], rtol=1e-4, atol=1e-5)

@@ -160,6 +160,18 @@ class EventfulAttention(nn.Module):
             return merge_head_outputs(gather_tokens(mixed, selection))
         return merge_head_outputs(mixed)
 
+    def selected_rows(self, selection: Selection, tokens: Tensor) -> Tensor:
+        """A shared frame's attention (`EventfulViT.token_selection="shared"`) for the selected, normalised
+        tokens (B, M, D): their keys and values replace the cached ones, and their own output rows, against
+        every key and value, are returned merged (B, M, heads * head_dim). Nothing else is kept: no query
+        rows (only full frames read them) and no output rows for the other tokens (no gate reads them)."""
+        q, k, v = self._project(tokens, selection)
+        scatter_tokens_(self.k, selection, k)
+        scatter_tokens_(self.v, selection, v)
+        self.sums = None
+        self.last_path = "rows"
+        return merge_head_outputs(fused_row_attention(q, self.k, self.v, self.attention.scale, selection, self.bias))
+
     def _update_changed_rows(self, new_q: Tensor, selection: Selection, scale: float,
                              prefix_selected: bool = False) -> Tensor:
         """`changed_rows_only`: recompute the output rows of the selected queries `new_q` (B, H, M, Dh) and of the
@@ -254,6 +266,20 @@ class EventfulBlock(nn.Module):
         tokens = gather_tokens(x, selection)
         self.mlp_gate.follow(tokens, selection, keep_reference=False)
         return x.add_(self.mlp_buffer(selection, self.layer_scale(block, 2, block.mlp(block.norm2(tokens)))))
+
+    def forward_selected(self, x: Tensor, selection: Selection, chooser: bool = False) -> Tensor:
+        """The block over the selected tokens only (B, M, D) -> (B, M, D) (`EventfulViT._selected_tokens_frame`):
+        every gate passes `selection` (recorded for the diagnostics); `chooser`: the attention gate recorded it
+        already (it chose)."""
+        block, attn = self.block, self.block.attn
+        if not chooser:
+            self.attention_gate.follow(x, selection, keep_reference=False)
+        mixed = self.attention.selected_rows(selection, block.norm1(x))
+        self.projection_gate.follow(mixed, selection, keep_reference=False)
+        norm = getattr(attn, "norm", None)
+        x = x + self.layer_scale(block, 1, attn.proj(mixed if norm is None else norm(mixed)))
+        self.mlp_gate.follow(x, selection, keep_reference=False)
+        return x + self.layer_scale(block, 2, block.mlp(block.norm2(x)))
 
     def mark_held(self) -> None:
         """Record a held frame (`EventfulViT.hold_share`): no gate passed anything, attention did not run."""

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION, AttentionSums
 from frugalvit.eventful.block import EventfulAttention, EventfulBlock
-from frugalvit.eventful.gates import ScratchPool, Selection, store_
+from frugalvit.eventful.gates import ScratchPool, Selection, TokenBuffer, gather_tokens, store_
 from frugalvit.eventful.neck import EventfulNeck
 from frugalvit.eventful.policies import TokenPolicy
 from frugalvit.eventful.relpos import TableBias
@@ -274,6 +274,11 @@ class EventfulViT(nn.Module):
         self._grid: tuple[int, int] | None = None  # the token grid of this sequence (SAM backbones)
         neck = sam.conv_neck(model) if self._sam else None
         self.eventful_neck = None if neck is None else EventfulNeck(neck, self._scratch)
+        # token_selection="shared" on a plain token sequence (global attention, no neck) runs only the selected
+        # tokens through the blocks (`_selected_tokens_frame`); it keeps what the blocks add to every token
+        self._selected_tokens_path = self.eventful_neck is None and all(
+            type(block.attention) is EventfulAttention for block in self.eventful_blocks)
+        self.residual = TokenBuffer()
         self.policy = policy
         self.incremental_max_fraction = incremental_max_fraction
         self.attention_rows = attention_rows
@@ -312,9 +317,9 @@ class EventfulViT(nn.Module):
             raise ValueError(f"attention_rows must be one of {', '.join(ATTENTION_ROWS)}, got {value!r}")
         if name == "token_selection" and value not in TOKEN_SELECTIONS:
             raise ValueError(f"token_selection must be one of {', '.join(TOKEN_SELECTIONS)}, got {value!r}")
-        if name == "token_selection" and value != "shared" and getattr(self, "token_selection", value) == "shared":
-            # Shared selection keeps only the choosing gate's reference; the others must start again from a
-            # full frame before they choose (a mid-sequence switch costs one dense frame).
+        if name == "token_selection" and getattr(self, "token_selection", value) != value:
+            # Shared frames keep only the choosing gate's reference and the residual sums, per-gate frames
+            # the other gates' references and buffers instead: a mid-sequence switch costs one full frame.
             super().__setattr__("_refresh_pending", True)
         if name == "refresh_every" and value is not None and not (isinstance(value, int) and value >= 1):
             raise ValueError(f"refresh_every must be None or an integer >= 1, got {value!r}")
@@ -347,6 +352,7 @@ class EventfulViT(nn.Module):
             block.reset()
         if self.eventful_neck is not None:
             self.eventful_neck.reset()
+        self.residual.reset()
         self._scratch.clear()
         self._graph, self._warm_up = None, (None, 0)  # the state is reallocated on the next frame
         self._grid = None
@@ -466,7 +472,7 @@ class EventfulViT(nn.Module):
 
     def _eventful_modules(self) -> list[nn.Module]:
         """The modules that hold per-frame state (not the wrapped model's)."""
-        modules = list(self.eventful_blocks.modules())
+        modules = list(self.eventful_blocks.modules()) + [self.residual]
         return modules + ([] if self.eventful_neck is None else list(self.eventful_neck.modules()))
 
     def _diagnostics(self) -> list[tuple[dict[str, object], str, object]]:
@@ -510,28 +516,60 @@ class EventfulViT(nn.Module):
         policy it contains no host synchronisation and no data-dependent Python
         branch, so it can be compiled whole (`fullgraph=True`) and captured.
         """
+        embedded = tokens
+        first = self.eventful_blocks[0].attention_gate
+        shared_frame = self.token_selection == "shared"
+        indices = shared = None  # token_selection="shared": the first gate's choice, passed by every gate
+        if shared_frame and not update_all and first.reference is not None:
+            # The class token and registers always: their input never moves, but they pool every token (and a
+            # classifier reads the class token), so chosen by their input alone they would never update.
+            indices = first.choose(tokens, self.policy, always=self._prefix_tokens)
+            if indices.shape[1] < tokens.shape[1]:  # else every gate passes all tokens, as on a full frame
+                # Kept in the choosing gate's state buffer: every gate's diagnostics point at one tensor whose
+                # address a captured frame keeps (a replay rewrites it)
+                first.indices = store_(first.indices, indices)
+                shared, indices = Selection(first.indices, tokens.shape[1]), None
+                if self._selected_tokens_path:
+                    return self._selected_tokens_frame(embedded, shared)
         # The blocks add their residuals in place: never into the caller's tensor. Row-major copy: an embedding
         # may hand over a permuted view (SAM's patch embedding is channels-first in memory), and every gate
         # and residual add over such a layout runs several times slower.
         tokens = tokens.clone(memory_format=torch.contiguous_format)
         switch = self.attention_switch(tokens.device)
-        changed_rows = self.attention_rows == "changed"
-        first = self.eventful_blocks[0].attention_gate
-        indices = shared = None  # token_selection="shared": the first gate's choice, passed by every gate
-        if self.token_selection == "shared" and not update_all and first.reference is not None:
-            # The class token and registers always: their input never moves, but they pool every token (and a
-            # classifier reads the class token), so chosen by their input alone they would never update.
-            indices = first.choose(tokens, self.policy, always=self._prefix_tokens)
-            if indices.shape[1] < tokens.shape[1]:  # else every gate passes all tokens, as on a full frame
-                shared, indices = Selection(indices, tokens.shape[1]), None
+        # Shared frames compute only the selected attention rows: no attention state beyond q, k, v to keep
+        changed_rows = self.attention_rows == "changed" or (shared_frame and self._selected_tokens_path)
         for index, block in enumerate(self.eventful_blocks):
             tokens = block(tokens, self.policy, switch, update_all, self._sync_free, changed_rows, indices,
                            shared=shared, chooser=index == 0)
+        if shared_frame and self._selected_tokens_path:  # every token computed: what the blocks added to each
+            self.residual(None, tokens - embedded)
         if self.eventful_neck is not None:
             return self.eventful_neck(tokens, self._grid, self.policy, update_all)
         if self._sam:
             return sam.finish_grid(self.model, tokens, self._grid)
         return self.model.norm(tokens)
+
+    def _selected_tokens_frame(self, embedded: Tensor, selection: Selection) -> Tensor:
+        """A shared partial frame on a plain token sequence: only the selected tokens go through the blocks.
+
+        With one selection for every gate, a token is recomputed through the
+        whole network or not at all, so the frame is the same as running the
+        per-gate machinery with that selection everywhere, in less work: the
+        selected rows (B, M, D) flow through the blocks (attention over their
+        own query rows against every key and value: the other rows' outputs
+        would be dropped by the next gate anyway), and every other token's
+        output is its fresh embedding plus what the blocks added to it when it
+        was last computed (`residual`, (B, N, D), rewritten at the selected
+        rows). No buffer, no full-size residual add per block, one gather and
+        one scatter per frame instead of 3 x depth of each.
+        """
+        start = gather_tokens(embedded, selection)
+        self.eventful_blocks[0].attention_gate.follow(start, selection, keep_reference=True)
+        tokens = start
+        for index, block in enumerate(self.eventful_blocks):
+            tokens = block.forward_selected(tokens, selection, chooser=index == 0)
+        added = self.residual(selection, tokens - start)
+        return self.model.norm(embedded + added)
 
     def _embed(self, images: Tensor) -> Tensor:
         """Tokens (B, N, D) entering the first block; on a SAM backbone, also fixes the sequence's grid."""
@@ -693,6 +731,7 @@ class EventfulViT(nn.Module):
         same tensors at the same addresses frame after frame (written in place), which graph capture needs."""
         tensors = [tensor for block in self.eventful_blocks for tensor in block.state_tensors()]
         tensors += [] if self.eventful_neck is None else self.eventful_neck.state_tensors()
+        tensors += [] if self.residual.state is None else [self.residual.state]
         return tensors + self._scratch.tensors()
 
     def attention_switch(self, device: torch.device) -> float:
