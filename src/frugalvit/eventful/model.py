@@ -173,17 +173,20 @@ class EventfulViT(nn.Module):
             is recomputed through the whole network or not at all; the other
             gates compute no error and run no selection (at 4,096 tokens on an
             H100, the 36 top-k selections of a ViT-B frame took 41% of its
-            GPU kernel time, profiled in sync-free frames, whose kernels a
-            capture replays; benchmarks/results/
-            eventful_gpu_explore5_profile_1024.txt). A data-dependent policy
-            (`Threshold`, `RelativeThreshold`) then synchronises once per
-            frame instead of once per gate. Only the first gate keeps its
-            reference, so switching back to "per_gate" mid-sequence computes
-            the next frame in full. With `attention_rows="changed"` and
+            GPU kernel time). On a plain token sequence (no windowed attention,
+            no neck) only the selected tokens then go through the blocks:
+            attention computes their own rows (the others' would be dropped by
+            the next gate, so `attention_rows` changes nothing here), and every
+            other token's output is its fresh embedding plus what the blocks
+            added to it when it was last computed (`residual`). Switching
+            between the two mid-sequence computes the next frame in full. A
+            data-dependent policy (`Threshold`, `RelativeThreshold`)
+            synchronises once per frame instead of once per gate. With
             `capture=True` this is the GPU configuration (H200, bf16, 1/8,
-            ViT-B at 4,096 tokens: 2.12 ms per frame, dense eager 5.10 and
-            dense compiled and captured 3.52). Fidelity on real weights and
-            the GPU runs: docs/eventful.md, "One selection per frame".
+            ViT-B at 4,096 tokens: 1.76 ms per frame; dense captured 3.75 ms
+            in the same run, dense compiled and captured 3.52 ms). Fidelity on
+            real weights and the GPU runs: docs/eventful.md, "One selection
+            per frame".
         refresh_every: if set, every K-th frame recomputes all tokens (bounds drift).
         cut_share: if set, a frame in which more than this share of the input
             tokens moved by more than `cut_relative_error` of their own norm
