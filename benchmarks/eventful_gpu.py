@@ -357,6 +357,28 @@ def phase_explore(config: Config, deadline: Deadline) -> None:
         config.record(label, lambda: config.time_eventful(budget, capture=cuda, attention=attention))
 
 
+def phase_sdpa_backends(config: Config, deadline: Deadline) -> None:
+    """The dense model and the eventful GPU configuration (1/8, shared selection) captured under each of
+    PyTorch's fused attention backends (`torch.nn.attention.sdpa_kernel`; a capture keeps the backend it was
+    recorded with): which kernel serves a few hundred query rows against thousands of keys best. A backend
+    that cannot run a shape is recorded with its error."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = config.device.type == "cuda"
+    for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        backend = getattr(SDPBackend, name)
+        for label, run in ((f"dense captured, {name}",
+                            lambda: config.time_dense(capture_dense(config.model.forward_features, config.clip[0]))
+                            if cuda else config.time_dense(config.model.forward_features)),
+                           (f"eventful 0.125 captured rows+shared, {name}",
+                            lambda: config.time_eventful(1 / 8, capture=cuda, attention="rows+shared"))):
+            if deadline.passed():
+                config.result["methods"][label] = {"skipped": "out of time"}
+                continue
+            with sdpa_kernel(backend):
+                config.record(label, run)
+
+
 def phase_explore_compiled(config: Config, deadline: Deadline) -> None:
     """The attention choices at 1/8 compiled (`torch.compile(ev.step, fullgraph=True)`) and captured, then the
     dense model compiled and captured (the strongest dense baseline)."""
@@ -428,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of the grid: the attention choices (all queries / changed rows) on the first "
                              "and last configuration, the top-k kernel check, profiles of the changed-rows frame with "
                              "per-gate and shared selection")
+    parser.add_argument("--sdpa-backends", action="store_true",
+                        help="with --explore: also the dense model and the eventful GPU configuration under each "
+                             "fused attention backend")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_gpu"))
     args = parser.parse_args(argv)
     grid = TINY_GRID if args.tiny else GRID
@@ -538,6 +563,8 @@ def explore(report: dict[str, object], grid: list[tuple[str, int, int]], data: n
         configs.append(config)
         report["results"].append(config.result)
         phase_explore(config, deadline)
+        if args.sdpa_backends:
+            phase_sdpa_backends(config, deadline)
         for attention in ("rows", "rows+shared") if args.profile and device.type == "cuda" else ():
             try:
                 suffix = f"_profile_{size}_{attention.replace('+', '_')}.txt"
