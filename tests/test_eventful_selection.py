@@ -125,21 +125,33 @@ def test_half_precision_stays_finite_and_close(dtype: torch.dtype, rows: str) ->
                                            attention_rows=rows, token_selection="shared")
 
 
-def test_only_the_choosing_gate_keeps_its_reference() -> None:
-    """A shared partial frame writes the first gate's reference (it chooses) and no other gate's (they follow),
-    so the frame does one reference update instead of 3 x depth."""
+def test_shared_state_is_keys_values_one_reference_and_the_residual() -> None:
+    """A shared sequence keeps each layer's keys and values, the first gate's reference (it chooses) and the
+    residual sums, nothing else (no buffers, no other gate's reference, no query or output rows), and a
+    partial frame writes the first gate's reference, not the others."""
     model = make_model("vit_small_patch14_reg4_dinov2")
-    ev = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared", attention_rows="changed")
-    frames = patch_video(3, share=0.3)
+    frames = patch_video(3, batch=2, share=0.3)
+    ev = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared", refresh_every=3)
+    per_gate = fv.eventful(model, fv.TopFraction(0.25))
     with torch.no_grad():
-        ev(frames[0])
-        gates = [gate for block in ev.eventful_blocks
-                 for gate in (block.attention_gate, block.projection_gate, block.mlp_gate)]
-        before = [gate.reference.clone() for gate in gates]
-        ev(frames[1])
+        for frame in frames:
+            ev(frame)
+            per_gate(frame)
     assert not ev.last_frame_full
-    assert not torch.equal(gates[0].reference, before[0])
-    assert all(torch.equal(gate.reference, old) for gate, old in zip(gates[1:], before[1:]))
+    batch, tokens, width = 2, model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim
+    selected = ev.eventful_blocks[0].attention_gate.last_count
+    # keys and values per layer, the reference, the residual sums, the first gate's error scratch (float32);
+    # the chosen indices (int64)
+    expected = (2 * len(model.blocks) + 3) * batch * tokens * width * 4 + batch * selected * 8
+    assert ev.state_bytes() == expected
+    assert per_gate.state_bytes() > 3 * expected
+    gates = [gate for block in ev.eventful_blocks for gate in (block.attention_gate, block.projection_gate,
+                                                               block.mlp_gate)]
+    assert gates[0].reference is not None and all(gate.reference is None for gate in gates[1:])
+    with torch.no_grad():  # the next full frame (refresh_every) keeps the same state, written in place
+        before = [(id(t), t.data_ptr()) for t in ev.state_tensors()]
+        ev(frames[0])
+        assert ev.last_frame_full and [(id(t), t.data_ptr()) for t in ev.state_tensors()] == before
 
 
 @pytest.mark.parametrize("order", [("shared", "per_gate"), ("per_gate", "shared")])

@@ -160,17 +160,27 @@ class EventfulAttention(nn.Module):
             return merge_head_outputs(gather_tokens(mixed, selection))
         return merge_head_outputs(mixed)
 
-    def selected_rows(self, selection: Selection, tokens: Tensor) -> Tensor:
+    def selected_rows(self, selection: Selection | None, tokens: Tensor) -> Tensor:
         """A shared frame's attention (`EventfulViT.token_selection="shared"`) for the selected, normalised
-        tokens (B, M, D): their keys and values replace the cached ones, and their own output rows, against
-        every key and value, are returned merged (B, M, heads * head_dim). Nothing else is kept: no query
-        rows (only full frames read them) and no output rows for the other tokens (no gate reads them)."""
+        tokens (B, M, D) (every token on a full frame, `selection` None): their keys and values replace the
+        cached ones, and their own output rows, against every key and value, are returned merged
+        (B, M, heads * head_dim). Nothing else is kept: no query rows and no output rows (shared frames
+        read neither; per-gate frames start again from a full frame)."""
         q, k, v = self._project(tokens, selection)
+        scale = self.attention.scale
+        if selection is None:
+            self.k, self.v = store_(self.k, k), store_(self.v, v)
+            self.last_path = "dense"
+            return merge_head_outputs(fused_attention(q, self.k, self.v, scale, self.bias))
         scatter_tokens_(self.k, selection, k)
         scatter_tokens_(self.v, selection, v)
-        self.sums = None
         self.last_path = "rows"
-        return merge_head_outputs(fused_row_attention(q, self.k, self.v, self.attention.scale, selection, self.bias))
+        return merge_head_outputs(fused_row_attention(q, self.k, self.v, scale, selection, self.bias))
+
+    def drop_per_gate_state(self) -> None:
+        """Release what only per-gate frames read (query rows, output rows, the incremental sums)."""
+        self.q = self.output = None
+        self.sums = None
 
     def _update_changed_rows(self, new_q: Tensor, selection: Selection, scale: float,
                              prefix_selected: bool = False) -> Tensor:
@@ -267,10 +277,10 @@ class EventfulBlock(nn.Module):
         self.mlp_gate.follow(tokens, selection, keep_reference=False)
         return x.add_(self.mlp_buffer(selection, self.layer_scale(block, 2, block.mlp(block.norm2(tokens)))))
 
-    def forward_selected(self, x: Tensor, selection: Selection, chooser: bool = False) -> Tensor:
-        """The block over the selected tokens only (B, M, D) -> (B, M, D) (`EventfulViT._selected_tokens_frame`):
-        every gate passes `selection` (recorded for the diagnostics); `chooser`: the attention gate recorded it
-        already (it chose)."""
+    def forward_selected(self, x: Tensor, selection: Selection | None, chooser: bool = False) -> Tensor:
+        """The block over the selected tokens only (B, M, D) -> (B, M, D) (`EventfulViT._selected_tokens_frame`;
+        every token for `selection` None): every gate passes `selection` (recorded for the diagnostics);
+        `chooser`: the attention gate recorded it already (it chose)."""
         block, attn = self.block, self.block.attn
         if not chooser:
             self.attention_gate.follow(x, selection, keep_reference=False)
@@ -281,10 +291,23 @@ class EventfulBlock(nn.Module):
         self.mlp_gate.follow(x, selection, keep_reference=False)
         return x + self.layer_scale(block, 2, block.mlp(block.norm2(x)))
 
-    def mark_held(self) -> None:
-        """Record a held frame (`EventfulViT.hold_share`): no gate passed anything, attention did not run."""
+    def drop_per_gate_state(self, chooser: bool = False) -> None:
+        """Release the state only per-gate frames read (`EventfulViT.token_selection="shared"` keeps each
+        layer's keys and values and the choosing gate's reference): buffers, the other gates' references,
+        query and output rows."""
+        gates = (self.projection_gate, self.mlp_gate) if chooser else (self.attention_gate, self.projection_gate,
+                                                                        self.mlp_gate)
+        for gate in gates:
+            gate.reference = gate.indices = None
+        self.projection_buffer.reset()
+        self.mlp_buffer.reset()
+        self.attention.drop_per_gate_state()
+
+    def mark_held(self, batch: int, device: torch.device) -> None:
+        """Record a held frame (`EventfulViT.hold_share`) of `batch` streams: no gate passed anything,
+        attention did not run."""
         for gate in (self.attention_gate, self.projection_gate, self.mlp_gate):
-            gate.mark_held()
+            gate.mark_held(batch, device)
         self.attention.last_path = "held"
 
     def gate_counts(self) -> tuple[int | None, int | None, int | None]:

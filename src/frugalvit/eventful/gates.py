@@ -138,12 +138,11 @@ class TokenGate(nn.Module):
         self.last_count = None
         self.last_indices = None
 
-    def mark_held(self) -> None:
-        """Record a frame this gate did not run on (a held frame): nothing passed, the reference unchanged."""
-        if self.reference is not None:
-            self.last_count = 0
-            self.last_indices = torch.empty(self.reference.shape[0], 0, dtype=torch.long,
-                                            device=self.reference.device)
+    def mark_held(self, batch: int, device: torch.device) -> None:
+        """Record a frame this gate did not run on (a held frame of `batch` streams): nothing passed, the
+        reference unchanged."""
+        self.last_count = 0
+        self.last_indices = torch.empty(batch, 0, dtype=torch.long, device=device)
 
     def forward(self, tokens: Tensor, policy: TokenPolicy, update_all: bool = False,
                 indices: Tensor | None = None) -> tuple[Selection | None, Tensor]:
@@ -169,14 +168,20 @@ class TokenGate(nn.Module):
         scatter_tokens_(self.reference, selection, selected)
         return selection, selected
 
-    def follow(self, tokens: Tensor, selection: Selection, keep_reference: bool) -> None:
+    def follow(self, tokens: Tensor, selection: Selection | None, keep_reference: bool) -> None:
         """Record passing `tokens` (B, M, D), the rows `selection` that another gate chose for the whole frame
-        (`EventfulViT.token_selection="shared"`); the reference moves only if `keep_reference`.
+        (`EventfulViT.token_selection="shared"`; None: every token, a full frame); the reference moves only if
+        `keep_reference`.
 
         Only the gate that chooses needs its reference: the others pass what it chose, so keeping theirs would
         cost a scatter per gate per frame for nothing; they go stale, and the model refreshes in full before
         these gates choose again (switching back to per-gate selection).
         """
+        if selection is None:
+            self.last_count, self.last_indices = tokens.shape[1], None
+            if keep_reference:
+                self.reference = store_(self.reference, tokens)
+            return
         self.last_count, self.last_indices = selection.count, selection.indices
         if keep_reference:
             scatter_tokens_(self.reference, selection, tokens)
