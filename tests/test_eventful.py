@@ -464,11 +464,13 @@ def half_changed(frame: torch.Tensor, seed: int) -> torch.Tensor:
     return out
 
 
-def test_widespread_change_is_held_then_computed_in_full() -> None:
+@pytest.mark.parametrize("selection", ["per_gate", "shared"])
+def test_widespread_change_is_held_then_computed_in_full(selection: str) -> None:
     """hold_share: a frame where half the tokens moved (between hold_share and cut_share) returns the last
     output and computes nothing; after max_held_frames such frames, a full frame; calm frames stay partial."""
     model = make_model("vit_tiny_patch16_224")
-    ev = fv.eventful(model, fv.TopR(2), cut_share=0.9, hold_share=0.3, max_held_frames=2)
+    ev = fv.eventful(model, fv.TopR(2), cut_share=0.9, hold_share=0.3, max_held_frames=2,
+                     token_selection=selection)
     calm = video(3, moving=0.01)
     with torch.no_grad():
         for frame in calm:
