@@ -42,6 +42,7 @@ import frugalvit.kernels.topk as topk
 from frugalvit import TopFraction, eventful
 from frugalvit.eventful.model import CUDA_INCREMENTAL_MAX_FRACTION, DEFAULT_INCREMENTAL_MAX_FRACTION, EventfulViT
 from frugalvit.ioutil import atomic_file, write_json_atomically
+from frugalvit.reporting import save_figure_atomically
 from frugalvit.timing import device_timed
 
 GRID = [("vit_base_patch16_384", 384, 1), ("vit_base_patch16_384", 384, 8), ("vit_large_patch16_384", 384, 1),
@@ -423,8 +424,7 @@ def plot(report: dict[str, object], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{report['device_name']}, {report['dtype']}", fontsize=9)
     fig.tight_layout()
-    with atomic_file(path) as handle:
-        fig.savefig(handle, format="png", dpi=110)
+    save_figure_atomically(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -546,8 +546,7 @@ def plot_explore(report: dict[str, object], path: Path) -> None:
     fig.suptitle(f"{report['device_name']}, {report['dtype']}: attention over all queries (green) vs the changed queries' rows (blue)",
                  fontsize=9)
     fig.tight_layout()
-    with atomic_file(path) as handle:
-        fig.savefig(handle, format="png", dpi=110)
+    save_figure_atomically(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 import frugalvit as fv
 from frugalvit.ioutil import atomic_file, write_json_atomically
+from frugalvit.reporting import save_figure_atomically
 from frugalvit.saliency import SaliencyDecoder, SaliencyViT
 from frugalvit.timing import device_timed
 from frugalvit.video.fidelity import map_fidelity
@@ -198,8 +199,7 @@ def plot(report: dict[str, object], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{report['device_name']}, {report['dtype']}, real weights", fontsize=9)
     fig.tight_layout()
-    with atomic_file(path) as handle:
-        fig.savefig(handle, format="png", dpi=110)
+    save_figure_atomically(fig, path, dpi=110)
     plt.close(fig)
 
 
