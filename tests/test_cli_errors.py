@@ -269,6 +269,7 @@ def test_cached_pretrained_weights_load_without_the_network(tmp_path: Path, monk
     (["--hold-share", "0.6", "--cut-share", "0.5"], "needs a larger --cut-share"),
     (["--hold-share", "-0.1", "--cut-share", "0.5"], "--hold-share must lie in [0, 1]"),
     (["--cut-share", "2"], "--cut-share must lie in [0, 1]"),
+    (["--capture", "--policy", "relative:0.2"], "--capture needs a fixed-size policy"),
 ])
 def test_video_bad_hold_settings_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch, flags: list[str],
@@ -296,6 +297,15 @@ def test_video_hold_share_runs_and_reports_held_frames(tmp_path: Path) -> None:
     held = [frame["held"] for frame in report["frames"]]
     assert report["summary"]["held_frames"] == sum(held) and sum(held) >= 1
     assert not any(frame["held"] and frame["full_update"] for frame in report["frames"])
+
+
+def test_video_capture_runs_and_is_reported(tmp_path: Path) -> None:
+    """`--capture` reaches the eventful model (on the CPU: the sync-free frame, no graph) and the report."""
+    out = tmp_path / "out"
+    assert main(["video", "bundled:bikes", *TINY, "--random-init", "--max-frames", "4", "--repeats", "1",
+                 "--policy", "fraction:0.25", "--token-selection", "shared", "--capture", "--out", str(out)]) == 0
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    assert settings["capture"] is True and settings["token_selection"] == "shared"
 
 
 def test_video_attention_rows_is_passed_on_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -74,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
                         help="on partial frames, let every gate choose its own tokens ('per_gate', the paper's) or "
                              "pass at every gate the tokens the first gate chose ('shared': one selection per "
                              "frame) (default: %(default)s)")
+    parser.add_argument("--capture", action="store_true",
+                        help="replay each partial frame as one CUDA graph (the host launches nothing per layer; "
+                             "needs a fixed-size policy, fraction:F or topr:R; implies sync-free frames: a "
+                             "--cut-share cut without --hold-share is applied one frame late; on the CPU the "
+                             "same sync-free frame runs without a graph)")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     add_device_arguments(parser, "model and frame dtype")
@@ -142,6 +147,9 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     device, dtype = resolve_device_dtype(args)
     clip = resolve_clip(clip_spec)
     policy = parse_policy(args.policy)
+    if args.capture and not policy.fixed_size:
+        raise ValueError(f"--capture needs a fixed-size policy (fraction:F or topr:R): {args.policy} chooses a "
+                         "different number of tokens per frame, which a captured graph cannot")
     torch.set_num_threads(args.threads)
     model, size, mean, std, saliency = _load_model(args)
     model.to(device, dtype)
@@ -153,7 +161,8 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         raise ValueError(str(error)) from error
     frames = load_frames(clip, size, mean, std, args.max_frames)
     ev = eventful(model, policy, args.incremental_max_fraction, args.refresh, args.cut_share,
-                  hold_share=args.hold_share, attention_rows=args.attention_rows, token_selection=args.token_selection)
+                  hold_share=args.hold_share, attention_rows=args.attention_rows, token_selection=args.token_selection,
+                  capture=args.capture)
     animation = None
     if saliency is not None:
         depth = len(ev.eventful_blocks)
@@ -177,7 +186,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                 **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
                 "incremental_max_fraction": ev.attention_switch(device), "attention_rows": ev.attention_rows,
-                "token_selection": ev.token_selection,
+                "token_selection": ev.token_selection, "capture": ev.capture,
                 "measured": ("whole model: backbone + saliency decoder (eventful decoder on the eventful side)"
                              if saliency is not None else "backbone (forward_features)"),
                 "baseline": "the same timm model, dense, fused scaled_dot_product_attention, same thread count",

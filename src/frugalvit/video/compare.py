@@ -167,7 +167,7 @@ def _dense_features(model: nn.Module, frame: Tensor) -> Tensor:
 def _twin(ev: EventfulViT) -> EventfulViT:
     return eventful(ev.model, ev.policy, ev.incremental_max_fraction, ev.refresh_every, ev.cut_share,
                     ev.cut_relative_error, ev.nonfinite, hold_share=ev.hold_share, max_held_frames=ev.max_held_frames,
-                    attention_rows=ev.attention_rows, token_selection=ev.token_selection)
+                    attention_rows=ev.attention_rows, token_selection=ev.token_selection, capture=ev.capture)
 
 
 # A stateful task head for an eventful backbone, made per eventful model: head(features, update_all) -> output
