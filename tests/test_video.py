@@ -324,3 +324,21 @@ def test_motion_compensated_pipeline_moves_the_last_map_by_the_measured_shift() 
     _, held = run(second)
     assert torch.equal(held, shift_maps(computed, global_shift(first, second)))
     assert global_shift(first, second).tolist() == [[6, -3]]
+
+
+def test_the_counting_twin_of_a_captured_model_is_not_captured() -> None:
+    """MACs are counted on a twin: a captured twin would replay a graph whose operators no counter sees, so the
+    twin of a captured model runs the same sync-free frame eagerly (same decisions, same token choices)."""
+    from frugalvit.video.compare import _twin
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2).eval()
+    ev = fv.eventful(model, fv.TopFraction(0.25), capture=True, token_selection="shared")
+    twin = _twin(ev)
+    assert not twin.capture and twin.sync_free and twin.token_selection == "shared"
+    frames = torch.randn(4, 1, 3, 64, 64).cumsum(0)
+    with torch.no_grad():
+        for frame in frames:
+            expected = ev.forward_features(frame)
+            with CostCounter() as cost:
+                torch.testing.assert_close(twin.forward_features(frame), expected, rtol=1e-5, atol=1e-5)
+            assert cost.macs > 0

@@ -165,9 +165,14 @@ def _dense_features(model: nn.Module, frame: Tensor) -> Tensor:
 
 
 def _twin(ev: EventfulViT) -> EventfulViT:
-    return eventful(ev.model, ev.policy, ev.incremental_max_fraction, ev.refresh_every, ev.cut_share,
+    """A second eventful model with `ev`'s settings, for counting: the same frames give the same token choices.
+    Never captured (a replayed graph runs no operator a counter could see), but sync-free where `ev` is, so
+    that it decides as `ev` does (cuts one frame late, cancelled rows kept)."""
+    twin = eventful(ev.model, ev.policy, ev.incremental_max_fraction, ev.refresh_every, ev.cut_share,
                     ev.cut_relative_error, ev.nonfinite, hold_share=ev.hold_share, max_held_frames=ev.max_held_frames,
-                    attention_rows=ev.attention_rows, token_selection=ev.token_selection, capture=ev.capture)
+                    attention_rows=ev.attention_rows, token_selection=ev.token_selection)
+    twin.sync_free = ev.sync_free or ev.capture
+    return twin
 
 
 # A stateful task head for an eventful backbone, made per eventful model: head(features, update_all) -> output
