@@ -211,7 +211,7 @@ def plot(report: dict[str, object], path: Path) -> None:
             ax.plot(*zip(*hold), "s--", color="gray", label="keyframe-and-hold K=2..8")
             for name, entry in result["eventful"].items():
                 ax.plot(entry["speedup"], entry[metric], "o", label=f"eventful {name}")
-            ax.set(xlabel="wall-clock speed-up over dense captured (whole model)", ylabel=metric,
+            ax.set(xlabel="wall-clock speed-up over the dense model (whole model; captured on a GPU)", ylabel=metric,
                    title=f"{clip}, {report['size']} px")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
