@@ -84,6 +84,31 @@ def test_demo_runs_the_real_saliency_model(tmp_path: Path) -> None:
     assert 0.5 < report["summary"]["task_pearson_mean"] <= 1.0
     assert all(frame["task_iou_top10"] is not None for frame in report["frames"])
     assert (out / "side_by_side.gif").read_bytes()[:6] == b"GIF89a"
+    summary = report["summary"]  # keyframe-and-hold beside it: per period, and at the run's own savings
+    assert summary["hold_periods"] == list(range(2, 9))
+    assert all(0.0 < r <= 1.0 for r in summary["hold_task_pearson_mean"])
+    assert all(len(frame["hold_task_pearson"]) == 7 for frame in report["frames"])
+    assert report["frames"][0]["hold_task_pearson"] == [pytest.approx(1.0)] * 7  # frame 0: every period's keyframe
+
+
+def test_keyframe_hold_scores_each_period_and_interpolates() -> None:
+    """Period K holds frame floor(t / K) * K; its score on a frame is that held map's fidelity to the dense one;
+    between periods (and between 1x, the dense output itself, and K=2) the fidelity is interpolated linearly."""
+    from frugalvit.video.fidelity import KeyframeHold, hold_fidelity_at, map_fidelity
+
+    torch.manual_seed(0)
+    maps = torch.rand(9, 1, 1, 8, 8)
+    hold = KeyframeHold((2, 3))
+    for index, dense in enumerate(maps):
+        scores = hold.step(index, dense)
+        for row, period in enumerate((2, 3)):
+            expected = map_fidelity(maps[(index // period) * period], dense)["pearson"][0]
+            assert scores["pearson"][row] == pytest.approx(expected)
+    assert hold_fidelity_at(1.5, (2, 3), [0.9, 0.8], [0.7, 0.5]) == pytest.approx((0.95, 0.85))
+    assert hold_fidelity_at(2.5, (2, 3), [0.9, 0.8], [0.7, 0.5]) == pytest.approx((0.85, 0.6))
+    assert hold_fidelity_at(3.5, (2, 3), [0.9, 0.8], [0.7, 0.5]) is None
+    with pytest.raises(ValueError, match="first frame"):
+        KeyframeHold().step(3, maps[0])
 
 
 def test_demo_runs_with_random_weights_for_speed(tmp_path: Path) -> None:

@@ -221,6 +221,17 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         print(f"  saliency map vs dense (after the first frame): Pearson r mean {summary.task_pearson_mean:.4f} "
               f"(worst {summary.task_pearson_min:.4f}), top-10% IoU mean {summary.task_iou_top10_mean:.3f} "
               f"(worst {summary.task_iou_top10_min:.3f})")
+    for label, saving, hold in (("MAC", summary.mac_ratio, summary.hold_at_mac_ratio),
+                                ("wall-clock", summary.speedup, summary.hold_at_speedup)):
+        if summary.task_pearson_mean is None:
+            break
+        if hold is None:
+            print(f"  keyframe-and-hold at the same {label} saving ({saving:.2f}x): outside the periods compared "
+                  f"(2-{summary.hold_periods[-1]} frames)")
+            continue
+        wins = summary.task_pearson_mean >= hold[0] and summary.task_iou_top10_mean >= hold[1]
+        print(f"  keyframe-and-hold at the same {label} saving ({saving:.2f}x; the dense model every K-th frame, "
+              f"held): r {hold[0]:.4f}, IoU {hold[1]:.3f}; eventful {'beats it' if wins else 'does not beat it'}")
     print(f"  full updates {summary.full_updates}, held frames {summary.held_frames}, "
           f"eventful state {summary.state_mib:.1f} MiB per stream")
     print(f"  wrote {json_path} and {png_path}" + (f" and {args.out / ANIMATION_FILE}" if animation else ""))

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from frugalvit.cost import CostCounter
 from frugalvit.eventful import EventfulViT, eventful
 from frugalvit.timing import model_device_dtype, timed
-from frugalvit.video.fidelity import map_fidelity
+from frugalvit.video.fidelity import KeyframeHold, hold_fidelity_at, map_fidelity
 from frugalvit.video.motion import global_shift, shift_maps
 
 
@@ -56,6 +56,9 @@ class FrameRecord:
     task_iou_top10: float | None = None
     feature_cosine: float | None = None  # of the whole forward_features output (tokens, or a feature map)
     feature_relative_l2: float | None = None
+    # with a task head: keyframe-and-hold's task fidelity on this frame, one value per period K (HOLD_PERIODS)
+    hold_task_pearson: tuple[float, ...] | None = None
+    hold_task_iou_top10: tuple[float, ...] | None = None
 
 
 # Called once per frame by `compare_on_frames`: (index, input frame, dense task output,
@@ -98,6 +101,13 @@ class ComparisonSummary:
     task_relative_l2_mean: float | None = None
     feature_cosine_mean: float | None = None
     feature_relative_l2_mean: float | None = None
+    # keyframe-and-hold (the dense output every K-th frame, held), task fidelity after the first frame per period,
+    # and interpolated at this run's MAC ratio and wall-clock speed-up (None outside 1x..the longest period)
+    hold_periods: tuple[int, ...] | None = None
+    hold_task_pearson_mean: tuple[float, ...] | None = None
+    hold_task_iou_top10_mean: tuple[float, ...] | None = None
+    hold_at_mac_ratio: tuple[float, float] | None = None
+    hold_at_speedup: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -259,6 +269,7 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     device, dtype = model_device_dtype(model)
     steps = _steps(model, ev, task_head, eventful_task_head, counted, motion_compensated)
     whole = eventful_task_head is not None
+    hold = KeyframeHold() if task_head is not None else None
     dense_gmacs = 0.0
     records: list[FrameRecord] = []
     for index, frame, _, results in frame_loop(frames, steps, device, dtype, progress, total):
@@ -273,9 +284,11 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
         dense_pooled = model.forward_head(dense_features, pre_logits=True)
         eventful_pooled = model.forward_head(eventful_features, pre_logits=True)
         counts = [count for block in ev.gate_counts() for count in block if count is not None]
-        task: dict[str, float] = {}
+        task: dict[str, object] = {}
         if task_head is not None:
             task = {f"task_{name}": values[0] for name, values in map_fidelity(eventful_out, dense_out).items()}
+            held = hold.step(index, dense_out)
+            task.update(hold_task_pearson=held["pearson"], hold_task_iou_top10=held["iou_top10"])
             if on_frame is not None:
                 on_frame(index, frame, dense_out, eventful_out, ev.updated_tokens())
         records.append(FrameRecord(
@@ -373,6 +386,8 @@ def summarize(records: list[FrameRecord], state_bytes: int,
         held_frames=sum(r.held for r in records),
         **_task_summary(records[1:] or records),
         **_feature_summary(records),
+        **_hold_summary(records[1:] or records, ratio(records, "dense_gmacs", "eventful_gmacs"),
+                        statistics.median(speedups)),
     )
 
 
@@ -382,6 +397,18 @@ def _feature_summary(records: list[FrameRecord]) -> dict[str, float]:
         return {}
     return {"feature_cosine_mean": sum(r.feature_cosine for r in records) / len(records),
             "feature_relative_l2_mean": sum(r.feature_relative_l2 for r in records) / len(records)}
+
+
+def _hold_summary(records: list[FrameRecord], mac_ratio: float, speedup: float) -> dict[str, object]:
+    """Keyframe-and-hold's mean task fidelity per period, and at the eventful run's own savings."""
+    if records[0].hold_task_pearson is None:
+        return {}
+    periods = KeyframeHold().periods
+    pearson = [statistics.fmean(r.hold_task_pearson[k] for r in records) for k in range(len(periods))]
+    iou = [statistics.fmean(r.hold_task_iou_top10[k] for r in records) for k in range(len(periods))]
+    return {"hold_periods": periods, "hold_task_pearson_mean": tuple(pearson), "hold_task_iou_top10_mean": tuple(iou),
+            "hold_at_mac_ratio": hold_fidelity_at(mac_ratio, periods, pearson, iou),
+            "hold_at_speedup": hold_fidelity_at(speedup, periods, pearson, iou)}
 
 
 def _task_summary(records: list[FrameRecord]) -> dict[str, float]:

@@ -27,3 +27,48 @@ def map_fidelity(maps: Tensor, reference: Tensor, top_share: float = TOP_SHARE) 
     top_b = torch.zeros_like(b, dtype=torch.bool).scatter_(1, b.topk(k, dim=1).indices, True)
     iou = (top_a & top_b).sum(1).double() / (top_a | top_b).sum(1).double()
     return {"pearson": pearson.tolist(), "relative_l2": relative_l2.tolist(), "iou_top10": iou.tolist()}
+
+
+HOLD_PERIODS = tuple(range(2, 9))
+
+
+class KeyframeHold:
+    """Keyframe-and-hold, what a user can do with no library: the dense output every K-th frame, held in between.
+
+    Fed the dense outputs frame by frame (frame 0 first), `step` scores what
+    each period K would have returned on this frame against the dense output,
+    so a report can set the eventful result beside the trivial alternative at
+    the same saving (a period K saves K times the compute and the wall clock).
+    """
+
+    def __init__(self, periods: tuple[int, ...] = HOLD_PERIODS) -> None:
+        if not periods or any(not isinstance(k, int) or k < 2 for k in periods):
+            raise ValueError(f"keyframe periods must be integers >= 2, got {periods!r}")
+        self.periods = tuple(sorted(periods))
+        self._held: Tensor | None = None  # (len(periods), ...) the map each period holds
+
+    def step(self, index: int, dense: Tensor) -> dict[str, tuple[float, ...]]:
+        """Per period, (`pearson`, `iou_top10`) of its held output against `dense` (1, ...) on frame `index`."""
+        if self._held is None:
+            if index != 0:
+                raise ValueError("KeyframeHold must see the clip from its first frame (index 0)")
+            self._held = dense.expand(len(self.periods), *dense.shape[1:]).clone()
+        for row, period in enumerate(self.periods):
+            if index % period == 0:
+                self._held[row] = dense[0]
+        scores = map_fidelity(self._held, dense.expand_as(self._held))
+        return {"pearson": tuple(scores["pearson"]), "iou_top10": tuple(scores["iou_top10"])}
+
+
+def hold_fidelity_at(ratio: float, periods: tuple[int, ...], pearson: list[float],
+                     iou: list[float]) -> tuple[float, float] | None:
+    """Keyframe-and-hold's (r, IoU) at a saving of `ratio`, linear between neighbouring periods (1x: the dense
+    output itself, r = IoU = 1); None outside 1x..the longest period."""
+    points = [(1.0, 1.0, 1.0)] + [(float(k), r, i) for k, r, i in zip(periods, pearson, iou)]
+    if not points[0][0] <= ratio <= points[-1][0]:
+        return None
+    for (low, r0, i0), (high, r1, i1) in zip(points, points[1:]):
+        if ratio <= high:
+            share = (ratio - low) / (high - low)
+            return r0 + share * (r1 - r0), i0 + share * (i1 - i0)
+    return points[-1][1], points[-1][2]
