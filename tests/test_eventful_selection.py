@@ -189,6 +189,31 @@ def other_families() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
             ("eva", make_eva("eva02-tiny"), eva_video(4))]
 
 
+@pytest.mark.parametrize("family", ["beit", "eva"])
+def test_beit_and_eva_shared_frames_equal_per_gate_frames_told_the_same_tokens(family: str) -> None:
+    """The selected-tokens frame with a relative-position bias table (BEiT) and rotary embeddings (EVA): equal
+    to the per-gate path (every attention row) whose every gate is told the shared frame's tokens."""
+    from test_eventful_beit import make_beit
+    from test_eventful_eva import eva_video, make_eva
+
+    model, frames = {"beit": lambda: (make_beit("per-layer-bias"), patch_video(5, batch=2, share=0.3)),
+                     "eva": lambda: (make_eva("eva02-tiny"), eva_video(5, batch=2))}[family]()
+    shared = fv.eventful(model, fv.TopFraction(0.25), token_selection="shared")
+    recorded, outputs = [], []
+    with torch.no_grad():
+        for frame in frames:
+            outputs.append(shared.forward_features(frame))
+            if not shared.last_frame_full:
+                assert shared.attention_paths()[0] == "rows"
+                recorded.append(shared.eventful_blocks[0].attention_gate.last_indices.clone())
+        assert recorded
+        replay = Replay(recorded)
+        per_gate = fv.eventful(model, replay)
+        for index, (frame, expected) in enumerate(zip(frames, outputs)):
+            torch.testing.assert_close(per_gate.forward_features(frame), expected, rtol=1e-5, atol=1e-5)
+            replay.frame += index > 0 and not per_gate.last_frame_full
+
+
 def test_sam_beit_and_eva_full_budget_and_one_selection() -> None:
     """Windowed attention with relative positions and a conv neck (SAM), a relative-position table (BEiT) and
     rotary embeddings (EVA): full budget equals the timm model; partial frames pass one selection everywhere."""
