@@ -37,13 +37,15 @@ EFFICIENCY_TARGET = 0.7
 
 
 def measure(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float], repeats: int,
-            threads: int, cut_share: float | None) -> dict[float, dict[str, list[float]]]:
+            threads: int, cut_share: float | None, token_selection: str = "per_gate"
+            ) -> dict[float, dict[str, list[float]]]:
     """Interleaved timing of dense and every budget; fidelity of each budget's pooled features."""
     torch.set_num_threads(threads)
     results = {b: {"speedup": [], "speedup_after_first": [], "cosine": [], "token_l2": [], "top1": [], "ms": [],
                    "dense_ms": []} for b in budgets}
     for _ in range(repeats):
-        models = {b: eventful(model, TopFraction(b), cut_share=cut_share) for b in budgets}
+        models = {b: eventful(model, TopFraction(b), cut_share=cut_share, token_selection=token_selection)
+                  for b in budgets}
         steps = [FrameStep("dense", model.forward_features, "time")]
         steps += [FrameStep(f"eventful {b}", ev.forward_features, "time") for b, ev in models.items()]
         dense_times: list[float] = []
@@ -77,7 +79,7 @@ def measure(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float], 
 
 
 def count_macs(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float],
-               cut_share: float | None) -> tuple[float, dict, dict, dict]:
+               cut_share: float | None, token_selection: str = "per_gate") -> tuple[float, dict, dict, dict]:
     """Executed MACs per frame: dense (one frame), and each budget's mean over the frames after the first
     (matching the speed-up, which also leaves out the first, full frame); state bytes per stream; the
     frames after the first that scene-cut detection recomputed in full."""
@@ -86,7 +88,7 @@ def count_macs(model: torch.nn.Module, frames: torch.Tensor, budgets: list[float
     dense = cost.macs
     per_budget, state, cuts = {}, {}, {}
     for budget in budgets:
-        ev = eventful(model, TopFraction(budget), cut_share=cut_share)
+        ev = eventful(model, TopFraction(budget), cut_share=cut_share, token_selection=token_selection)
         total = 0
         cuts[budget] = []
         for index, _, _, calls in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
@@ -147,6 +149,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cut-share", type=float, default=0.5,
                         help="scene-cut refresh as in `frugalvit video` (negative: off)")
+    parser.add_argument("--token-selection", choices=["per_gate", "shared"], default="per_gate",
+                        help="EventfulViT.token_selection of every eventful model (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, help="trained weights for the model (default: random init)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--name", default="eventful_video")
@@ -168,9 +172,11 @@ def main() -> None:
                 frames = load_frames(bundled_clip_path(clip), size, tuple(config["mean"]), tuple(config["std"]),
                                      args.start_frame + args.frames)[args.start_frame:]
                 torch.set_num_threads(1)
-                dense_macs, budget_macs, state, cuts = count_macs(model, frames, budgets, cut_share)
+                dense_macs, budget_macs, state, cuts = count_macs(model, frames, budgets, cut_share,
+                                                                  args.token_selection)
                 for threads in (int(t) for t in args.threads.split(",")):
-                    measured = measure(model, frames, budgets, args.repeats, threads, cut_share)
+                    measured = measure(model, frames, budgets, args.repeats, threads, cut_share,
+                                       args.token_selection)
                     for budget in budgets:
                         m = measured[budget]
                         mac_ratio = dense_macs / budget_macs[budget]
@@ -185,7 +191,8 @@ def main() -> None:
                                "dense_ms_median": statistics.median(m["dense_ms"]),
                                "eventful_ms_median": statistics.median(m["ms"]),
                                "state_mib_per_stream": state[budget] / 2**20,
-                               "cut_share": cut_share, "full_recompute_frames": cuts[budget]}
+                               "cut_share": cut_share, "full_recompute_frames": cuts[budget],
+                               "token_selection": args.token_selection}
                         rows.append(row)
                         print(f"{model_name}@{size} {clip} {threads}t budget {budget}: speed-up "
                               f"{row['speedup_after_first']['median']:.2f}x (min {row['speedup_after_first']['min']:.2f},"
