@@ -163,7 +163,10 @@ class EventfulViT(nn.Module):
             the incremental 6 M N Dh or the fused 2 N^2 Dh, so a frame's cost
             shrinks with the budget at large N (at 4,096 tokens and 1/8 on an
             H100, the fused pass over all queries took 1.6 of 5.9 ms). Selecting
-            every token through this path reproduces the dense model.
+            every token through this path reproduces the dense model. With
+            `token_selection="shared"` on a plain token sequence neither
+            setting (nor `incremental_max_fraction`) applies: a shared frame
+            computes only the selected rows, which is exact for it.
         token_selection: how a partial frame chooses its tokens. "per_gate"
             (default, the paper's): each of the 3 x depth gates picks, with the
             policy, the tokens whose own input moved most since that gate last
