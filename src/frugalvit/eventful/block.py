@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from timm.layers import Attention
+from timm.layers import Attention, LayerScale
 from timm.models.vision_transformer import Block
 
 from frugalvit.eventful.attention import (AttentionSums, build_attention_sums, cancelled_rows, fused_attention,
@@ -222,6 +222,7 @@ class EventfulBlock(nn.Module):
         super().__init__()
         object.__setattr__(self, "block", block)
         self.layer_scale = layer_scale or (lambda owner, branch, x: getattr(owner, f"ls{branch}")(x))
+        self._timm_layer_scale = layer_scale is None  # ls1 / ls2 are timm's: a LayerScale fuses into its add
         self.attention = EventfulAttention(block.attn) if attention is None else attention
         self.attention_gate, self.projection_gate, self.mlp_gate = TokenGate(pool), TokenGate(pool), TokenGate(pool)
         self.projection_buffer, self.mlp_buffer = TokenBuffer(), TokenBuffer()
@@ -287,9 +288,18 @@ class EventfulBlock(nn.Module):
         mixed = self.attention.selected_rows(selection, block.norm1(x))
         self.projection_gate.follow(mixed, selection, keep_reference=False)
         norm = getattr(attn, "norm", None)
-        x = x + self.layer_scale(block, 1, attn.proj(mixed if norm is None else norm(mixed)))
+        x = self._add_branch(x, 1, attn.proj(mixed if norm is None else norm(mixed)))
         self.mlp_gate.follow(x, selection, keep_reference=False)
-        return x + self.layer_scale(block, 2, block.mlp(block.norm2(x)))
+        return self._add_branch(x, 2, block.mlp(block.norm2(x)))
+
+    def _add_branch(self, x: Tensor, branch: int, y: Tensor) -> Tensor:
+        """x + the block's LayerScale of branch 1 or 2 applied to y; one fused multiply-add (`addcmul`) where
+        that scale is timm's `LayerScale` (one kernel instead of two per branch: a shared GPU frame is bound by
+        its kernel count)."""
+        scale = getattr(self.block, f"ls{branch}", None) if self._timm_layer_scale else None
+        if isinstance(scale, LayerScale):
+            return torch.addcmul(x, y, scale.gamma)
+        return x + self.layer_scale(self.block, branch, y)
 
     def drop_per_gate_state(self, chooser: bool = False) -> None:
         """Release the state only per-gate frames read (`EventfulViT.token_selection="shared"` keeps each
