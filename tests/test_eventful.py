@@ -8,7 +8,8 @@ import torch
 
 import frugalvit as fv
 from frugalvit.eventful.attention import build_attention_sums, cancelled_rows, fused_attention, update_attention_sums_
-from frugalvit.eventful.gates import Selection, TokenBuffer, TokenGate, gather_tokens, scatter_tokens_
+from frugalvit.eventful.gates import (Selection, TokenBuffer, TokenGate, gather_tokens, scatter_rows_strided_,
+                                     scatter_tokens_)
 from frugalvit.eventful.model import UnsupportedModelError
 from frugalvit.timm import embed_tokens
 
@@ -688,3 +689,23 @@ def test_changed_rows_attention_in_half_precision(dtype: torch.dtype) -> None:
     about 0.05 relative L2 (every-row attention shows the same, up to 0.058 on these frames)."""
     assert_half_precision_close_to_float32(make_model("deit3_small_patch16_224"), patch_video(5, batch=2, share=0.2),
                                            dtype, attention_rows="changed")
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["tokens", "heads"])
+def test_strided_scatter_writes_what_the_flat_row_copy_writes(grouped: bool) -> None:
+    """The GPU's one-kernel scatter of a strided source (keys split from a qkv projection) equals the CPU's
+    copy-and-index_copy, for (B, N, D) and per-head (B, H, N, Dh) state, with per-sample indices."""
+    torch.manual_seed(0)
+    batch, tokens, heads, dim, count = 2, 9, 3, 4, 4
+    indices = torch.stack([torch.randperm(tokens)[:count].sort().values for _ in range(batch)])
+    selection = Selection(indices, tokens)
+    if grouped:
+        qkv = torch.randn(batch, count, 3, heads, dim)
+        values = qkv.permute(2, 0, 3, 1, 4)[1]  # (B, H, M, Dh), strided like the keys of one projection
+        target = torch.randn(batch, heads, tokens, dim)
+    else:
+        values = torch.randn(batch, 2 * dim, count).transpose(1, 2)[..., :dim]  # (B, M, D), strided
+        target = torch.randn(batch, tokens, dim)
+    assert not values.is_contiguous()
+    expected = scatter_tokens_(target.clone(), selection, values.contiguous())
+    torch.testing.assert_close(scatter_rows_strided_(target.clone(), selection, values), expected, rtol=0, atol=0)

@@ -77,10 +77,27 @@ def store_(current: Tensor | None, value: Tensor) -> Tensor:
 
 
 def scatter_tokens_(target: Tensor, selection: Selection, values: Tensor) -> Tensor:
-    """Write `values` into rows `selection` of contiguous `target` (B, N, D) or (B, G, N, D), in place."""
+    """Write `values` into rows `selection` of contiguous `target` (B, N, D) or (B, G, N, D), in place.
+
+    Off the CPU a strided `values` (keys and values split from one qkv
+    projection are views) goes in with one `scatter_` (`scatter_rows_strided_`)
+    instead of a copy and an `index_copy_`: a captured GPU frame is bound by
+    its kernel count. On the CPU `index_copy_` over flat rows is several times
+    faster than `scatter_`, and the copy of a few rows costs little.
+    """
+    if values.device.type != "cpu" and not values.is_contiguous():
+        return scatter_rows_strided_(target, selection, values)
     groups = target.shape[1] if target.dim() == 4 else 1
     target.view(-1, target.shape[-1]).index_copy_(0, selection.flat(groups), values.reshape(-1, target.shape[-1]))
     return target
+
+
+def scatter_rows_strided_(target: Tensor, selection: Selection, values: Tensor) -> Tensor:
+    """`scatter_tokens_` as one `scatter_` along the token axis, over the selection's indices expanded to
+    `values`' shape: no copy of `values`, whatever its strides."""
+    indices = selection.indices
+    index = indices.view(indices.shape[0], *([1] * (values.dim() - 3)), indices.shape[1], 1)
+    return target.scatter_(-2, index.expand_as(values), values)
 
 
 def token_errors(reference: Tensor, tokens: Tensor, policy: TokenPolicy, out: Tensor | None = None) -> Tensor:
