@@ -282,7 +282,7 @@ class EventfulViT(nn.Module):
         self.eventful_neck = None if neck is None else EventfulNeck(neck, self._scratch)
         # token_selection="shared" on a plain token sequence (global attention, no neck) runs only the selected
         # tokens through the blocks (`_selected_tokens_frame`); it keeps what the blocks add to every token
-        self._selected_tokens_path = self.eventful_neck is None and all(
+        self._selected_tokens_path = not self._sam and self.eventful_neck is None and all(
             type(block.attention) is EventfulAttention for block in self.eventful_blocks)
         self.residual = TokenBuffer()
         self.policy = policy
