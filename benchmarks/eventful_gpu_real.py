@@ -43,7 +43,7 @@ from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.reporting import save_figure_atomically
 from frugalvit.saliency import SaliencyDecoder, SaliencyViT
 from frugalvit.timing import device_timed
-from frugalvit.video.fidelity import map_fidelity
+from frugalvit.video.fidelity import HOLD_PERIODS, hold_fidelity_at, map_fidelity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eventful_gpu import capture_dense  # noqa: E402 - the benchmarks' shared CUDA-graph helper
@@ -54,7 +54,6 @@ CLIPS = ("bigbuckbunny", "bikes")
 GPU_OPTIONS = {"capture": True, "attention_rows": "changed", "token_selection": "shared"}
 SETTINGS = {"top 1/16": (1 / 16, {}), "top 1/8": (1 / 8, {}), "top 1/4": (1 / 4, {}),
             "top 1/8 + hold 0.2 / cut 0.5": (1 / 8, {"hold_share": 0.2, "cut_share": 0.5})}
-PERIODS = range(2, 9)
 
 
 def prepare(out: Path, clips: tuple[str, ...], count: int, size: int, stored: int = STORED) -> None:
@@ -138,7 +137,7 @@ def run_clip(model: SaliencyViT, clip: list[torch.Tensor], device: torch.device,
         "keyframe-and-hold": {f"K={period}": {"speedup": float(period),
                                               **fidelity(dense_maps[(torch.arange(len(clip)) // period) * period],
                                                          dense_maps)}
-                              for period in PERIODS},
+                              for period in HOLD_PERIODS},
         "eventful": {}}
     for name, (budget, options) in SETTINGS.items():
         ev = fv.eventful(model.backbone, fv.TopFraction(budget), **GPU_OPTIONS, **options)
@@ -179,21 +178,11 @@ def run_clip(model: SaliencyViT, clip: list[torch.Tensor], device: torch.device,
 def beats(entry: dict[str, float], hold: dict[str, dict[str, float]]) -> bool | None:
     """Whether r and IoU lie above keyframe-and-hold's, linearly interpolated at the entry's speed-up; None
     outside the K range measured."""
-    points = sorted((value["speedup"], value["r_mean"], value["iou_mean"]) for value in hold.values())
-    ratio = entry["speedup"]
-    if ratio <= 1.0:
+    if entry["speedup"] <= 1.0:
         return False
-    if ratio < 2.0:  # between dense (1x, perfect) and K=2
-        low, high = (1.0, 1.0, 1.0), points[0]
-    elif ratio > points[-1][0]:
-        return None
-    else:
-        low = max(p for p in points if p[0] <= ratio)
-        high = min(p for p in points if p[0] >= ratio)
-    share = 0.0 if high[0] == low[0] else (ratio - low[0]) / (high[0] - low[0])
-    r = low[1] + share * (high[1] - low[1])
-    iou = low[2] + share * (high[2] - low[2])
-    return entry["r_mean"] >= r and entry["iou_mean"] >= iou
+    at = hold_fidelity_at(entry["speedup"], HOLD_PERIODS, [hold[f"K={k}"]["r_mean"] for k in HOLD_PERIODS],
+                          [hold[f"K={k}"]["iou_mean"] for k in HOLD_PERIODS])
+    return None if at is None else entry["r_mean"] >= at[0] and entry["iou_mean"] >= at[1]
 
 
 def plot(report: dict[str, object], path: Path) -> None:

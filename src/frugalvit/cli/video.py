@@ -221,10 +221,9 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         print(f"  saliency map vs dense (after the first frame): Pearson r mean {summary.task_pearson_mean:.4f} "
               f"(worst {summary.task_pearson_min:.4f}), top-10% IoU mean {summary.task_iou_top10_mean:.3f} "
               f"(worst {summary.task_iou_top10_min:.3f})")
-    for label, saving, hold in (("MAC", summary.mac_ratio, summary.hold_at_mac_ratio),
-                                ("wall-clock", summary.speedup, summary.hold_at_speedup)):
-        if summary.task_pearson_mean is None:
-            break
+    holds = () if summary.task_pearson_mean is None else (
+        ("MAC", summary.mac_ratio, summary.hold_at_mac_ratio), ("wall-clock", summary.speedup, summary.hold_at_speedup))
+    for label, saving, hold in holds:
         if hold is None:
             print(f"  keyframe-and-hold at the same {label} saving ({saving:.2f}x): outside the periods compared "
                   f"(2-{summary.hold_periods[-1]} frames)")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from frugalvit.cost import CostCounter
 from frugalvit.eventful import EventfulViT, eventful
 from frugalvit.timing import model_device_dtype, timed
-from frugalvit.video.fidelity import KeyframeHold, hold_fidelity_at, map_fidelity
+from frugalvit.video.fidelity import HOLD_PERIODS, KeyframeHold, hold_fidelity_at, map_fidelity
 from frugalvit.video.motion import global_shift, shift_maps
 
 
@@ -269,7 +269,7 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     device, dtype = model_device_dtype(model)
     steps = _steps(model, ev, task_head, eventful_task_head, counted, motion_compensated)
     whole = eventful_task_head is not None
-    hold = KeyframeHold() if task_head is not None else None
+    hold = KeyframeHold(HOLD_PERIODS) if task_head is not None else None
     dense_gmacs = 0.0
     records: list[FrameRecord] = []
     for index, frame, _, results in frame_loop(frames, steps, device, dtype, progress, total):
@@ -403,7 +403,7 @@ def _hold_summary(records: list[FrameRecord], mac_ratio: float, speedup: float) 
     """Keyframe-and-hold's mean task fidelity per period, and at the eventful run's own savings."""
     if records[0].hold_task_pearson is None:
         return {}
-    periods = KeyframeHold().periods
+    periods = HOLD_PERIODS  # those of compare_on_frames' KeyframeHold
     pearson = [statistics.fmean(r.hold_task_pearson[k] for r in records) for k in range(len(periods))]
     iou = [statistics.fmean(r.hold_task_iou_top10[k] for r in records) for k in range(len(periods))]
     return {"hold_periods": periods, "hold_task_pearson_mean": tuple(pearson), "hold_task_iou_top10_mean": tuple(iou),

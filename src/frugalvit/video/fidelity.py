@@ -68,7 +68,7 @@ def hold_fidelity_at(ratio: float, periods: tuple[int, ...], pearson: list[float
     if not points[0][0] <= ratio <= points[-1][0]:
         return None
     for (low, r0, i0), (high, r1, i1) in zip(points, points[1:]):
-        if ratio <= high:
-            share = (ratio - low) / (high - low)
-            return r0 + share * (r1 - r0), i0 + share * (i1 - i0)
-    return points[-1][1], points[-1][2]
+        if ratio <= high:  # the segment holding `ratio` (the check above guarantees one)
+            break
+    share = (ratio - low) / (high - low)
+    return r0 + share * (r1 - r0), i0 + share * (i1 - i0)
