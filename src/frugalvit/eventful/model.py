@@ -187,7 +187,8 @@ class EventfulViT(nn.Module):
             synchronises once per frame instead of once per gate. With
             `capture=True` this is the GPU configuration (H200, bf16, 1/8,
             ViT-B at 4,096 tokens: 1.76 ms per frame; dense captured 3.75 ms
-            in the same run, dense compiled and captured 3.52 ms). Fidelity on
+            in the same run; dense compiled and captured 3.52 ms in an earlier
+            run). Fidelity on
             real weights and the GPU runs: docs/eventful.md, "One selection
             per frame".
         refresh_every: if set, every K-th frame recomputes all tokens (bounds drift).
