@@ -25,11 +25,20 @@ training checkpoints, per-stage statistics, backbone features (in chunks).
 
     python benchmarks/dvt_real.py --work-dir /tmp/fv-real2          # everything (~2 h on one shared core)
     python benchmarks/dvt_real.py --work-dir /tmp/fv-real2 --parts trained
+
+Training on a GPU host without PyAV (the committed GPU-trained run): make a
+sources file here (`--prepare-sources FILE`), train there with
+`benchmarks/dvt_real_gpu_train.sh FILE OUTDIR` (96,000 training images made
+there from FILE, one process per cascade, epochs fitted to a time budget),
+unpack its `dvt_trained_*.tgz` into --work-dir and run this script here: it
+loads the trained cascades and evaluates and times them on the CPU
+(validation and test splits are made here; chunks are identical either way).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -49,8 +58,9 @@ from frugalvit.dvt import (AttentionPoolHead, DVTConfig, ResolutionCascade, Toke
                            evaluate_thresholds, search_thresholds)
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.timing import timed
-from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
-from frugalvit.training import TrainConfig, save_atomically, train
+from frugalvit.tasks import (ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays,
+                             save_sources, to_float)
+from frugalvit.training import TrainConfig, mixed_precision, save_atomically, train
 
 # the sibling benchmark script (this directory is on sys.path)
 from dvt import bisect_budget, real_run as dvt_real_run, search_comparison  # noqa: E402
@@ -204,7 +214,33 @@ def accuracy_by_size(correct: np.ndarray, sizes: np.ndarray) -> list[dict]:
 
 # -- part 1: trained DVT cascades --------------------------------------------------------------------
 
-def train_variant(work_dir: Path, name: str, train_config: TrainConfig, data: ImageDataset):
+def probe_epoch_seconds(cascade: nn.Module, data: Split, config: TrainConfig, amp: torch.dtype | None,
+                        steps: int = 20) -> float:
+    """Seconds per training epoch, from `steps` timed steps (after 5 warm-up) on a throwaway copy of `cascade`."""
+    model = copy.deepcopy(cascade).train()
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+
+    def step() -> None:
+        index = torch.randint(len(data), (config.batch_size,))
+        images, labels = data.images[index].to(device), data.labels[index].to(device)
+        with mixed_precision(device, amp):
+            loss = cascade_loss(model, to_float(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(5):
+        step()
+    seconds = timed(lambda: [step() for _ in range(steps)], device=device)[1] / 1e3
+    steps_per_epoch = -(-min(len(data), config.max_train_samples or len(data)) // config.batch_size)
+    return seconds / steps * steps_per_epoch
+
+
+def train_variant(work_dir: Path, name: str, train_config: TrainConfig, data: ImageDataset,
+                  device: torch.device = torch.device("cpu"), amp: torch.dtype | None = None,
+                  time_budget: float | None = None):
+    """The cascade `name`, trained (or loaded from work_dir/trained/name/model.pt); settings in train.json."""
     feature, relation = VARIANTS[name]
     config = replace(BASE, feature_reuse=feature, relation_reuse=relation)
     run = work_dir / "trained" / name
@@ -213,24 +249,55 @@ def train_variant(work_dir: Path, name: str, train_config: TrainConfig, data: Im
     cascade = config.build()
     if final.is_file():
         cascade.load_state_dict(torch.load(final, map_location="cpu"))
-    else:
-        start = time.perf_counter()
-        train(cascade, data.train, train_config, run, progress=True,
-              loss_fn=lambda model, images, labels: cascade_loss(model, to_float(images), labels))
-        save_atomically(cascade.state_dict(), final)
-        print(f"[{name}] trained in {time.perf_counter() - start:.0f}s", flush=True)
-    return cascade.eval()
+        return cascade.eval()
+    cascade.to(device)
+    settings = run / "train.json"
+    if settings.is_file():  # resuming: the epochs chosen when the run started
+        train_config = replace(train_config, epochs=json.loads(settings.read_text())["epochs"])
+    elif time_budget is not None:  # as many epochs as fit the budget (at most the given number)
+        epoch_seconds = probe_epoch_seconds(cascade, data.train, train_config, amp)
+        epochs = max(1, min(train_config.epochs, int(time_budget / epoch_seconds)))
+        print(f"[{name}] {epoch_seconds:.1f} s per epoch measured: {epochs} epochs fit {time_budget:.0f} s",
+              flush=True)
+        train_config = replace(train_config, epochs=epochs)
+    if not settings.is_file():
+        run.mkdir(parents=True, exist_ok=True)
+        write_json({"epochs": train_config.epochs, "batch_size": train_config.batch_size, "lr": train_config.lr,
+                    "train_samples": min(len(data.train), train_config.max_train_samples or len(data.train)),
+                    "device": str(device), "device_name": device_name(device),
+                    "amp": str(amp).removeprefix("torch.") if amp else None, "torch": torch.__version__},
+                   settings)
+    start = time.perf_counter()
+    train(cascade, data.train, train_config, run, progress=True, amp_dtype=amp,
+          loss_fn=lambda model, images, labels: cascade_loss(model, to_float(images), labels))
+    seconds = time.perf_counter() - start
+    save_atomically({key: value.cpu() for key, value in cascade.state_dict().items()}, final)
+    write_json({**json.loads(settings.read_text()), "train_seconds": seconds}, settings)
+    print(f"[{name}] trained in {seconds:.0f}s", flush=True)
+    return cascade.cpu().eval()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, np.ndarray]) -> dict:
-    train_config = TrainConfig(epochs=args.epochs, batch_size=64, lr=args.lr, max_train_samples=args.train_samples)
+    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               max_train_samples=args.train_samples)
     names = args.variants.split(",")
-    models = {name: train_variant(args.work_dir, name, train_config, data) for name in names}
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    models = {name: train_variant(args.work_dir, name, train_config, data, torch.device(args.device), amp,
+                                  args.time_budget) for name in names}
     if args.train_only:
         return {}
+    trained_with = {}
+    for name in names:
+        settings = args.work_dir / "trained" / name / "train.json"
+        trained_with[name] = (json.loads(settings.read_text()) if settings.is_file() else
+                              {"epochs": args.epochs, "train_samples": args.train_samples or len(data.train),
+                               "batch_size": args.batch_size, "lr": args.lr})
     part: dict = {"config": {"model": BASE.to_dict(), "grids": [f"{g}x{g}" for g in BASE.grids],
-                             "train": {"epochs": args.epochs, "train_samples": args.train_samples or len(data.train),
-                                       "batch_size": 64, "lr": args.lr}},
+                             "train": trained_with},
                   "variants": {}, "single_models": [], "wall_clock": []}
     stats = {}
     for name in names:
@@ -567,7 +634,20 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--variants", default="none,both",
                         help="cascades to train: none,both (default) and optionally feature,relation")
-    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the cascades and stop (makes and loads only the training split)")
+    parser.add_argument("--data-only", action="store_true", help="with --train-only: make the training split, stop")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="where to train (evaluation and timing run on the CPU)")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                        help="mixed-precision training (weights stay float32)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds of training per cascade: epochs = min(--epochs, what a timed probe says fits)")
+    parser.add_argument("--sources", type=Path, default=None,
+                        help="make the task from a --prepare-sources file (no PyAV or MNIST package needed)")
+    parser.add_argument("--prepare-sources", type=Path, default=None, metavar="FILE",
+                        help="write the training split's digits and backgrounds to FILE and stop")
+    parser.add_argument("--workers", type=int, default=1, help="processes making the task's chunks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budgets", type=int, default=16, help="points on each accuracy-vs-MACs curve")
     parser.add_argument("--repeats", type=int, default=5)
@@ -589,7 +669,24 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     data_config = ScaledDigitsConfig(counts=args.data_counts)
-    data_dir = build_scaled_digits(args.work_dir / "data", data_config)
+    if args.prepare_sources is not None:
+        save_sources(args.prepare_sources, data_config, splits=("train",))
+        print(f"wrote {args.prepare_sources}")
+        return
+    if args.train_only:  # the training split alone (what a GPU host, given --sources, can make)
+        data_dir = build_scaled_digits(args.work_dir / "data", data_config, sources=args.sources,
+                                       splits=("train",), workers=args.workers)
+        if args.data_only:
+            print(f"made {data_dir} (training split)")
+            return
+        train_arrays = load_split_arrays(data_dir, "train")
+        empty = Split(torch.zeros(0, 3, data_config.canvas, data_config.canvas, dtype=torch.uint8),
+                      torch.zeros(0, dtype=torch.int64))
+        data = ImageDataset("scaled-digits", Split(torch.from_numpy(train_arrays["images"]),
+                                                   torch.from_numpy(train_arrays["labels"])), empty, empty, 10)
+        trained_part(args, data, {})
+        return
+    data_dir = build_scaled_digits(args.work_dir / "data", data_config, sources=args.sources, workers=args.workers)
     data = load_scaled_digits(data_dir)
     sizes = {split: load_split_arrays(data_dir, split)["size"] for split in ("val", "test")}
     results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -605,10 +702,7 @@ def main() -> None:
             # records its own thread count)
     parts = args.parts.split(",")
     if "trained" in parts:
-        part = trained_part(args, data, sizes)
-        if args.train_only:
-            return
-        results["trained"] = part
+        results["trained"] = trained_part(args, data, sizes)
         write_json(results, args.out)
     if "pretrained" in parts:
         results["pretrained"] = pretrained_part(args, data, sizes)

@@ -231,26 +231,116 @@ def _check_config(root: Path, config: ScaledDigitsConfig) -> None:
         write_json_atomically(config.to_dict(), path)
 
 
+# -- the sources (MNIST digits and decoded background frames) in one file ---------------------------
+
+def save_sources(path: Path, config: ScaledDigitsConfig = ScaledDigitsConfig(),
+                 splits: tuple[str, ...] = SPLITS) -> Path:
+    """Write the digits and decoded background frames of `splits` to one compressed `.npz`; returns `path`.
+
+    Generating from this file (`build_scaled_digits(..., sources=path)`) needs
+    neither PyAV nor the data packages, so the task can be made on a machine
+    that has only numpy and torch (e.g. a GPU host), and gives bit-identical
+    chunks. MNIST pixels are multiples of 1/256, stored exactly as uint8.
+    """
+    unknown = [split for split in splits if split not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; choose from {SPLITS}")
+    digits = load_mnist_digits()
+    backgrounds = load_backgrounds(config)
+    arrays: dict[str, np.ndarray] = {"settings": np.frombuffer(json.dumps(_source_settings(config)).encode(),
+                                                               dtype=np.uint8)}
+    for split in splits:
+        images, labels = digits[split]
+        arrays[f"digits_{split}"] = np.round(images * 256.0).astype(np.uint8)
+        arrays[f"labels_{split}"] = labels
+        for number, (clip, frame_index, frame) in enumerate(backgrounds[split]):
+            arrays[f"frame_{split}_{number:05d}_{clip}_{frame_index}"] = frame
+    path = Path(path)
+    with atomic_file(path) as handle:
+        np.savez_compressed(handle, **arrays)
+    return path
+
+
+def _source_settings(config: ScaledDigitsConfig) -> dict:
+    """The settings that decide what the sources hold (not the sampling ones)."""
+    return {"clips": list(config.clips), "frame_step": config.frame_step,
+            "background_side": config.background_side}
+
+
+def load_sources(path: Path, config: ScaledDigitsConfig, splits: tuple[str, ...]
+                 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, list[tuple[int, int, np.ndarray]]]]:
+    """Digits and backgrounds of `splits` from a `save_sources` file, checked against `config`."""
+    with np.load(Path(path)) as archive:
+        saved = json.loads(archive["settings"].tobytes().decode())
+        if saved != _source_settings(config):
+            raise ValueError(f"{path} holds sources for {saved}, not for {_source_settings(config)}; write them again "
+                             f"with save_sources for these settings")
+        missing = [split for split in splits if f"digits_{split}" not in archive.files]
+        if missing:
+            raise ValueError(f"{path} has no sources for split(s) {missing}; write them with save_sources(..., "
+                             f"splits=...) including them")
+        digits = {split: (archive[f"digits_{split}"].astype(np.float32) / 256.0, archive[f"labels_{split}"])
+                  for split in splits}
+        backgrounds: dict[str, list[tuple[int, int, np.ndarray]]] = {split: [] for split in splits}
+        for name in sorted(archive.files):
+            if name.startswith("frame_"):
+                _, split, _, clip, frame_index = name.split("_")
+                if split in backgrounds:
+                    backgrounds[split].append((int(clip), int(frame_index), archive[name]))
+    return digits, backgrounds
+
+
+def _make_chunks(job: tuple) -> int:
+    """Chunks of one split, each written atomically (module level so worker processes can run it)."""
+    root, config, split, chunks, digits, backgrounds = job
+    for chunk in chunks:
+        data = sample_chunk(config, split, chunk, digits, backgrounds)
+        with atomic_file(chunk_path(root, split, chunk)) as handle:
+            np.savez(handle, **data)
+    return len(chunks)
+
+
 def build_scaled_digits(root: Path, config: ScaledDigitsConfig = ScaledDigitsConfig(),
-                        progress: bool = True) -> Path:
-    """Generate (or finish generating) the task's chunks under `root`; returns `root`.
+                        progress: bool = True, sources: Path | None = None, splits: tuple[str, ...] = SPLITS,
+                        workers: int = 1) -> Path:
+    """Generate (or finish generating) the task's chunks of `splits` under `root`; returns `root`.
 
     Finished chunks are kept, so an interrupted run resumes where it stopped.
+    `sources`: a `save_sources` file to read the digits and backgrounds from
+    instead of decoding the clips (same chunks). `workers` > 1 makes chunks in
+    that many processes (each chunk depends only on its own seed).
     """
     from tqdm.auto import tqdm
 
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     root = Path(root)
     _check_config(root, config)
-    todo = [(split, chunk) for split in SPLITS for chunk in range(config.chunks(split))
+    todo = [(split, chunk) for split in splits for chunk in range(config.chunks(split))
             if not chunk_path(root, split, chunk).is_file()]
     if not todo:
         return root
-    digits = load_mnist_digits()
-    backgrounds = load_backgrounds(config)
-    for split, chunk in tqdm(todo, desc="scaled-digits chunks", disable=not progress):
-        data = sample_chunk(config, split, chunk, digits[split], backgrounds[split])
-        with atomic_file(chunk_path(root, split, chunk)) as handle:
-            np.savez(handle, **data)
+    needed = tuple(split for split in SPLITS if any(split == item[0] for item in todo))
+    if sources is not None:
+        digits, backgrounds = load_sources(sources, config, needed)
+    else:
+        digits, backgrounds = load_mnist_digits(), load_backgrounds(config)
+    bar = tqdm(total=len(todo), desc="scaled-digits chunks", disable=not progress)
+    if workers == 1:
+        for split, chunk in todo:
+            bar.update(_make_chunks((root, config, split, [chunk], digits[split], backgrounds[split])))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # one job per worker and split: the sources travel to each worker once, not once per chunk
+        jobs = [(root, config, split, chunks, digits[split], backgrounds[split])
+                for split in needed for worker in range(workers)
+                if (chunks := [chunk for name, chunk in todo if name == split][worker::workers])]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done in pool.map(_make_chunks, jobs):
+                bar.update(done)
+    bar.close()
     return root
 
 

@@ -128,7 +128,8 @@ def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | No
             scaler.update()
             if scale is None or scaler.get_scale() >= scale:  # float16: a step skipped for overflow keeps its lr
                 schedule.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % 50 == 0 or step == steps_per_epoch - 1:  # reading the loss waits for the device
+                bar.set_postfix(loss=f"{loss.item():.3f}")
         model.eval()
         if on_epoch_end is not None:
             on_epoch_end(epoch)
