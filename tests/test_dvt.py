@@ -108,6 +108,30 @@ def test_attention_resize_is_row_wise() -> None:
         resize_attention_rows(torch.randn(1, 1, 6, 6), source, target, prefix)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resizes_as_matmuls_equal_interpolate(dtype: torch.dtype) -> None:
+    """The matrix forms equal the plain reference: F.interpolate on the token grid, then on the query grid."""
+    source, target, prefix = (3, 3), (5, 5), 1
+    tokens = torch.randn(2, 9, 6)
+    grid = tokens.reshape(2, 3, 3, 6).permute(0, 3, 1, 2)
+    reference = torch.nn.functional.interpolate(grid, size=target, mode="bilinear", align_corners=False)
+    reference = reference.permute(0, 2, 3, 1).reshape(2, 25, 6)
+    torch.testing.assert_close(resize_token_grid(tokens, source, target), reference, atol=1e-6, rtol=1e-6)
+    maps = torch.randn(2, 4, 10, 10)
+
+    def plain_last_axis(x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.interpolate(x.reshape(-1, 1, *source), size=target, mode="bilinear",
+                                              align_corners=False)
+        return out.reshape(*x.shape[:-1], 25)
+
+    columns = torch.cat([maps[..., :prefix], plain_last_axis(maps[..., prefix:])], -1).transpose(-1, -2)
+    expected = torch.cat([columns[..., :prefix], plain_last_axis(columns[..., prefix:])], -1).transpose(-1, -2)
+    out = resize_attention_rows(maps.to(dtype), source, target, prefix)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
 # -- early exit --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("feature,relation", [(False, False), (True, True)])
@@ -222,7 +246,11 @@ def test_stage_macs_match_analytic_counts() -> None:
 
     feature = [_vit_macs(g + 1, dim, depth, g, p, classes, context=ctx if i else 0)
                for i, (g, p) in enumerate(zip(grids, patches))]
+    sides = [int(g ** 0.5) for g in grids]
+    # a separable grid resize of one plane: along the width (h*w*w'), then the height (h'*h*w')
+    plane = [sides[i] * sides[i] * sides[i + 1] + sides[i + 1] * sides[i] * sides[i + 1] for i in range(2)]
     feature_mlps = [g * (dim * dim + dim * ctx) for g in grids[:-1]]  # LN + Mlp(D -> D -> D') on upstream patches
+    feature_mlps = [mlp + ctx * resize for mlp, resize in zip(feature_mlps, plane)]  # + the context's resize
     cascade = _cascade(feature=True, relation=False)
     expected = [feature[0], feature[0] + feature_mlps[0] + feature[1],
                 feature[0] + feature_mlps[0] + feature[1] + feature_mlps[1] + feature[2]]
@@ -230,6 +258,8 @@ def test_stage_macs_match_analytic_counts() -> None:
 
     maps = depth * heads  # 1x1 convs L*H -> L*H -> L*H at the upstream token count
     convs = [(g + 1) ** 2 * 2 * maps * maps for g in grids[:-1]]
+    # + the row-wise resize: every upstream row's key grid, then every downstream column's query grid
+    convs = [conv + maps * (grids[i] + 1 + grids[i + 1] + 1) * plane[i] for i, conv in enumerate(convs)]
     cascade = _cascade(feature=False, relation=True)
     expected = [plain[0], plain[0] + convs[0] + plain[1], plain[0] + convs[0] + plain[1] + convs[1] + plain[2]]
     assert cascade.stage_macs() == tuple(expected)

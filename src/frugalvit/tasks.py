@@ -292,7 +292,9 @@ def load_sources(path: Path, config: ScaledDigitsConfig, splits: tuple[str, ...]
 
 def _make_chunks(job: tuple) -> int:
     """Chunks of one split, each written atomically (module level so worker processes can run it)."""
-    root, config, split, chunks, digits, backgrounds = job
+    root, config, split, chunks, digits, backgrounds, threads = job
+    if threads is not None:  # a worker process: one thread each, or N workers x N cores thrash
+        torch.set_num_threads(threads)
     for chunk in chunks:
         data = sample_chunk(config, split, chunk, digits, backgrounds)
         with atomic_file(chunk_path(root, split, chunk)) as handle:
@@ -328,13 +330,13 @@ def build_scaled_digits(root: Path, config: ScaledDigitsConfig = ScaledDigitsCon
     bar = tqdm(total=len(todo), desc="scaled-digits chunks", disable=not progress)
     if workers == 1:
         for split, chunk in todo:
-            bar.update(_make_chunks((root, config, split, [chunk], digits[split], backgrounds[split])))
+            bar.update(_make_chunks((root, config, split, [chunk], digits[split], backgrounds[split], None)))
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # one job per worker and split: the sources travel to each worker once, not once per chunk
-        jobs = [(root, config, split, chunks, digits[split], backgrounds[split])
+        jobs = [(root, config, split, chunks, digits[split], backgrounds[split], 1)
                 for split in needed for worker in range(workers)
                 if (chunks := [chunk for name, chunk in todo if name == split][worker::workers])]
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
