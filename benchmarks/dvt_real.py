@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from frugalvit.cost import CostCounter
 from frugalvit.data import ImageDataset, Split
 from frugalvit.dvt import (AttentionPoolHead, DVTConfig, ResolutionCascade, TokenPoolHead, cascade_loss,
-                           evaluate_thresholds, search_thresholds)
+                           evaluate_thresholds, resize_images, search_thresholds)
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.timing import timed
 from frugalvit.tasks import (ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays,
@@ -99,7 +99,7 @@ def cascade_stats(cascade, split: Split, batch_size: int = 250) -> Stats:
     parts = []
     with torch.no_grad():
         for start in range(0, len(split), batch_size):
-            parts.append(cascade.forward_all(to_float(split.images[start:start + batch_size])))
+            parts.append(cascade.forward_all(split.images[start:start + batch_size]))  # uint8, as stored
     return logits_stats([torch.cat(p) for p in zip(*parts)], split.labels)
 
 
@@ -131,8 +131,8 @@ def budget_for_accuracy(val: Stats, costs: Sequence[int], target: float, steps: 
 
 
 def real_run(cascade, split: Split, thresholds: Sequence[float], batch_size: int = 250) -> dict:
-    """The real early-exit forward on a split (uint8 images), MACs counted by CostCounter."""
-    return {"images": len(split), **dvt_real_run(cascade, split, thresholds, batch_size, prepare=to_float)}
+    """The real early-exit forward on a split (uint8 images, as stored), MACs counted by CostCounter."""
+    return {"images": len(split), **dvt_real_run(cascade, split, thresholds, batch_size)}
 
 
 def operating_point(name: str, cascade, costs: Sequence[int], val: Stats, test: Stats, reference: dict,
@@ -184,7 +184,7 @@ def wall_clock(cascade, dense: Callable[[Tensor], object], dense_macs: float, im
                thresholds: Sequence[float], batch_size: int, count: int, repeats: int) -> dict:
     """Dense single model vs early-exit cascade on the same images, repeats interleaved (dense, cascade, ...)."""
     cascade.set_thresholds(thresholds)
-    batches = [to_float(images[i:i + batch_size]) for i in range(0, count, batch_size)]
+    batches = [images[i:i + batch_size] for i in range(0, count, batch_size)]  # uint8, as stored: both convert
     with torch.no_grad(), CostCounter() as cost:
         for batch in batches:
             cascade(batch)
@@ -361,9 +361,7 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
     best_size = BASE.stage_image_sizes[best_index]
 
     def dense(images: Tensor) -> Tensor:
-        return best_stage(torch.nn.functional.interpolate(images, size=(best_size, best_size), mode="bilinear",
-                                                          antialias=True)
-                          if images.shape[-1] != best_size else images)
+        return best_stage(resize_images(images, (best_size, best_size)))  # uint8 -> float in [0, 1]
 
     for name in names:
         point = part["variants"][name]["operating_point"]
@@ -502,7 +500,9 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
                   "best_single": best["name"], "stage_test_accuracy": test[1].mean(1).tolist(),
                   "test_accuracy_by_digit_size": accuracy_by_size(test[1], sizes["test"][:len(test_split)]),
                   "curve": curve(costs, val, test, args.budgets)}
+    # float images, as its cached features were made from (a uint8 input would be resized as uint8)
     real_split = data.test.subset(args.pretrained_real_images)
+    real_split = Split(to_float(real_split.images), real_split.labels)
     part["operating_point"] = operating_point("pretrained", cascade, costs, val, test, best, real_split)
     part["threshold_search"] = search_comparison(costs, val, test,
                                                  np.geomspace(costs[0] * 1.05, costs[-1] * 0.6, 10), tolerance=1e-12)
@@ -520,8 +520,8 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
             return best_head(tokens_at_resolution(backbone, cascade.stage_input(best_index, images)))
 
         for batch_size, count in ((1, args.pretrained_batch1_images), (64, 64)):
-            entry = wall_clock(cascade, dense, best["macs"], data.test.images, point["thresholds"], batch_size,
-                               count, args.repeats_pretrained)
+            entry = wall_clock(cascade, dense, best["macs"], to_float(data.test.images[:count]), point["thresholds"],
+                               batch_size, count, args.repeats_pretrained)
             part["wall_clock"].append(entry)
             print(f"[time pretrained] batch={batch_size}: speed-up {entry['speedup_median']:.2f}x vs MAC ratio "
                   f"{entry['mac_ratio']:.2f}x ({entry['speedup_over_mac_ratio']:.0%})", flush=True)

@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 from frugalvit.cost import CostCounter
-from frugalvit.dvt import (DVTConfig, ResolutionCascade, attention_with_bias, cascade_loss, dvt_stage,
+from frugalvit.dvt import (DVTConfig, ResolutionCascade, attention_with_bias, cascade_loss, dvt_stage, resize_images,
                            evaluate_thresholds, genetic_search, geometric_search, resize_attention_rows,
                            resize_token_grid, search_thresholds, stage_forward, vit_at_resolution)
 from frugalvit.dvt.thresholds import exit_stages
@@ -130,6 +130,40 @@ def test_resizes_as_matmuls_equal_interpolate(dtype: torch.dtype) -> None:
     assert out.dtype == dtype and torch.isfinite(out).all()
     tolerance = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("size", [(48, 48), (80, 80), (168, 168)])
+def test_uint8_images_resize_like_floats(size: tuple[int, int]) -> None:
+    """uint8 images come back as [0, 1] floats, within about a grey level of the float resize (the reference)."""
+    images = torch.randint(0, 256, (4, 3, 112, 112), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = torch.nn.functional.interpolate(images.float() / 255.0, size=size, mode="bilinear",
+                                                align_corners=False, antialias=True)
+    out = resize_images(images, size)
+    assert out.dtype == torch.float32 and out.shape == reference.shape and out.is_contiguous()
+    assert (out - reference).abs().max() <= 1.5 / 255.0  # fixed-point weights, then rounding: measured <= 1.01
+    assert resize_images(images, size, dtype=torch.bfloat16).dtype == torch.bfloat16
+    same = resize_images(images, (112, 112))
+    torch.testing.assert_close(same, images.float() / 255.0)
+
+
+def test_cascade_takes_uint8_images() -> None:
+    """A cascade fed uint8 images: real early exit equals its own per-stage logits, and is close to float input."""
+    torch.manual_seed(0)
+    cascade = DVTConfig(image_size=32, image_sizes=(16, 24, 32), patch_sizes=(8, 8, 8), in_chans=3, embed_dim=32,
+                        depth=1, num_heads=2, context_dim=8).build().eval()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        stage_logits = cascade.forward_all(images)
+        as_floats = cascade.forward_all(images.float() / 255.0)
+        confidence = torch.stack([l.softmax(-1).amax(-1) for l in stage_logits]).numpy()
+        thresholds = [float(np.median(confidence[0])), float(np.median(confidence[1]))]
+        out = cascade(images, thresholds=thresholds)
+    for ours, theirs in zip(stage_logits, as_floats):
+        torch.testing.assert_close(ours, theirs, atol=0.05, rtol=0.05)
+    expected = exit_stages(confidence, thresholds)
+    assert out.exit_stage.tolist() == expected.tolist()
+    for index, stage in enumerate(expected.tolist()):
+        torch.testing.assert_close(out.logits[index], stage_logits[stage][index], atol=1e-5, rtol=1e-5)
 
 
 # -- early exit --------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class ResolutionCascade(EarlyExitCascade):
     def stage_input(self, index: int, images: Tensor) -> Tensor:
         """The model's input at stage `index`: resized to its resolution, then normalised."""
         size = self.resolutions[index]
-        images = resize_images(images, (size, size))
+        images = resize_images(images, (size, size), dtype=next(self.model.parameters()).dtype)
         return self.normalize(images) if self.normalize is not None else images
 
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
