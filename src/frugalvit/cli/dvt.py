@@ -154,7 +154,7 @@ def _load_data(spec: str, image_size: int | None):
     from frugalvit.tasks import is_scaled_digits, load_scaled_digits
 
     if is_scaled_digits(Path(spec)):
-        return load_scaled_digits(Path(spec))  # uint8 images: batches go through data.model_input
+        return load_scaled_digits(Path(spec))  # uint8 images: batches go through cascade.prepare_input
     return load_dataset(spec, image_size or 32)
 
 
@@ -278,7 +278,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from frugalvit.cost import CostCounter
-    from frugalvit.data import model_input
 
     _threads(args)
     device, dtype = resolve_device_dtype(args)
@@ -298,7 +297,7 @@ def run_eval(args: argparse.Namespace) -> int:
     exits, correct, macs = [], 0, 0
     with torch.no_grad():
         for start in tqdm(range(0, len(split), args.batch_size), desc="eval", disable=args.no_progress):
-            images = model_input(split.images[start:start + args.batch_size], device, dtype)
+            images = cascade.prepare_input(split.images[start:start + args.batch_size])  # as calibrate does
             labels = split.labels[start:start + args.batch_size].to(device)
             with CostCounter() as cost:
                 out = cascade(images)

@@ -59,6 +59,8 @@ class DVTCascade(EarlyExitCascade):
         relation_hidden: hidden channels of the relationship transform (default: L_down x H_down).
     """
 
+    takes_uint8 = True  # each stage's input goes through resize_images, which converts uint8 (fast on the CPU)
+
     def __init__(self, stages: Sequence[VisionTransformer], feature_reuse: bool = True, relation_reuse: bool = True,
                  feature_hidden: int | None = None, relation_hidden: int | None = None) -> None:
         sizes = [_size(stage.patch_embed.img_size) for stage in stages]

@@ -94,6 +94,16 @@ class EarlyExitCascade(nn.Module):
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(images.shape)}; resize them to the cascade's input size first")
 
+    def prepare_input(self, images: Tensor) -> Tensor:
+        """A stored image batch as this cascade's input: on its device and in its dtype (uint8 scaled to
+        [0, 1]). Cascades that resize uint8 images themselves (faster on the CPU) keep them uint8."""
+        parameter = next(self.parameters())
+        if images.dtype == torch.uint8 and self.takes_uint8:
+            return images.to(parameter.device)
+        return model_input(images, parameter.device, parameter.dtype)
+
+    takes_uint8: bool = False  # subclasses whose stages convert uint8 images themselves set this
+
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """Use these exit thresholds from now on (K-1 values in [0, 1]; 1.0 = never exit at that stage)."""
         values = check_thresholds(thresholds, self.num_stages)
@@ -173,8 +183,8 @@ class EarlyExitCascade(nn.Module):
         """Confidence and correctness of every stage on a held-out split; kept for `set_budget`.
 
         `transform` maps each batch before it enters the cascade (e.g. uint8 -> float), so a large
-        split can stay compact in memory. Batches are moved to the cascade's device and dtype
-        (uint8 ones scaled to [0, 1]), so the split can stay on the CPU.
+        split can stay compact in memory. Batches go through `prepare_input` (to the cascade's device
+        and dtype), so the split can stay on the CPU; evaluate the same way to match the calibration.
         """
         from tqdm.auto import tqdm
 
@@ -184,11 +194,10 @@ class EarlyExitCascade(nn.Module):
         was_training = self.training
         self.eval()
         confidence, correct = [], []
-        parameter = next(self.parameters())
         for start in tqdm(range(0, images.shape[0], batch_size), desc="calibrate", disable=not progress):
             batch = images[start:start + batch_size]
             batch = transform(batch) if transform is not None else batch
-            batch = model_input(batch, parameter.device, parameter.dtype)
+            batch = self.prepare_input(batch)
             target = labels[start:start + batch_size].to(batch.device)
             stage_logits = self.forward_all(batch)
             confidence.append(torch.stack([l.float().softmax(-1).amax(-1) for l in stage_logits]).cpu())
