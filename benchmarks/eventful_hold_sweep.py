@@ -11,7 +11,8 @@ in-sample; carphone_pristine was left out of the sweeps as a check.
 
 Usage:
     python3 benchmarks/eventful_hold_sweep.py bigbuckbunny 224 --policies fraction:0.125,fraction:0.0625 \\
-        --holds 0.1,0.2 --cuts 0.5,0.7 --max-held 3 [--relative-error 0.5] [--out FILE]
+        --holds 0.1,0.2 --cuts 0.5,0.7 --max-held 3 [--relative-error 0.5] [--attention-rows changed]
+        [--token-selection shared] [--out FILE]
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-held", type=lambda text: [int(v) for v in text.split(",")], default=[3])
     parser.add_argument("--relative-error", type=float, default=0.5, help="cut_relative_error")
     parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--attention-rows", choices=("all", "changed"), default="all")
+    parser.add_argument("--token-selection", choices=("per_gate", "shared"), default="per_gate")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         if hold >= cut:
             continue
         options = {"cut_share": cut, "hold_share": hold, "max_held_frames": max_held,
-                   "cut_relative_error": args.relative_error}
+                   "cut_relative_error": args.relative_error, "attention_rows": args.attention_rows,
+                   "token_selection": args.token_selection}
         run = real.eventful_run(model, frames, real.EventfulSetting("sweep", policy, options))
         fidelity = real.summarize(map_fidelity(run.maps, dense_maps))
         row = {"clip": args.clip, "size": args.size, "policy": policy, **options,
