@@ -33,6 +33,12 @@ there from FILE, one process per cascade, epochs fitted to a time budget),
 unpack its `dvt_trained_*.tgz` into --work-dir and run this script here: it
 loads the trained cascades and evaluates and times them on the CPU
 (validation and test splits are made here; chunks are identical either way).
+GPU figures for the trained part, in a second call: make the held-out
+sources here (`--prepare-sources FILE --source-splits val,test`, about 18
+MB), put the trained cascades under WORK/trained/, and run there
+`--work-dir WORK --parts trained --eval-only --sources FILE --eval-device cuda
+--workers 16 --out OUT.json`: statistics, thresholds, the real early exit and
+the wall clock against the dense model, all on that device.
 """
 
 from __future__ import annotations
@@ -89,8 +95,8 @@ def write_json(data: dict, path: Path) -> None:
 
 
 def logits_stats(stage_logits: Sequence[Tensor], labels: Tensor) -> Stats:
-    confidence = torch.stack([l.float().softmax(-1).amax(-1) for l in stage_logits]).numpy()
-    correct = torch.stack([l.argmax(-1) == labels for l in stage_logits]).numpy()
+    confidence = torch.stack([l.float().softmax(-1).amax(-1) for l in stage_logits]).cpu().numpy()
+    correct = torch.stack([l.argmax(-1) == labels for l in stage_logits]).cpu().numpy()
     return confidence, correct
 
 
@@ -285,11 +291,20 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                max_train_samples=args.train_samples)
     names = args.variants.split(",")
+    missing = [name for name in names if not (args.work_dir / "trained" / name / "model.pt").is_file()]
+    if args.eval_only and missing:
+        raise SystemExit(f"--eval-only: no trained model for {missing} under {args.work_dir / 'trained'}; train "
+                         f"them first (or unpack the GPU run's dvt_trained_*.tgz there)")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     models = {name: train_variant(args.work_dir, name, train_config, data, torch.device(args.device), amp,
                                   args.time_budget) for name in names}
     if args.train_only:
         return {}
+    # evaluation and timing on --eval-device (the CPU by default): the models and the held-out splits move there
+    device = torch.device(args.eval_device)
+    models = {name: model.to(device) for name, model in models.items()}
+    data = ImageDataset(data.name, data.train, *(Split(split.images.to(device), split.labels.to(device))
+                                                 for split in (data.val, data.test)), data.num_classes)
     trained_with = {}
     for name in names:
         settings = args.work_dir / "trained" / name / "train.json"
@@ -297,7 +312,7 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
                               {"epochs": args.epochs, "train_samples": args.train_samples or len(data.train),
                                "batch_size": args.batch_size, "lr": args.lr})
     part: dict = {"config": {"model": BASE.to_dict(), "grids": [f"{g}x{g}" for g in BASE.grids],
-                             "train": trained_with},
+                             "train": trained_with, "eval_device": device_name(device)},
                   "variants": {}, "single_models": [], "wall_clock": []}
     stats = {}
     for name in names:
@@ -317,7 +332,7 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
     singles = models["none"].stages
     for index, stage in enumerate(singles):
         with torch.no_grad(), CostCounter() as cost:
-            stage(torch.zeros(1, 3, BASE.stage_image_sizes[index], BASE.stage_image_sizes[index]))
+            stage(torch.zeros(1, 3, BASE.stage_image_sizes[index], BASE.stage_image_sizes[index], device=device))
         grid = BASE.grids[index]
         part["single_models"].append({"name": f"single {grid}x{grid}", "grid": f"{grid}x{grid}",
                                       "image_size": BASE.stage_image_sizes[index], "macs": cost.macs,
@@ -646,7 +661,12 @@ def main() -> None:
     parser.add_argument("--sources", type=Path, default=None,
                         help="make the task from a --prepare-sources file (no PyAV or MNIST package needed)")
     parser.add_argument("--prepare-sources", type=Path, default=None, metavar="FILE",
-                        help="write the training split's digits and backgrounds to FILE and stop")
+                        help="write the digits and backgrounds of --source-splits to FILE and stop")
+    parser.add_argument("--source-splits", default="train", help="with --prepare-sources: train, or val,test")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate the trained cascades already in --work-dir (makes only val and test)")
+    parser.add_argument("--eval-device", default="cpu",
+                        help="where the trained part evaluates and times (the pretrained part: the CPU)")
     parser.add_argument("--workers", type=int, default=1, help="processes making the task's chunks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budgets", type=int, default=16, help="points on each accuracy-vs-MACs curve")
@@ -670,7 +690,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data_config = ScaledDigitsConfig(counts=args.data_counts)
     if args.prepare_sources is not None:
-        save_sources(args.prepare_sources, data_config, splits=("train",))
+        save_sources(args.prepare_sources, data_config, splits=tuple(args.source_splits.split(",")))
         print(f"wrote {args.prepare_sources}")
         return
     if args.train_only:  # the training split alone (what a GPU host, given --sources, can make)
@@ -686,8 +706,22 @@ def main() -> None:
                                                    torch.from_numpy(train_arrays["labels"])), empty, empty, 10)
         trained_part(args, data, {})
         return
-    data_dir = build_scaled_digits(args.work_dir / "data", data_config, sources=args.sources, workers=args.workers)
-    data = load_scaled_digits(data_dir)
+    if args.eval_only and "pretrained" in args.parts.split(","):
+        raise SystemExit("--eval-only evaluates the trained part only (the pretrained heads train on the training "
+                         "split): add --parts trained")
+    if args.eval_only:  # held-out splits only (what a GPU host, given --sources for val,test, can make)
+        data_dir = build_scaled_digits(args.work_dir / "data", data_config, sources=args.sources,
+                                       splits=("val", "test"), workers=args.workers)
+        held_out = {split: load_split_arrays(data_dir, split) for split in ("val", "test")}
+        empty = Split(torch.zeros(0, 3, data_config.canvas, data_config.canvas, dtype=torch.uint8),
+                      torch.zeros(0, dtype=torch.int64))
+        data = ImageDataset("scaled-digits", empty, *(Split(torch.from_numpy(held_out[s]["images"]),
+                                                           torch.from_numpy(held_out[s]["labels"]))
+                                                     for s in ("val", "test")), 10)
+    else:
+        data_dir = build_scaled_digits(args.work_dir / "data", data_config, sources=args.sources,
+                                       workers=args.workers)
+        data = load_scaled_digits(data_dir)
     sizes = {split: load_split_arrays(data_dir, split)["size"] for split in ("val", "test")}
     results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                  "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
