@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from frugalvit.ecoformer import EcoFormerAttention, convertible_layers, ecoformer, fit_hashes, remove_ecoformer
 from frugalvit.timm import (attention_gate, embed_tokens, embed_tokens_resampled, graft, merge_heads,
                             replace_modules, split_qkv)
+from frugalvit.timm.vit import patch_tokens, patch_tokens_apply
 
 torch.set_num_threads(1)
 
@@ -43,6 +44,26 @@ def test_embed_tokens_is_the_models_own_embedding(variant: str) -> None:
     torch.testing.assert_close(embed_tokens_resampled(model, x), tokens, rtol=0, atol=0)
     larger = embed_tokens_resampled(model, images(size=48))
     assert larger.shape == (2, model.num_prefix_tokens + 36, 32)
+
+
+@pytest.mark.parametrize("options", [{}, {"patch_size": 4, "embed_layer_norm": True}, {"bias": False}],
+                         ids=["patch 8", "patch 4 + norm", "no bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_patch_tokens_is_patch_embed_as_one_matmul(options: dict[str, object], dtype: torch.dtype) -> None:
+    """The CUDA path's patch embedding against timm's PatchEmbed (the reference), on the CPU."""
+    options = dict(options)  # the parameter is shared between the dtype cases
+    norm, bias = options.pop("embed_layer_norm", False), options.pop("bias", True)
+    model = tiny_vit(**options, **({"embed_norm_layer": nn.LayerNorm} if norm else {})).to(dtype)
+    if not bias:
+        model.patch_embed.proj.bias = None
+    x = images().to(dtype)
+    embed = model.patch_embed
+    assert isinstance(embed.norm, nn.LayerNorm) == norm
+    assert patch_tokens_apply(embed, x)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(patch_tokens(embed, x), embed(x), **tolerance)
+    assert not patch_tokens_apply(embed, images(size=48).to(dtype))  # strict size: timm's own error stays
 
 
 def test_embed_tokens_resampled_names_what_it_cannot_do() -> None:
