@@ -61,6 +61,7 @@ class EarlyExitCascade(nn.Module):
     """Base of the cascades: thresholds, early-exit forward, costs, calibration and budget."""
 
     thresholds: Tensor
+    takes_uint8: bool = False  # subclasses whose stages convert uint8 images themselves (prepare_input) set this
 
     def __init__(self, num_stages: int, input_shape: Sequence[int]) -> None:
         super().__init__()
@@ -101,8 +102,6 @@ class EarlyExitCascade(nn.Module):
         if images.dtype == torch.uint8 and self.takes_uint8:
             return images.to(parameter.device)
         return model_input(images, parameter.device, parameter.dtype)
-
-    takes_uint8: bool = False  # subclasses whose stages convert uint8 images themselves set this
 
     def set_thresholds(self, thresholds: Sequence[float]) -> None:
         """Use these exit thresholds from now on (K-1 values in [0, 1]; 1.0 = never exit at that stage)."""
