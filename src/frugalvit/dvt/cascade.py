@@ -23,18 +23,17 @@ def resize_images(images: Tensor, size: tuple[int, int], dtype: torch.dtype | No
     """Bilinear (anti-aliased when shrinking) resize of (N, C, H, W) images; identity at the same size.
 
     uint8 images (0-255) come back as floats in [0, 1] of `dtype` (default
-    float32). On the CPU they are resized as uint8, channels-last, PyTorch's
-    vectorised path (7x faster than a float resize at batch 64; the result is
-    rounded to whole levels, within 1 level of the float resize); on other
-    devices they are converted first.
+    float32). On the CPU they are resized as uint8, PyTorch's vectorised
+    path (3x faster than a float resize at batch 64, conversion included; the
+    result is rounded to whole levels, within 1 level of the float resize);
+    on other devices they are converted first.
     """
     same = tuple(images.shape[-2:]) == tuple(size)
     if images.dtype == torch.uint8:
         if not same and images.device.type == "cpu":
-            images = F.interpolate(images.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
-                                   align_corners=False, antialias=True)
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
             same = True
-        images = images.float().div_(255.0).to(dtype or torch.float32).contiguous()
+        images = images.float().div_(255.0).to(dtype or torch.float32)
     if same:
         return images
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
