@@ -29,7 +29,7 @@ training checkpoints, per-stage statistics, backbone features (in chunks).
 Training on a GPU host without PyAV (the committed GPU-trained run): make a
 sources file here (`--prepare-sources FILE`), train there with
 `benchmarks/dvt_real_gpu_train.sh FILE OUTDIR` (96,000 training images made
-there from FILE, one process per cascade, epochs fitted to a time budget),
+there from FILE, the cascades one after another, epochs fitted to a time budget),
 unpack its `dvt_trained_*.tgz` into --work-dir and run this script here: it
 loads the trained cascades and evaluates and times them on the CPU
 (validation and test splits are made here; chunks are identical either way).
@@ -66,7 +66,7 @@ from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.timing import timed
 from frugalvit.tasks import (ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays,
                              save_sources, to_float)
-from frugalvit.training import TrainConfig, mixed_precision, save_atomically, train
+from frugalvit.training import TrainConfig, save_atomically, train
 
 # the sibling benchmark script (this directory is on sys.path)
 from dvt import bisect_budget, real_run as dvt_real_run, search_comparison  # noqa: E402
@@ -222,25 +222,22 @@ def accuracy_by_size(correct: np.ndarray, sizes: np.ndarray) -> list[dict]:
 
 def probe_epoch_seconds(cascade: nn.Module, data: Split, config: TrainConfig, amp: torch.dtype | None,
                         steps: int = 20) -> float:
-    """Seconds per training epoch, from `steps` timed steps (after 5 warm-up) on a throwaway copy of `cascade`."""
-    model = copy.deepcopy(cascade).train()
+    """Seconds per training epoch: the library's `train` timed over `steps` batches (after 5 untimed ones)
+    on a throwaway copy of `cascade`."""
+    model = copy.deepcopy(cascade)
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
 
-    def step() -> None:
-        index = torch.randint(len(data), (config.batch_size,))
-        images, labels = data.images[index].to(device), data.labels[index].to(device)
-        with mixed_precision(device, amp):
-            loss = cascade_loss(model, to_float(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def run(batches: int) -> int:
+        """`batches` training steps (fewer on a smaller split); returns how many ran."""
+        part = data.subset(batches * config.batch_size)
+        train(model, part, replace(config, epochs=1, max_train_samples=None), progress=False, amp_dtype=amp,
+              loss_fn=lambda module, images, labels: cascade_loss(module, to_float(images), labels))
+        return -(-len(part) // config.batch_size)
 
-    for _ in range(5):
-        step()
-    seconds = timed(lambda: [step() for _ in range(steps)], device=device)[1] / 1e3
+    run(5)
+    ran, milliseconds = timed(lambda: run(steps), device=device)
     steps_per_epoch = -(-min(len(data), config.max_train_samples or len(data)) // config.batch_size)
-    return seconds / steps * steps_per_epoch
+    return milliseconds / 1e3 / ran * steps_per_epoch
 
 
 def train_variant(work_dir: Path, name: str, train_config: TrainConfig, data: ImageDataset,
@@ -309,7 +306,7 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
     for name in names:
         settings = args.work_dir / "trained" / name / "train.json"
         trained_with[name] = (json.loads(settings.read_text()) if settings.is_file() else
-                              {"epochs": args.epochs, "train_samples": args.train_samples or len(data.train),
+                              {"epochs": args.epochs, "train_samples": args.train_samples or len(data.train) or None,
                                "batch_size": args.batch_size, "lr": args.lr})
     part: dict = {"config": {"model": BASE.to_dict(), "grids": [f"{g}x{g}" for g in BASE.grids],
                              "train": trained_with, "eval_device": device_name(device)},
@@ -638,6 +635,17 @@ def plot(results: dict, path: Path) -> None:
         figure.savefig(handle, dpi=100, format="png")
 
 
+def partial_dataset(data_dir: Path, splits: Sequence[str], canvas: int) -> ImageDataset:
+    """The task with only `splits` loaded (what a GPU host made from a sources file); the others empty."""
+    def load(split: str) -> Split:
+        if split not in splits:
+            return Split(torch.zeros(0, 3, canvas, canvas, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+        arrays = load_split_arrays(data_dir, split)
+        return Split(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]))
+
+    return ImageDataset("scaled-digits", load("train"), load("val"), load("test"), 10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/frugalvit-dvt-real"))
@@ -653,7 +661,7 @@ def main() -> None:
                         help="train the cascades and stop (makes and loads only the training split)")
     parser.add_argument("--data-only", action="store_true", help="with --train-only: make the training split, stop")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu", help="where to train (evaluation and timing run on the CPU)")
+    parser.add_argument("--device", default="cpu", help="where to train (evaluation and timing: --eval-device)")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                         help="mixed-precision training (weights stay float32)")
     parser.add_argument("--time-budget", type=float, default=None,
@@ -699,12 +707,7 @@ def main() -> None:
         if args.data_only:
             print(f"made {data_dir} (training split)")
             return
-        train_arrays = load_split_arrays(data_dir, "train")
-        empty = Split(torch.zeros(0, 3, data_config.canvas, data_config.canvas, dtype=torch.uint8),
-                      torch.zeros(0, dtype=torch.int64))
-        data = ImageDataset("scaled-digits", Split(torch.from_numpy(train_arrays["images"]),
-                                                   torch.from_numpy(train_arrays["labels"])), empty, empty, 10)
-        trained_part(args, data, {})
+        trained_part(args, partial_dataset(data_dir, ("train",), data_config.canvas), {})
         return
     if args.eval_only and "pretrained" in args.parts.split(","):
         raise SystemExit("--eval-only evaluates the trained part only (the pretrained heads train on the training "
@@ -712,12 +715,7 @@ def main() -> None:
     if args.eval_only:  # held-out splits only (what a GPU host, given --sources for val,test, can make)
         data_dir = build_scaled_digits(args.work_dir / "data", data_config, sources=args.sources,
                                        splits=("val", "test"), workers=args.workers)
-        held_out = {split: load_split_arrays(data_dir, split) for split in ("val", "test")}
-        empty = Split(torch.zeros(0, 3, data_config.canvas, data_config.canvas, dtype=torch.uint8),
-                      torch.zeros(0, dtype=torch.int64))
-        data = ImageDataset("scaled-digits", empty, *(Split(torch.from_numpy(held_out[s]["images"]),
-                                                           torch.from_numpy(held_out[s]["labels"]))
-                                                     for s in ("val", "test")), 10)
+        data = partial_dataset(data_dir, ("val", "test"), data_config.canvas)
     else:
         data_dir = build_scaled_digits(args.work_dir / "data", data_config, sources=args.sources,
                                        workers=args.workers)
