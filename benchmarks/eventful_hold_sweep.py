@@ -12,7 +12,11 @@ in-sample; carphone_pristine was left out of the sweeps as a check.
 Usage:
     python3 benchmarks/eventful_hold_sweep.py bigbuckbunny 224 --policies fraction:0.125,fraction:0.0625 \\
         --holds 0.1,0.2 --cuts 0.5,0.7 --max-held 3 [--relative-error 0.5] [--attention-rows changed]
-        [--token-selection shared] [--out FILE]
+        [--token-selection shared] [--motion-compensate] [--out FILE]
+
+`--motion-compensate` scores each setting twice: its held maps as computed,
+and moved by the global shift since their frame (`eventful_motion.py`'s
+"eventful_mc" rows; the motion estimates' MACs counted).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eventful_real as real  # noqa: E402 - the benchmark next to this script
+from eventful_motion import compensated, last_computed, motion_macs  # noqa: E402 - the benchmark next to this
 
 from frugalvit.ioutil import write_json_atomically  # noqa: E402
 from frugalvit.models import saliency_vit  # noqa: E402
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=60)
     parser.add_argument("--attention-rows", choices=("all", "changed"), default="all")
     parser.add_argument("--token-selection", choices=("per_gate", "shared"), default="per_gate")
+    parser.add_argument("--motion-compensate", action="store_true",
+                        help="also score the held maps moved by the global shift (kind eventful_mc)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -68,16 +75,21 @@ def main(argv: list[str] | None = None) -> int:
                    "cut_relative_error": args.relative_error, "attention_rows": args.attention_rows,
                    "token_selection": args.token_selection}
         run = real.eventful_run(model, frames, real.EventfulSetting("sweep", policy, options))
-        fidelity = real.summarize(map_fidelity(run.maps, dense_maps))
-        row = {"clip": args.clip, "size": args.size, "policy": policy, **options,
-               "mac_ratio": (dense_backbone + dense_decoder) * total / (sum(run.backbone_macs)
-                                                                       + sum(run.decoder_macs)),
-               "backbone_mac_ratio": dense_backbone * total / sum(run.backbone_macs),
-               "pearson_mean": fidelity["pearson_mean"], "pearson_worst": fidelity["pearson_worst"],
-               "iou_top10_mean": fidelity["iou_top10_mean"], "held_frames": sum(run.held),
-               "full_frames": sum(run.full)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        macs = sum(run.backbone_macs) + sum(run.decoder_macs)
+        variants = [("eventful", run.maps, macs)]
+        if args.motion_compensate:
+            variants.append(("eventful_mc", compensated(run.maps, frames, last_computed(run.held)),
+                             macs + sum(run.held) * motion_macs(args.size, args.size)))
+        for kind, maps, counted in variants:
+            fidelity = real.summarize(map_fidelity(maps, dense_maps))
+            row = {"clip": args.clip, "size": args.size, "kind": kind, "policy": policy, **options,
+                   "mac_ratio": (dense_backbone + dense_decoder) * total / counted,
+                   "backbone_mac_ratio": dense_backbone * total / sum(run.backbone_macs),
+                   "pearson_mean": fidelity["pearson_mean"], "pearson_worst": fidelity["pearson_worst"],
+                   "iou_top10_mean": fidelity["iou_top10_mean"], "held_frames": sum(run.held),
+                   "full_frames": sum(run.full)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.out is not None:
         write_json_atomically({"benchmark": "eventful_hold_sweep", "torch": torch.__version__, "rows": rows},
                               args.out, indent=1)

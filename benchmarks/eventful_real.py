@@ -142,7 +142,7 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
     taus = (0.2, 0.4) if quick else (0.15, 0.3, 0.5) if large else (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
     keyframed = ((0.125, 0.2),) if quick else ((0.125, 0.2), (0.0625, 0.35), (0.03125, 0.35)) if large else (
         (0.125, 0.2), (0.125, 0.35), (0.0625, 0.2), (0.0625, 0.35), (0.03125, 0.2), (0.03125, 0.35), (0.125, 0.5),
-        (0.0625, 0.5))
+        (0.0625, 0.5), (0.1875, 0.15))  # the last from a later sweep: bigbuckbunny's 2x point (docs/eventful.md)
     settings = [EventfulSetting(f"top {f:g}", f"fraction:{f}") for f in fractions]
     settings += [EventfulSetting(f"relative {t:g}", f"relative:{t}") for t in taus]
     settings += [EventfulSetting(f"top {f:g} + adaptive keyframes {c:g}", f"fraction:{f}", {"cut_share": c})
@@ -175,9 +175,11 @@ def hold_settings(quick: bool, large: bool) -> list[tuple[str, dict[str, object]
         return chosen[:1]
     if large:  # partial frames cost more at 1,024 tokens: a few settings from a sweep at 448 px
         return chosen + [hold("fraction:0.03125", 0.1, 0.5, 4), hold("fraction:0.125", 0.1, 0.75),
-                         hold("fraction:0.125", 0.15, 0.25), hold("relative:0.3", 0.25, 0.5, relative_error=0.3)]
+                         hold("fraction:0.125", 0.15, 0.25), hold("relative:0.3", 0.25, 0.5, relative_error=0.3),
+                         hold("fraction:0.0625", 0.12, 0.7, 5)]  # a later sweep: bigbuckbunny's 5x point
     return chosen + [hold("fraction:0.125", 0.15, 0.25), hold("fraction:0.0625", 0.2, 0.5),
-                     hold("relative:0.15", 0.25, 0.5, relative_error=0.3)]
+                     hold("relative:0.15", 0.25, 0.5, relative_error=0.3),
+                     hold("fraction:0.03125", 0.2, 0.85, 6)]  # a later sweep: bikes' 7.5x point
 
 
 def dominance(rows: list[dict[str, object]], ratio_key: str, low: float = 2.0, high: float = 8.0,

@@ -1,0 +1,98 @@
+"""Issue #9's scoreboard: does Eventful's best setting beat keyframe-and-hold at every 2x-8x point?
+
+Reads the committed real-weights results (`eventful_real_*.json`,
+`eventful_motion_*.json`: each one clip and size with one choice of
+`attention_rows` / `token_selection`, with or without motion-compensated held
+maps) and, for every keyframe-and-hold point K = 2..8 (the dense model every
+K-th frame, its map held; whole-model MAC ratio 2-7.5x) of each clip and size,
+asks whether any eventful row with at least that whole-model MAC ratio has a
+higher mean saliency Pearson r *and* a higher mean top-10% IoU. "Best setting"
+is the issue's wording: the winner may come from any file, so this is an
+in-sample choice over settings picked on these clips (docs/eventful.md says
+which). Nothing is run; it only reads JSON.
+
+Usage:
+    python3 benchmarks/eventful_verdicts.py [--results benchmarks/results] [--clips bigbuckbunny bikes]
+        [--sizes 224 448] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from frugalvit.ioutil import write_json_atomically
+
+EVENTFUL_KINDS = ("eventful", "eventful_mc")
+PERIODS = range(2, 9)
+
+
+def load_rows(results: Path) -> list[dict[str, object]]:
+    """Every row of every real-weights result file, tagged with its clip, size and file name."""
+    rows = []
+    for path in sorted(results.glob("eventful_real_*.json")) + sorted(results.glob("eventful_motion_*.json")):
+        report = json.loads(path.read_text())
+        for result in report.get("results", []):
+            if "rows" not in result:
+                continue
+            for row in result["rows"]:
+                rows.append({**row, "clip": result["clip"], "size": result["size"], "file": path.name})
+    return rows
+
+
+def verdicts(rows: list[dict[str, object]], clip: str, size: int) -> list[dict[str, object]]:
+    """One verdict per keyframe-and-hold period K = 2..8 of `clip` at `size`: beaten or not, and by what."""
+    here = [row for row in rows if row["clip"] == clip and row["size"] == size]
+    holds = {row["label"]: row for row in here if row["kind"] == "keyframe"}
+    contenders = [row for row in here if row["kind"] in EVENTFUL_KINDS]
+    found = []
+    for period in PERIODS:
+        hold = holds.get(f"hold K={period}")
+        if hold is None:
+            continue
+        eligible = [row for row in contenders if row["mac_ratio"] >= hold["mac_ratio"]]
+        wins = [row for row in eligible if row["pearson_mean"] > hold["pearson_mean"]
+                and row["iou_top10_mean"] > hold["iou_top10_mean"]]
+        # the winner with the widest margin on the weaker of the two metrics; else the closest miss
+        best = max(wins or eligible, key=lambda row: min(row["pearson_mean"] - hold["pearson_mean"],
+                                                         row["iou_top10_mean"] - hold["iou_top10_mean"]),
+                   default=None)
+        found.append({"clip": clip, "size": size, "hold": f"K={period}", "hold_ratio": hold["mac_ratio"],
+                      "hold_r": hold["pearson_mean"], "hold_iou": hold["iou_top10_mean"], "beaten": bool(wins),
+                      "winners": len(wins),
+                      "by": None if best is None else f"{best['label']} ({best['file']})",
+                      "ratio": None if best is None else best["mac_ratio"],
+                      "r": None if best is None else best["pearson_mean"],
+                      "iou": None if best is None else best["iou_top10_mean"]})
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--clips", nargs="+", default=["bigbuckbunny", "bikes"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    rows = load_rows(args.results)
+    table = [verdict for clip in args.clips for size in args.sizes for verdict in verdicts(rows, clip, size)]
+    if not table:
+        raise SystemExit(f"no keyframe-and-hold rows for {args.clips} at {args.sizes} under {args.results}")
+    print("| clip | px | hold | its ratio / r / IoU | beaten | best eventful (file) | its ratio / r / IoU |")
+    print("| --- | ---: | --- | --- | --- | --- | --- |")
+    for v in table:
+        best = "-" if v["by"] is None else f"{v['ratio']:.2f}x / {v['r']:.4f} / {v['iou']:.3f}"
+        print(f"| {v['clip']} | {v['size']} | {v['hold']} | {v['hold_ratio']:.2f}x / {v['hold_r']:.4f} / "
+              f"{v['hold_iou']:.3f} | {'yes' if v['beaten'] else '**no**'} | {v['by']} | {best} |")
+    beaten = sum(v["beaten"] for v in table)
+    print(f"\n{beaten} of {len(table)} keyframe-and-hold points beaten on both mean r and mean IoU")
+    if args.out is not None:
+        write_json_atomically({"benchmark": "eventful_verdicts", "beaten": beaten, "points": len(table),
+                               "verdicts": table}, args.out, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
