@@ -44,12 +44,18 @@ def floats(text: str) -> list[float]:
     return [float(value) for value in text.split(",")]
 
 
+def holds(text: str) -> list[float | None]:
+    """Hold shares; "none": no held frames (adaptive keyframes only: the cut share alone)."""
+    return [None if value == "none" else float(value) for value in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("clip", help="bundled clip name (bigbuckbunny, bikes, carphone_pristine)")
     parser.add_argument("size", type=int)
     parser.add_argument("--policies", default="fraction:0.125", help="comma-separated policies (parse_policy)")
-    parser.add_argument("--holds", type=floats, default=[0.1, 0.2])
+    parser.add_argument("--holds", type=holds, default=[0.1, 0.2],
+                        help="hold shares, comma-separated; 'none' for adaptive keyframes only")
     parser.add_argument("--cuts", type=floats, default=[0.5, 0.7])
     parser.add_argument("--max-held", type=lambda text: [int(v) for v in text.split(",")], default=[3])
     parser.add_argument("--relative-error", type=float, default=0.5, help="cut_relative_error")
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for policy, hold, cut, max_held in itertools.product(args.policies.split(","), args.holds, args.cuts,
                                                          args.max_held):
-        if hold >= cut:
+        if hold is not None and hold >= cut:
             continue
         options = {"cut_share": cut, "hold_share": hold, "max_held_frames": max_held,
                    "cut_relative_error": args.relative_error, "attention_rows": args.attention_rows,
