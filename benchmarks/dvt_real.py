@@ -266,6 +266,7 @@ def train_variant(work_dir: Path, name: str, train_config: TrainConfig, data: Im
     if not settings.is_file():
         run.mkdir(parents=True, exist_ok=True)
         write_json({"epochs": train_config.epochs, "batch_size": train_config.batch_size, "lr": train_config.lr,
+                    "seed": train_config.seed,
                     "train_samples": min(len(data.train), train_config.max_train_samples or len(data.train)),
                     "device": str(device), "device_name": device_name(device),
                     "amp": str(amp).removeprefix("torch.") if amp else None, "torch": torch.__version__},
@@ -286,7 +287,7 @@ def device_name(device: torch.device) -> str:
 
 def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, np.ndarray]) -> dict:
     train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                               max_train_samples=args.train_samples)
+                               max_train_samples=args.train_samples, seed=args.seed)
     names = args.variants.split(",")
     missing = [name for name in names if not (args.work_dir / "trained" / name / "model.pt").is_file()]
     if args.eval_only and missing:
@@ -654,6 +655,10 @@ def main() -> None:
                         default=ScaledDigitsConfig().counts, help="train,val,test images of the task")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights and data order of every trained cascade (seed 0 left the 5x5 stage of "
+                             "the no-reuse cascade at chance in both full runs; another seed tells whether that is "
+                             "the draw)")
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--variants", default="none,both",
                         help="cascades to train: none,both (default) and optionally feature,relation")

@@ -7,8 +7,8 @@
 #
 # Makes 96,000 training images from the sources file (16 processes), then trains the cascades DVT_VARIANTS
 # (default none,both; also feature, relation) one after another, each for as many epochs as a timed probe says
-# fit SECONDS (default 270); packs each cascade's weights and train.json into OUTDIR/dvt_trained_NAME.tgz and the
-# log into OUTDIR/dvt_train.log.
+# fit SECONDS (default 270), from initial weights and a data order drawn with DVT_SEED (default 0); packs each
+# cascade's weights and train.json into OUTDIR/dvt_trained_NAME.tgz and the log into OUTDIR/dvt_train.log.
 set -uo pipefail
 sources=$1 out=$2 budget=${3:-270} device=${4:-cuda}
 work=${DVT_WORK:-/tmp/frugalvit-dvt-gpu}
@@ -21,7 +21,7 @@ python3 benchmarks/dvt_real.py "${common[@]}" --data-only --workers "${DVT_WORKE
 # one process, the cascades one after another: four processes sharing the GPU time-slice it (first H200 run)
 timeout $((${#variants[@]} * (budget + 60) + 60)) python3 benchmarks/dvt_real.py "${common[@]}" \
     --variants "$(IFS=,; echo "${variants[*]}")" --device "$device" --batch-size 256 --lr 2e-3 --amp bf16 \
-    --epochs "${DVT_EPOCHS:-60}" --time-budget "$budget" 2>&1 | tr '\r' '\n' > "$work/train.log"
+    --epochs "${DVT_EPOCHS:-60}" --seed "${DVT_SEED:-0}" --time-budget "$budget" 2>&1 | tr '\r' '\n' > "$work/train.log"
 grep -h "per epoch\|trained in\|Error\|error" "$work/train.log"
 for variant in "${variants[@]}"; do  # one archive each: the device returns files of at most 16 MiB
     tar czf "$out/dvt_trained_$variant.tgz" -C "$work" --exclude checkpoint.pt "trained/$variant"
