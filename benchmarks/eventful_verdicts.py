@@ -13,7 +13,9 @@ which). Nothing is run; it only reads JSON.
 
 Usage:
     python3 benchmarks/eventful_verdicts.py [--results benchmarks/results] [--clips bigbuckbunny bikes]
-        [--sizes 224 448] [--out FILE.json]
+        [--sizes 224 448] [--out FILE.json] [--update docs/eventful.md]
+
+`--update DOC` also writes the table into DOC's block `<!-- eventful_verdicts: begin -->` ... `end`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import json
 import sys
 from pathlib import Path
 
-from frugalvit.ioutil import write_json_atomically
+from frugalvit.ioutil import atomic_file, write_json_atomically
 
 EVENTFUL_KINDS = ("eventful", "eventful_mc")
+BLOCK = ("<!-- eventful_verdicts: begin -->", "<!-- eventful_verdicts: end -->")
 PERIODS = range(2, 9)
 
 
@@ -71,30 +74,45 @@ def verdicts(rows: list[dict[str, object]], clip: str, size: int,
     return found
 
 
+def markdown(table: list[dict[str, object]]) -> str:
+    """The verdicts as a markdown table and a count."""
+    lines = ["| clip | px | hold | its ratio / r / IoU | beaten | best eventful (file) | its ratio / r / IoU |",
+             "| --- | ---: | --- | --- | --- | --- | --- |"]
+    for v in table:
+        best = "-" if v["by"] is None else f"{v['ratio']:.2f}x / {v['r']:.4f} / {v['iou']:.3f}"
+        lines.append(f"| {v['clip']} | {v['size']} | {v['hold']} | {v['hold_ratio']:.2f}x / {v['hold_r']:.4f} / "
+                     f"{v['hold_iou']:.3f} | {'yes' if v['beaten'] else '**no**'} | {v['by']} | {best} |")
+    beaten = sum(v["beaten"] for v in table)
+    return "\n".join(lines) + f"\n\n{beaten} of {len(table)} keyframe-and-hold points beaten on both mean r and mean IoU"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--clips", nargs="+", default=["bigbuckbunny", "bikes"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--update", type=Path, help="a markdown file with an eventful_verdicts block to rewrite")
     args = parser.parse_args(argv)
     rows = load_rows(args.results)
     table = [verdict for clip in args.clips for size in args.sizes for verdict in verdicts(rows, clip, size)]
     if not table:
         raise SystemExit(f"no keyframe-and-hold rows for {args.clips} at {args.sizes} under {args.results}")
-    print("| clip | px | hold | its ratio / r / IoU | beaten | best eventful (file) | its ratio / r / IoU |")
-    print("| --- | ---: | --- | --- | --- | --- | --- |")
-    for v in table:
-        best = "-" if v["by"] is None else f"{v['ratio']:.2f}x / {v['r']:.4f} / {v['iou']:.3f}"
-        print(f"| {v['clip']} | {v['size']} | {v['hold']} | {v['hold_ratio']:.2f}x / {v['hold_r']:.4f} / "
-              f"{v['hold_iou']:.3f} | {'yes' if v['beaten'] else '**no**'} | {v['by']} | {best} |")
-    beaten = sum(v["beaten"] for v in table)
+    text = markdown(table)
+    if args.update is not None:  # checked before anything is printed or written
+        doc = args.update.read_text()
+        if doc.count(BLOCK[0]) != 1 or doc.count(BLOCK[1]) != 1:
+            raise SystemExit(f"{args.update} needs exactly one '{BLOCK[0]}' and one '{BLOCK[1]}'")
+        head, rest = doc.split(BLOCK[0])
+        tail = rest.split(BLOCK[1])[1]
+        with atomic_file(args.update) as handle:
+            handle.write(f"{head}{BLOCK[0]}\n{text}\n{BLOCK[1]}{tail}".encode())
+    print(text)
     plain = [verdict for clip in args.clips for size in args.sizes
              for verdict in verdicts(rows, clip, size, kinds=("eventful",))]
-    beaten_plain = sum(v["beaten"] for v in plain)
+    beaten, beaten_plain = sum(v["beaten"] for v in table), sum(v["beaten"] for v in plain)
     lost_plain = ", ".join(f"{v['clip']} {v['size']} px {v['hold']}" for v in plain if not v["beaten"])
-    print(f"\n{beaten} of {len(table)} keyframe-and-hold points beaten on both mean r and mean IoU; "
-          f"{beaten_plain} of {len(plain)} without motion-compensated held maps (not beaten then: {lost_plain})")
+    print(f"{beaten_plain} of {len(plain)} without motion-compensated held maps (not beaten then: {lost_plain})")
     if args.out is not None:
         write_json_atomically({"benchmark": "eventful_verdicts", "beaten": beaten, "points": len(table),
                                "beaten_without_motion_compensation": beaten_plain, "verdicts": table,
