@@ -6,8 +6,10 @@ eventful backbone and decoder, MACs counted) and is scored against the dense
 model's saliency maps like `eventful_real.py`. One JSON object per line on
 stdout; `--out` also writes them as one JSON file. The settings in
 `eventful_real.hold_settings` were picked from such sweeps on bigbuckbunny and
-bikes (results/eventful_hold_sweep.json), so the verdicts on those clips are
-in-sample; carphone_pristine was left out of the sweeps as a check.
+bikes (results/eventful_hold_sweep.json; three later ones and the 2x adaptive
+keyframes of `eventful_real.default_settings`: eventful_hold_sweep_2.json), so
+the verdicts on those clips are in-sample; carphone_pristine was left out of
+the sweeps as a check.
 
 Usage:
     python3 benchmarks/eventful_hold_sweep.py bigbuckbunny 224 --policies fraction:0.125,fraction:0.0625 \\

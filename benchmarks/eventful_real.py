@@ -161,7 +161,7 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
 def hold_settings(quick: bool, large: bool) -> list[tuple[str, dict[str, object]]]:
     """Partial frames for local change, held frames for widespread change, full frames when it grew large
     (`EventfulViT.hold_share`); picked from sweeps on the two clips (`eventful_hold_sweep.py`,
-    results/eventful_hold_sweep.json) to span 2-8x."""
+    results/eventful_hold_sweep.json, eventful_hold_sweep_2.json) to span 2-8x."""
     def hold(policy: str, hold_share: float, cut_share: float, max_held: int = 3,
              relative_error: float = 0.5) -> tuple[str, dict[str, object]]:
         return policy, {"hold_share": hold_share, "cut_share": cut_share, "max_held_frames": max_held,
