@@ -8,7 +8,7 @@
 # Makes 96,000 training images from the sources file (16 processes), then trains the cascades DVT_VARIANTS
 # (default none,both; also feature, relation) one after another, each for as many epochs as a timed probe says
 # fit SECONDS (default 270), from initial weights and a data order drawn with DVT_SEED (default 0); packs each
-# cascade's weights and train.json into OUTDIR/dvt_trained_NAME.tgz and the log into OUTDIR/dvt_train.log.
+# cascade's weights and train.json into OUTDIR/dvt_trained_NAME.tgz and the log into OUTDIR/dvt_train_NAMES.log.
 set -uo pipefail
 sources=$1 out=$2 budget=${3:-270} device=${4:-cuda}
 work=${DVT_WORK:-/tmp/frugalvit-dvt-gpu}
@@ -26,5 +26,6 @@ grep -h "per epoch\|trained in\|Error\|error" "$work/train.log"
 for variant in "${variants[@]}"; do  # one archive each: the device returns files of at most 16 MiB
     tar czf "$out/dvt_trained_$variant.tgz" -C "$work" --exclude checkpoint.pt "trained/$variant"
 done
-grep -E -v '^epoch [0-9]+/[0-9]+: +[0-9]{1,2}%' "$work/train.log" | tail -300 > "$out/dvt_train.log"
+names=$(IFS=_; echo "${variants[*]}")  # one log per call: a second call with other variants keeps the first's
+grep -E -v '^epoch [0-9]+/[0-9]+: +[0-9]{1,2}%' "$work/train.log" | tail -300 > "$out/dvt_train_$names.log"
 ls -la "$out"
