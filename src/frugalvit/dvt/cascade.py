@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from frugalvit.data import model_input
 from frugalvit.dvt.exit import EarlyExitCascade
 from frugalvit.dvt.reuse import FeatureReuse, RelationReuse
 from frugalvit.dvt.stage import ReuseBlock, StageOutput, dvt_stage, stage_forward, stage_in_chans
@@ -33,7 +34,7 @@ def resize_images(images: Tensor, size: tuple[int, int], dtype: torch.dtype | No
         if not same and images.device.type == "cpu":
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
             same = True
-        images = images.float().div_(255.0).to(dtype or torch.float32)
+        images = model_input(images, images.device, dtype or torch.float32)
     if same:
         return images
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -32,14 +32,14 @@ def embed_tokens(model: VisionTransformer, images: Tensor) -> Tensor:
 def patch_tokens_apply(embed: object, images: Tensor) -> bool:
     """Whether `patch_tokens` computes what `embed(images)` does: timm's plain `PatchEmbed` with a
     non-overlapping convolution, flattened output, and images of a size it accepts (else timm raises)."""
-    if not isinstance(embed, PatchEmbed) or type(embed).forward is not PatchEmbed.forward:
+    if not _plain_patch_embed(embed):
         return False
     proj = embed.proj
     if not (isinstance(proj, torch.nn.Conv2d) and tuple(proj.kernel_size) == tuple(proj.stride)
             and tuple(proj.padding) == (0, 0) and tuple(proj.dilation) == (1, 1) and proj.groups == 1
             and proj.padding_mode == "zeros"):
         return False
-    if not embed.flatten or getattr(embed, "dynamic_img_pad", False) or images.dim() != 4:
+    if not embed.flatten or images.dim() != 4:
         return False
     height, width = images.shape[-2:]
     if embed.img_size is not None and embed.strict_img_size:
@@ -70,9 +70,13 @@ def patch_tokens(embed: PatchEmbed, images: Tensor) -> Tensor:
 def has_plain_patch_embed(model: VisionTransformer) -> bool:
     """Whether `model` embeds patches with timm's `PatchEmbed` computation (a subclass that keeps its
     `forward` counts) and without dynamic padding: what `embed_tokens_resampled` reproduces."""
-    embed = getattr(model, "patch_embed", None)
+    return _plain_patch_embed(getattr(model, "patch_embed", None)) and not getattr(model, "dynamic_img_pad", False)
+
+
+def _plain_patch_embed(embed: object) -> bool:
+    """timm's `PatchEmbed` computation (a subclass that keeps its `forward` counts), without dynamic padding."""
     return (isinstance(embed, PatchEmbed) and type(embed).forward is PatchEmbed.forward
-            and not getattr(embed, "dynamic_img_pad", False) and not getattr(model, "dynamic_img_pad", False))
+            and not getattr(embed, "dynamic_img_pad", False))
 
 
 def embed_tokens_resampled(model: VisionTransformer, images: Tensor) -> Tensor:
