@@ -639,17 +639,6 @@ def plot(results: dict, path: Path) -> None:
         figure.savefig(handle, dpi=100, format="png")
 
 
-def partial_dataset(data_dir: Path, splits: Sequence[str], canvas: int) -> ImageDataset:
-    """The task with only `splits` loaded (what a GPU host made from a sources file); the others empty."""
-    def load(split: str) -> Split:
-        if split not in splits:
-            return Split(torch.zeros(0, 3, canvas, canvas, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
-        arrays = load_split_arrays(data_dir, split)
-        return Split(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]))
-
-    return ImageDataset("scaled-digits", load("train"), load("val"), load("test"), 10)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/frugalvit-dvt-real"))
@@ -715,7 +704,7 @@ def main() -> None:
         if args.data_only:
             print(f"made {data_dir} (training split)")
             return
-        trained_part(args, partial_dataset(data_dir, ("train",), data_config.canvas), {})
+        trained_part(args, load_scaled_digits(data_dir, splits=("train",)), {})
         return
     if args.eval_only and "pretrained" in args.parts.split(","):
         raise SystemExit("--eval-only evaluates the trained part only (the pretrained heads train on the training "
@@ -723,7 +712,7 @@ def main() -> None:
     if args.eval_only:  # held-out splits only (what a GPU host, given --sources for val,test, can make)
         data_dir = build_scaled_digits(args.work_dir / "data", data_config, sources=args.sources,
                                        splits=("val", "test"), workers=args.workers)
-        data = partial_dataset(data_dir, ("val", "test"), data_config.canvas)
+        data = load_scaled_digits(data_dir, splits=("val", "test"))
     else:
         data_dir = build_scaled_digits(args.work_dir / "data", data_config, sources=args.sources,
                                        workers=args.workers)

@@ -43,6 +43,18 @@ def test_shapes_dtypes_and_loader(built: Path) -> None:
     assert sizes.min() >= SMALL.min_size and sizes.max() <= SMALL.max_size
 
 
+def test_loader_loads_only_the_splits_asked_for(built: Path) -> None:
+    full = load_scaled_digits(built)
+    part = load_scaled_digits(built, splits=("val", "test"))
+    assert part.train.images.shape == (0, 3, 56, 56) and part.train.images.dtype == torch.uint8
+    assert part.train.labels.shape == (0,)
+    for split in ("val", "test"):
+        assert torch.equal(getattr(part, split).images, getattr(full, split).images)
+        assert torch.equal(getattr(part, split).labels, getattr(full, split).labels)
+    with pytest.raises(ValueError, match="choose among"):
+        load_scaled_digits(built, splits=("validation",))
+
+
 def test_generation_is_deterministic_and_resumes(built: Path, tmp_path: Path) -> None:
     again = build_scaled_digits(tmp_path / "again", SMALL, progress=False)
     for split in SPLITS:

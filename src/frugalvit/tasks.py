@@ -367,13 +367,23 @@ def load_split_arrays(root: Path, split: str) -> dict[str, np.ndarray]:
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def load_scaled_digits(root: Path) -> ImageDataset:
-    """The cached task as an `ImageDataset` whose images are uint8 (N, 3, H, W); see `to_float`."""
-    splits = {}
+def load_scaled_digits(root: Path, splits: tuple[str, ...] = SPLITS) -> ImageDataset:
+    """The cached task as an `ImageDataset` whose images are uint8 (N, 3, H, W); see `to_float`.
+
+    `splits`: load only these; the others are empty (what a machine that made
+    only some splits, e.g. a GPU host given `build_scaled_digits(..., splits=)`, has).
+    """
+    unknown = [split for split in splits if split not in SPLITS]
+    if unknown or not splits:
+        raise ValueError(f"splits: choose among {SPLITS}, got {splits}")
+    loaded = {}
     for split in SPLITS:
-        arrays = load_split_arrays(root, split)
-        splits[split] = Split(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]))
-    return ImageDataset(TASK_NAME, splits["train"], splits["val"], splits["test"], num_classes=10)
+        if split in splits:
+            arrays = load_split_arrays(root, split)
+            loaded[split] = Split(torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]))
+    shape = next(iter(loaded.values())).images.shape[1:]
+    empty = Split(torch.zeros(0, *shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    return ImageDataset(TASK_NAME, *(loaded.get(split, empty) for split in SPLITS), num_classes=10)
 
 
 def to_float(images: Tensor) -> Tensor:
