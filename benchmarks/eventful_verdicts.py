@@ -27,9 +27,11 @@ from pathlib import Path
 
 from frugalvit.ioutil import atomic_file, write_json_atomically
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eventful_real import dominance  # noqa: E402 - the benchmark next to this script: its verdict rule
+
 EVENTFUL_KINDS = ("eventful", "eventful_mc")
 BLOCK = ("<!-- eventful_verdicts: begin -->", "<!-- eventful_verdicts: end -->")
-PERIODS = range(2, 9)
 
 
 def load_rows(results: Path) -> list[dict[str, object]]:
@@ -47,31 +49,14 @@ def load_rows(results: Path) -> list[dict[str, object]]:
 
 def verdicts(rows: list[dict[str, object]], clip: str, size: int,
              kinds: tuple[str, ...] = EVENTFUL_KINDS) -> list[dict[str, object]]:
-    """One verdict per keyframe-and-hold period K = 2..8 of `clip` at `size`: beaten or not, and by what (an
-    eventful row of one of `kinds`; "eventful_mc": its held maps moved by the global motion)."""
+    """`eventful_real.dominance` over every file of `clip` at `size`: per keyframe-and-hold point in 2x-8x
+    (K = 2..8), beaten or not by an eventful row of one of `kinds` ("eventful_mc": its held maps moved by the
+    global motion), and the best such row, named with its file."""
     here = [row for row in rows if row["clip"] == clip and row["size"] == size]
-    holds = {row["label"]: row for row in here if row["kind"] == "keyframe"}
-    contenders = [row for row in here if row["kind"] in kinds]
-    found = []
-    for period in PERIODS:
-        hold = holds.get(f"hold K={period}")
-        if hold is None:
-            continue
-        eligible = [row for row in contenders if row["mac_ratio"] >= hold["mac_ratio"]]
-        wins = [row for row in eligible if row["pearson_mean"] > hold["pearson_mean"]
-                and row["iou_top10_mean"] > hold["iou_top10_mean"]]
-        # the winner with the widest margin on the weaker of the two metrics; else the closest miss
-        best = max(wins or eligible, key=lambda row: min(row["pearson_mean"] - hold["pearson_mean"],
-                                                         row["iou_top10_mean"] - hold["iou_top10_mean"]),
-                   default=None)
-        found.append({"clip": clip, "size": size, "hold": f"K={period}", "hold_ratio": hold["mac_ratio"],
-                      "hold_r": hold["pearson_mean"], "hold_iou": hold["iou_top10_mean"], "beaten": bool(wins),
-                      "winners": len(wins),
-                      "by": None if best is None else f"{best['label']} ({best['file']})",
-                      "ratio": None if best is None else best["mac_ratio"],
-                      "r": None if best is None else best["pearson_mean"],
-                      "iou": None if best is None else best["iou_top10_mean"]})
-    return found
+    holds = {row["label"]: row for row in here if row["kind"] == "keyframe"}  # the same in every file
+    contenders = [{**row, "label": f"{row['label']} ({row['file']})"} for row in here if row["kind"] in kinds]
+    return [{"clip": clip, "size": size, **verdict}
+            for verdict in dominance(list(holds.values()) + contenders, "mac_ratio", kinds=kinds)]
 
 
 def markdown(table: list[dict[str, object]]) -> str:
@@ -79,9 +64,11 @@ def markdown(table: list[dict[str, object]]) -> str:
     lines = ["| clip | px | hold | its ratio / r / IoU | beaten | best eventful (file) | its ratio / r / IoU |",
              "| --- | ---: | --- | --- | --- | --- | --- |"]
     for v in table:
-        best = "-" if v["by"] is None else f"{v['ratio']:.2f}x / {v['r']:.4f} / {v['iou']:.3f}"
-        lines.append(f"| {v['clip']} | {v['size']} | {v['hold']} | {v['hold_ratio']:.2f}x / {v['hold_r']:.4f} / "
-                     f"{v['hold_iou']:.3f} | {'yes' if v['beaten'] else '**no**'} | {v['by']} | {best} |")
+        best = ("-" if v["by"] is None
+                else f"{v['eventful_ratio']:.2f}x / {v['eventful_r']:.4f} / {v['eventful_iou']:.3f}")
+        lines.append(f"| {v['clip']} | {v['size']} | {v['hold'].removeprefix('hold ')} | {v['ratio']:.2f}x / "
+                     f"{v['hold_r']:.4f} / {v['hold_iou']:.3f} | {'yes' if v['beaten'] else '**no**'} | {v['by']} "
+                     f"| {best} |")
     beaten = sum(v["beaten"] for v in table)
     count = f"{beaten} of {len(table)} keyframe-and-hold points beaten on both mean r and mean IoU"
     return "\n".join(lines) + "\n\n" + count
@@ -112,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     plain = [verdict for clip in args.clips for size in args.sizes
              for verdict in verdicts(rows, clip, size, kinds=("eventful",))]
     beaten, beaten_plain = sum(v["beaten"] for v in table), sum(v["beaten"] for v in plain)
-    lost_plain = ", ".join(f"{v['clip']} {v['size']} px {v['hold']}" for v in plain if not v["beaten"])
+    lost_plain = ", ".join(f"{v['clip']} {v['size']} px {v['hold'].removeprefix('hold ')}" for v in plain
+                           if not v["beaten"])
     print(f"{beaten_plain} of {len(plain)} without motion-compensated held maps (not beaten then: {lost_plain})")
     if args.out is not None:
         write_json_atomically({"benchmark": "eventful_verdicts", "beaten": beaten, "points": len(table),
