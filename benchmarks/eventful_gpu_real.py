@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         "eventful_decoder": decoder,
         "timing": "per frame, the device synchronised after every frame (CUDA events on a GPU); dense: backbone "
                   "and decoder (each captured as a CUDA graph on a GPU; medians); eventful: every frame of the "
-                  "clip (the first, full one included) after an untimed pass and refresh(), plus the dense "
-                  "decoder's median", "frames_stored_px": int(data[data.files[0]].shape[-1]),
+                  "clip (the first, full one included) after an untimed pass and refresh(), plus the decoder "
+                  "on each computed frame (eventful_decoder; a held frame holds its map: nothing decoded)",
+        "frames_stored_px": int(data[data.files[0]].shape[-1]),
         "clips": {}}
     for clip in data.files:
         frames = data[clip][:args.frames]
