@@ -209,6 +209,9 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
     if not quick and not large:  # the same method on a smaller frame, its map upsampled
         settings += [EventfulSetting(f"relative {t:g} at {low} px", f"relative:{t}", size=low)
                      for low in (112, 168) for t in (0.15, 0.3)]
+    labels = [s.label for s in settings]
+    if len(set(labels)) != len(labels):  # results and --settings go by label (max_held_frames is not in it)
+        raise ValueError(f"two eventful settings share a label: {sorted({x for x in labels if labels.count(x) > 1})}")
     return settings
 
 

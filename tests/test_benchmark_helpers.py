@@ -41,3 +41,11 @@ def test_opencv_frames_match_pyav(monkeypatch: pytest.MonkeyPatch) -> None:
     opencv_frames, opencv_decoder = eventful_real.decode_clip(path, 56, 3)
     assert opencv_decoder.startswith("opencv") and opencv_frames.shape == frames.shape == (3, 3, 56, 56)
     assert (opencv_frames - frames).abs().max() < 0.05
+
+
+def test_setting_labels_are_unique() -> None:
+    """Results and `--settings` name a setting by its label."""
+    for quick in (False, True):
+        for size in (224, 448, 896):
+            labels = [setting.label for setting in eventful_real.default_settings(quick, size)]
+            assert len(labels) == len(set(labels))
