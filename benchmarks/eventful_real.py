@@ -46,6 +46,7 @@ from torch.nn import functional as F
 
 from frugalvit.cost import CostCounter
 from frugalvit.eventful import eventful, parse_policy
+from frugalvit.eventful.model import DEFAULT_INCREMENTAL_MAX_FRACTION
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.models import SaliencyViT, saliency_vit, saliency_vit_from_weights, saliency_weights
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
@@ -155,7 +156,10 @@ class EventfulRun:
 @torch.no_grad()
 def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -> EventfulRun:
     """The eventful backbone and the eventful decoder (`SaliencyViT.eventful_decoder`) over the clip."""
-    ev = eventful(model.backbone, parse_policy(setting.policy), **setting.options)
+    # The CPU's attention switch on every device, so that the counted arithmetic does not depend on it (CUDA's
+    # default runs the fused kernel over the cached rows on every partial frame: same maps, more MACs)
+    options = {"incremental_max_fraction": DEFAULT_INCREMENTAL_MAX_FRACTION, **setting.options}
+    ev = eventful(model.backbone, parse_policy(setting.policy), **options)
     decode = model.eventful_decoder(ev.policy)  # the decoder's input gated like the backbone's gates
     maps, macs, decoder_macs, full, held, error = [], [], [], [], [], 0.0
     for _, _, _, results in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
@@ -378,7 +382,8 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
         print(f"  {Path(clip).stem} {size}px: eventful beats keyframe-and-hold on r and IoU at {beaten}/{len(items)} "
               f"hold points in 2x-8x ({key})", flush=True)
     return {"clip": Path(clip).stem, "size": size, "frames": total, "frames_decoded_with": decoded_with[0],
-            "device": str(device), "tokens": model.backbone.patch_embed.num_patches,
+            "device": str(device), "incremental_max_fraction": DEFAULT_INCREMENTAL_MAX_FRACTION,
+            "tokens": model.backbone.patch_embed.num_patches,
             "dense_backbone_gmacs": dense_backbone / 1e9, "dense_decoder_gmacs": dense_decoder / 1e9,
             "dominance": verdicts, "rows": rows}
 
