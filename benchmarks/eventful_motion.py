@@ -35,12 +35,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from eventful_real import (EventfulSetting, add_run_arguments, dense_run, dominance, eventful_run, hold_settings,
-                           keyframe_hold, style_axis, summarize, write_report)
+from eventful_real import (EventfulSetting, add_run_arguments, clip_path, dense_run, dominance, eventful_run,
+                           hold_settings, keyframe_hold, style_axis, summarize, write_report)
 from frugalvit.models import saliency_vit
 from frugalvit.reporting import save_figure_atomically
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
-from frugalvit.video.decode import bundled_clip_path, load_frames, resolve_clip
+from frugalvit.video.decode import load_frames
 from frugalvit.video.fidelity import map_fidelity
 from frugalvit.video.motion import global_shift, shift_maps
 
@@ -76,7 +76,7 @@ def verdicts_of(rows: list[dict[str, object]]) -> dict[str, list[dict]]:
 
 def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str = "all",
                   token_selection: str = "per_gate") -> dict[str, object]:
-    path = bundled_clip_path(clip) if "/" not in clip and not clip.endswith(".mp4") else resolve_clip(clip)
+    path = clip_path(clip)
     model = saliency_vit(size)
     frames = load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
     dense_maps, dense_backbone, dense_decoder = dense_run(model, frames)

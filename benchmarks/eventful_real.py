@@ -316,13 +316,18 @@ def plot(report: dict[str, object], path: Path) -> None:
     plt.close(fig)
 
 
+def clip_path(clip: str) -> Path:
+    """A bundled clip's name or a video file's path, as a path."""
+    return bundled_clip_path(clip) if "/" not in clip and not clip.endswith(".mp4") else resolve_clip(clip)
+
+
 def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[EventfulSetting],
                   keyframe_periods: list[int], low_sizes: list[int],
                   build_model: Callable[[int], SaliencyViT] = saliency_vit,
                   device: torch.device = torch.device("cpu")) -> dict[str, object]:
     """Every method on one clip (a bundled clip's name or a video file; reported under the file's stem) at
     `size` px, the model built by `build_model(size)` and run on `device`."""
-    path = bundled_clip_path(clip) if "/" not in clip and not clip.endswith(".mp4") else resolve_clip(clip)
+    path = clip_path(clip)
     at_size: dict[int, tuple[SaliencyViT, Tensor]] = {}  # the model and decoded frames per input size, built once
     decoded_with = []
 
@@ -455,7 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     def low_sizes(size: int) -> list[int]:  # 224: four smaller frames; larger: a half and three quarters
         return [s for s in (112, 154, 168, 196) if s < size] if size == 224 else [size // 28 * 14, size * 3 // 56 * 14]
 
-    results = [evaluate_clip(clip, size, args.frames, settings(size), list(range(2, 17)), low_sizes(size), build,
+    chosen = {size: settings(size) for size in args.sizes}  # bad input stops here, before any long run
+    for clip in args.clips:
+        try:
+            clip_path(clip)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            parser.error(f"--clips: {error}")
+    results = [evaluate_clip(clip, size, args.frames, chosen[size], list(range(2, 17)), low_sizes(size), build,
                              device)
                for size in args.sizes for clip in args.clips]
     write_report("eventful_real", results, args, plot)
