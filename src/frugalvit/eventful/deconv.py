@@ -234,5 +234,7 @@ class EventfulDeconvStack(nn.Module):
         pre[-1].zero_()  # the outside row: emptied, so it never grows over a long sequence
         after = pre.index_select(0, touched)
         change = torch.relu(after) - torch.relu(before) if stage.relu else after - before
-        moved = (change != 0).any(dim=-1).nonzero().squeeze(1)
+        # rows whose activation moved: `abs().amax() != 0` is `(change != 0).any()` (NaN included), several times
+        # faster on the CPU than a boolean reduction over the channels
+        moved = (change.abs().amax(dim=-1) != 0).nonzero().squeeze(1)
         return touched.index_select(0, moved), change.index_select(0, moved)
