@@ -76,13 +76,20 @@ def table(result: dict[str, object], heading: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def update_block(doc: str, block: str, results: list[dict[str, object]]) -> str:
-    """`doc` with each table of `results` rewritten inside `block` (its heading kept as written)."""
+def split_block(doc: str, block: str, where: str = "the document") -> tuple[str, str, str]:
+    """`doc` as (up to and including `<!-- block: begin -->`, the block's body, from `<!-- block: end -->` on);
+    exits with one clear message (naming `where`) unless each marker occurs exactly once."""
     begin, end = f"<!-- {block}: begin -->", f"<!-- {block}: end -->"
     if doc.count(begin) != 1 or doc.count(end) != 1:
-        raise SystemExit(f"the document needs exactly one '{begin}' and one '{end}'")
+        raise SystemExit(f"{where} needs exactly one '{begin}' and one '{end}'")
     head, rest = doc.split(begin)
     body, tail = rest.split(end)
+    return head + begin, body, end + tail
+
+
+def update_block(doc: str, block: str, results: list[dict[str, object]]) -> str:
+    """`doc` with each table of `results` rewritten inside `block` (its heading kept as written)."""
+    head, body, tail = split_block(doc, block)
     for result in results:
         pattern = re.compile(rf"^\*\*{re.escape(result['clip'])}(?: \([^)\n]*\))?, {result['size']} px \([^\n]*\*\*$"
                              r"\n(?:.*\n)*?Keyframe-and-hold points in 2x-8x[^\n]*\n", re.MULTILINE)
@@ -93,7 +100,7 @@ def update_block(doc: str, block: str, results: list[dict[str, object]]) -> str:
         match = matches[0]
         heading = match.group(0).split("\n", 1)[0]
         body = body[:match.start()] + table(result, heading) + "\n" + body[match.end():]
-    return head + begin + body + end + tail
+    return head + body + tail
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,9 +29,10 @@ from frugalvit.ioutil import atomic_file, write_json_atomically
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eventful_real import dominance  # noqa: E402 - the benchmark next to this script: its verdict rule
+from eventful_tables import split_block  # noqa: E402 - the docs' marked blocks
 
 EVENTFUL_KINDS = ("eventful", "eventful_mc")
-BLOCK = ("<!-- eventful_verdicts: begin -->", "<!-- eventful_verdicts: end -->")
+BLOCK = "eventful_verdicts"
 
 
 def load_rows(results: Path) -> list[dict[str, object]]:
@@ -89,12 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(table)
     if args.update is not None:  # checked before anything is printed or written
         doc = args.update.read_text()
-        if doc.count(BLOCK[0]) != 1 or doc.count(BLOCK[1]) != 1:
-            raise SystemExit(f"{args.update} needs exactly one '{BLOCK[0]}' and one '{BLOCK[1]}'")
-        head, rest = doc.split(BLOCK[0])
-        tail = rest.split(BLOCK[1])[1]
+        head, _, tail = split_block(doc, BLOCK, str(args.update))
         with atomic_file(args.update) as handle:
-            handle.write(f"{head}{BLOCK[0]}\n{text}\n{BLOCK[1]}{tail}".encode())
+            handle.write(f"{head}\n{text}\n{tail}".encode())
     print(text)
     plain = [verdict for clip in args.clips for size in args.sizes
              for verdict in verdicts(rows, clip, size, kinds=("eventful",))]
