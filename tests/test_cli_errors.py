@@ -270,6 +270,7 @@ def test_cached_pretrained_weights_load_without_the_network(tmp_path: Path, monk
     (["--hold-share", "-0.1", "--cut-share", "0.5"], "--hold-share must lie in [0, 1]"),
     (["--cut-share", "2"], "--cut-share must lie in [0, 1]"),
     (["--capture", "--policy", "relative:0.2"], "--capture needs a fixed-size policy"),
+    (["--compile", "--policy", "threshold:0.2"], "--compile needs a fixed-size policy"),
 ])
 def test_video_bad_hold_settings_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch, flags: list[str],
@@ -306,6 +307,32 @@ def test_video_capture_runs_and_is_reported(tmp_path: Path) -> None:
                  "--policy", "fraction:0.25", "--token-selection", "shared", "--capture", "--out", str(out)]) == 0
     settings = json.loads((out / "report.json").read_text())["settings"]
     assert settings["capture"] is True and settings["token_selection"] == "shared"
+
+
+def test_video_compile_runs_compiled_and_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--compile` compiles the eventful frame (sync-free, whole) and the timed dense backbone; the report says so.
+    Dynamo's eager backend keeps this fast (inductor itself: test_eventful_capture.py)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(fn, **options, backend="eager"))
+    out = tmp_path / "out"
+    assert main(["video", "bundled:bikes", *TINY, "--random-init", "--max-frames", "4", "--repeats", "1",
+                 "--policy", "fraction:0.25", "--cut-share", "0.6", "--hold-share", "0.3", "--compile",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["compiled"] is True and "compiled with torch.compile" in report["settings"]["baseline"]
+    assert report["summary"]["mac_ratio"] > 1  # counted eagerly, as without --compile
+    torch._dynamo.reset()
+
+
+def test_video_compile_without_a_cpp_compiler_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("frugalvit.cli.video.shutil.which", lambda name: None)
+    monkeypatch.setattr("frugalvit.cli.video.load_frames",
+                        lambda *args, **kwargs: pytest.fail("decoded the clip before checking the compiler"))
+    out = tmp_path / "out"
+    assert_one_line_error(main([*VIDEO, "--compile", "--policy", "fraction:0.25", "--out", str(out)]), capsys,
+                          "--compile on the CPU needs a C++ compiler")
+    assert not out.exists()
 
 
 def test_video_attention_rows_is_passed_on_and_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -144,3 +144,36 @@ def test_compiled_frames_keep_distinct_state_and_equal_eager(selection: str) -> 
             storages = [t.untyped_storage().data_ptr() for t in compiled.state_tensors()]
             assert len(set(storages)) == len(storages)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("selection", ["per_gate", "shared"])
+def test_compile_eventful_warms_up_every_graph_a_clip_needs(selection: str) -> None:
+    """After `compile_eventful` a clip with a reset, partial frames, a refresh, a scene cut and held frames runs
+    without one recompilation (it would stall a timed frame), and its frames equal an eager sync-free twin's."""
+    model = make_model("vit_tiny_patch16_224", depth=1)
+    settings = dict(cut_share=0.6, hold_share=0.45, token_selection=selection)
+    eager, compiled = (fv.eventful(model, fv.TopFraction(0.25), **settings) for _ in range(2))
+    eager.sync_free = True
+    clip = torch.cat([patch_video(4, share=0.3), patch_video(3, share=0.5, seed=1), patch_video(3, share=1.0, seed=2)])
+    torch._dynamo.reset()
+    assert fv.compile_eventful(compiled, clip[0]) is compiled
+    assert compiled.sync_free
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for replay in range(2):
+            eager.reset(), compiled.reset()
+            kinds = set()
+            for index, frame in enumerate(clip):
+                if index == 5:
+                    eager.refresh(), compiled.refresh()
+                torch.testing.assert_close(compiled(frame), eager(frame), rtol=1e-4, atol=1e-4)
+                assert (compiled.last_frame_full, compiled.last_frame_held) == (eager.last_frame_full,
+                                                                                eager.last_frame_held)
+                kinds.add((compiled.last_frame_full, compiled.last_frame_held))
+            assert kinds == {(True, False), (False, False), (False, True)}  # full, partial and held frames ran
+    torch._dynamo.reset()
+
+
+def test_compile_eventful_needs_a_fixed_size_policy() -> None:
+    ev = fv.eventful(make_model("vit_tiny_patch16_224", depth=1), fv.RelativeThreshold(0.1))
+    with pytest.raises(ValueError, match="fixed-size policy"):
+        fv.compile_eventful(ev, patch_video(1)[0])

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from frugalvit.cli.options import add_device_arguments, device_report, resolve_device_dtype
-from frugalvit.eventful import check_convertible, eventful, parse_policy
+from frugalvit.eventful import check_convertible, compile_eventful, eventful, parse_policy
 from frugalvit.eventful.model import (ATTENTION_ROWS, CUDA_INCREMENTAL_MAX_FRACTION, TOKEN_SELECTIONS,
                                      DEFAULT_INCREMENTAL_MAX_FRACTION, UnsupportedModelError)
 from frugalvit.ioutil import check_output_dir
@@ -79,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
                              "needs a fixed-size policy, fraction:F or topr:R; implies sync-free frames: a "
                              "--cut-share cut without --hold-share is applied one frame late; on the CPU the "
                              "same sync-free frame runs without a graph)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile both sides with torch.compile before timing: the eventful frame whole "
+                             "(sync-free, fullgraph; needs a fixed-size policy, fraction:F or topr:R) and the dense "
+                             "backbone, each warmed up on the first frame (about a minute; on the CPU it needs a "
+                             "C++ compiler); the decoders and the MAC counts stay eager")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     add_device_arguments(parser, "model and frame dtype")
@@ -147,9 +154,14 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     device, dtype = resolve_device_dtype(args)
     clip = resolve_clip(clip_spec)
     policy = parse_policy(args.policy)
-    if args.capture and not policy.fixed_size:
-        raise ValueError(f"--capture needs a fixed-size policy (fraction:F or topr:R): {args.policy} chooses a "
-                         "different number of tokens per frame, which a captured graph cannot")
+    for flag, used in (("--capture", args.capture), ("--compile", args.compile)):
+        if used and not policy.fixed_size:
+            raise ValueError(f"{flag} needs a fixed-size policy (fraction:F or topr:R): {args.policy} chooses a "
+                             "different number of tokens per frame, which one graph per frame cannot")
+    compilers = tuple(name for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name)
+    if args.compile and device.type == "cpu" and not any(map(shutil.which, compilers)):  # inductor builds C++ there
+        raise ValueError(f"--compile on the CPU needs a C++ compiler (none of {', '.join(compilers)} is on the "
+                         "PATH): install one (e.g. apt install g++), set CXX, or drop --compile")
     torch.set_num_threads(args.threads)
     model, size, mean, std, saliency = _load_model(args)
     model.to(device, dtype)
@@ -172,6 +184,13 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     heads = {} if saliency is None else {"task_head": saliency.decode,
                                          "eventful_task_head": lambda ev_: saliency.eventful_decoder(ev_.policy),
                                          "motion_compensated": args.motion_compensate}
+    if args.compile:
+        print("compiling the eventful frame and the dense backbone (torch.compile; about a minute) ...", flush=True)
+        first = frames[:1].to(device, dtype)
+        compile_eventful(ev, first)
+        heads["dense_forward"] = torch.compile(model.forward_features)
+        with torch.no_grad():
+            heads["dense_forward"](first)
     records, state_bytes = compare_on_frames(model, ev, frames, progress=not args.no_progress, total=len(frames),
                                              on_frame=animation.add if animation is not None else None, **heads)
     replays = time_repeats(model, ev, frames, args.repeats - 1, progress=not args.no_progress, **heads)
@@ -186,10 +205,11 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                 **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
                 "incremental_max_fraction": ev.attention_switch(device), "attention_rows": ev.attention_rows,
-                "token_selection": ev.token_selection, "capture": ev.capture,
+                "token_selection": ev.token_selection, "capture": ev.capture, "compiled": args.compile,
                 "measured": ("whole model: backbone + saliency decoder (eventful decoder on the eventful side)"
                              if saliency is not None else "backbone (forward_features)"),
-                "baseline": "the same timm model, dense, fused scaled_dot_product_attention, same thread count",
+                "baseline": "the same timm model, dense, fused scaled_dot_product_attention, same thread count"
+                            + (", its backbone compiled with torch.compile too" if args.compile else ""),
                 "macs_note": "executed multiply-accumulates counted by frugalvit.CostCounter; FLOPs = 2 x MACs"}
     extra = {}
     if animation is not None:

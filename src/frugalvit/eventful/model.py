@@ -774,3 +774,37 @@ def eventful(model: nn.Module, policy: TokenPolicy, incremental_max_fraction: fl
     """
     return EventfulViT(model, policy, incremental_max_fraction, refresh_every, cut_share, cut_relative_error,
                        nonfinite, capture, hold_share, max_held_frames, attention_rows, token_selection)
+
+
+def compile_eventful(ev: EventfulViT, frame: Tensor, **options: object) -> EventfulViT:
+    """Compile `ev`'s per-frame work with `torch.compile(fullgraph=True)` and warm up every graph a clip needs.
+
+    Makes `ev` sync-free (see `EventfulViT.sync_free`) and replaces its
+    `step` with the compiled one; `options` go to `torch.compile` (e.g.
+    `mode="max-autotune"`). A clip needs up to four graphs (a first frame,
+    partial frames before and after the selection buffers exist, a full
+    frame over existing state: a refresh or scene cut); each would compile
+    on first use, in the middle of a timed clip, so all are compiled here by
+    running `frame` (B, C, H, W), as the clip's frames will be shaped, through
+    that sequence, then `ev.reset()`. Held frames run no step. On the CPU
+    the compiled partial frame fuses the many small gather/scatter ops of an
+    eventful layer (docs/eventful.md: about 1.2x on the saliency demo); it
+    needs a C++ compiler there. Returns `ev`.
+
+    Raises:
+        ValueError: the policy selects a data-dependent number of tokens
+            (Threshold, RelativeThreshold): such a frame cannot be one graph.
+    """
+    if not ev.policy.fixed_size:
+        raise ValueError(f"compiling an eventful frame needs a fixed-size policy (TopFraction, TopR): {ev.policy!r} "
+                         "selects a data-dependent number of tokens; use TopFraction, or run it uncompiled")
+    ev.sync_free = True
+    ev.step = torch.compile(ev.step, fullgraph=True, **options)
+    ev.reset()
+    with torch.no_grad():
+        for refresh_first in (False, False, False, True, False):
+            if refresh_first:
+                ev.refresh()
+            ev.forward_features(frame)
+    ev.reset()
+    return ev

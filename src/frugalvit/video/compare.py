@@ -219,16 +219,21 @@ def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor],
 
 def _steps(model: nn.Module, ev: EventfulViT, task_head: Callable[[Tensor], Tensor] | None,
            eventful_task_head: EventfulHeadFactory | None, counted: EventfulViT | None,
-           motion_compensated: bool = False) -> list[FrameStep]:
+           motion_compensated: bool = False, dense_forward: Callable[[Tensor], Tensor] | None = None
+           ) -> list[FrameStep]:
     """Dense and eventful steps (timed; and counted where `counted`, the eventful twin, is given): the
-    backbones alone, or with `eventful_task_head` the whole pipelines (backbone + head), each head fresh."""
+    backbones alone, or with `eventful_task_head` the whole pipelines (backbone + head), each head fresh.
+    `dense_forward` replaces `model.forward_features` in the timed dense step (e.g. compiled); the counted
+    one stays eager, where the counter sees every operator."""
     if motion_compensated and eventful_task_head is None:
         raise ValueError("motion-compensated held frames move the task head's map: they need an eventful task head")
-    dense = partial(_dense_features, model)
+    dense = counted_dense = partial(_dense_features, model)
+    if dense_forward is not None:
+        dense = dense_forward
     if eventful_task_head is not None:
         if task_head is None:
             raise ValueError("an eventful task head needs the dense task head to compare with")
-        dense = _with_head(dense, task_head)
+        dense, counted_dense = _with_head(dense, task_head), _with_head(counted_dense, task_head)
         eventful_step = _eventful_with_head(ev, eventful_task_head(ev), motion_compensated)
         counted_step = None if counted is None else _eventful_with_head(counted, eventful_task_head(counted),
                                                                         motion_compensated)
@@ -237,7 +242,7 @@ def _steps(model: nn.Module, ev: EventfulViT, task_head: Callable[[Tensor], Tens
         counted_step = None if counted is None else counted.forward_features
     steps = [FrameStep("dense", dense, "time"), FrameStep("eventful", eventful_step, "time")]
     if counted_step is not None:
-        steps = [FrameStep("dense counted", dense, "macs", first_frame_only=True), *steps,
+        steps = [FrameStep("dense counted", counted_dense, "macs", first_frame_only=True), *steps,
                  FrameStep("eventful counted", counted_step, "macs")]
     return steps
 
@@ -246,7 +251,8 @@ def _steps(model: nn.Module, ev: EventfulViT, task_head: Callable[[Tensor], Tens
 def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor], progress: bool = True,
                       total: int | None = None, task_head: Callable[[Tensor], Tensor] | None = None,
                       on_frame: FrameCallback | None = None, eventful_task_head: EventfulHeadFactory | None = None,
-                      motion_compensated: bool = False) -> tuple[list[FrameRecord], int]:
+                      motion_compensated: bool = False, dense_forward: Callable[[Tensor], Tensor] | None = None
+                      ) -> tuple[list[FrameRecord], int]:
     """Run `model` and `ev` on every frame (3, H, W); return per-frame records and the eventful state bytes.
 
     `task_head` maps final features (B, N, D) to the task output (e.g. the
@@ -261,13 +267,15 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     whose output is a map at frame resolution): a held frame returns the last
     map moved by the global motion since it was computed
     (`frugalvit.video.motion`; timed but not in the MAC count: three FFTs of
-    the frame, at most ~6 M multiply-accumulates at 224 px).
+    the frame, at most ~6 M multiply-accumulates at 224 px). `dense_forward`
+    (e.g. `torch.compile(model.forward_features)`, for a compiled eventful
+    model) is the dense backbone that is timed; MACs are counted eagerly.
     """
     model.eval()
     ev.reset()
     counted = _twin(ev)
     device, dtype = model_device_dtype(model)
-    steps = _steps(model, ev, task_head, eventful_task_head, counted, motion_compensated)
+    steps = _steps(model, ev, task_head, eventful_task_head, counted, motion_compensated, dense_forward)
     whole = eventful_task_head is not None
     hold = KeyframeHold(HOLD_PERIODS) if task_head is not None else None
     dense_gmacs = 0.0
@@ -315,14 +323,14 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
 @torch.no_grad()
 def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int,
                  progress: bool = False, task_head: Callable[[Tensor], Tensor] | None = None,
-                 eventful_task_head: EventfulHeadFactory | None = None, motion_compensated: bool = False
-                 ) -> list[tuple[list[float], list[float]]]:
+                 eventful_task_head: EventfulHeadFactory | None = None, motion_compensated: bool = False,
+                 dense_forward: Callable[[Tensor], Tensor] | None = None) -> list[tuple[list[float], list[float]]]:
     """Replay `frames` (T, 3, H, W) `repeats` times from a reset, timing dense and eventful interleaved per frame.
 
     Returns, per replay, the per-frame wall times in ms of the dense model and
     of the eventful one (the whole pipelines with `eventful_task_head`, as in
-    `compare_on_frames`). Nothing is counted, so the replays cost only the two
-    forward passes per frame.
+    `compare_on_frames`, with its `dense_forward`). Nothing is counted, so the
+    replays cost only the two forward passes per frame.
     """
     if repeats < 0:
         raise ValueError(f"repeats must be >= 0, got {repeats}")
@@ -331,7 +339,8 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
     replays: list[tuple[list[float], list[float]]] = []
     for _ in tqdm(range(repeats), desc="timing repeats", disable=not progress or repeats == 0, unit="replay"):
         ev.reset()
-        steps = _steps(model, ev, task_head, eventful_task_head, None, motion_compensated)  # a fresh head per replay
+        steps = _steps(model, ev, task_head, eventful_task_head, None, motion_compensated,  # a fresh head per replay
+                       dense_forward)
         dense_times, eventful_times = [], []
         for _, _, _, results in frame_loop(frames, steps, device, dtype):
             dense_times.append(results["dense"].ms)
