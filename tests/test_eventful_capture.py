@@ -177,3 +177,20 @@ def test_compile_eventful_needs_a_fixed_size_policy() -> None:
     ev = fv.eventful(make_model("vit_tiny_patch16_224", depth=1), fv.RelativeThreshold(0.1))
     with pytest.raises(ValueError, match="fixed-size policy"):
         fv.compile_eventful(ev, patch_video(1)[0])
+
+
+def test_compile_eventful_again_after_a_new_budget_warms_up_without_wrapping_twice() -> None:
+    model = make_model("vit_tiny_patch16_224", depth=1)
+    ev, eager = fv.eventful(model, fv.TopFraction(0.25)), fv.eventful(model, fv.TopFraction(0.5))
+    eager.sync_free = True
+    clip = patch_video(4, share=0.3)
+    torch._dynamo.reset()
+    fv.compile_eventful(ev, clip[0])
+    step = ev.step
+    ev.policy = fv.TopFraction(0.5)
+    fv.compile_eventful(ev, clip[0])
+    assert ev.step is step
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for frame in clip:
+            torch.testing.assert_close(ev(frame), eager(frame), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()

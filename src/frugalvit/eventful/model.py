@@ -789,7 +789,9 @@ def compile_eventful(ev: EventfulViT, frame: Tensor, **options: object) -> Event
     that sequence, then `ev.reset()`. Held frames run no step. On the CPU
     the compiled partial frame fuses the many small gather/scatter ops of an
     eventful layer (docs/eventful.md: about 1.2x on the saliency demo); it
-    needs a C++ compiler there. Returns `ev`.
+    needs a C++ compiler there. A new budget (`ev.policy = ...`) selects a
+    different number of tokens, so its graphs compile on first use: call
+    this again after changing it. Returns `ev`.
 
     Raises:
         ValueError: the policy selects a data-dependent number of tokens
@@ -799,7 +801,8 @@ def compile_eventful(ev: EventfulViT, frame: Tensor, **options: object) -> Event
         raise ValueError(f"compiling an eventful frame needs a fixed-size policy (TopFraction, TopR): {ev.policy!r} "
                          "selects a data-dependent number of tokens; use TopFraction, or run it uncompiled")
     ev.sync_free = True
-    ev.step = torch.compile(ev.step, fullgraph=True, **options)
+    if "step" not in ev.__dict__:  # compiled once per instance: a second call (a new budget) only warms up
+        ev.step = torch.compile(ev.step, fullgraph=True, **options)
     ev.reset()
     with torch.no_grad():
         for refresh_first in (False, False, False, True, False):
