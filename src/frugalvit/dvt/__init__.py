@@ -3,11 +3,14 @@
 * `DVTCascade` / `DVTConfig` / `dvt_cascade`: trained cascades with feature and relationship reuse.
 * `ResolutionCascade`: a training-free cascade over one pretrained timm ViT at increasing resolutions
   (with `TokenPoolHead` or `AttentionPoolHead` heads per resolution for a head-less backbone).
+* `FocusCascade`: glance then focus over one pretrained ViT: the whole image at a low resolution, then a
+  crop around the object it located (`TokenLocator`, `crop_around`) at the same cost.
 * `thresholds`: pure threshold searches for a mean-MACs budget (exact, geometric rule, genetic).
 """
 
 from frugalvit.dvt.cascade import DVTCascade, DVTConfig, cascade_loss, dvt_cascade, resize_images
 from frugalvit.dvt.exit import Calibration, CascadeOutput, EarlyExitCascade
+from frugalvit.dvt.focus import FocusCascade, TokenLocator, crop_around
 from frugalvit.dvt.resolution import (AttentionPoolHead, ResolutionCascade, TokenPoolHead, tokens_at_resolution,
                                      vit_at_resolution)
 from frugalvit.dvt.reuse import FeatureReuse, RelationReuse, resize_attention_rows, resize_token_grid
@@ -17,8 +20,8 @@ from frugalvit.dvt.thresholds import (ExitResult, evaluate_thresholds, genetic_s
 
 __all__ = [
     "AttentionPoolHead", "Calibration", "CascadeOutput", "ConvStemEmbed", "DVTCascade", "DVTConfig",
-    "EarlyExitCascade", "ExitResult", "FeatureReuse", "RelationReuse", "ResolutionCascade", "ReuseBlock",
-    "TokenPoolHead", "attention_with_bias",
+    "EarlyExitCascade", "ExitResult", "FeatureReuse", "FocusCascade", "RelationReuse", "ResolutionCascade",
+    "ReuseBlock", "TokenLocator", "TokenPoolHead", "attention_with_bias", "crop_around",
     "cascade_loss", "dvt_cascade", "dvt_stage", "evaluate_thresholds", "genetic_search", "geometric_search",
     "geometric_thresholds", "resize_attention_rows", "resize_images", "resize_token_grid", "search_thresholds",
     "stage_forward", "tokens_at_resolution", "vit_at_resolution",

@@ -1,0 +1,150 @@
+"""Glance, then focus: a two-look cascade over one pretrained timm ViT (frozen; only small heads are learnt).
+
+A resolution cascade (`ResolutionCascade`) pays for more pixels everywhere:
+its second look at a small object costs the whole image at a higher
+resolution. Here the first stage sees the whole image at a low resolution
+(the *glance*), answers what it can, and locates the object (`TokenLocator`:
+a score per patch token); the second stage sees only a square crop around
+that point, resized to the glance resolution (the *focus*): the same cost as
+the glance, with `input_size / crop` times the pixels on the object. Further
+stages, if any, see the whole image at higher resolutions, as in a resolution
+cascade. This is the glance-and-focus idea (Wang et al., GFNet, NeurIPS 2020,
+by DVT's authors) with a fixed crop and a located centre, on a frozen backbone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from frugalvit.data import model_input
+from frugalvit.dvt.cascade import resize_images
+from frugalvit.dvt.exit import EarlyExitCascade
+from frugalvit.dvt.resolution import tokens_at_resolution
+from frugalvit.timm import has_plain_patch_embed
+
+
+class TokenLocator(nn.Module):
+    """Where the object is: one score per patch token (LayerNorm + a small MLP), the best patch's centre.
+
+    Trained as a classifier over the patch grid (cross-entropy to the patch holding the object's centre) on
+    the frozen backbone's final tokens.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.score = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Final tokens (B, N, D), prefix tokens first -> a score per patch token (B, N - prefix)."""
+        return self.score(tokens[:, self.num_prefix_tokens:].to(self.score[0].weight.dtype)).squeeze(-1)
+
+    @staticmethod
+    def patch_centers(patch: Tensor, grid: tuple[int, int], image_size: int) -> Tensor:
+        """Row-major patch indices (B,) -> their centres (B, 2) as (y, x) in pixels of an `image_size` image."""
+        rows = torch.div(patch, grid[1], rounding_mode="floor")
+        columns = patch - rows * grid[1]
+        return torch.stack([(rows + 0.5) * image_size / grid[0], (columns + 0.5) * image_size / grid[1]], dim=-1)
+
+    def centers(self, tokens: Tensor, grid: tuple[int, int], image_size: int) -> Tensor:
+        """The best-scoring patch's centre (B, 2), (y, x) in pixels of the `image_size` input."""
+        return self.patch_centers(self(tokens).argmax(dim=-1), grid, image_size)
+
+
+def crop_around(images: Tensor, centers: Tensor, side: int, size: int) -> Tensor:
+    """Square crops of `side` pixels around `centers` (B, 2) as (y, x), moved inside the image, resized to `size`.
+
+    Bilinear with antialiasing (as `resize_images`); the crop's origin is the
+    centre minus half the side, rounded, then clamped so the crop stays inside.
+    """
+    if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"expected square images (B, C, S, S), got shape {tuple(images.shape)}")
+    full = images.shape[-1]
+    if not 1 <= side <= full:
+        raise ValueError(f"crop side must lie in [1, {full}] (the image side), got {side}")
+    if centers.shape != (images.shape[0], 2):
+        raise ValueError(f"expected one (y, x) centre per image, shape ({images.shape[0]}, 2), got "
+                         f"{tuple(centers.shape)}")
+    origin = torch.round(centers.float() - side / 2).long().clamp(0, full - side)  # (B, 2)
+    offsets = torch.arange(side, device=images.device)
+    rows = (origin[:, 0, None] + offsets)[:, :, None]  # (B, side, 1)
+    columns = (origin[:, 1, None] + offsets)[:, None, :]  # (B, 1, side)
+    batch = torch.arange(images.shape[0], device=images.device)[:, None, None]
+    crops = images.permute(0, 2, 3, 1)[batch, rows, columns].permute(0, 3, 1, 2)  # (B, C, side, side)
+    if side == size:
+        return crops.contiguous()
+    return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+class FocusCascade(EarlyExitCascade):
+    """Glance (the whole image at `glance` px), focus (a `crop`-px square around the located object, at `glance`
+    px), then optionally the whole image at each of `resolutions` px; per-sample early exit after each.
+
+    Args:
+        model: a timm `VisionTransformer` (frozen, shared by every stage) with a plain patch embedding.
+        glance: the first two stages' input size (divisible by the patch size).
+        crop: the focus crop's side in pixels of the cascade's input (`input_size`).
+        heads: one classifier per stage on its final tokens (e.g. `AttentionPoolHead`).
+        locator: a `TokenLocator` on the glance's final tokens.
+        resolutions: sizes of the later whole-image stages, increasing (may be empty).
+        input_size: side of the images the cascade takes.
+        mean / std: per-channel normalisation applied after resizing (callers pass [0, 1] images).
+    """
+
+    def __init__(self, model: VisionTransformer, glance: int, crop: int, heads: Sequence[nn.Module],
+                 locator: TokenLocator, input_size: int, resolutions: Sequence[int] = (),
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+        sizes = [int(glance), *(int(size) for size in resolutions)]
+        if list(resolutions) != sorted(set(int(size) for size in resolutions)):
+            raise ValueError(f"resolutions must be strictly increasing, got {list(resolutions)}")
+        patch = model.patch_embed.patch_size
+        bad = [size for size in sizes if size % patch[0] or size % patch[1]]
+        if bad:
+            raise ValueError(f"sizes {bad} are not divisible by the model's patch size {patch[0]}")
+        if not has_plain_patch_embed(model):
+            raise ValueError("FocusCascade supports timm ViTs with a plain PatchEmbed")
+        if not 1 <= crop <= input_size:
+            raise ValueError(f"crop must lie in [1, input_size={input_size}] pixels, got {crop}")
+        stages = 2 + len(resolutions)
+        if len(heads) != stages:
+            raise ValueError(f"got {len(heads)} heads for {stages} stages (glance, focus, then one per resolution)")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std for input normalisation, or neither")
+        channels = model.patch_embed.proj.in_channels
+        super().__init__(stages, (channels, int(input_size), int(input_size)))
+        self.model, self.locator, self.heads = model, locator, nn.ModuleList(heads)
+        self.glance, self.crop, self.resolutions = int(glance), int(crop), tuple(int(size) for size in resolutions)
+        self.grid = (self.glance // patch[0], self.glance // patch[1])
+        self.normalized = mean is not None
+        if mean is not None and std is not None:
+            if len(mean) != channels or len(std) != channels:
+                raise ValueError(f"mean and std need {channels} values (one per input channel)")
+            self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, -1, 1, 1), persistent=False)
+
+    def _normalize(self, images: Tensor) -> Tensor:
+        return (images - self.mean) / self.std if self.normalized else images
+
+    def stage_input(self, index: int, images: Tensor, centers: Tensor | None = None) -> Tensor:
+        """The model's input at stage `index` (normalised): the resized image, or for the focus the crop
+        around `centers` (B, 2), (y, x) in input pixels."""
+        dtype = next(self.model.parameters()).dtype
+        if index == 1:
+            if centers is None:
+                raise ValueError("the focus stage needs the glance's located centres")
+            images = model_input(images, images.device, dtype)  # uint8 -> [0, 1], as resize_images does
+            return self._normalize(crop_around(images, centers, self.crop, self.glance))
+        size = self.glance if index == 0 else self.resolutions[index - 2]
+        return self._normalize(resize_images(images, (size, size), dtype=dtype))
+
+    def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
+        tokens = tokens_at_resolution(self.model, self.stage_input(index, images, carry if index == 1 else None))
+        logits = self.heads[index](tokens)
+        if index == 0 and hand_on:
+            return logits, self.locator.centers(tokens, self.grid, self.input_shape[-1])
+        return logits, None

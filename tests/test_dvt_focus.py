@@ -1,0 +1,96 @@
+"""Glance-and-focus cascade: crops, located centres, each stage's input, real early exit and its costs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.nn import functional as F
+
+from frugalvit.dvt import AttentionPoolHead, FocusCascade, TokenLocator, crop_around, tokens_at_resolution
+from frugalvit.dvt.cascade import resize_images
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _backbone() -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=28, patch_size=7, in_chans=3, num_classes=0, embed_dim=32, depth=2,
+                             num_heads=2).eval()
+
+
+def _cascade(resolutions: tuple[int, ...] = (42,)) -> FocusCascade:
+    backbone = _backbone()
+    torch.manual_seed(1)
+    heads = [AttentionPoolHead(32, 5, hidden=16) for _ in range(2 + len(resolutions))]
+    return FocusCascade(backbone, glance=28, crop=24, heads=heads, locator=TokenLocator(32, hidden=8),
+                        input_size=48, resolutions=resolutions, mean=MEAN, std=STD).eval()
+
+
+def test_crop_around_cuts_the_square_around_each_centre_and_stays_inside() -> None:
+    images = torch.arange(2 * 3 * 10 * 10, dtype=torch.float32).view(2, 3, 10, 10)
+    centers = torch.tensor([[5.0, 4.0], [0.0, 9.5]])  # the second lies in a corner: moved inside
+    crops = crop_around(images, centers, side=4, size=4)
+    torch.testing.assert_close(crops[0], images[0, :, 3:7, 2:6])
+    torch.testing.assert_close(crops[1], images[1, :, 0:4, 6:10])
+    resized = crop_around(images, centers, side=4, size=8)
+    torch.testing.assert_close(resized[0], F.interpolate(images[:1, :, 3:7, 2:6], size=(8, 8), mode="bilinear",
+                                                         antialias=True, align_corners=False)[0])
+    with pytest.raises(ValueError, match="crop side must lie in"):
+        crop_around(images, centers, side=11, size=4)
+    with pytest.raises(ValueError, match="one \\(y, x\\) centre per image"):
+        crop_around(images, centers[:1], side=4, size=4)
+
+
+def test_locator_points_at_the_best_patch_centre() -> None:
+    locator = TokenLocator(4, hidden=2)
+    patches = torch.tensor([0, 5, 11, 15])
+    centers = TokenLocator.patch_centers(patches, (4, 4), image_size=40)
+    assert centers.tolist() == [[5.0, 5.0], [15.0, 15.0], [25.0, 35.0], [35.0, 35.0]]
+    tokens = torch.randn(3, 17, 4)
+    expected = TokenLocator.patch_centers(locator(tokens).argmax(-1), (4, 4), 40)
+    torch.testing.assert_close(locator.centers(tokens, (4, 4), 40), expected)
+
+
+def test_each_stage_reads_its_own_view_and_early_exit_regroups_the_centres() -> None:
+    cascade = _cascade()
+    x = torch.rand(6, 3, 48, 48)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        stages = cascade.forward_all(x)
+        glance = tokens_at_resolution(cascade.model, (resize_images(x, (28, 28)) - mean) / std)
+        torch.testing.assert_close(stages[0], cascade.heads[0](glance))
+        centers = cascade.locator.centers(glance, (4, 4), 48)
+        focus = tokens_at_resolution(cascade.model, (crop_around(x, centers, 24, 28) - mean) / std)
+        torch.testing.assert_close(stages[1], cascade.heads[1](focus))
+        whole = tokens_at_resolution(cascade.model, (resize_images(x, (42, 42)) - mean) / std)
+        torch.testing.assert_close(stages[2], cascade.heads[2](whole))
+        # a mid threshold: some samples leave at each stage, the focus runs on a regrouped batch with its centres
+        confidence = stages[0].softmax(-1).amax(-1)
+        threshold = float(confidence.median())
+        out = cascade(x, thresholds=[threshold, 0.0])
+        leave = confidence >= threshold
+        assert 0 < int(leave.sum()) < 6
+        torch.testing.assert_close(out.logits[leave], stages[0][leave])
+        torch.testing.assert_close(out.logits[~leave], stages[1][~leave], atol=1e-5, rtol=1e-5)
+        assert out.exit_stage.tolist() == [0 if left else 1 for left in leave.tolist()]
+        uint8 = (x * 255).round().to(torch.uint8)
+        torch.testing.assert_close(cascade.forward_all(uint8)[1], cascade.forward_all(uint8.float() / 255)[1],
+                                   atol=0.05, rtol=0.05)
+    costs = cascade.stage_macs()
+    assert costs[0] < costs[1] < costs[2]
+    assert costs[1] - costs[0] == pytest.approx(costs[0], rel=0.02)  # the focus costs a glance
+
+
+def test_focus_cascade_errors_name_the_fix() -> None:
+    backbone = _backbone()
+    heads = [nn.Identity()] * 2
+    with pytest.raises(ValueError, match="heads for 3 stages"):
+        FocusCascade(backbone, 28, 24, heads, TokenLocator(32), input_size=48, resolutions=(42,))
+    with pytest.raises(ValueError, match="not divisible by the model's patch size"):
+        FocusCascade(backbone, 30, 24, heads, TokenLocator(32), input_size=48)
+    with pytest.raises(ValueError, match="crop must lie in"):
+        FocusCascade(backbone, 28, 64, heads, TokenLocator(32), input_size=48)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        FocusCascade(backbone, 28, 24, [nn.Identity()] * 4, TokenLocator(32), input_size=48, resolutions=(56, 42))
