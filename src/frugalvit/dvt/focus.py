@@ -24,8 +24,7 @@ from torch.nn import functional as F
 from frugalvit.data import model_input
 from frugalvit.dvt.cascade import resize_images
 from frugalvit.dvt.exit import EarlyExitCascade
-from frugalvit.dvt.resolution import tokens_at_resolution
-from frugalvit.timm import has_plain_patch_embed
+from frugalvit.dvt.resolution import check_backbone, register_normalization, tokens_at_resolution
 
 
 class TokenLocator(nn.Module):
@@ -102,30 +101,19 @@ class FocusCascade(EarlyExitCascade):
         sizes = [int(glance), *(int(size) for size in resolutions)]
         if list(resolutions) != sorted(set(int(size) for size in resolutions)):
             raise ValueError(f"resolutions must be strictly increasing, got {list(resolutions)}")
-        patch = model.patch_embed.patch_size
-        bad = [size for size in sizes if size % patch[0] or size % patch[1]]
-        if bad:
-            raise ValueError(f"sizes {bad} are not divisible by the model's patch size {patch[0]}")
-        if not has_plain_patch_embed(model):
-            raise ValueError("FocusCascade supports timm ViTs with a plain PatchEmbed")
+        check_backbone(model, sizes, "sizes", type(self).__name__)
         if not 1 <= crop <= input_size:
             raise ValueError(f"crop must lie in [1, input_size={input_size}] pixels, got {crop}")
         stages = 2 + len(resolutions)
         if len(heads) != stages:
             raise ValueError(f"got {len(heads)} heads for {stages} stages (glance, focus, then one per resolution)")
-        if (mean is None) != (std is None):
-            raise ValueError("give both mean and std for input normalisation, or neither")
         channels = model.patch_embed.proj.in_channels
         super().__init__(stages, (channels, int(input_size), int(input_size)))
         self.model, self.locator, self.heads = model, locator, nn.ModuleList(heads)
         self.glance, self.crop, self.resolutions = int(glance), int(crop), tuple(int(size) for size in resolutions)
+        patch = model.patch_embed.patch_size
         self.grid = (self.glance // patch[0], self.glance // patch[1])
-        self.normalized = mean is not None
-        if mean is not None and std is not None:
-            if len(mean) != channels or len(std) != channels:
-                raise ValueError(f"mean and std need {channels} values (one per input channel)")
-            self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, -1, 1, 1), persistent=False)
+        self.normalized = register_normalization(self, mean, std, channels)
 
     def _normalize(self, images: Tensor) -> Tensor:
         return (images - self.mean) / self.std if self.normalized else images

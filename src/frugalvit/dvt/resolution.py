@@ -41,6 +41,30 @@ def tokens_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
     return model.norm(model.blocks(x))
 
 
+def check_backbone(model: VisionTransformer, sizes: Sequence[int], what: str, owner: str) -> None:
+    """A cascade over one timm ViT: every input size divisible by its patch size, a plain patch embedding."""
+    patch = model.patch_embed.patch_size
+    bad = [size for size in sizes if size % patch[0] or size % patch[1]]
+    if bad:
+        raise ValueError(f"{what} {bad} are not divisible by the model's patch size {patch[0]}")
+    if not has_plain_patch_embed(model):
+        raise ValueError(f"{owner} supports timm ViTs with a plain PatchEmbed")
+
+
+def register_normalization(module: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None,
+                           channels: int) -> bool:
+    """Register per-channel `mean` / `std` buffers (1, C, 1, 1) on `module`; False when neither is given."""
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std for input normalisation, or neither")
+    if mean is None or std is None:
+        return False
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need {channels} values (one per input channel)")
+    module.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1), persistent=False)
+    module.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, -1, 1, 1), persistent=False)
+    return True
+
+
 class TokenPoolHead(nn.Module):
     """A linear classifier on pooled final tokens: [class token, mean of patch tokens, max of patch tokens].
 
@@ -119,16 +143,9 @@ class ResolutionCascade(EarlyExitCascade):
         sizes = [int(size) for size in resolutions]
         if len(sizes) < 2 or sorted(set(sizes)) != sizes:
             raise ValueError(f"resolutions must be at least 2 strictly increasing sizes, got {list(resolutions)}")
-        patch = model.patch_embed.patch_size
-        bad = [size for size in sizes if size % patch[0] or size % patch[1]]
-        if bad:
-            raise ValueError(f"resolutions {bad} are not divisible by the model's patch size {patch[0]}")
-        if not has_plain_patch_embed(model):
-            raise ValueError("ResolutionCascade supports timm ViTs with a plain PatchEmbed")
+        check_backbone(model, sizes, "resolutions", type(self).__name__)
         if heads is not None and len(heads) != len(sizes):
             raise ValueError(f"got {len(heads)} heads for {len(sizes)} resolutions; give one head per resolution")
-        if (mean is None) != (std is None):
-            raise ValueError("give both mean and std for input normalisation, or neither")
         channels = model.patch_embed.proj.in_channels
         side = int(input_size) if input_size is not None else sizes[-1]
         super().__init__(len(sizes), (channels, side, side))
@@ -136,11 +153,7 @@ class ResolutionCascade(EarlyExitCascade):
         self.resolutions = tuple(sizes)
         self.heads = nn.ModuleList(heads) if heads is not None else None
         self.normalize: Callable[[Tensor], Tensor] | None = None
-        if mean is not None and std is not None:
-            if len(mean) != channels or len(std) != channels:
-                raise ValueError(f"mean and std need {channels} values (one per input channel)")
-            self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, -1, 1, 1), persistent=False)
+        if register_normalization(self, mean, std, channels):
             self.normalize = lambda images: (images - self.mean) / self.std
 
     def stage_input(self, index: int, images: Tensor) -> Tensor:
