@@ -49,3 +49,23 @@ def test_setting_labels_are_unique() -> None:
         for size in (224, 448, 896):
             labels = [setting.label for setting in eventful_real.default_settings(quick, size)]
             assert len(labels) == len(set(labels))
+
+
+def test_focus_benchmark_locator_learns_the_marked_patch_and_centres_come_from_the_record() -> None:
+    """dvt_focus.py: the locator is trained on the patch holding each recorded digit centre (box top/left + size/2)."""
+    import numpy as np
+
+    import dvt_focus  # noqa: E402 - a benchmark script, imported by path
+
+    arrays = {"top": np.array([0, 50]), "left": np.array([10, 90]), "size": np.array([20, 14])}
+    assert dvt_focus.digit_centers(arrays, 2).tolist() == [[10.0, 20.0], [57.0, 97.0]]
+    generator = torch.Generator().manual_seed(0)
+    count, grid, dim = 256, 4, 8
+    tokens = torch.randn(count, 1 + grid * grid, dim, generator=generator)
+    patch = torch.randint(0, grid * grid, (count,), generator=generator)
+    tokens[torch.arange(count), 1 + patch, 0] += 6.0  # the object's patch stands out on one channel
+    centres = torch.stack([(patch // grid + 0.5) * 10, (patch % grid + 0.5) * 10], dim=-1)
+    locator = dvt_focus.train_locator(tokens, centres, grid, image_size=40, epochs=60, batch_size=32)
+    with torch.no_grad():
+        found = (locator.centers(tokens, (grid, grid), 40) == centres).all(-1).float().mean()
+    assert found >= 0.95
