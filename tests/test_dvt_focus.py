@@ -94,3 +94,22 @@ def test_focus_cascade_errors_name_the_fix() -> None:
         FocusCascade(backbone, 28, 64, heads, TokenLocator(32), input_size=48)
     with pytest.raises(ValueError, match="strictly increasing"):
         FocusCascade(backbone, 28, 24, [nn.Identity()] * 4, TokenLocator(32), input_size=48, resolutions=(56, 42))
+
+
+def test_without_a_locator_the_glance_head_attention_places_the_crop() -> None:
+    """locator=None: the focus crop goes where the glance's AttentionPoolHead looks (no position labels needed)."""
+    cascade = _cascade(())
+    located = FocusCascade(cascade.model, 28, 24, list(cascade.heads), None, input_size=48, mean=MEAN,
+                           std=STD).eval()
+    x = torch.rand(4, 3, 48, 48)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        glance = tokens_at_resolution(cascade.model, (resize_images(x, (28, 28)) - mean) / std)
+        scores = located.heads[0].patch_scores(glance)
+        assert scores.shape == (4, 16)
+        torch.testing.assert_close(scores.sum(-1), torch.ones(4))
+        centers = TokenLocator.patch_centers(scores.argmax(-1), (4, 4), 48)
+        focus = tokens_at_resolution(cascade.model, (crop_around(x, centers, 24, 28) - mean) / std)
+        torch.testing.assert_close(located.forward_all(x)[1], located.heads[1](focus))
+    with pytest.raises(ValueError, match="no locator and the glance head"):
+        FocusCascade(cascade.model, 28, 24, [nn.Linear(32, 5), nn.Linear(32, 5)], None, input_size=48)

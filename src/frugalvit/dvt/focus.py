@@ -89,14 +89,16 @@ class FocusCascade(EarlyExitCascade):
         glance: the first two stages' input size (divisible by the patch size).
         crop: the focus crop's side in pixels of the cascade's input (`input_size`).
         heads: one classifier per stage on its final tokens (e.g. `AttentionPoolHead`).
-        locator: a `TokenLocator` on the glance's final tokens.
+        locator: a module mapping the glance's final tokens to one score per patch (e.g. `TokenLocator`,
+            trained on object positions); None: the glance head's own `patch_scores` (e.g. an
+            `AttentionPoolHead`'s attention, learnt from class labels alone).
         resolutions: sizes of the later whole-image stages, increasing (may be empty).
         input_size: side of the images the cascade takes.
         mean / std: per-channel normalisation applied after resizing (callers pass [0, 1] images).
     """
 
     def __init__(self, model: VisionTransformer, glance: int, crop: int, heads: Sequence[nn.Module],
-                 locator: TokenLocator, input_size: int, resolutions: Sequence[int] = (),
+                 locator: nn.Module | None, input_size: int, resolutions: Sequence[int] = (),
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
         sizes = [int(glance), *(int(size) for size in resolutions)]
         if list(resolutions) != sorted(set(int(size) for size in resolutions)):
@@ -107,6 +109,9 @@ class FocusCascade(EarlyExitCascade):
         stages = 2 + len(resolutions)
         if len(heads) != stages:
             raise ValueError(f"got {len(heads)} heads for {stages} stages (glance, focus, then one per resolution)")
+        if locator is None and not callable(getattr(heads[0], "patch_scores", None)):
+            raise ValueError(f"no locator and the glance head ({type(heads[0]).__name__}) has no patch_scores: "
+                             "give a locator (e.g. TokenLocator) or a glance head that has one (AttentionPoolHead)")
         channels = model.patch_embed.proj.in_channels
         super().__init__(stages, (channels, int(input_size), int(input_size)))
         self.model, self.locator, self.heads = model, locator, nn.ModuleList(heads)
@@ -134,5 +139,10 @@ class FocusCascade(EarlyExitCascade):
         tokens = tokens_at_resolution(self.model, self.stage_input(index, images, carry if index == 1 else None))
         logits = self.heads[index](tokens)
         if index == 0 and hand_on:
-            return logits, self.locator.centers(tokens, self.grid, self.input_shape[-1])
+            return logits, self.locate(tokens)
         return logits, None
+
+    def locate(self, tokens: Tensor) -> Tensor:
+        """The focus centres (B, 2), (y, x) in input pixels: the best-scoring patch of the glance's tokens."""
+        scores = self.locator(tokens) if self.locator is not None else self.heads[0].patch_scores(tokens)
+        return TokenLocator.patch_centers(scores.argmax(dim=-1), self.grid, self.input_shape[-1])
