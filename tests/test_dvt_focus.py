@@ -113,3 +113,20 @@ def test_without_a_locator_the_glance_head_attention_places_the_crop() -> None:
         torch.testing.assert_close(located.forward_all(x)[1], located.heads[1](focus))
     with pytest.raises(ValueError, match="no locator and the glance head"):
         FocusCascade(cascade.model, 28, 24, [nn.Linear(32, 5), nn.Linear(32, 5)], None, input_size=48)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_focus_and_resolution_cascades_run_in_half_precision_on_the_cpu(dtype: torch.dtype) -> None:
+    """Anti-aliased resizing has no float16/bfloat16 CPU kernel: it runs in float32 there, the cascade in `dtype`."""
+    from frugalvit.dvt import ResolutionCascade
+
+    focus = _cascade().to(dtype)
+    resolution = ResolutionCascade(focus.model, [28, 42], heads=list(focus.heads)[:2], input_size=48).to(dtype)
+    x = torch.rand(4, 3, 48, 48)
+    with torch.no_grad():
+        for cascade, thresholds in ((focus, [0.5, 0.0]), (resolution, [0.5])):
+            for images in (x, (x * 255).to(torch.uint8)):
+                out = cascade(cascade.prepare_input(images), thresholds=thresholds)
+                assert out.logits.dtype == dtype and bool(torch.isfinite(out.logits).all())
+    crops = crop_around(x.to(dtype), torch.full((4, 2), 20.0), 24, 28)
+    assert crops.dtype == dtype and crops.shape == (4, 3, 28, 28)

@@ -37,6 +37,15 @@ def resize_images(images: Tensor, size: tuple[int, int], dtype: torch.dtype | No
         images = model_input(images, images.device, dtype or torch.float32)
     if same:
         return images
+    return resize_bilinear(images, size)
+
+
+def resize_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Anti-aliased bilinear resize in the images' dtype; on the CPU, float16 / bfloat16 run in float32 (PyTorch
+    has no reduced-precision anti-aliased kernel there) and come back in their dtype."""
+    if images.device.type == "cpu" and images.dtype in (torch.float16, torch.bfloat16):
+        return F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False,
+                             antialias=True).to(images.dtype)
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 

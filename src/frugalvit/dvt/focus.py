@@ -19,10 +19,9 @@ from typing import Any, Sequence
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from frugalvit.data import model_input
-from frugalvit.dvt.cascade import resize_images
+from frugalvit.dvt.cascade import resize_bilinear, resize_images
 from frugalvit.dvt.exit import EarlyExitCascade
 from frugalvit.dvt.resolution import check_backbone, register_normalization, tokens_at_resolution
 
@@ -77,7 +76,7 @@ def crop_around(images: Tensor, centers: Tensor, side: int, size: int) -> Tensor
     crops = images.permute(0, 2, 3, 1)[batch, rows, columns].permute(0, 3, 1, 2)  # (B, C, side, side)
     if side == size:
         return crops.contiguous()
-    return F.interpolate(crops, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resize_bilinear(crops, (size, size))
 
 
 class FocusCascade(EarlyExitCascade):
