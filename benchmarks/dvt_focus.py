@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from frugalvit.data import Split
-from frugalvit.dvt import (AttentionPoolHead, FocusCascade, ResolutionCascade, TokenLocator, evaluate_thresholds, search_thresholds,
-                           tokens_at_resolution)
+from frugalvit.dvt import (AttentionPoolHead, FocusCascade, ResolutionCascade, TokenLocator, evaluate_thresholds,
+                           search_thresholds, tokens_at_resolution)
+from frugalvit.dvt.focus import crop_origin
 from frugalvit.ioutil import write_json_atomically
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import save_atomically
@@ -86,14 +87,16 @@ def digit_centers(arrays: dict, count: int) -> Tensor:
 
 
 @torch.no_grad()
-def crop_tokens(cascade: FocusCascade, images: Tensor, centers: Tensor, path: Path, batch_size: int = 100) -> Tensor:
-    """The backbone's final tokens (float16) on the focus crops around `centers`, cached in `path`."""
+def crop_tokens(cascade: FocusCascade, images: Tensor, centers: Tensor, path: Path, batch_size: int = 100,
+                stage: int = 1) -> Tensor:
+    """The backbone's final tokens (float16) on stage `stage`'s crops (the focus, or a zoom) around `centers`,
+    cached in `path`."""
     if path.is_file():
         return torch.load(path)
     parts = []
     for start in range(0, images.shape[0], batch_size):
         batch = to_float(images[start:start + batch_size])
-        view = cascade.stage_input(1, batch, centers[start:start + batch_size])
+        view = cascade.stage_input(stage, batch, centers[start:start + batch_size])
         parts.append(tokens_at_resolution(cascade.model, view).half())
     tokens = torch.cat(parts)
     save_atomically(tokens, path)
@@ -104,6 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/frugalvit-dvt-real"))
     parser.add_argument("--crop", type=int, default=56, help="focus crop side in canvas pixels (default: %(default)s)")
+    parser.add_argument("--zoom", type=int, default=28,
+                        help="side of the third look's crop (class-labels-only variant) (default: %(default)s)")
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--eval-images", type=int, default=2000)
     parser.add_argument("--real-images", type=int, default=500, help="test images of the real early-exit run")
@@ -203,6 +208,29 @@ def main() -> None:
             for name, (keys, costs) in {"glance -> focus": (["glance", "focus"], list(stage_macs[:2])),
                                         "glance -> focus -> 224 px": (["glance", "focus", FULL],
                                                                        list(stage_macs))}.items()}
+        if where is None:  # class labels only: a third, closer look where the focus head points
+            zoomed = FocusCascade(backbone, GLANCE, args.crop, [heads[GLANCE], focus_head, nn.Identity()], None,
+                                  input_size=canvas, mean=R.IMAGENET_MEAN, std=R.IMAGENET_STD,
+                                  zooms=(args.zoom,)).eval()
+            with torch.no_grad():
+                zoom_centers = {split: crop_origin(located[split], args.crop, canvas) + TokenLocator.patch_centers(
+                    focus_head.patch_scores(focus_tokens[split]).argmax(-1), (grid, grid), args.crop)
+                    for split in splits}
+            zoom_tokens = {split: crop_tokens(zoomed, splits[split].images, zoom_centers[split],
+                                              directory / f"zoom{args.zoom}-{split}-{tag}.pt", stage=2)
+                           for split in splits}
+            zoomed.heads[2] = cached_head(directory / "heads" / f"zoom{args.zoom}-{tag}.pt", zoom_tokens["train"],
+                                          labels["train"], data.num_classes)
+            with torch.no_grad():
+                for split in ("val", "test"):
+                    logits[split]["zoom"] = R.head_logits(zoomed.heads[2], zoom_tokens[split])
+            entry["zoom_always"] = {"crop_px": args.zoom, **{
+                f"{split}_accuracy": float((logits[split]["zoom"].argmax(-1) == labels[split]).float().mean())
+                for split in ("val", "test")}}
+            entry["cascades"][f"glance -> focus -> zoom {args.zoom} px"] = evaluate_cascade(
+                f"{variant}: glance -> focus -> zoom", [logits[split] for split in ("val", "test")],
+                ["glance", "focus", "zoom"], list(zoomed.stage_macs()), labels, reference, real_split, zoomed,
+                args.budgets)
         print(f"[focus] {variant}: locator {json.dumps(entry['locator'])}; focus always "
               f"{json.dumps(entry['focus_always'])} ({time.perf_counter() - started:.0f} s)", flush=True)
         point = entry["cascades"]["glance -> focus"]["operating_point"]
@@ -277,6 +305,9 @@ def plot(results: dict, path: Path) -> None:
         draw(entry["cascades"]["glance -> focus"], f"glance -> focus, {variant} (star: both looks always)",
              color=color)
         draw(entry["cascades"]["glance -> focus -> 224 px"], "  the same -> 224 px", color=color, linestyle=":")
+        for name, cascade in entry["cascades"].items():
+            if "zoom" in name:
+                draw(cascade, f"  {name}", color=color, linestyle="--")
     ax.set_xscale("log")
     ax.set_xticks([1.5, 2, 3, 4, 6, 8])
     ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))

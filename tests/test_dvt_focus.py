@@ -90,7 +90,7 @@ def test_focus_cascade_errors_name_the_fix() -> None:
         FocusCascade(backbone, 28, 24, heads, TokenLocator(32), input_size=48, resolutions=(42,))
     with pytest.raises(ValueError, match="not divisible by the model's patch size"):
         FocusCascade(backbone, 30, 24, heads, TokenLocator(32), input_size=48)
-    with pytest.raises(ValueError, match="crop must lie in"):
+    with pytest.raises(ValueError, match="crop and zooms must lie in"):
         FocusCascade(backbone, 28, 64, heads, TokenLocator(32), input_size=48)
     with pytest.raises(ValueError, match="strictly increasing"):
         FocusCascade(backbone, 28, 24, [nn.Identity()] * 4, TokenLocator(32), input_size=48, resolutions=(56, 42))
@@ -130,3 +130,38 @@ def test_focus_and_resolution_cascades_run_in_half_precision_on_the_cpu(dtype: t
                 assert out.logits.dtype == dtype and bool(torch.isfinite(out.logits).all())
     crops = crop_around(x.to(dtype), torch.full((4, 2), 20.0), 24, 28)
     assert crops.dtype == dtype and crops.shape == (4, 3, 28, 28)
+
+
+def test_a_zoom_looks_where_the_focus_head_points_and_regroups_under_early_exit() -> None:
+    """zooms=(12,): a third look at a 12 px square centred where the focus head's attention points (mapped from
+    the focus crop back to input pixels); early exit after the glance and after the focus regroups those centres."""
+    from frugalvit.dvt.focus import crop_origin
+
+    backbone = _backbone()
+    torch.manual_seed(2)
+    heads = [AttentionPoolHead(32, 5, hidden=16) for _ in range(3)]
+    cascade = FocusCascade(backbone, 28, 24, heads, None, input_size=48, mean=MEAN, std=STD, zooms=(12,)).eval()
+    x = torch.rand(6, 3, 48, 48)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        stages = cascade.forward_all(x)
+        glance = tokens_at_resolution(backbone, (resize_images(x, (28, 28)) - mean) / std)
+        first = TokenLocator.patch_centers(heads[0].patch_scores(glance).argmax(-1), (4, 4), 48)
+        focus = tokens_at_resolution(backbone, (crop_around(x, first, 24, 28) - mean) / std)
+        second = crop_origin(first, 24, 48) + TokenLocator.patch_centers(heads[1].patch_scores(focus).argmax(-1),
+                                                                         (4, 4), 24)
+        zoom = tokens_at_resolution(backbone, (crop_around(x, second, 12, 28) - mean) / std)
+        torch.testing.assert_close(stages[2], heads[2](zoom))
+        confidence = [stage.softmax(-1).amax(-1) for stage in stages[:2]]
+        limits = [float(confidence[0].quantile(0.7)), float(confidence[1].quantile(0.5))]
+        out = cascade(x, thresholds=limits)
+        expected = torch.where(confidence[0] >= limits[0], 0, torch.where(confidence[1] >= limits[1], 1, 2))
+        assert out.exit_stage.tolist() == expected.tolist() and len(set(expected.tolist())) > 1
+        for stage in range(3):
+            chosen = expected == stage
+            torch.testing.assert_close(out.logits[chosen], stages[stage][chosen], atol=1e-5, rtol=1e-5)
+    costs = cascade.stage_macs()
+    # a zoom costs about a focus (the focus also scores where its head points, which only a zoom needs)
+    assert costs[2] - costs[1] == pytest.approx(costs[1] - costs[0], rel=0.05)
+    with pytest.raises(ValueError, match="need patch_scores"):
+        FocusCascade(backbone, 28, 24, [heads[0], nn.Linear(32, 5), heads[2]], None, input_size=48, zooms=(12,))

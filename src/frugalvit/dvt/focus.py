@@ -54,6 +54,11 @@ class TokenLocator(nn.Module):
         return self.patch_centers(self(tokens).argmax(dim=-1), grid, image_size)
 
 
+def crop_origin(centers: Tensor, side: int, full: int) -> Tensor:
+    """Top-left corners (B, 2) of `side`-pixel squares around `centers` (B, 2), moved inside a `full`-pixel image."""
+    return torch.round(centers.float() - side / 2).long().clamp(0, full - side)
+
+
 def crop_around(images: Tensor, centers: Tensor, side: int, size: int) -> Tensor:
     """Square crops of `side` pixels around `centers` (B, 2) as (y, x), moved inside the image, resized to `size`.
 
@@ -68,7 +73,7 @@ def crop_around(images: Tensor, centers: Tensor, side: int, size: int) -> Tensor
     if centers.shape != (images.shape[0], 2):
         raise ValueError(f"expected one (y, x) centre per image, shape ({images.shape[0]}, 2), got "
                          f"{tuple(centers.shape)}")
-    origin = torch.round(centers.float() - side / 2).long().clamp(0, full - side)  # (B, 2)
+    origin = crop_origin(centers, side, full)
     offsets = torch.arange(side, device=images.device)
     rows = (origin[:, 0, None] + offsets)[:, :, None]  # (B, side, 1)
     columns = (origin[:, 1, None] + offsets)[:, None, :]  # (B, 1, side)
@@ -81,6 +86,7 @@ def crop_around(images: Tensor, centers: Tensor, side: int, size: int) -> Tensor
 
 class FocusCascade(EarlyExitCascade):
     """Glance (the whole image at `glance` px), focus (a `crop`-px square around the located object, at `glance`
+    px), optionally closer looks (`zooms`: smaller squares where the previous look's head points, at `glance`
     px), then optionally the whole image at each of `resolutions` px; per-sample early exit after each.
 
     Args:
@@ -91,6 +97,8 @@ class FocusCascade(EarlyExitCascade):
         locator: a module mapping the glance's final tokens to one score per patch (e.g. `TokenLocator`,
             trained on object positions); None: the glance head's own `patch_scores` (e.g. an
             `AttentionPoolHead`'s attention, learnt from class labels alone).
+        zooms: sides in input pixels of further crops, each centred where the previous look's head
+            points (its `patch_scores`, e.g. an `AttentionPoolHead`); each costs a glance (may be empty).
         resolutions: sizes of the later whole-image stages, increasing (may be empty).
         input_size: side of the images the cascade takes.
         mean / std: per-channel normalisation applied after resizing (callers pass [0, 1] images).
@@ -98,23 +106,32 @@ class FocusCascade(EarlyExitCascade):
 
     def __init__(self, model: VisionTransformer, glance: int, crop: int, heads: Sequence[nn.Module],
                  locator: nn.Module | None, input_size: int, resolutions: Sequence[int] = (),
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 zooms: Sequence[int] = ()) -> None:
         sizes = [int(glance), *(int(size) for size in resolutions)]
         if list(resolutions) != sorted(set(int(size) for size in resolutions)):
             raise ValueError(f"resolutions must be strictly increasing, got {list(resolutions)}")
         check_backbone(model, sizes, "sizes", type(self).__name__)
-        if not 1 <= crop <= input_size:
-            raise ValueError(f"crop must lie in [1, input_size={input_size}] pixels, got {crop}")
-        stages = 2 + len(resolutions)
+        sides = [int(crop), *(int(side) for side in zooms)]
+        if not all(1 <= side <= input_size for side in sides):
+            raise ValueError(f"crop and zooms must lie in [1, input_size={input_size}] pixels, got {sides}")
+        stages = 1 + len(sides) + len(resolutions)
         if len(heads) != stages:
-            raise ValueError(f"got {len(heads)} heads for {stages} stages (glance, focus, then one per resolution)")
+            raise ValueError(f"got {len(heads)} heads for {stages} stages (glance, focus, one per zoom, then one per "
+                             "resolution)")
+        pointing = [head for head in heads[1:len(sides)] if not callable(getattr(head, "patch_scores", None))]
+        if pointing:
+            raise ValueError(f"a zoom is centred where the previous look's head points: the heads of the focus and "
+                             f"every zoom but the last need patch_scores (e.g. AttentionPoolHead), got "
+                             f"{type(pointing[0]).__name__}")
         if locator is None and not callable(getattr(heads[0], "patch_scores", None)):
             raise ValueError(f"no locator and the glance head ({type(heads[0]).__name__}) has no patch_scores: "
                              "give a locator (e.g. TokenLocator) or a glance head that has one (AttentionPoolHead)")
         channels = model.patch_embed.proj.in_channels
         super().__init__(stages, (channels, int(input_size), int(input_size)))
         self.model, self.locator, self.heads = model, locator, nn.ModuleList(heads)
-        self.glance, self.crop, self.resolutions = int(glance), int(crop), tuple(int(size) for size in resolutions)
+        self.glance, self.resolutions = int(glance), tuple(int(size) for size in resolutions)
+        self.crop, self.sides = int(crop), tuple(sides)  # sides: the focus's and every zoom's crop
         patch = model.patch_embed.patch_size
         self.grid = (self.glance // patch[0], self.glance // patch[1])
         self.normalized = register_normalization(self, mean, std, channels)
@@ -123,23 +140,29 @@ class FocusCascade(EarlyExitCascade):
         return (images - self.mean) / self.std if self.normalized else images
 
     def stage_input(self, index: int, images: Tensor, centers: Tensor | None = None) -> Tensor:
-        """The model's input at stage `index` (normalised): the resized image, or for the focus the crop
-        around `centers` (B, 2), (y, x) in input pixels."""
+        """The model's input at stage `index` (normalised): the resized image, or for the focus and the zooms
+        the crop around `centers` (B, 2), (y, x) in input pixels."""
         dtype = next(self.model.parameters()).dtype
-        if index == 1:
+        if 1 <= index <= len(self.sides):
             if centers is None:
-                raise ValueError("the focus stage needs the glance's located centres")
+                raise ValueError("a focus or zoom stage needs the located centres of the look before it")
             images = model_input(images, images.device, dtype)  # uint8 -> [0, 1], as resize_images does
-            return self._normalize(crop_around(images, centers, self.crop, self.glance))
-        size = self.glance if index == 0 else self.resolutions[index - 2]
+            return self._normalize(crop_around(images, centers, self.sides[index - 1], self.glance))
+        size = self.glance if index == 0 else self.resolutions[index - 1 - len(self.sides)]
         return self._normalize(resize_images(images, (size, size), dtype=dtype))
 
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
-        tokens = tokens_at_resolution(self.model, self.stage_input(index, images, carry if index == 1 else None))
+        looks = len(self.sides)  # the stages after the glance that crop
+        tokens = tokens_at_resolution(self.model, self.stage_input(index, images, carry if index <= looks else None))
         logits = self.heads[index](tokens)
-        if index == 0 and hand_on:
+        if not hand_on or index >= looks:  # nothing after it, or the next stage sees the whole image
+            return logits, None
+        if index == 0:
             return logits, self.locate(tokens)
-        return logits, None
+        # a zoom follows: where this look's head points, mapped from its crop back to input pixels
+        side = self.sides[index - 1]
+        inside = TokenLocator.patch_centers(self.heads[index].patch_scores(tokens).argmax(dim=-1), self.grid, side)
+        return logits, crop_origin(carry, side, self.input_shape[-1]) + inside
 
     def locate(self, tokens: Tensor) -> Tensor:
         """The focus centres (B, 2), (y, x) in input pixels: the best-scoring patch of the glance's tokens."""
