@@ -37,7 +37,6 @@ from torch.nn import functional as F
 from frugalvit.data import Split
 from frugalvit.dvt import (AttentionPoolHead, FocusCascade, ResolutionCascade, TokenLocator, evaluate_thresholds,
                            search_thresholds, tokens_at_resolution)
-from frugalvit.dvt.focus import crop_origin
 from frugalvit.ioutil import write_json_atomically
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import save_atomically
@@ -213,9 +212,7 @@ def main() -> None:
                                   input_size=canvas, mean=R.IMAGENET_MEAN, std=R.IMAGENET_STD,
                                   zooms=(args.zoom,)).eval()
             with torch.no_grad():
-                zoom_centers = {split: crop_origin(located[split], args.crop, canvas) + TokenLocator.patch_centers(
-                    focus_head.patch_scores(focus_tokens[split]).argmax(-1), (grid, grid), args.crop)
-                    for split in splits}
+                zoom_centers = {split: zoomed.next_centers(1, focus_tokens[split], located[split]) for split in splits}
             zoom_tokens = {split: crop_tokens(zoomed, splits[split].images, zoom_centers[split],
                                               directory / f"zoom{args.zoom}-{split}-{tag}.pt", stage=2)
                            for split in splits}

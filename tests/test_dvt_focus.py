@@ -108,6 +108,9 @@ def test_without_a_locator_the_glance_head_attention_places_the_crop() -> None:
         scores = located.heads[0].patch_scores(glance)
         assert scores.shape == (4, 16)
         torch.testing.assert_close(scores.sum(-1), torch.ones(4))
+        logits, same = located.heads[0].forward_with_patch_scores(glance)  # one pass gives both
+        torch.testing.assert_close(same, scores)
+        torch.testing.assert_close(logits, located.heads[0](glance))
         centers = TokenLocator.patch_centers(scores.argmax(-1), (4, 4), 48)
         focus = tokens_at_resolution(cascade.model, (crop_around(x, centers, 24, 28) - mean) / std)
         torch.testing.assert_close(located.forward_all(x)[1], located.heads[1](focus))

@@ -131,10 +131,15 @@ class FocusCascade(EarlyExitCascade):
         super().__init__(stages, (channels, int(input_size), int(input_size)))
         self.model, self.locator, self.heads = model, locator, nn.ModuleList(heads)
         self.glance, self.resolutions = int(glance), tuple(int(size) for size in resolutions)
-        self.crop, self.sides = int(crop), tuple(sides)  # sides: the focus's and every zoom's crop
+        self.sides = tuple(sides)  # the focus's and every zoom's crop
         patch = model.patch_embed.patch_size
         self.grid = (self.glance // patch[0], self.glance // patch[1])
         self.normalized = register_normalization(self, mean, std, channels)
+
+    @property
+    def crop(self) -> int:
+        """The focus crop's side in input pixels."""
+        return self.sides[0]
 
     def _normalize(self, images: Tensor) -> Tensor:
         return (images - self.mean) / self.std if self.normalized else images
@@ -154,17 +159,35 @@ class FocusCascade(EarlyExitCascade):
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
         looks = len(self.sides)  # the stages after the glance that crop
         tokens = tokens_at_resolution(self.model, self.stage_input(index, images, carry if index <= looks else None))
-        logits = self.heads[index](tokens)
         if not hand_on or index >= looks:  # nothing after it, or the next stage sees the whole image
-            return logits, None
-        if index == 0:
-            return logits, self.locate(tokens)
-        # a zoom follows: where this look's head points, mapped from its crop back to input pixels
-        side = self.sides[index - 1]
-        inside = TokenLocator.patch_centers(self.heads[index].patch_scores(tokens).argmax(dim=-1), self.grid, side)
-        return logits, crop_origin(carry, side, self.input_shape[-1]) + inside
+            return self.heads[index](tokens), None
+        head = self.heads[index]
+        if index == 0 and self.locator is not None:
+            logits, scores = head(tokens), self.locator(tokens)
+        elif callable(getattr(head, "forward_with_patch_scores", None)):  # one pass for both (AttentionPoolHead)
+            logits, scores = head.forward_with_patch_scores(tokens)
+        else:
+            logits, scores = head(tokens), head.patch_scores(tokens)
+        return logits, self._centers(index, scores, carry)
+
+    def next_centers(self, index: int, tokens: Tensor, centers: Tensor | None = None) -> Tensor:
+        """Where the look after stage `index` goes (B, 2), (y, x) in input pixels, from stage `index`'s final
+        tokens: the glance's located object, or where a focus / zoom head points inside its crop (cut around
+        `centers`), mapped back to input pixels."""
+        scores = (self.locator(tokens) if index == 0 and self.locator is not None
+                  else self.heads[index].patch_scores(tokens))
+        return self._centers(index, scores, centers)
 
     def locate(self, tokens: Tensor) -> Tensor:
         """The focus centres (B, 2), (y, x) in input pixels: the best-scoring patch of the glance's tokens."""
-        scores = self.locator(tokens) if self.locator is not None else self.heads[0].patch_scores(tokens)
-        return TokenLocator.patch_centers(scores.argmax(dim=-1), self.grid, self.input_shape[-1])
+        return self.next_centers(0, tokens)
+
+    def _centers(self, index: int, scores: Tensor, centers: Tensor | None) -> Tensor:
+        """The best-scoring patch of stage `index`'s view, in input pixels (its crop's origin added after a crop)."""
+        if index == 0:
+            return TokenLocator.patch_centers(scores.argmax(dim=-1), self.grid, self.input_shape[-1])
+        side = self.sides[index - 1]
+        if centers is None:
+            raise ValueError("a focus or zoom stage's centres need the centres its crop was cut around")
+        return crop_origin(centers, side, self.input_shape[-1]) + TokenLocator.patch_centers(
+            scores.argmax(dim=-1), self.grid, side)

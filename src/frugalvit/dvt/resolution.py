@@ -120,12 +120,21 @@ class AttentionPoolHead(nn.Module):
         scores = torch.einsum("bnd,qd->bqn", self.key(patches), self.queries) / patches.shape[-1] ** 0.5
         return tokens, patches, scores.softmax(dim=-1)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Final tokens (B, N, D), prefix tokens first -> logits (B, num_classes)."""
+    def _classify(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, each query's attention over the patches)."""
         tokens, patches, weights = self._attend(tokens)
         pooled = torch.einsum("bqn,bnd->bqd", weights, patches).flatten(1)
         parts = [tokens[:, 0], pooled] if self.num_prefix_tokens else [pooled]
-        return self.mlp(torch.cat(parts, dim=-1))
+        return self.mlp(torch.cat(parts, dim=-1)), weights
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Final tokens (B, N, D), prefix tokens first -> logits (B, num_classes)."""
+        return self._classify(tokens)[0]
+
+    def forward_with_patch_scores(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward` and `patch_scores` from one pass over the tokens (what a look that places the next needs)."""
+        logits, weights = self._classify(tokens)
+        return logits, weights.mean(dim=1)
 
     def patch_scores(self, tokens: Tensor) -> Tensor:
         """Where the head looks: its queries' attention over the patch tokens, averaged (B, patches).
