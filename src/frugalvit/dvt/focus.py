@@ -24,6 +24,7 @@ from frugalvit.data import model_input
 from frugalvit.dvt.cascade import resize_bilinear, resize_images
 from frugalvit.dvt.exit import EarlyExitCascade
 from frugalvit.dvt.resolution import check_backbone, register_normalization, tokens_at_resolution
+from frugalvit.dvt.stage import stage_in_chans
 
 
 class TokenLocator(nn.Module):
@@ -191,3 +192,148 @@ class FocusCascade(EarlyExitCascade):
             raise ValueError("a focus or zoom stage's centres need the centres its crop was cut around")
         return crop_origin(centers, side, self.input_shape[-1]) + TokenLocator.patch_centers(
             scores.argmax(dim=-1), self.grid, side)
+
+
+# -- glance and focus with trained models: a box (centre and size) from the glance -----------------------
+
+class BoxLocator(nn.Module):
+    """Where the object is and how large: (centre y, centre x, log side) as fractions of the input side, regressed
+    by a small MLP from all of a ViT's final patch tokens (LayerNorm per token, flattened).
+
+    Why a box and not a patch: a crop sized to the object puts it on the whole
+    token grid whatever its size (a fixed crop cuts large objects and wastes
+    tokens on small ones), and a regressed centre is finer than a coarse
+    grid's patch centres (a 3x3 grid's patches are a third of the image wide).
+    Trained with `loss` on known boxes (`target`), jointly with the glance.
+    """
+
+    def __init__(self, dim: int, num_patches: int, hidden: int = 256, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.num_prefix_tokens, self.num_patches = num_prefix_tokens, num_patches
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(num_patches * dim, hidden), nn.GELU(), nn.Linear(hidden, 3))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Final tokens (B, prefix + num_patches, D) -> (B, 3): centre y, centre x, log side, as fractions."""
+        patches = tokens[:, self.num_prefix_tokens:]
+        if patches.shape[1] != self.num_patches:
+            raise ValueError(f"BoxLocator was built for {self.num_patches} patch tokens, got {patches.shape[1]}")
+        patches = self.norm(patches.to(self.norm.weight.dtype))
+        return self.mlp(patches.flatten(1)).float()
+
+    @staticmethod
+    def target(top: Tensor, left: Tensor, size: Tensor, input_size: int) -> Tensor:
+        """Known boxes (top, left, side in pixels of an `input_size` image) -> the regression target (B, 3)."""
+        top, left, size = (value.float() for value in (top, left, size))
+        return torch.stack([(top + size / 2) / input_size, (left + size / 2) / input_size,
+                            torch.log(size / input_size)], dim=-1)
+
+    @staticmethod
+    def loss(predicted: Tensor, target: Tensor) -> Tensor:
+        """Mean L1 distance over centre and log side (a centre off by 5 % of the image costs 0.05)."""
+        return (predicted.float() - target.float()).abs().mean()
+
+    @staticmethod
+    def to_pixels(boxes: Tensor, input_size: int) -> tuple[Tensor, Tensor]:
+        """(B, 3) fractions -> centres (B, 2) as (y, x) and sides (B,), in pixels of an `input_size` image."""
+        return boxes[:, :2].float() * input_size, boxes[:, 2].float().exp() * input_size
+
+
+def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choices: Sequence[int]) -> Tensor:
+    """Square crops around `centers` (B, 2) as (y, x), each of the smallest side in `choices` that holds its
+    requested side (B,) (the largest choice where none does), moved inside the image, resized to `size`.
+
+    Quantising the side to a few choices keeps each crop an exact, anti-aliased
+    resize (`crop_around`, one call per side that occurs) instead of a
+    per-image sampling grid that would alias when shrinking.
+    """
+    options = sorted({int(side) for side in choices})
+    if not options:
+        raise ValueError("crop side choices must not be empty")
+    if sides.shape != (images.shape[0],):
+        raise ValueError(f"expected one side per image, shape ({images.shape[0]},), got {tuple(sides.shape)}")
+    which = torch.bucketize(sides.float(), torch.tensor(options, dtype=torch.float32, device=sides.device))
+    which = which.clamp(max=len(options) - 1)
+    out = images.new_empty(images.shape[0], images.shape[1], size, size)
+    for index, side in enumerate(options):
+        members = (which == index).nonzero().squeeze(1)
+        if members.numel():
+            out[members] = crop_around(images[members], centers[members], side, size)
+    return out
+
+
+def _input_size(vit: VisionTransformer) -> int:
+    size = vit.patch_embed.img_size
+    if size is None or size[0] != size[1]:
+        raise ValueError(f"expected a timm ViT built for a fixed square input, got img_size {size}")
+    return int(size[0])
+
+
+class GlanceFocusCascade(EarlyExitCascade):
+    """Glance and focus with trained models: a small ViT (`glance`) sees the whole image at its input size and a
+    `BoxLocator` on its tokens says where the object is and how large; a second ViT (`focus`) sees a square crop
+    of about that size (`margin` times it, quantised to `crop_sides`) around it, at its own input size; optional
+    `later` ViTs see the whole image at theirs. Per-sample early exit after each.
+
+    The stages are plain timm `VisionTransformer`s (e.g. `dvt_stage`, conv stem allowed) built for fixed square
+    inputs; each stage costs what its model costs, so a focus as small as the glance doubles the glance's cost
+    while putting a small object on all of its tokens.
+
+    Args:
+        glance / focus: the first two stages' models (logits from their heads).
+        locator: a `BoxLocator` on the glance's final tokens.
+        input_size: side of the images the cascade takes (uint8 or float in [0, 1]).
+        crop_sides: the crop sides (input pixels) the focus may use.
+        margin: crop side / located object side (context around the object).
+        later: whole-image stages after the focus (e.g. the full-resolution single model as a last resort).
+    """
+
+    takes_uint8 = True
+
+    def __init__(self, glance: VisionTransformer, locator: BoxLocator, focus: VisionTransformer, input_size: int,
+                 crop_sides: Sequence[int], margin: float = 1.2, later: Sequence[VisionTransformer] = ()) -> None:
+        models = [glance, focus, *later]
+        sizes = [_input_size(model) for model in models]
+        if any(size > input_size for size in sizes):
+            raise ValueError(f"stage input sizes {sizes} must not exceed the cascade's input_size {input_size}")
+        if not crop_sides or not all(1 <= int(side) <= input_size for side in crop_sides):
+            raise ValueError(f"crop_sides must be sides in [1, input_size={input_size}] pixels, got {list(crop_sides)}")
+        if not margin > 0:
+            raise ValueError(f"margin must be > 0, got {margin}")
+        channels = {stage_in_chans(model) for model in models}
+        if len(channels) != 1:
+            raise ValueError(f"every stage must take the same image channels, got {sorted(channels)}")
+        super().__init__(len(models), (channels.pop(), int(input_size), int(input_size)))
+        self.glance, self.locator, self.focus = glance, locator, focus
+        self.later = nn.ModuleList(later)
+        self.sizes = tuple(sizes)
+        self.crop_sides = tuple(sorted({int(side) for side in crop_sides}))
+        self.margin = float(margin)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.glance.parameters()).dtype
+
+    def glance_tokens(self, images: Tensor) -> Tensor:
+        """The glance's final tokens on the whole image (resized to its input size)."""
+        return self.glance.forward_features(resize_images(images, (self.sizes[0], self.sizes[0]),
+                                                          dtype=self._dtype()))
+
+    def locate(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Centres (B, 2) as (y, x) and object sides (B,) in input pixels, from the glance's final tokens."""
+        return BoxLocator.to_pixels(self.locator(tokens), self.input_shape[-1])
+
+    def focus_input(self, images: Tensor, centers: Tensor, sides: Tensor) -> Tensor:
+        """The focus's input: `margin` x `sides` crops around `centers` (input pixels), at the focus's size."""
+        images = model_input(images, images.device, self._dtype())
+        return crop_boxes(images, centers, sides * self.margin, self.sizes[1], self.crop_sides)
+
+    def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
+        if index == 0:
+            tokens = self.glance_tokens(images)
+            return self.glance.forward_head(tokens), (self.locate(tokens) if hand_on else None)
+        if index == 1:
+            if carry is None:
+                raise ValueError("the focus stage needs the glance's located boxes")
+            return self.focus(self.focus_input(images, *carry)), None
+        model, size = self.later[index - 2], self.sizes[index]
+        return model(resize_images(images, (size, size), dtype=self._dtype())), None

@@ -1,0 +1,377 @@
+"""Glance and focus trained from scratch on the scaled-digits task, against the 7x7-token single model trained
+with the same data, epochs and settings.
+
+The trained DVT cascades of `dvt_real.py` (3x3 / 5x5 / 7x7 tokens over the
+whole 112 px canvas) cannot save 2x on this task: the 3x3 stage matches the
+7x7 model only on large digits, about a quarter of the images (docs/dvt.md).
+Here the second look does not add tokens everywhere; it puts the same few
+tokens on the digit:
+
+* glance: a 3x3-token ViT (`dvt_stage`, conv stem, 96 wide, depth 4) on the
+  whole canvas at 48 px, with a `BoxLocator` on its tokens (the digit's
+  centre and size, regressed from the task's recorded boxes, trained jointly
+  with the classifier);
+* focus: a second 3x3-token ViT on a crop of 1.2x the located size around the
+  located centre (sides quantised, `crop_boxes`), at 48 px: a 10 px digit is
+  magnified, a large one shrunk, every digit fills the grid; it trains on the
+  crops the trained glance makes of the training split (with a small jitter);
+* optionally the 7x7 single model (the whole canvas at 112 px) as a last resort.
+
+Reference: the 7x7 single model (the most accurate single model of the
+trained DVT run), trained here with the same epochs, batch, learning rate and
+data, from the same seed. Thresholds from validation (exact search),
+evaluated on test; the operating point runs the real early-exit
+`GlanceFocusCascade` (MACs counted by CostCounter); wall clock at batch 1 and
+64 against the dense 7x7 model in the same run, interleaved.
+
+    python benchmarks/dvt_focus_trained.py --work-dir W --phases glance,focus,full   # train (GPU: --device cuda)
+    python benchmarks/dvt_focus_trained.py --work-dir W --data D --phases evaluate   # evaluate and time here
+
+Training on a GPU host without PyAV: `benchmarks/dvt_focus_trained_gpu.sh`
+(96,000 training images made there from a sources file, as for dvt_real.py).
+Models and settings land in W/focus_trained/{glance,focus,full}/; training
+checkpoints every epoch and resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from functools import partial
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from frugalvit.cost import CostCounter
+from frugalvit.data import Split
+from frugalvit.dvt import BoxLocator, GlanceFocusCascade, dvt_stage, resize_images
+from frugalvit.tasks import load_split_arrays, to_float
+from frugalvit.training import TrainConfig, save_atomically, train
+
+import dvt_real as R  # the sibling benchmark (this directory is on sys.path)
+
+RESULTS = Path(__file__).parent / "results"
+CANVAS, LOOK = 112, 48
+ARCH = dict(patch_size=16, in_chans=3, num_classes=10, embed_dim=96, depth=4, num_heads=3, conv_stem=(16, 32, 64))
+CROP_SIDES = (24, 32, 40, 48, 56, 64, 80, 96, 112)
+MARGIN = 1.2
+BOX_WEIGHT = 5.0
+JITTER = (0.05, 0.1)  # training crops: centre moved by N(0, 0.05 x side), side scaled by exp(N(0, 0.1))
+
+
+def build_models(seed: int) -> dict[str, nn.Module]:
+    """The untrained glance (+ locator), focus and 7x7 full model, drawn from `seed` in a fixed order."""
+    torch.manual_seed(seed)
+    glance = dvt_stage(LOOK, **ARCH)
+    locator = BoxLocator(ARCH["embed_dim"], (LOOK // ARCH["patch_size"]) ** 2)
+    focus = dvt_stage(LOOK, **ARCH)
+    full = dvt_stage(CANVAS, **ARCH)
+    return {"glance": nn.ModuleDict({"vit": glance, "locator": locator}), "focus": focus, "full": full}
+
+
+def cascade_of(models: dict[str, nn.Module], last_resort: bool) -> GlanceFocusCascade:
+    glance = models["glance"]
+    return GlanceFocusCascade(glance["vit"], glance["locator"], models["focus"], CANVAS, CROP_SIDES, MARGIN,
+                              later=(models["full"],) if last_resort else ()).eval()
+
+
+def glance_loss(model: nn.Module, images: Tensor, rows: Tensor, table: Tensor) -> Tensor:
+    """Cross-entropy of the glance + BOX_WEIGHT x the locator's L1 box error; `rows` index `table` (N, 4): label,
+    top, left, side (pixels of the canvas) of each training image."""
+    targets = table[rows]
+    tokens = model["vit"].forward_features(resize_images(images, (LOOK, LOOK)))
+    boxes = BoxLocator.target(targets[:, 1], targets[:, 2], targets[:, 3], CANVAS)
+    return (F.cross_entropy(model["vit"].forward_head(tokens), targets[:, 0])
+            + BOX_WEIGHT * BoxLocator.loss(model["locator"](tokens), boxes))
+
+
+def full_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(model(images), labels)
+
+
+def epoch_seconds(model: nn.Module, data: Split, config: TrainConfig, amp: torch.dtype | None, loss_fn,
+                  steps: int = 30) -> float:
+    """Seconds per training epoch: `steps` batches of the library's `train` on a throwaway copy, warm-up
+    included (so an over-estimate)."""
+    part = data.subset(steps * config.batch_size)
+    start = time.perf_counter()
+    train(copy.deepcopy(model), part, replace(config, epochs=1), progress=False, amp_dtype=amp, loss_fn=loss_fn)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * -(-len(data) // config.batch_size)
+
+
+def train_phase(name: str, model: nn.Module, data: Split, config: TrainConfig, run: Path, device: torch.device,
+                amp: torch.dtype | None, loss_fn, time_budget: float | None = None) -> nn.Module:
+    """Train `model` (or load run/model.pt); with `time_budget` seconds, at most as many epochs as a timed probe
+    says fit; settings and seconds in run/train.json."""
+    final = run / "model.pt"
+    if final.is_file():
+        model.load_state_dict(torch.load(final, map_location="cpu"))
+        return model.eval()
+    run.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    if time_budget is not None:
+        seconds = epoch_seconds(model, data, config, amp, loss_fn)
+        epochs = max(1, min(config.epochs, int(time_budget / seconds)))
+        print(f"[{name}] {seconds:.1f} s per epoch measured: {epochs} of {config.epochs} epochs fit "
+              f"{time_budget:.0f} s", flush=True)
+        config = replace(config, epochs=epochs)
+    start = time.perf_counter()
+    train(model, data, config, run, progress=True, amp_dtype=amp, loss_fn=loss_fn)
+    seconds = time.perf_counter() - start
+    save_atomically({key: value.cpu() for key, value in model.state_dict().items()}, final)
+    R.write_json({"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+                  "train_samples": len(data), "device": str(device), "device_name": R.device_name(device),
+                  "amp": str(amp).removeprefix("torch.") if amp else None, "torch": torch.__version__,
+                  "train_seconds": seconds}, run / "train.json")
+    print(f"[{name}] trained in {seconds:.0f} s ({config.epochs} epochs)", flush=True)
+    return model.cpu().eval()
+
+
+@torch.no_grad()
+def focus_training_crops(cascade: GlanceFocusCascade, images: Tensor, seed: int, batch_size: int = 1024) -> Tensor:
+    """The focus's training inputs: crops where the trained glance locates each digit (jittered), float [0, 1]."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    crops = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = cascade.prepare_input(images[start:start + batch_size])
+        centers, sides = cascade.locate(cascade.glance_tokens(batch))
+        count = batch.shape[0]
+        shift = torch.randn(count, 2, generator=generator).to(batch.device) * JITTER[0] * sides[:, None]
+        scale = torch.exp(torch.randn(count, generator=generator) * JITTER[1]).to(batch.device)
+        crops.append(cascade.focus_input(batch, centers + shift, sides * scale))
+    return torch.cat(crops)
+
+
+def train_models(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    arrays = load_split_arrays(args.data, "train")
+    count = min(len(arrays["labels"]), args.train_samples or len(arrays["labels"]))
+    images = torch.from_numpy(arrays["images"][:count]).to(device)  # on the device: no host copy per step
+    labels = torch.from_numpy(arrays["labels"][:count]).to(device)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    models = build_models(args.seed)
+    root = args.work_dir / "focus_trained"
+    phases = args.phases.split(",")
+    if "glance" in phases or "focus" in phases:
+        table = torch.stack([labels, *(torch.from_numpy(arrays[key][:count]).to(device)
+                                       for key in ("top", "left", "size"))], dim=1)
+        rows = torch.arange(count, device=device)  # the "labels" the training loop hands on: rows of the table
+        models["glance"] = train_phase("glance", models["glance"], Split(images, rows), config, root / "glance",
+                                       device, amp, partial(glance_loss, table=table), args.time_budget)
+    if "focus" in phases:
+        cascade = cascade_of(models, last_resort=False).to(device)
+        start = time.perf_counter()
+        crops = focus_training_crops(cascade, images, args.seed)
+        print(f"[focus] {len(crops)} training crops in {time.perf_counter() - start:.0f} s", flush=True)
+        train_phase("focus", models["focus"], Split(crops, labels), config, root / "focus", device, amp, full_loss,
+                    args.time_budget)
+    if "full" in phases:
+        train_phase("full", models["full"], Split(images, labels), config, root / "full", device, amp, full_loss,
+                    args.time_budget)
+
+
+# -- evaluation (here, on the CPU) ------------------------------------------------------------------------
+
+def load_models(root: Path, seed: int) -> dict[str, nn.Module]:
+    models = build_models(seed)
+    for name, model in models.items():
+        path = root / name / "model.pt"
+        if not path.is_file():
+            raise SystemExit(f"no trained {name} model at {path}: train it first (--phases {name}) or unpack the "
+                             "GPU run's archive into the work dir")
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        model.eval()
+    return models
+
+
+def macs_of(function, *inputs: Tensor) -> int:
+    with torch.no_grad(), CostCounter() as cost:
+        function(*inputs)
+    return cost.macs
+
+
+@torch.no_grad()
+def locator_report(cascade: GlanceFocusCascade, images: Tensor, meta: dict[str, np.ndarray]) -> dict:
+    """How well the glance locates the digits: centre error and size ratio against the recorded boxes."""
+    centers, sides = [], []
+    for start in range(0, images.shape[0], 250):
+        found = cascade.locate(cascade.glance_tokens(cascade.prepare_input(images[start:start + 250])))
+        centers.append(found[0]), sides.append(found[1])
+    size = torch.from_numpy(meta["size"]).float()
+    truth = torch.stack([torch.from_numpy(meta["top"]).float() + size / 2,
+                         torch.from_numpy(meta["left"]).float() + size / 2], dim=1)
+    error = (torch.cat(centers) - truth).norm(dim=1)
+    ratio = torch.cat(sides) / size
+    relative = error / size
+    return {"centre_error_px": {"median": float(error.median()), "p90": float(error.quantile(0.9))},
+            "centre_error_over_side": {"median": float(relative.median()), "p90": float(relative.quantile(0.9))},
+            "side_ratio": {"median": float(ratio.median()), "p10": float(ratio.quantile(0.1)),
+                           "p90": float(ratio.quantile(0.9))}}
+
+
+@torch.no_grad()
+def oracle_focus_accuracy(cascade: GlanceFocusCascade, split: Split, meta: dict[str, np.ndarray]) -> float:
+    """The focus on crops at the recorded boxes (what a perfect locator would give; a diagnostic)."""
+    size = torch.from_numpy(meta["size"]).float()
+    centers = torch.stack([torch.from_numpy(meta["top"]).float() + size / 2,
+                           torch.from_numpy(meta["left"]).float() + size / 2], dim=1)
+    correct = 0
+    for start in range(0, len(split), 250):
+        batch = cascade.prepare_input(split.images[start:start + 250])
+        logits = cascade.focus(cascade.focus_input(batch, centers[start:start + 250], size[start:start + 250]))
+        correct += int((logits.argmax(-1) == split.labels[start:start + 250]).sum())
+    return correct / len(split)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    root = args.work_dir / "focus_trained"
+    models = load_models(root, args.seed)
+    arrays = {split: load_split_arrays(args.data, split) for split in ("val", "test")}
+    splits = {split: Split(torch.from_numpy(a["images"]), torch.from_numpy(a["labels"])) for split, a in arrays.items()}
+    full = models["full"]
+
+    def dense(images: Tensor) -> Tensor:
+        return full(to_float(images))  # uint8 -> float in [0, 1], the canvas as it is (112 px)
+
+    full_macs = macs_of(full, torch.zeros(1, 3, CANVAS, CANVAS))
+    three = cascade_of(models, last_resort=True)
+    two = cascade_of(models, last_resort=False)
+    val, test = R.cached_stats(root / "stats.npz", lambda: (R.cascade_stats(three, splits["val"]),
+                                                             R.cascade_stats(three, splits["test"])))
+    costs3 = three.stage_macs()
+    costs2 = two.stage_macs()
+    assert costs2 == costs3[:2], (costs2, costs3)
+    trained = {name: json.loads((root / name / "train.json").read_text()) for name in ("glance", "focus", "full")}
+    reference = {"name": "single 7x7 (112 px)", "macs": full_macs, "val_accuracy": float(val[1][2].mean()),
+                 "test_accuracy": float(test[1][2].mean())}
+    singles = [{"name": "glance alone (3x3, 48 px)", "macs": costs3[0], "val_accuracy": float(val[1][0].mean()),
+                "test_accuracy": float(test[1][0].mean())}, reference]
+    out: dict = {"config": {"architecture": ARCH, "canvas": CANVAS, "look": LOOK, "crop_sides": CROP_SIDES,
+                            "margin": MARGIN, "box_weight": BOX_WEIGHT, "jitter": JITTER, "train": trained},
+                 "stage_macs": {"glance": costs3[0], "focus": costs3[1] - costs3[0], "full": full_macs},
+                 "single_models": singles,
+                 "stage_test_accuracy": {"glance": float(test[1][0].mean()), "focus": float(test[1][1].mean()),
+                                         "full": float(test[1][2].mean())},
+                 "focus_at_recorded_boxes_test_accuracy": oracle_focus_accuracy(two, splits["test"], arrays["test"]),
+                 "locator_test": locator_report(two, splits["test"].images, arrays["test"]),
+                 "test_accuracy_by_digit_size": R.accuracy_by_size(test[1], arrays["test"]["size"]),
+                 "cascades": {}, "wall_clock": []}
+    print(json.dumps({k: out[k] for k in ("stage_macs", "stage_test_accuracy", "focus_at_recorded_boxes_test_accuracy",
+                                          "locator_test")}), flush=True)
+    both_looks = {"test_accuracy": float(test[1][1].mean()), "mean_macs": costs3[1],
+                  "mac_reduction_vs_reference": full_macs / costs3[1]}
+    for name, cascade, costs, (v, t) in (
+            ("glance -> focus", two, costs2, ((val[0][:2], val[1][:2]), (test[0][:2], test[1][:2]))),
+            ("glance -> focus -> 7x7", three, costs3, (val, test))):
+        entry = {"stage_macs": list(costs), "curve": R.curve(costs, v, t, args.budgets),
+                 "operating_point": R.operating_point(name, cascade, costs, v, t, reference, splits["test"])}
+        for ratio in (2.0, 2.5, 3.0):  # thresholds from validation for a budget of 1/ratio of the 7x7 model
+            found = R.search_thresholds(*v, costs, full_macs / ratio)
+            on_test = R.evaluate_thresholds(*t, costs, found.thresholds)
+            entry[f"budget_{ratio:g}x"] = {"thresholds": list(found.thresholds), "val_accuracy": found.accuracy,
+                                           "test_accuracy": on_test.accuracy, "test_mean_macs": on_test.mean_macs,
+                                           "mac_reduction_vs_reference": full_macs / on_test.mean_macs,
+                                           "test_exit_fractions": list(on_test.exit_fractions)}
+        out["cascades"][name] = entry
+    out["cascades"]["glance -> focus"]["both_looks_always"] = both_looks
+    for name in out["cascades"]:
+        cascade = two if name == "glance -> focus" else three
+        point = out["cascades"][name]["operating_point"]
+        thresholds, where = point.get("thresholds"), "operating point"
+        if thresholds is None:
+            thresholds, where = out["cascades"][name]["budget_2x"]["thresholds"], "budget 2x"
+        for batch_size, count in ((1, args.batch1_images), (64, args.batch64_images)):
+            entry = R.wall_clock(cascade, dense, full_macs, splits["test"].images, thresholds, batch_size, count,
+                                 args.repeats)
+            entry.update({"cascade": name, "point": where, "thresholds": thresholds})
+            out["wall_clock"].append(entry)
+            print(f"[time] {name} batch={batch_size}: speed-up {entry['speedup_median']:.2f}x vs MAC ratio "
+                  f"{entry['mac_ratio']:.2f}x ({entry['speedup_over_mac_ratio']:.0%})", flush=True)
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entry in results["cascades"].items():
+        points = entry["curve"]
+        ax.plot([p["test_mean_macs"] / 1e6 for p in points], [100 * p["test_accuracy"] for p in points], "-o",
+                ms=3, label=f"{name} (thresholds from validation)")
+        point = entry["operating_point"]
+        if "test_simulated_mean_macs" in point:
+            ax.plot(point["test_simulated_mean_macs"] / 1e6, 100 * point["test_simulated_accuracy"], "*", ms=12,
+                    color=ax.lines[-1].get_color())
+    for single in results["single_models"]:
+        ax.plot(single["macs"] / 1e6, 100 * single["test_accuracy"], "ks", ms=6)
+        ax.annotate(single["name"], (single["macs"] / 1e6, 100 * single["test_accuracy"]), fontsize=8,
+                    xytext=(4, -10), textcoords="offset points")
+    ax.set_xlabel("mean MACs per image (M, counted)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Scaled digits: trained glance and focus vs the 7x7 single model (stars: validation-matched)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/frugalvit-dvt-real"))
+    parser.add_argument("--data", type=Path, default=None, help="the task's data directory (default WORK/data)")
+    parser.add_argument("--phases", default="glance,focus,full,evaluate",
+                        help="any of glance, focus, full (training), evaluate")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds per trained model: at most as many epochs as a timed probe says fit")
+    parser.add_argument("--train-samples", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="where to train (evaluation runs on the CPU)")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budgets", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch1-images", type=int, default=200)
+    parser.add_argument("--batch64-images", type=int, default=1024)
+    parser.add_argument("--out", type=Path, default=RESULTS / "dvt_focus_trained.json")
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return
+    args.data = args.data or args.work_dir / "data"
+    phases = args.phases.split(",")
+    unknown = set(phases) - {"glance", "focus", "full", "evaluate"}
+    if unknown:
+        raise SystemExit(f"--phases: unknown {sorted(unknown)}; choose among glance, focus, full, evaluate")
+    torch.set_num_threads(args.threads)
+    if set(phases) & {"glance", "focus", "full"}:
+        train_models(args)
+    if "evaluate" in phases:
+        results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                               "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
+                   "data": str(args.data), **evaluate(args)}
+        R.write_json(results, args.out)
+        plot(results, args.out.with_suffix(".png"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
