@@ -285,6 +285,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                                            "test_exit_fractions": list(on_test.exit_fractions)}
         out["cascades"][name] = entry
     out["cascades"]["glance -> focus"]["both_looks_always"] = both_looks
+    out["threshold_search"] = {"cascade": "glance -> focus -> 7x7", **R.search_comparison(
+        costs3, val, test, np.geomspace(costs3[0] * 1.05, costs3[-1] * 0.6, 10), tolerance=1e-12)}
     for name in out["cascades"]:
         cascade = two if name == "glance -> focus" else three
         point = out["cascades"][name]["operating_point"]
@@ -345,7 +347,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="where to train (evaluation runs on the CPU)")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: as dvt_real.py)")
     parser.add_argument("--budgets", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch1-images", type=int, default=200)

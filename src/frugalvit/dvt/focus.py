@@ -60,11 +60,14 @@ def crop_origin(centers: Tensor, side: int, full: int) -> Tensor:
     return torch.round(centers.float() - side / 2).long().clamp(0, full - side)
 
 
-def crop_around(images: Tensor, centers: Tensor, side: int, size: int) -> Tensor:
+def crop_around(images: Tensor, centers: Tensor, side: int, size: int, dtype: torch.dtype | None = None) -> Tensor:
     """Square crops of `side` pixels around `centers` (B, 2) as (y, x), moved inside the image, resized to `size`.
 
-    Bilinear with antialiasing (as `resize_images`); the crop's origin is the
-    centre minus half the side, rounded, then clamped so the crop stays inside.
+    Bilinear with antialiasing (`resize_images`: uint8 images are cropped and
+    resized as uint8 on the CPU, PyTorch's fast path, and come back as floats
+    in [0, 1] of `dtype`, default float32; float images keep their dtype); the
+    crop's origin is the centre minus half the side, rounded, then clamped so
+    the crop stays inside.
     """
     if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"expected square images (B, C, S, S), got shape {tuple(images.shape)}")
@@ -75,14 +78,30 @@ def crop_around(images: Tensor, centers: Tensor, side: int, size: int) -> Tensor
         raise ValueError(f"expected one (y, x) centre per image, shape ({images.shape[0]}, 2), got "
                          f"{tuple(centers.shape)}")
     origin = crop_origin(centers, side, full)
-    offsets = torch.arange(side, device=images.device)
-    rows = (origin[:, 0, None] + offsets)[:, :, None]  # (B, side, 1)
-    columns = (origin[:, 1, None] + offsets)[:, None, :]  # (B, 1, side)
-    batch = torch.arange(images.shape[0], device=images.device)[:, None, None]
-    crops = images.permute(0, 2, 3, 1)[batch, rows, columns].permute(0, 3, 1, 2)  # (B, C, side, side)
+    gather = squares_by_slicing if images.device.type == "cpu" else squares_by_gather
+    crops = gather(images, origin, side)
+    if images.dtype == torch.uint8:
+        return resize_images(crops, (size, size), dtype=dtype)
     if side == size:
-        return crops.contiguous()
+        return crops
     return resize_bilinear(crops, (size, size))
+
+
+def squares_by_gather(images: Tensor, origin: Tensor, side: int) -> Tensor:
+    """The `side`-pixel squares at `origin` (B, 2) of each image (B, C, H, W): two gathers, no host sync."""
+    batch, channels, _, width = images.shape
+    offsets = torch.arange(side, device=images.device)
+    rows = (origin[:, 0, None] + offsets).view(batch, 1, side, 1).expand(batch, channels, side, width)
+    columns = (origin[:, 1, None] + offsets).view(batch, 1, 1, side).expand(batch, channels, side, side)
+    return images.gather(2, rows).gather(3, columns)
+
+
+def squares_by_slicing(images: Tensor, origin: Tensor, side: int) -> Tensor:
+    """`squares_by_gather` by slicing each image: 3-4x faster on the CPU (reads the origins on the host)."""
+    if images.shape[0] == 0:
+        return images.new_empty(0, images.shape[1], side, side)
+    return torch.stack([images[i, :, top:top + side, left:left + side]
+                        for i, (top, left) in enumerate(origin.tolist())])
 
 
 class FocusCascade(EarlyExitCascade):
@@ -239,9 +258,11 @@ class BoxLocator(nn.Module):
         return boxes[:, :2].float() * input_size, boxes[:, 2].float().exp() * input_size
 
 
-def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choices: Sequence[int]) -> Tensor:
+def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choices: Sequence[int],
+               dtype: torch.dtype | None = None) -> Tensor:
     """Square crops around `centers` (B, 2) as (y, x), each of the smallest side in `choices` that holds its
-    requested side (B,) (the largest choice where none does), moved inside the image, resized to `size`.
+    requested side (B,) (the largest choice where none does), moved inside the image, resized to `size`
+    (uint8 images come back as floats in [0, 1] of `dtype`, as from `crop_around`).
 
     Quantising the side to a few choices keeps each crop an exact, anti-aliased
     resize (`crop_around`, one call per side that occurs) instead of a
@@ -254,11 +275,12 @@ def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choice
         raise ValueError(f"expected one side per image, shape ({images.shape[0]},), got {tuple(sides.shape)}")
     which = torch.bucketize(sides.float(), torch.tensor(options, dtype=torch.float32, device=sides.device))
     which = which.clamp(max=len(options) - 1)
-    out = images.new_empty(images.shape[0], images.shape[1], size, size)
+    out_dtype = (dtype or torch.float32) if images.dtype == torch.uint8 else images.dtype
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=out_dtype, device=images.device)
     for index, side in enumerate(options):
         members = (which == index).nonzero().squeeze(1)
         if members.numel():
-            out[members] = crop_around(images[members], centers[members], side, size)
+            out[members] = crop_around(images[members], centers[members], side, size, dtype=out_dtype)
     return out
 
 
@@ -324,8 +346,9 @@ class GlanceFocusCascade(EarlyExitCascade):
 
     def focus_input(self, images: Tensor, centers: Tensor, sides: Tensor) -> Tensor:
         """The focus's input: `margin` x `sides` crops around `centers` (input pixels), at the focus's size."""
-        images = model_input(images, images.device, self._dtype())
-        return crop_boxes(images, centers, sides * self.margin, self.sizes[1], self.crop_sides)
+        if images.dtype != torch.uint8:  # uint8 stays uint8 until resized (faster on the CPU)
+            images = model_input(images, images.device, self._dtype())
+        return crop_boxes(images, centers, sides * self.margin, self.sizes[1], self.crop_sides, self._dtype())
 
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
         if index == 0:

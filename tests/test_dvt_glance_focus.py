@@ -1,0 +1,146 @@
+"""Glance and focus with trained models: box regression targets, object-sized crops (uint8 and float, slicing
+and gathering), each stage's input, real early exit with the located boxes regrouped, costs, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from frugalvit.cost import CostCounter
+from frugalvit.dvt import BoxLocator, GlanceFocusCascade, crop_around, crop_boxes, dvt_stage
+from frugalvit.dvt.cascade import resize_images
+from frugalvit.dvt.focus import squares_by_gather, squares_by_slicing
+
+ARCH = dict(patch_size=8, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=2)
+
+
+def _cascade(later: bool = True, conv_stem: tuple[int, ...] = ()) -> GlanceFocusCascade:
+    torch.manual_seed(0)
+    glance, focus = dvt_stage(16, conv_stem=conv_stem, **ARCH), dvt_stage(24, conv_stem=conv_stem, **ARCH)
+    full = dvt_stage(40, conv_stem=conv_stem, **ARCH)
+    return GlanceFocusCascade(glance, BoxLocator(32, 4, hidden=16), focus, input_size=40, crop_sides=(8, 16, 40),
+                              margin=1.5, later=(full,) if later else ()).eval()
+
+
+def test_box_targets_round_trip_to_pixels_and_the_loss_is_l1() -> None:
+    top, left, size = torch.tensor([10, 0]), torch.tensor([20, 30]), torch.tensor([40, 10])
+    target = BoxLocator.target(top, left, size, input_size=100)
+    torch.testing.assert_close(target[0], torch.tensor([0.3, 0.4, torch.log(torch.tensor(0.4))]))
+    centers, sides = BoxLocator.to_pixels(target, 100)
+    torch.testing.assert_close(centers, torch.tensor([[30.0, 40.0], [5.0, 35.0]]))
+    torch.testing.assert_close(sides, torch.tensor([40.0, 10.0]))
+    assert BoxLocator.loss(target + torch.tensor([0.1, 0.0, -0.2]), target).item() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="built for 4 patch tokens"):
+        BoxLocator(8, 4)(torch.randn(2, 1 + 9, 8))
+
+
+def test_squares_by_slicing_equal_squares_by_gather() -> None:
+    images = torch.randint(0, 256, (5, 3, 20, 20), dtype=torch.uint8)
+    origin = torch.tensor([[0, 0], [3, 11], [12, 12], [7, 0], [0, 9]])
+    torch.testing.assert_close(squares_by_slicing(images, origin, 8), squares_by_gather(images, origin, 8),
+                               rtol=0, atol=0)
+    assert squares_by_slicing(images[:0], origin[:0], 8).shape == (0, 3, 8, 8)
+
+
+def test_uint8_crops_come_back_as_floats_within_one_grey_level_of_the_float_path() -> None:
+    images = torch.randint(0, 256, (4, 3, 30, 30), dtype=torch.uint8)
+    centers = torch.tensor([[15.0, 15.0], [3.0, 27.0], [20.0, 8.0], [29.0, 29.0]])
+    from_uint8 = crop_around(images, centers, side=20, size=12, dtype=torch.float32)
+    from_float = crop_around(images.float() / 255, centers, side=20, size=12)
+    assert from_uint8.dtype == torch.float32 and from_uint8.shape == (4, 3, 12, 12)
+    assert (from_uint8 - from_float).abs().max().item() <= 1.01 / 255
+
+
+def test_crop_boxes_uses_the_smallest_side_that_holds_each_box() -> None:
+    images = torch.rand(4, 3, 32, 32)
+    centers = torch.tensor([[16.0, 16.0], [5.0, 5.0], [20.0, 12.0], [16.0, 16.0]])
+    sides = torch.tensor([6.0, 8.0, 9.5, 100.0])  # -> 8, 8, 16, and the largest choice (32) for none that holds
+    crops = crop_boxes(images, centers, sides, size=8, choices=(32, 8, 16))
+    for index, side in enumerate((8, 8, 16, 32)):
+        torch.testing.assert_close(crops[index], crop_around(images[index:index + 1], centers[index:index + 1],
+                                                             side, 8)[0])
+    as_uint8 = crop_boxes((images * 255).round().to(torch.uint8), centers, sides, 8, (8, 16, 32), torch.float64)
+    assert as_uint8.dtype == torch.float64 and (as_uint8 - crops.double()).abs().max().item() < 1.6 / 255
+    with pytest.raises(ValueError, match="one side per image"):
+        crop_boxes(images, centers, sides[:2], 8, (8,))
+    with pytest.raises(ValueError, match="must not be empty"):
+        crop_boxes(images, centers, sides, 8, ())
+
+
+@pytest.mark.parametrize("conv_stem", [(), (4,)])
+def test_each_stage_sees_its_view_and_early_exit_regroups_the_boxes(conv_stem: tuple[int, ...]) -> None:
+    cascade = _cascade(conv_stem=conv_stem)
+    images = torch.randint(0, 256, (7, 3, 40, 40), dtype=torch.uint8)
+    as_float = images.float() / 255
+    with torch.no_grad():
+        tokens = cascade.glance.forward_features(resize_images(as_float, (16, 16)))
+        glance = cascade.glance.forward_head(tokens)
+        centers, sides = BoxLocator.to_pixels(cascade.locator(tokens), 40)
+        focus = cascade.focus(crop_boxes(as_float, centers, sides * 1.5, 24, (8, 16, 40)))
+        full = cascade.later[0](as_float)
+        stages = cascade.forward_all(as_float)
+        for got, expected in zip(stages, (glance, focus, full)):
+            torch.testing.assert_close(got, expected)
+        stages_uint8 = cascade.forward_all(images)  # stored images: resized and cropped as uint8
+        for got, expected in zip(stages_uint8, stages):
+            torch.testing.assert_close(got, expected, atol=0.05, rtol=0)
+        # real early exit: thresholds that send some samples to each stage; each keeps its own box
+        confidence = [logits.softmax(-1).amax(-1) for logits in stages]
+        first = float(confidence[0].median())
+        thresholds = [first, float(confidence[1][confidence[0] < first].median())]
+        out = cascade(as_float, thresholds=thresholds)
+    exits = out.exit_stage
+    assert set(exits.tolist()) >= {0, 1}
+    for index in range(7):
+        torch.testing.assert_close(out.logits[index], stages[int(exits[index])][index])
+
+
+def test_costs_add_a_look_per_stage_and_run_on_less_data_when_samples_leave() -> None:
+    cascade = _cascade()
+    costs = cascade.stage_macs()
+    with torch.no_grad(), CostCounter() as glance:
+        cascade.locator(cascade.glance.forward_features(torch.zeros(1, 3, 16, 16)))
+        cascade.glance.forward_head(cascade.glance.forward_features(torch.zeros(1, 3, 16, 16)))
+    with torch.no_grad(), CostCounter() as focus:
+        cascade.focus(torch.zeros(1, 3, 24, 24))
+    with torch.no_grad(), CostCounter() as full:
+        cascade.later[0](torch.zeros(1, 3, 40, 40))
+    assert costs[1] - costs[0] == focus.macs and costs[2] - costs[1] == full.macs
+    # the glance counted once for its tokens (the locator and the head share them)
+    with torch.no_grad(), CostCounter() as tokens_only:
+        cascade.glance.forward_features(torch.zeros(1, 3, 16, 16))
+    assert costs[0] == glance.macs - tokens_only.macs
+    two = _cascade(later=False)
+    assert two.stage_macs() == costs[:2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_glance_focus_runs_in_half_precision_on_the_cpu(dtype: torch.dtype) -> None:
+    cascade = _cascade().to(dtype)
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
+    with torch.no_grad():
+        stages = cascade.forward_all(cascade.prepare_input(images))
+        out = cascade(images, thresholds=[0.5, 0.5])
+    assert all(logits.dtype == dtype and torch.isfinite(logits).all() for logits in stages)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_glance_focus_errors_name_the_problem() -> None:
+    torch.manual_seed(0)
+    glance, focus = dvt_stage(16, **ARCH), dvt_stage(24, **ARCH)
+    locator = BoxLocator(32, 4)
+    with pytest.raises(ValueError, match="must not exceed the cascade's input_size"):
+        GlanceFocusCascade(glance, locator, focus, input_size=20, crop_sides=(8,))
+    with pytest.raises(ValueError, match="crop_sides must be sides"):
+        GlanceFocusCascade(glance, locator, focus, input_size=40, crop_sides=(8, 41))
+    with pytest.raises(ValueError, match="margin must be > 0"):
+        GlanceFocusCascade(glance, locator, focus, input_size=40, crop_sides=(8,), margin=0)
+    gray = dvt_stage(24, **{**ARCH, "in_chans": 1})
+    with pytest.raises(ValueError, match="same image channels"):
+        GlanceFocusCascade(glance, locator, gray, input_size=40, crop_sides=(8,))
+    cascade = GlanceFocusCascade(glance, locator, focus, input_size=40, crop_sides=(8,))
+    with pytest.raises(ValueError, match="needs the glance's located boxes"):
+        cascade.run_stage(1, torch.rand(2, 3, 40, 40), None, False)
+    with pytest.raises(ValueError, match="expected images of shape"):
+        cascade(torch.rand(2, 3, 32, 32))
