@@ -324,8 +324,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                                  args.repeats)
             entry.update({"cascade": name, "point": where, "thresholds": thresholds})
             out["wall_clock"].append(entry)
-            print(f"[time] {name} batch={batch_size}: speed-up {entry['speedup_median']:.2f}x vs MAC ratio "
-                  f"{entry['mac_ratio']:.2f}x ({entry['speedup_over_mac_ratio']:.0%})", flush=True)
+            R.print_wall_clock(f"time {name}", entry)
     return out
 
 

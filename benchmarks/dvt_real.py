@@ -209,6 +209,12 @@ def wall_clock(cascade, dense: Callable[[Tensor], object], dense_macs: float, im
             "speedup_over_mac_ratio": speedup / mac_ratio}
 
 
+def print_wall_clock(label: str, entry: dict) -> None:
+    """One line per `wall_clock` entry: the speed-up against the MAC ratio."""
+    print(f"[{label}] batch={entry['batch_size']}: speed-up {entry['speedup_median']:.2f}x vs MAC ratio "
+          f"{entry['mac_ratio']:.2f}x ({entry['speedup_over_mac_ratio']:.0%})", flush=True)
+
+
 def accuracy_by_size(correct: np.ndarray, sizes: np.ndarray) -> list[dict]:
     rows = []
     for low, high in zip(SIZE_BINS[:-1], SIZE_BINS[1:]):
@@ -387,8 +393,7 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
                                count, args.repeats)
             entry.update({"variant": name, "point": where, "thresholds": thresholds})
             part["wall_clock"].append(entry)
-            print(f"[time] {name} batch={batch_size}: speed-up {entry['speedup_median']:.2f}x vs MAC ratio "
-                  f"{entry['mac_ratio']:.2f}x ({entry['speedup_over_mac_ratio']:.0%})", flush=True)
+            print_wall_clock(f"time {name}", entry)
     return part
 
 
@@ -536,8 +541,7 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
             entry = wall_clock(cascade, dense, best["macs"], to_float(data.test.images[:count]), point["thresholds"],
                                batch_size, count, args.repeats_pretrained)
             part["wall_clock"].append(entry)
-            print(f"[time pretrained] batch={batch_size}: speed-up {entry['speedup_median']:.2f}x vs MAC ratio "
-                  f"{entry['mac_ratio']:.2f}x ({entry['speedup_over_mac_ratio']:.0%})", flush=True)
+            print_wall_clock("time pretrained", entry)
     return part
 
 

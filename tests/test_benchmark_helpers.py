@@ -69,3 +69,34 @@ def test_focus_benchmark_locator_learns_the_marked_patch_and_centres_come_from_t
     with torch.no_grad():
         found = (locator.centers(tokens, (grid, grid), 40) == centres).all(-1).float().mean()
     assert found >= 0.95
+
+
+def test_trained_focus_benchmark_losses_and_training_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dvt_focus_trained.py: the box loss reads each image's row of the box table; without jitter the focus's
+    training crops are exactly the cascade's focus input at the glance's located boxes."""
+    import torch.nn.functional as F
+
+    import dvt_focus_trained as T  # noqa: E402 - a benchmark script, imported by path
+    from frugalvit.dvt import BoxLocator, resize_images
+
+    models = T.build_models(seed=0)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, T.CANVAS, T.CANVAS), dtype=torch.uint8, generator=generator)
+    table = torch.tensor([[3, 10, 20, 30], [7, 0, 0, 100], [1, 50, 60, 12], [0, 5, 80, 20]])
+    rows = torch.tensor([2, 0, 3, 1])
+    batch = images[rows].float() / 255  # the training loop hands on images[index] and index as "labels"
+    glance = models["glance"]
+    with torch.no_grad():
+        loss = T.box_loss(glance, batch, rows, table, T.LOOK)
+        tokens = glance["vit"].forward_features(resize_images(batch, (T.LOOK, T.LOOK)))
+        target = table[rows]
+        expected = (F.cross_entropy(glance["vit"].forward_head(tokens), target[:, 0]) + T.BOX_WEIGHT * BoxLocator.loss(
+            glance["locator"](tokens), BoxLocator.target(target[:, 1], target[:, 2], target[:, 3], T.CANVAS)))
+    torch.testing.assert_close(loss, expected)
+    monkeypatch.setattr(T, "JITTER", (0.0, 0.0))
+    cascade = T.cascade_of(models, last_resort=False)
+    crops = T.focus_training_crops(cascade, images, seed=0, batch_size=3)
+    with torch.no_grad():
+        located = cascade.locate(cascade.glance_tokens(images))
+        torch.testing.assert_close(crops, cascade.focus_input(images, *located))
+    assert crops.shape == (4, 3, T.LOOK, T.LOOK) and crops.dtype == torch.float32
