@@ -58,7 +58,7 @@ from torch.nn import functional as F
 from frugalvit.cost import CostCounter
 from frugalvit.data import Split
 from frugalvit.dvt import BoxLocator, GlanceFocusCascade, dvt_stage, resize_images
-from frugalvit.tasks import load_split_arrays, to_float
+from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import TrainConfig, save_atomically, train
 
 import dvt_real as R  # the sibling benchmark (this directory is on sys.path)
@@ -216,6 +216,14 @@ def macs_of(function, *inputs: Tensor) -> int:
     return cost.macs
 
 
+def recorded_boxes(meta: dict[str, np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The task's recorded digit boxes as centres (N, 2), (y, x), and sides (N,), in canvas pixels."""
+    size = torch.from_numpy(meta["size"]).float()
+    centers = torch.stack([torch.from_numpy(meta["top"]).float() + size / 2,
+                           torch.from_numpy(meta["left"]).float() + size / 2], dim=1)
+    return centers.to(device), size.to(device)
+
+
 @torch.no_grad()
 def locator_report(cascade: GlanceFocusCascade, images: Tensor, meta: dict[str, np.ndarray]) -> dict:
     """How well the glance locates the digits: centre error and size ratio against the recorded boxes."""
@@ -223,11 +231,9 @@ def locator_report(cascade: GlanceFocusCascade, images: Tensor, meta: dict[str, 
     for start in range(0, images.shape[0], 250):
         found = cascade.locate(cascade.glance_tokens(cascade.prepare_input(images[start:start + 250])))
         centers.append(found[0]), sides.append(found[1])
-    size = torch.from_numpy(meta["size"]).float()
-    truth = torch.stack([torch.from_numpy(meta["top"]).float() + size / 2,
-                         torch.from_numpy(meta["left"]).float() + size / 2], dim=1)
-    error = (torch.cat(centers) - truth).norm(dim=1)
-    ratio = torch.cat(sides) / size
+    truth, size = recorded_boxes(meta, torch.device("cpu"))
+    error = (torch.cat(centers).cpu() - truth).norm(dim=1)
+    ratio = torch.cat(sides).cpu() / size
     relative = error / size
     return {"centre_error_px": {"median": float(error.median()), "p90": float(error.quantile(0.9))},
             "centre_error_over_side": {"median": float(relative.median()), "p90": float(relative.quantile(0.9))},
@@ -238,9 +244,7 @@ def locator_report(cascade: GlanceFocusCascade, images: Tensor, meta: dict[str, 
 @torch.no_grad()
 def oracle_focus_accuracy(cascade: GlanceFocusCascade, split: Split, meta: dict[str, np.ndarray]) -> float:
     """The focus on crops at the recorded boxes (what a perfect locator would give; a diagnostic)."""
-    size = torch.from_numpy(meta["size"]).float()
-    centers = torch.stack([torch.from_numpy(meta["top"]).float() + size / 2,
-                           torch.from_numpy(meta["left"]).float() + size / 2], dim=1)
+    centers, size = recorded_boxes(meta, split.images.device)
     correct = 0
     for start in range(0, len(split), 250):
         batch = cascade.prepare_input(split.images[start:start + 250])
@@ -251,15 +255,17 @@ def oracle_focus_accuracy(cascade: GlanceFocusCascade, split: Split, meta: dict[
 
 def evaluate(args: argparse.Namespace) -> dict:
     root = args.work_dir / "focus_trained"
-    models = load_models(root, args.seed)
+    device = torch.device(args.eval_device)
+    models = {name: model.to(device) for name, model in load_models(root, args.seed).items()}
     arrays = {split: load_split_arrays(args.data, split) for split in ("val", "test")}
-    splits = {split: Split(torch.from_numpy(a["images"]), torch.from_numpy(a["labels"])) for split, a in arrays.items()}
+    splits = {split: Split(torch.from_numpy(a["images"]).to(device), torch.from_numpy(a["labels"]).to(device))
+              for split, a in arrays.items()}
     full = models["full"]
 
     def dense(images: Tensor) -> Tensor:
         return full(to_float(images))  # uint8 -> float in [0, 1], the canvas as it is (112 px)
 
-    full_macs = macs_of(full, torch.zeros(1, 3, CANVAS, CANVAS))
+    full_macs = macs_of(full, torch.zeros(1, 3, CANVAS, CANVAS, device=device))
     three = cascade_of(models, last_resort=True)
     two = cascade_of(models, last_resort=False)
     val, test = R.cached_stats(root / "stats.npz", lambda: (R.cascade_stats(three, splits["val"]),
@@ -279,8 +285,8 @@ def evaluate(args: argparse.Namespace) -> dict:
                                         == splits[split].labels[i:i + 250]).sum())
                                    for i in range(0, len(splits[split]), 250)) / len(splits[split])
                         for split in ("val", "test")}
-        singles.append({"name": "single 7x7 + box loss (112 px)", "macs": macs_of(vit, torch.zeros(1, 3, CANVAS,
-                                                                                                   CANVAS)),
+        singles.append({"name": "single 7x7 + box loss (112 px)",
+                        "macs": macs_of(vit, torch.zeros(1, 3, CANVAS, CANVAS, device=device)),
                         "val_accuracy": accuracy["val"], "test_accuracy": accuracy["test"]})
     reference = max(singles[1:], key=lambda single: single["val_accuracy"])  # the most accurate 7x7 model
     out: dict = {"config": {"architecture": ARCH, "canvas": CANVAS, "look": LOOK, "crop_sides": CROP_SIDES,
@@ -371,7 +377,12 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds per trained model: at most as many epochs as a timed probe says fit")
     parser.add_argument("--train-samples", type=int, default=None)
-    parser.add_argument("--device", default="cpu", help="where to train (evaluation runs on the CPU)")
+    parser.add_argument("--device", default="cpu", help="where to train")
+    parser.add_argument("--eval-device", default="cpu", help="where to evaluate and time")
+    parser.add_argument("--sources", type=Path, default=None,
+                        help="with evaluate: make the validation and test splits under --data from this file "
+                             "(dvt_real.py --prepare-sources FILE --source-splits val,test), e.g. on a GPU host")
+    parser.add_argument("--workers", type=int, default=1, help="processes making the splits from --sources")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: as dvt_real.py)")
     parser.add_argument("--budgets", type=int, default=16)
@@ -393,8 +404,12 @@ def main() -> None:
     if set(phases) & {"glance", "focus", "full", "full_box"}:
         train_models(args)
     if "evaluate" in phases:
+        if args.sources is not None:  # a host without PyAV: the held-out splits from a sources file
+            build_scaled_digits(args.data, ScaledDigitsConfig(), sources=args.sources, splits=("val", "test"),
+                                workers=args.workers, progress=False)
         results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                               "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
+                               "cpus": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
+                               "eval_device": R.device_name(torch.device(args.eval_device))},
                    "data": str(args.data), **evaluate(args)}
         R.write_json(results, args.out)
         plot(results, args.out.with_suffix(".png"))
