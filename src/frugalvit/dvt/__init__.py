@@ -22,8 +22,8 @@ from frugalvit.dvt.thresholds import (ExitResult, evaluate_thresholds, genetic_s
 
 __all__ = [
     "AttentionPoolHead", "BoxLocator", "Calibration", "CascadeOutput", "ConvStemEmbed", "DVTCascade", "DVTConfig",
-    "EarlyExitCascade", "ExitResult", "FeatureReuse", "FocusCascade", "GlanceFocusCascade", "RelationReuse", "ResolutionCascade",
-    "ReuseBlock", "TokenLocator", "TokenPoolHead", "attention_with_bias", "crop_around", "crop_boxes",
+    "EarlyExitCascade", "ExitResult", "FeatureReuse", "FocusCascade", "GlanceFocusCascade", "RelationReuse",
+    "ResolutionCascade", "ReuseBlock", "TokenLocator", "TokenPoolHead", "attention_with_bias", "crop_around", "crop_boxes",
     "cascade_loss", "dvt_cascade", "dvt_stage", "evaluate_thresholds", "genetic_search", "geometric_search",
     "geometric_thresholds", "resize_attention_rows", "resize_images", "resize_token_grid", "search_thresholds",
     "stage_forward", "tokens_at_resolution", "vit_at_resolution",

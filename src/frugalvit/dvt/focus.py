@@ -224,6 +224,9 @@ class BoxLocator(nn.Module):
     tokens on small ones), and a regressed centre is finer than a coarse
     grid's patch centres (a 3x3 grid's patches are a third of the image wide).
     Trained with `loss` on known boxes (`target`), jointly with the glance.
+    Suited to small token grids: the flattened MLP grows with the grid (on a
+    frozen ViT-S/14's 8x8 grid, trained on 4,000 images, it located digits
+    worse than a `TokenLocator`: 16 px median centre error).
     """
 
     def __init__(self, dim: int, num_patches: int, hidden: int = 256, num_prefix_tokens: int = 1) -> None:
