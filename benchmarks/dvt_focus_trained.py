@@ -138,6 +138,8 @@ def train_phase(name: str, model: nn.Module, data: Split, config: TrainConfig, r
     train(model, data, config, run, progress=True, amp_dtype=amp, loss_fn=loss_fn)
     seconds = time.perf_counter() - start
     save_atomically({key: value.cpu() for key, value in model.state_dict().items()}, final)
+    for stale in run.parent.glob("stats-*.npz"):  # statistics of the models before this one
+        stale.unlink()
     R.write_json({"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
                   "train_samples": len(data), "device": str(device), "device_name": R.device_name(device),
                   "amp": str(amp).removeprefix("torch.") if amp else None, "torch": torch.__version__,
@@ -268,8 +270,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     full_macs = macs_of(full, torch.zeros(1, 3, CANVAS, CANVAS, device=device))
     three = cascade_of(models, last_resort=True)
     two = cascade_of(models, last_resort=False)
-    val, test = R.cached_stats(root / "stats.npz", lambda: (R.cascade_stats(three, splits["val"]),
-                                                             R.cascade_stats(three, splits["test"])))
+    val, test = R.cached_stats(root / f"stats-{device.type}.npz",  # removed whenever a model is retrained
+                               lambda: (R.cascade_stats(three, splits["val"]), R.cascade_stats(three, splits["test"])))
     costs3 = three.stage_macs()
     costs2 = two.stage_macs()
     assert costs2 == costs3[:2], (costs2, costs3)
