@@ -144,3 +144,17 @@ def test_glance_focus_errors_name_the_problem() -> None:
         cascade.run_stage(1, torch.rand(2, 3, 40, 40), None, False)
     with pytest.raises(ValueError, match="expected images of shape"):
         cascade(torch.rand(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_crops_every_side_equal_crops_by_side(dtype: torch.dtype) -> None:
+    """The sync-free crop path (every side for every image, used off the CPU) gives the per-side path's values."""
+    from frugalvit.dvt.focus import crops_by_side, crops_every_side
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), generator=generator).to(dtype)
+    centers = torch.rand(6, 2, generator=generator) * 32
+    which = torch.tensor([0, 2, 1, 2, 0, 0])
+    by_side = crops_by_side(images, centers, which, (8, 16, 32), 12, torch.float32)
+    every = crops_every_side(images, centers, which, (8, 16, 32), 12, torch.float32)
+    torch.testing.assert_close(every, by_side, rtol=0, atol=0)

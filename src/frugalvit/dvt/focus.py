@@ -268,8 +268,11 @@ def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choice
     (uint8 images come back as floats in [0, 1] of `dtype`, as from `crop_around`).
 
     Quantising the side to a few choices keeps each crop an exact, anti-aliased
-    resize (`crop_around`, one call per side that occurs) instead of a
-    per-image sampling grid that would alias when shrinking.
+    resize (`crop_around`) instead of a per-image sampling grid that would
+    alias when shrinking. On the CPU each side that occurs is cut for its
+    images only (`crops_by_side`); elsewhere every side is cut for every image
+    and each image's own is picked (`crops_every_side`: the same values,
+    several times the crop work, no host sync).
     """
     options = sorted({int(side) for side in choices})
     if not options:
@@ -279,12 +282,27 @@ def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choice
     which = torch.bucketize(sides.float(), torch.tensor(options, dtype=torch.float32, device=sides.device))
     which = which.clamp(max=len(options) - 1)
     out_dtype = (dtype or torch.float32) if images.dtype == torch.uint8 else images.dtype
-    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=out_dtype, device=images.device)
+    crop = crops_by_side if images.device.type == "cpu" else crops_every_side
+    return crop(images, centers, which, options, size, out_dtype)
+
+
+def crops_by_side(images: Tensor, centers: Tensor, which: Tensor, options: Sequence[int], size: int,
+                  dtype: torch.dtype) -> Tensor:
+    """`crop_boxes`' crops, each side cut for the images that use it (`which`: an index into `options` per image);
+    reads which sides occur on the host."""
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=dtype, device=images.device)
     for index, side in enumerate(options):
         members = (which == index).nonzero().squeeze(1)
         if members.numel():
-            out[members] = crop_around(images[members], centers[members], side, size, dtype=out_dtype)
+            out[members] = crop_around(images[members], centers[members], side, size, dtype=dtype)
     return out
+
+
+def crops_every_side(images: Tensor, centers: Tensor, which: Tensor, options: Sequence[int], size: int,
+                     dtype: torch.dtype) -> Tensor:
+    """`crops_by_side` without a host sync: every side cut for every image, each image's own picked."""
+    every = torch.stack([crop_around(images, centers, side, size, dtype=dtype) for side in options])
+    return every[which, torch.arange(images.shape[0], device=images.device)]
 
 
 def _input_size(vit: VisionTransformer) -> int:
