@@ -3,12 +3,15 @@ around the digit it located, at 112 px again, against the same backbone at 224 p
 
 Everything below the backbone is small and trained on the training split
 (4,000 images, as `dvt_real.py`'s pretrained part): an `AttentionPoolHead` per
-stage, and where the crop goes, two ways: a `TokenLocator` on the glance's
+stage, and where the crop goes, three ways: a `TokenLocator` on the glance's
 tokens (cross-entropy to the 14 px patch holding the digit's centre, from the
 task's recorded position; the focus head trains on crops around the true
-centres), or the glance head's own attention (class labels only; the focus
-head trains on crops where that attention points). On validation and test
-the crop is cut around the *located* centre (no oracle). Thresholds are
+centres); a `SizedTokenLocator` (the same, and the digit's size regressed
+from the located patch's token: the crop is 1.3x the located size, sides 28
+... 112 px; the focus head trains on crops at the true boxes); or the glance
+head's own attention (class labels only; the focus head trains on crops
+where that attention points). On validation and test the crop is cut around
+the *located* centre (and size) (no oracle). Thresholds are
 chosen on validation (exact search) and evaluated on test; the operating
 point runs the real early-exit `FocusCascade` (MACs counted by CostCounter);
 wall clock at batch 64 and 1 against the dense 224 px model + its head, in the
@@ -35,8 +38,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from frugalvit.data import Split
-from frugalvit.dvt import (AttentionPoolHead, FocusCascade, ResolutionCascade, TokenLocator, evaluate_thresholds,
-                           search_thresholds, tokens_at_resolution)
+from frugalvit.dvt import (AttentionPoolHead, FocusCascade, ResolutionCascade, SizedTokenLocator, TokenLocator,
+                           evaluate_thresholds, search_thresholds, tokens_at_resolution)
+from frugalvit.dvt.exit import select
 from frugalvit.ioutil import write_json_atomically
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import save_atomically
@@ -45,13 +49,16 @@ import dvt_real as R  # the sibling benchmark (this directory is on sys.path)
 
 RESULTS = Path(__file__).parent / "results"
 GLANCE, FULL = 112, 224
+SIZED_SIDES, SIZED_MARGIN = (28, 42, 56, 70, 84), 1.3  # the sized focus crop: sides up to the canvas, context
 
 
 def train_locator(tokens: Tensor, centers: Tensor, grid: int, image_size: int, seed: int = 0, epochs: int = 30,
-                  batch_size: int = 128) -> TokenLocator:
-    """A `TokenLocator` on glance tokens (N, 1 + grid^2, D): cross-entropy to the patch holding each centre."""
+                  batch_size: int = 128, sizes: Tensor | None = None) -> TokenLocator:
+    """A `TokenLocator` on glance tokens (N, 1 + grid^2, D): cross-entropy to the patch holding each centre.
+    With `sizes` (object sides in pixels), a `SizedTokenLocator` whose size head also learns each log side
+    (L1, as a fraction of the image) from the token of the patch holding the centre."""
     torch.manual_seed(seed)
-    locator = TokenLocator(tokens.shape[-1])
+    locator = TokenLocator(tokens.shape[-1]) if sizes is None else SizedTokenLocator(tokens.shape[-1])
     cell = image_size / grid
     patch = (centers[:, 0] // cell).long().clamp(0, grid - 1) * grid + (centers[:, 1] // cell).long().clamp(0, grid - 1)
     optimizer = torch.optim.AdamW(locator.parameters(), 1e-3, weight_decay=0.05)
@@ -60,6 +67,9 @@ def train_locator(tokens: Tensor, centers: Tensor, grid: int, image_size: int, s
         for start in range(0, tokens.shape[0], batch_size):
             picked = order[start:start + batch_size]
             loss = F.cross_entropy(locator(tokens[picked].float()), patch[picked])
+            if sizes is not None:
+                log_sides = locator.log_sides(tokens[picked].float(), patch[picked])
+                loss = loss + (log_sides - torch.log(sizes[picked] / image_size)).abs().mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -86,16 +96,16 @@ def digit_centers(arrays: dict, count: int) -> Tensor:
 
 
 @torch.no_grad()
-def crop_tokens(cascade: FocusCascade, images: Tensor, centers: Tensor, path: Path, batch_size: int = 100,
+def crop_tokens(cascade: FocusCascade, images: Tensor, centers: object, path: Path, batch_size: int = 100,
                 stage: int = 1) -> Tensor:
-    """The backbone's final tokens (float16) on stage `stage`'s crops (the focus, or a zoom) around `centers`,
-    cached in `path`."""
+    """The backbone's final tokens (float16) on stage `stage`'s crops (the focus, or a zoom) around `centers`
+    (or the (centres, sides) boxes of a sized focus crop), cached in `path`."""
     if path.is_file():
         return torch.load(path)
     parts = []
     for start in range(0, images.shape[0], batch_size):
         batch = to_float(images[start:start + batch_size])
-        view = cascade.stage_input(stage, batch, centers[start:start + batch_size])
+        view = cascade.stage_input(stage, batch, select(centers, torch.arange(start, start + len(batch))))
         parts.append(tokens_at_resolution(cascade.model, view).half())
     tokens = torch.cat(parts)
     save_atomically(tokens, path)
@@ -167,25 +177,32 @@ def main() -> None:
                                                      list(R.RESOLUTIONS), resolution_costs, labels, reference, None,
                                                      None, args.budgets)
     real_split = Split(to_float(data.test.images[:args.real_images]), data.test.labels[:args.real_images])
+    sizes = {split: torch.from_numpy(arrays[split]["size"][:len(part)]).float() for split, part in splits.items()}
     locator = train_locator(tokens["train"][0], centers["train"], grid, canvas)
+    sized = train_locator(tokens["train"][0], centers["train"], grid, canvas, sizes=sizes["train"])
     # trained locator: position labels (the task's records) train it and place the focus head's training crops;
+    # sized locator: the same with the digit's size too, the crop follows it (digit boxes);
     # glance attention: the glance head's own attention places every crop, class labels only
-    for variant, (tag, where, train_crops) in {
-            "trained locator (digit positions)": ("located", locator, "true-centres"),
-            "glance head's attention (class labels only)": ("attention", None, "attention")}.items():
-        cascade = FocusCascade(backbone, GLANCE, args.crop, [heads[GLANCE], nn.Identity(), heads[FULL]], where,
+    for variant, (tag, where, train_crops, crop_sides) in {
+            "trained locator (digit positions)": ("located", locator, "true-centres", ()),
+            "sized locator (digit boxes)": ("sized", sized, "true-boxes", SIZED_SIDES),
+            "glance head's attention (class labels only)": ("attention", None, "attention", ())}.items():
+        crop = canvas if crop_sides else args.crop  # a sized crop may take any side up to the whole canvas
+        prefix = "focus-sized" if crop_sides else f"focus{args.crop}"
+        cascade = FocusCascade(backbone, GLANCE, crop, [heads[GLANCE], nn.Identity(), heads[FULL]], where,
                                input_size=canvas, resolutions=(FULL,), mean=R.IMAGENET_MEAN,
-                               std=R.IMAGENET_STD).eval()
+                               std=R.IMAGENET_STD, crop_sides=crop_sides, margin=SIZED_MARGIN).eval()
         with torch.no_grad():
-            located = {split: cascade.locate(tokens[split][0]) for split in splits}
+            located = {split: cascade.focus_carry(tokens[split][0]) for split in splits}
         if where is not None:
-            located["train"] = centers["train"]
+            located["train"] = (centers["train"], sizes["train"]) if crop_sides else centers["train"]
         focus_tokens = {split: crop_tokens(cascade, splits[split].images, located[split], directory / (
-            f"focus{args.crop}-{split}-{train_crops if split == 'train' else tag}.pt")) for split in splits}
-        focus_head = cached_head(directory / "heads" / f"focus{args.crop}-{tag}.pt", focus_tokens["train"],
+            f"{prefix}-{split}-{train_crops if split == 'train' else tag}.pt")) for split in splits}
+        focus_head = cached_head(directory / "heads" / f"{prefix}-{tag}.pt", focus_tokens["train"],
                                  labels["train"], data.num_classes)
         cascade.heads[1] = focus_head
-        error = {split: (located[split] - centers[split]).abs().amax(-1) for split in ("val", "test")}
+        located_centers = {split: located[split][0] if crop_sides else located[split] for split in ("val", "test")}
+        error = {split: (located_centers[split] - centers[split]).abs().amax(-1) for split in ("val", "test")}
         with torch.no_grad():
             for split in ("val", "test"):
                 logits[split].update(glance=logits[split][GLANCE], focus=R.head_logits(focus_head, focus_tokens[split]))
@@ -194,12 +211,20 @@ def main() -> None:
                                            "within_one_patch": float((error[split] <= 14).float().mean()),
                                            "within_two_patches": float((error[split] <= 28).float().mean())}
                                    for split in error},
-                       "focus_training_crops": ("around the true centres" if where is not None
-                                                else "around the glance head's attention maximum"),
+                       "focus_training_crops": ("around the glance head's attention maximum" if where is None else
+                                                f"the true boxes ({SIZED_MARGIN}x the digit's side, sides "
+                                                f"{list(cascade.crop_sides)})" if crop_sides
+                                                else "around the true centres"),
                        "stage_macs": list(stage_macs),
                        "focus_always": {"macs": stage_macs[1], **{
                            f"{split}_accuracy": float((logits[split]["focus"].argmax(-1) == labels[split]).float()
                                                       .mean()) for split in ("val", "test")}}}
+        if crop_sides:  # how well the located size follows the digit's
+            for split in ("val", "test"):
+                ratio = located[split][1] / sizes[split]
+                entry["locator"][split]["side_ratio"] = {"median": float(ratio.median()),
+                                                         "p10": float(ratio.quantile(0.1)),
+                                                         "p90": float(ratio.quantile(0.9))}
         entry["cascades"] = {
             name: evaluate_cascade(f"{variant}: {name}", [logits[split] for split in ("val", "test")], keys, costs,
                                    labels, reference, real_split if len(keys) == 2 else None,
@@ -275,7 +300,8 @@ def evaluate_cascade(name: str, logits: list[dict], keys: list, costs: list[int]
 def two_stage(cascade: FocusCascade) -> FocusCascade:
     """The glance and focus stages alone (the same modules), without the whole-image stage."""
     return FocusCascade(cascade.model, cascade.glance, cascade.crop, list(cascade.heads[:2]), cascade.locator,
-                        input_size=cascade.input_shape[-1], mean=R.IMAGENET_MEAN, std=R.IMAGENET_STD).eval()
+                        input_size=cascade.input_shape[-1], mean=R.IMAGENET_MEAN, std=R.IMAGENET_STD,
+                        crop_sides=cascade.crop_sides, margin=cascade.margin).eval()
 
 
 def plot(results: dict, path: Path) -> None:
@@ -296,7 +322,7 @@ def plot(results: dict, path: Path) -> None:
                 label=label, **style)
 
     draw(results["resolution_cascade"], "resolution cascade 112 -> 168 -> 224 px", color="tab:green")
-    for (variant, entry), color in zip(results["variants"].items(), ("tab:blue", "tab:orange")):
+    for (variant, entry), color in zip(results["variants"].items(), ("tab:blue", "tab:red", "tab:orange")):
         alone = entry["focus_always"]
         ax.scatter(alone["macs"] / 1e9, 100 * alone["test_accuracy"], marker="*", s=120, color=color, zorder=3)
         draw(entry["cascades"]["glance -> focus"], f"glance -> focus, {variant} (star: both looks always)",

@@ -168,3 +168,38 @@ def test_a_zoom_looks_where_the_focus_head_points_and_regroups_under_early_exit(
     assert costs[2] - costs[1] == pytest.approx(costs[1] - costs[0], rel=0.05)
     with pytest.raises(ValueError, match="need patch_scores"):
         FocusCascade(backbone, 28, 24, [heads[0], nn.Linear(32, 5), heads[2]], None, input_size=48, zooms=(12,))
+
+
+def test_a_sized_locator_sizes_the_focus_crop_and_early_exit_regroups_the_boxes() -> None:
+    """crop_sides + SizedTokenLocator: the focus crop is margin x the located size around the located patch,
+    rounded up to a side choice (never above crop); the (centres, sides) carry follows the remaining samples."""
+    from frugalvit.dvt import SizedTokenLocator, crop_boxes
+
+    backbone = _backbone()
+    torch.manual_seed(1)
+    heads = [AttentionPoolHead(32, 5, hidden=16) for _ in range(3)]
+    locator = SizedTokenLocator(32, hidden=8)
+    cascade = FocusCascade(backbone, 28, 40, heads, locator, input_size=48, resolutions=(42,), mean=MEAN, std=STD,
+                           crop_sides=(12, 20, 44), margin=1.5).eval()
+    assert cascade.crop_sides == (12, 20, 40)  # 44 > crop: dropped; crop itself is the largest
+    x = torch.rand(6, 3, 48, 48)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        glance = tokens_at_resolution(backbone, (resize_images(x, (28, 28)) - mean) / std)
+        patch = locator(glance).argmax(-1)
+        centers, sides = locator.boxes(glance, (4, 4), 48)
+        torch.testing.assert_close(centers, TokenLocator.patch_centers(patch, (4, 4), 48))
+        torch.testing.assert_close(sides, locator.log_sides(glance, patch).exp() * 48)
+        stages = cascade.forward_all(x)
+        focus = tokens_at_resolution(backbone, (crop_boxes(x, centers, sides * 1.5, 28, (12, 20, 40)) - mean) / std)
+        torch.testing.assert_close(stages[1], heads[1](focus))
+        confidence = stages[0].softmax(-1).amax(-1)
+        threshold = float(confidence.median())
+        out = cascade(x, thresholds=[threshold, 0.0])
+        leave = confidence >= threshold
+        assert 0 < int(leave.sum()) < 6
+        torch.testing.assert_close(out.logits[~leave], stages[1][~leave], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="give a locator that sizes it"):
+        FocusCascade(backbone, 28, 40, heads, TokenLocator(32), input_size=48, resolutions=(42,), crop_sides=(12,))
+    with pytest.raises(ValueError, match="cannot be combined with zooms"):
+        FocusCascade(backbone, 28, 40, heads, locator, input_size=48, zooms=(20,), crop_sides=(12,))

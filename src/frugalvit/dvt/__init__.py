@@ -12,7 +12,8 @@
 
 from frugalvit.dvt.cascade import DVTCascade, DVTConfig, cascade_loss, dvt_cascade, resize_images
 from frugalvit.dvt.exit import Calibration, CascadeOutput, EarlyExitCascade
-from frugalvit.dvt.focus import BoxLocator, FocusCascade, GlanceFocusCascade, TokenLocator, crop_around, crop_boxes
+from frugalvit.dvt.focus import (BoxLocator, FocusCascade, GlanceFocusCascade, SizedTokenLocator, TokenLocator,
+                                crop_around, crop_boxes)
 from frugalvit.dvt.resolution import (AttentionPoolHead, ResolutionCascade, TokenPoolHead, tokens_at_resolution,
                                      vit_at_resolution)
 from frugalvit.dvt.reuse import FeatureReuse, RelationReuse, resize_attention_rows, resize_token_grid
@@ -23,7 +24,7 @@ from frugalvit.dvt.thresholds import (ExitResult, evaluate_thresholds, genetic_s
 __all__ = [
     "AttentionPoolHead", "BoxLocator", "Calibration", "CascadeOutput", "ConvStemEmbed", "DVTCascade", "DVTConfig",
     "EarlyExitCascade", "ExitResult", "FeatureReuse", "FocusCascade", "GlanceFocusCascade", "RelationReuse",
-    "ResolutionCascade", "ReuseBlock", "TokenLocator", "TokenPoolHead", "attention_with_bias", "crop_around", "crop_boxes",
+    "ResolutionCascade", "ReuseBlock", "SizedTokenLocator", "TokenLocator", "TokenPoolHead", "attention_with_bias", "crop_around", "crop_boxes",
     "cascade_loss", "dvt_cascade", "dvt_stage", "evaluate_thresholds", "genetic_search", "geometric_search",
     "geometric_thresholds", "resize_attention_rows", "resize_images", "resize_token_grid", "search_thresholds",
     "stage_forward", "tokens_at_resolution", "vit_at_resolution",
