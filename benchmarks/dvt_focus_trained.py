@@ -41,7 +41,6 @@ checkpoints every epoch and resumes.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -61,7 +60,8 @@ from frugalvit.dvt import BoxLocator, GlanceFocusCascade, dvt_stage, resize_imag
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_split_arrays, to_float
 from frugalvit.training import TrainConfig, save_atomically, train
 
-import dvt_real as R  # the sibling benchmark (this directory is on sys.path)
+import dvt_real as R  # the sibling benchmarks (this directory is on sys.path)
+from dvt_focus import digit_centers
 
 RESULTS = Path(__file__).parent / "results"
 CANVAS, LOOK = 112, 48
@@ -106,18 +106,6 @@ def full_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(model(images), labels)
 
 
-def epoch_seconds(model: nn.Module, data: Split, config: TrainConfig, amp: torch.dtype | None, loss_fn,
-                  steps: int = 30) -> float:
-    """Seconds per training epoch: `steps` batches of the library's `train` on a throwaway copy, warm-up
-    included (so an over-estimate)."""
-    part = data.subset(steps * config.batch_size)
-    start = time.perf_counter()
-    train(copy.deepcopy(model), part, replace(config, epochs=1), progress=False, amp_dtype=amp, loss_fn=loss_fn)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * -(-len(data) // config.batch_size)
-
-
 def train_phase(name: str, model: nn.Module, data: Split, config: TrainConfig, run: Path, device: torch.device,
                 amp: torch.dtype | None, loss_fn, time_budget: float | None = None) -> nn.Module:
     """Train `model` (or load run/model.pt); with `time_budget` seconds, at most as many epochs as a timed probe
@@ -129,7 +117,7 @@ def train_phase(name: str, model: nn.Module, data: Split, config: TrainConfig, r
     run.mkdir(parents=True, exist_ok=True)
     model.to(device)
     if time_budget is not None:
-        seconds = epoch_seconds(model, data, config, amp, loss_fn)
+        seconds = R.probe_epoch_seconds(model, data, config, amp, loss_fn=loss_fn)
         epochs = max(1, min(config.epochs, int(time_budget / seconds)))
         print(f"[{name}] {seconds:.1f} s per epoch measured: {epochs} of {config.epochs} epochs fit "
               f"{time_budget:.0f} s", flush=True)
@@ -220,10 +208,8 @@ def macs_of(function, *inputs: Tensor) -> int:
 
 def recorded_boxes(meta: dict[str, np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:
     """The task's recorded digit boxes as centres (N, 2), (y, x), and sides (N,), in canvas pixels."""
-    size = torch.from_numpy(meta["size"]).float()
-    centers = torch.stack([torch.from_numpy(meta["top"]).float() + size / 2,
-                           torch.from_numpy(meta["left"]).float() + size / 2], dim=1)
-    return centers.to(device), size.to(device)
+    count = len(meta["size"])
+    return digit_centers(meta, count).to(device), torch.from_numpy(meta["size"]).float().to(device)
 
 
 @torch.no_grad()
@@ -273,8 +259,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     val, test = R.cached_stats(root / f"stats-{device.type}.npz",  # removed whenever a model is retrained
                                lambda: (R.cascade_stats(three, splits["val"]), R.cascade_stats(three, splits["test"])))
     costs3 = three.stage_macs()
-    costs2 = two.stage_macs()
-    assert costs2 == costs3[:2], (costs2, costs3)
+    costs2 = costs3[:2]  # the same glance and focus (tested: a cascade's costs do not depend on later stages)
     trained = {name: json.loads((root / name / "train.json").read_text()) for name in models}
     plain = {"name": "single 7x7 (112 px)", "macs": full_macs, "val_accuracy": float(val[1][2].mean()),
              "test_accuracy": float(test[1][2].mean())}
@@ -282,7 +267,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                 "test_accuracy": float(test[1][0].mean())}, plain]
     if "full_box" in models:  # the control: same model, trained with the glance's box loss too
         vit = models["full_box"]["vit"]
-        with torch.no_grad():
+        with torch.no_grad():  # counted exactly (a float32 mean would move the validation target)
             accuracy = {split: sum(int((vit(to_float(splits[split].images[i:i + 250])).argmax(-1)
                                         == splits[split].labels[i:i + 250]).sum())
                                    for i in range(0, len(splits[split]), 250)) / len(splits[split])

@@ -66,7 +66,7 @@ from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.timing import timed
 from frugalvit.tasks import (ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays,
                              save_sources, to_float)
-from frugalvit.training import TrainConfig, save_atomically, train
+from frugalvit.training import LossFn, TrainConfig, save_atomically, train
 
 # the sibling benchmark script (this directory is on sys.path)
 from dvt import bisect_budget, real_run as dvt_real_run, search_comparison  # noqa: E402
@@ -227,9 +227,12 @@ def accuracy_by_size(correct: np.ndarray, sizes: np.ndarray) -> list[dict]:
 # -- part 1: trained DVT cascades --------------------------------------------------------------------
 
 def probe_epoch_seconds(cascade: nn.Module, data: Split, config: TrainConfig, amp: torch.dtype | None,
-                        steps: int = 20) -> float:
+                        steps: int = 20, loss_fn: LossFn | None = None) -> float:
     """Seconds per training epoch: the library's `train` timed over `steps` batches (after 5 untimed ones)
-    on a throwaway copy of `cascade`."""
+    on a throwaway copy of `cascade` (any model, with its `loss_fn`; default: the cascade loss)."""
+    if loss_fn is None:
+        def loss_fn(module: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+            return cascade_loss(module, to_float(images), labels)
     model = copy.deepcopy(cascade)
     device = next(model.parameters()).device
 
@@ -237,7 +240,7 @@ def probe_epoch_seconds(cascade: nn.Module, data: Split, config: TrainConfig, am
         """`batches` training steps (fewer on a smaller split); returns how many ran."""
         part = data.subset(batches * config.batch_size)
         train(model, part, replace(config, epochs=1, max_train_samples=None), progress=False, amp_dtype=amp,
-              loss_fn=lambda module, images, labels: cascade_loss(module, to_float(images), labels))
+              loss_fn=loss_fn)
         return -(-len(part) // config.batch_size)
 
     run(5)

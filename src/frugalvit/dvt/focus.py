@@ -255,10 +255,6 @@ class FocusCascade(EarlyExitCascade):
             return self.locator.boxes(tokens, self.grid, self.input_shape[-1])
         return self.next_centers(0, tokens)
 
-    def locate(self, tokens: Tensor) -> Tensor:
-        """The focus centres (B, 2), (y, x) in input pixels: the best-scoring patch of the glance's tokens."""
-        return self.next_centers(0, tokens)
-
     def _centers(self, index: int, scores: Tensor, centers: Tensor | None) -> Tensor:
         """The best-scoring patch of stage `index`'s view, in input pixels (its crop's origin added after a crop)."""
         if index == 0:
