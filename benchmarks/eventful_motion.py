@@ -22,7 +22,7 @@ an upper bound for a real one).
 Usage:
     python3 benchmarks/eventful_motion.py --out benchmarks/results/eventful_motion_224 \\
         [--clips bigbuckbunny bikes carphone_pristine] [--size 224] [--frames 60] [--attention-rows changed] \\
-        [--token-selection shared]
+        [--token-selection shared] [--start-frame 60] [--settings LABEL ...]
 """
 
 from __future__ import annotations
@@ -75,10 +75,13 @@ def verdicts_of(rows: list[dict[str, object]]) -> dict[str, list[dict]]:
 
 
 def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str = "all",
-                  token_selection: str = "per_gate") -> dict[str, object]:
+                  token_selection: str = "per_gate", start: int = 0,
+                  labels: list[str] | None = None) -> dict[str, object]:
+    """Both holds and eventful's hold settings (only those labelled `labels`, if given) on `frames_count` frames
+    of `clip` from frame `start` on."""
     path = clip_path(clip)
     model = saliency_vit(size)
-    frames = load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count)
+    frames = load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=frames_count, start=start)
     dense_maps, dense_backbone, dense_decoder = dense_run(model, frames)
     dense = dense_backbone + dense_decoder
     total, estimate = frames.shape[0], motion_macs(size, size)
@@ -99,10 +102,10 @@ def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str =
         source = [(t // period) * period for t in range(total)]
         add("keyframe_mc", f"motion-compensated hold K={period}", compensated(dense_maps, frames, source),
             keys * dense + (total - keys) * estimate)
-    for policy, options in hold_settings(False, size > 224):
+    for label, policy, options in hold_labels(size):
+        if labels is not None and label not in labels:
+            continue
         options = {**options, "attention_rows": attention_rows, "token_selection": token_selection}
-        label = (f"{policy.replace('fraction:', 'top ').replace('relative:', 'relative ')} + hold "
-                 f"{options['hold_share']:g} / cut {options['cut_share']:g}")
         run = eventful_run(model, frames, EventfulSetting(label, policy, options))
         macs = sum(run.backbone_macs) + sum(run.decoder_macs)
         extra = {"policy": policy, "options": options, "held_frames": sum(run.held), "full_frames": sum(run.full)}
@@ -113,9 +116,16 @@ def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str =
     for key, items in verdicts.items():
         print(f"  {clip} {size}px: {key}: {sum(v['beaten'] for v in items)}/{len(items)} points in 2x-8x beaten",
               flush=True)
-    return {"clip": clip, "size": size, "frames": total, "tokens": model.backbone.patch_embed.num_patches,
+    return {"clip": clip, "size": size, "first_frame": start, "frames": total, "tokens": model.backbone.patch_embed.num_patches,
             "frame_to_frame_shifts": shifts, "motion_macs_per_estimate": estimate,
             "dense_gmacs": dense / 1e9, "dominance": verdicts, "rows": rows}
+
+
+def hold_labels(size: int) -> list[tuple[str, str, dict[str, object]]]:
+    """(label, policy, options) of each of eventful_real's hold settings at `size` px."""
+    return [(f"{policy.replace('fraction:', 'top ').replace('relative:', 'relative ')} + hold "
+             f"{options['hold_share']:g} / cut {options['cut_share']:g}", policy, options)
+            for policy, options in hold_settings(False, size > 224)]
 
 
 def plot(report: dict[str, object], path: Path) -> None:
@@ -150,10 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/eventful_motion_224"))
     parser.add_argument("--clips", nargs="+", default=["bigbuckbunny", "bikes", "carphone_pristine"])
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--settings", nargs="+", metavar="LABEL",
+                        help="only these of the hold settings, by label (default: all)")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
+    if args.start_frame < 0:
+        parser.error(f"--start-frame {args.start_frame}: a frame index, 0 or more")
+    known = [label for label, _, _ in hold_labels(args.size)]
+    if args.settings and set(args.settings) - set(known):
+        parser.error(f"--settings: no hold setting at {args.size} px is labelled "
+                     f"{sorted(set(args.settings) - set(known))}; the labels: {known}")
     torch.set_num_threads(args.threads)
-    results = [evaluate_clip(clip, args.size, args.frames, args.attention_rows, args.token_selection)
+    results = [evaluate_clip(clip, args.size, args.frames, args.attention_rows, args.token_selection,
+                             args.start_frame, args.settings)
                for clip in args.clips]
     write_report("eventful_motion", results, args, plot)
     return 0

@@ -101,9 +101,10 @@ def load_bfloat16(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, T
     return out
 
 
-def decode_clip(path: Path, size: int, count: int) -> tuple[Tensor, str]:
-    """The first `count` frames as model inputs (T, 3, size, size) and the decoder used: PyAV (the library's
-    `load_frames`) where installed, else OpenCV (its FFmpeg; the same resize and crop, `to_model_input`)."""
+def decode_clip(path: Path, size: int, count: int, start: int = 0) -> tuple[Tensor, str]:
+    """`count` frames from frame `start` on as model inputs (T, 3, size, size) and the decoder used: PyAV (the
+    library's `load_frames`) where installed, else OpenCV (its FFmpeg; the same resize and crop,
+    `to_model_input`)."""
     try:
         import av  # noqa: F401 - only asks whether PyAV is there
     except ImportError:
@@ -114,18 +115,21 @@ def decode_clip(path: Path, size: int, count: int) -> tuple[Tensor, str]:
                                       "(pip install opencv-python-headless)") from error
 
         capture = cv2.VideoCapture(str(path))
-        frames = []
+        frames, index = [], 0
         while len(frames) < count:
             ok, bgr = capture.read()
             if not ok:
                 break
+            index += 1
+            if index <= start:
+                continue
             rgb = torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1]))
             frames.append(to_model_input(rgb, size, IMAGENET_MEAN, IMAGENET_STD))
         capture.release()
         if len(frames) < 2:
             raise ValueError(f"{path}: OpenCV decoded {len(frames)} frame(s); need at least 2") from None
         return torch.stack(frames), f"opencv {cv2.__version__}"
-    return load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=count), "pyav"
+    return load_frames(path, size, IMAGENET_MEAN, IMAGENET_STD, max_frames=count, start=start), "pyav"
 
 
 @torch.no_grad()
@@ -328,16 +332,17 @@ def clip_path(clip: str) -> Path:
 def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[EventfulSetting],
                   keyframe_periods: list[int], low_sizes: list[int],
                   build_model: Callable[[int], SaliencyViT] = saliency_vit,
-                  device: torch.device = torch.device("cpu")) -> dict[str, object]:
+                  device: torch.device = torch.device("cpu"), start: int = 0) -> dict[str, object]:
     """Every method on one clip (a bundled clip's name or a video file; reported under the file's stem) at
-    `size` px, the model built by `build_model(size)` and run on `device`."""
+    `size` px, `frames_count` frames from frame `start` on, the model built by `build_model(size)` and run on
+    `device`."""
     path = clip_path(clip)
     at_size: dict[int, tuple[SaliencyViT, Tensor]] = {}  # the model and decoded frames per input size, built once
     decoded_with = []
 
     def model_and_frames(side: int) -> tuple[SaliencyViT, Tensor]:
         if side not in at_size:
-            frames, decoder = decode_clip(path, side, frames_count)
+            frames, decoder = decode_clip(path, side, frames_count, start)
             decoded_with.append(decoder)
             at_size[side] = (build_model(side).to(device), frames.to(device))
         return at_size[side]
@@ -390,7 +395,8 @@ def evaluate_clip(clip: str, size: int, frames_count: int, settings: list[Eventf
         beaten = sum(v["beaten"] for v in items)
         print(f"  {Path(clip).stem} {size}px: eventful beats keyframe-and-hold on r and IoU at {beaten}/{len(items)} "
               f"hold points in 2x-8x ({key})", flush=True)
-    return {"clip": Path(clip).stem, "size": size, "frames": total, "frames_decoded_with": decoded_with[0],
+    return {"clip": Path(clip).stem, "size": size, "first_frame": start, "frames": total,
+            "frames_decoded_with": decoded_with[0],
             "device": str(device), "incremental_max_fraction": DEFAULT_INCREMENTAL_MAX_FRACTION,
             "tokens": model.backbone.patch_embed.num_patches,
             "dense_backbone_gmacs": dense_backbone / 1e9, "dense_decoder_gmacs": dense_decoder / 1e9,
@@ -401,6 +407,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every real-weight benchmark shares: frames per clip, threads, and the eventful model's
     attention rows and token selection (applied to every setting)."""
     parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--start-frame", type=int, default=0,
+                        help="first frame of the segment (0-based; e.g. 60: frames the settings were not chosen on)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--attention-rows", choices=["all", "changed"], default="all",
                         help="EventfulViT.attention_rows of every eventful setting (default: %(default)s)")
@@ -467,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     def low_sizes(size: int) -> list[int]:  # 224: four smaller frames; larger: a half and three quarters
         return [s for s in (112, 154, 168, 196) if s < size] if size == 224 else [size // 28 * 14, size * 3 // 56 * 14]
 
+    if args.start_frame < 0:
+        parser.error(f"--start-frame {args.start_frame}: a frame index, 0 or more")
     chosen = {size: settings(size) for size in args.sizes}  # bad input stops here, before any long run
     for clip in args.clips:
         try:
@@ -474,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError, KeyError) as error:
             parser.error(f"--clips: {error}")
     results = [evaluate_clip(clip, size, args.frames, chosen[size], list(range(2, 17)), low_sizes(size), build,
-                             device)
+                             device, args.start_frame)
                for size in args.sizes for clip in args.clips]
     write_report("eventful_real", results, args, plot)
     return 0

@@ -13,9 +13,17 @@ which). Nothing is run; it only reads JSON.
 
 Usage:
     python3 benchmarks/eventful_verdicts.py [--results benchmarks/results] [--clips bigbuckbunny bikes]
-        [--sizes 224 448 896] [--out FILE.json] [--update docs/eventful.md]
+        [--sizes 224 448 896] [--out FILE.json] [--update docs/eventful.md] [--held-out DIR]
 
 `--update DOC` also writes the table into DOC's block `<!-- eventful_verdicts: begin -->` ... `end`.
+
+`--held-out DIR`: the out-of-sample check. DIR holds result files of the same
+names (and configurations) run on other frames of the same clips
+(`--start-frame`); each point's setting is the one chosen above, on the
+in-sample frames, and it counts as beating keyframe-and-hold on the held-out
+frames only if there too it saves at least the hold point's MACs and is
+better on both mean r and mean IoU. The best held-out setting per point (a
+choice made on the held-out frames themselves) is printed as well.
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ def load_rows(results: Path) -> list[dict[str, object]]:
             if "rows" not in result:
                 continue
             for row in result["rows"]:
-                rows.append({**row, "clip": result["clip"], "size": result["size"], "file": path.name})
+                rows.append({**row, "clip": result["clip"], "size": result["size"], "file": path.name,
+                             "first_frame": result.get("first_frame", 0), "frames": result["frames"]})
     return rows
 
 
@@ -75,6 +84,51 @@ def markdown(table: list[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n\n" + count
 
 
+def held_out_verdicts(chosen: list[dict[str, object]], rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Each verdict of `chosen` (in-sample, with its setting `by` = "label (file)") judged again on the held-out
+    `rows`: that setting, from the file of the same name, against the same keyframe-and-hold period there."""
+    out, missing = [], []
+    for verdict in chosen:
+        label, _, file = verdict["by"].rpartition(" (")
+        file = file.removesuffix(")")
+        here = [row for row in rows if row["clip"] == verdict["clip"] and row["size"] == verdict["size"]]
+        hold = next((row for row in here if row["kind"] == "keyframe" and row["label"] == verdict["hold"]), None)
+        setting = next((row for row in here if row["file"] == file and row["label"] == label
+                        and row["kind"] in EVENTFUL_KINDS), None)
+        if hold is None or setting is None:
+            missing.append(f"{verdict['clip']} {verdict['size']} px {verdict['hold']}: {label!r} in {file}")
+            continue
+        beaten = (setting["mac_ratio"] >= hold["mac_ratio"] and setting["pearson_mean"] > hold["pearson_mean"]
+                  and setting["iou_top10_mean"] > hold["iou_top10_mean"])
+        out.append({"clip": verdict["clip"], "size": verdict["size"], "first_frame": setting["first_frame"],
+                    "frames": setting["frames"], "hold": verdict["hold"], "ratio": hold["mac_ratio"],
+                    "hold_r": hold["pearson_mean"], "hold_iou": hold["iou_top10_mean"], "by": verdict["by"],
+                    "in_sample_beaten": verdict["beaten"], "beaten": beaten,
+                    "eventful_ratio": setting["mac_ratio"], "eventful_r": setting["pearson_mean"],
+                    "eventful_iou": setting["iou_top10_mean"]})
+    if missing:
+        raise SystemExit("--held-out: no held-out row for the setting chosen at " + "; ".join(missing)
+                         + " (run it with --start-frame into a file of the same name)")
+    return out
+
+
+def held_out_markdown(table: list[dict[str, object]]) -> str:
+    """The held-out verdicts as a markdown table and a count."""
+    lines = ["| clip | px | frames | hold | its ratio / r / IoU | setting chosen on the in-sample frames (file) | "
+             "its ratio / r / IoU here | beaten (in-sample) |",
+             "| --- | ---: | --- | --- | --- | --- | --- | --- |"]
+    for v in table:
+        first = v["first_frame"]
+        lines.append(f"| {v['clip']} | {v['size']} | {first}-{first + v['frames'] - 1} | "
+                     f"{v['hold'].removeprefix('hold ')} | {v['ratio']:.2f}x / {v['hold_r']:.4f} / "
+                     f"{v['hold_iou']:.3f} | {v['by']} | {v['eventful_ratio']:.2f}x / {v['eventful_r']:.4f} / "
+                     f"{v['eventful_iou']:.3f} | {'yes' if v['beaten'] else '**no**'} "
+                     f"({'yes' if v['in_sample_beaten'] else 'no'}) |")
+    beaten = sum(v["beaten"] for v in table)
+    return "\n".join(lines) + f"\n\n{beaten} of {len(table)} points beaten on the held-out frames by the setting " \
+        "chosen on the in-sample ones"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -82,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 448, 896])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--update", type=Path, help="a markdown file with an eventful_verdicts block to rewrite")
+    parser.add_argument("--held-out", type=Path, metavar="DIR",
+                        help="result files of the same names run on other frames: judge each point's chosen "
+                             "setting there")
     args = parser.parse_args(argv)
+    if args.held_out is not None and not args.held_out.is_dir():
+        parser.error(f"--held-out {args.held_out}: no such directory")
     rows = load_rows(args.results)
     table = [verdict for clip in args.clips for size in args.sizes for verdict in verdicts(rows, clip, size)]
     if not table:
@@ -100,10 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     lost_plain = ", ".join(f"{v['clip']} {v['size']} px {v['hold'].removeprefix('hold ')}" for v in plain
                            if not v["beaten"])
     print(f"{beaten_plain} of {len(plain)} without motion-compensated held maps (not beaten then: {lost_plain})")
+    report = {"benchmark": "eventful_verdicts", "beaten": beaten, "points": len(table),
+              "beaten_without_motion_compensation": beaten_plain, "verdicts": table,
+              "verdicts_without_motion_compensation": plain}
+    if args.held_out is not None:
+        held_rows = load_rows(args.held_out)
+        scored = [(clip, size) for clip in args.clips for size in args.sizes
+                  if any(row["clip"] == clip and row["size"] == size for row in held_rows)]
+        judged = held_out_verdicts([v for v in table if (v["clip"], v["size"]) in scored], held_rows)
+        print("\n" + held_out_markdown(judged))
+        best = [verdict for clip, size in scored for verdict in verdicts(held_rows, clip, size)]
+        print(f"{sum(v['beaten'] for v in best)} of {len(best)} beaten on the held-out frames by the best held-out "
+              "setting per point (a choice made on those frames)")
+        report.update(held_out=judged, held_out_beaten=sum(v["beaten"] for v in judged),
+                      held_out_best=best, held_out_best_beaten=sum(v["beaten"] for v in best))
     if args.out is not None:
-        write_json_atomically({"benchmark": "eventful_verdicts", "beaten": beaten, "points": len(table),
-                               "beaten_without_motion_compensation": beaten_plain, "verdicts": table,
-                               "verdicts_without_motion_compensation": plain}, args.out, indent=1)
+        write_json_atomically(report, args.out, indent=1)
     return 0
 
 

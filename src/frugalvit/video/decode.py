@@ -56,8 +56,13 @@ def to_model_input(rgb: Tensor, size: int, mean: tuple[float, ...], std: tuple[f
 
 
 def read_frames(path: Path, size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
-                std: tuple[float, ...] = (0.5, 0.5, 0.5), max_frames: int | None = None) -> Iterator[Tensor]:
-    """Yield frames of `path` as model inputs (3, size, size). Raises ValueError on unreadable video."""
+                std: tuple[float, ...] = (0.5, 0.5, 0.5), max_frames: int | None = None,
+                start: int = 0) -> Iterator[Tensor]:
+    """Yield frames of `path` as model inputs (3, size, size), from frame `start` (0-based; the earlier ones are
+    decoded and dropped: a segment of a clip, e.g. frames its settings were not chosen on); at most `max_frames`
+    of them. Raises ValueError on unreadable video or a negative `start`."""
+    if start < 0:
+        raise ValueError(f"start must be a frame index >= 0, got {start}")
     import av
 
     try:
@@ -69,7 +74,9 @@ def read_frames(path: Path, size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5)
             raise ValueError(f"{path}: contains no video stream")
         try:
             for index, frame in enumerate(container.decode(video=0)):
-                if max_frames is not None and index >= max_frames:
+                if index < start:
+                    continue
+                if max_frames is not None and index >= start + max_frames:
                     return
                 yield to_model_input(torch.from_numpy(frame.to_ndarray(format="rgb24")), size, mean, std)
         except av.error.FFmpegError as error:
@@ -78,9 +85,11 @@ def read_frames(path: Path, size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5)
 
 def load_frames(path: Path, size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5),
                 std: tuple[float, ...] = (0.5, 0.5, 0.5), max_frames: int | None = None,
-                min_frames: int = 2) -> Tensor:
-    """All (or the first `max_frames`) frames as one tensor (T, 3, size, size); at least `min_frames`."""
-    frames = list(read_frames(path, size, mean, std, max_frames))
+                min_frames: int = 2, start: int = 0) -> Tensor:
+    """All (or `max_frames`) frames from frame `start` on as one tensor (T, 3, size, size); at least
+    `min_frames`."""
+    frames = list(read_frames(path, size, mean, std, max_frames, start))
     if len(frames) < min_frames:
-        raise ValueError(f"{path}: has {len(frames)} decodable frame(s); need at least {min_frames}")
+        where = f" from frame {start} on" if start else ""
+        raise ValueError(f"{path}: has {len(frames)} decodable frame(s){where}; need at least {min_frames}")
     return torch.stack(frames)
