@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from frugalvit.cost import CostCounter
-from frugalvit.eventful import eventful, parse_policy
+from frugalvit.eventful import MacBudget, eventful, parse_policy
 from frugalvit.eventful.model import DEFAULT_INCREMENTAL_MAX_FRACTION
 from frugalvit.ioutil import atomic_file, write_json_atomically
 from frugalvit.models import SaliencyViT, saliency_vit, saliency_vit_from_weights, saliency_weights
@@ -167,8 +167,14 @@ def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -
     # The CPU's attention switch on every device, so that the counted arithmetic does not depend on it (CUDA's
     # default runs the fused kernel over the cached rows on every partial frame: same maps, more MACs)
     options = {"incremental_max_fraction": DEFAULT_INCREMENTAL_MAX_FRACTION, **setting.options}
+    target = options.pop("budget", None)  # a MacBudget's target ratio: it picks each partial frame's TopFraction
     ev = eventful(model.backbone, parse_policy(setting.policy), **options)
     decode = model.eventful_decoder(ev.policy)  # the decoder's input gated like the backbone's gates
+    budget = None
+    if target is not None:
+        features, backbone_macs = counted(model.backbone.forward_features, frames[:1])  # one dense frame
+        _, head_macs = counted(model.decode, features)
+        budget = MacBudget(target, backbone_macs + head_macs)
     maps, macs, decoder_macs, full, held, error = [], [], [], [], [], 0.0
     for _, _, _, results in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
         features = results["eventful"].output
@@ -179,6 +185,9 @@ def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -
         decoder_macs.append(counted_macs)
         full.append(ev.last_frame_full)
         held.append(ev.last_frame_held)
+        if budget is not None:  # the next frame's share, from what this one cost (backbone and decoder)
+            budget.spent(macs[-1] + counted_macs, partial=not (full[-1] or held[-1]))
+            ev.policy = decode.decoder.stack.policy = budget.policy()
     return EventfulRun(torch.cat(maps), macs, decoder_macs, full, held, error)
 
 
@@ -218,12 +227,31 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
     settings += [EventfulSetting(f"{policy.replace('fraction:', 'top ').replace('relative:', 'relative ')} + hold "
                                  f"{options['hold_share']:g} / cut {options['cut_share']:g}", policy, options)
                  for policy, options in hold_settings(quick, large)]
+    if not quick:
+        settings += budget_settings()
     if not quick and not large:  # the same method on a smaller frame, its map upsampled
         settings += [EventfulSetting(f"relative {t:g} at {low} px", f"relative:{t}", size=low)
                      for low in (112, 168) for t in (0.15, 0.3)]
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):  # results and --settings go by label (max_held_frames is not in it)
         raise ValueError(f"two eventful settings share a label: {sorted({x for x in labels if labels.count(x) > 1})}")
+    return settings
+
+
+def budget_settings() -> list[EventfulSetting]:
+    """A `MacBudget` per keyframe-and-hold point in 2x-8x (its MAC ratio over 60 frames plus 5 %, so that the mean
+    lands at or above it although a late full frame leaves some debt): each partial frame's token share is chosen
+    from what the frames so far cost, with held frames whose savings go to later partial frames (two hold / cut
+    pairs of `hold_settings`; with frequent full frames, as adaptive keyframes cause, a high target cannot be met:
+    the cheapest partial frame still costs several percent of a dense one)."""
+    settings = []
+    for period in range(2, 9):
+        target = round(1.05 * 60 / math.ceil(60 / period), 2)
+        for hold, cut, most in ((0.1, 0.7, 3), (0.15, 0.8, 4)):
+            options = {"hold_share": hold, "cut_share": cut, "max_held_frames": most, "cut_relative_error": 0.5}
+            name = f"hold {hold:g} / cut {cut:g}"
+            settings.append(EventfulSetting(f"budget {target:g}x + {name}", f"fraction:{1 / target:.4f}",
+                                            {**options, "budget": target}))
     return settings
 
 

@@ -1,0 +1,92 @@
+"""MacBudget: an eventful model's mean cost held at a target saving, whatever the content."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+import frugalvit as fv
+from frugalvit import CostCounter, MacBudget, TopFraction
+
+
+def simulate(budget: MacBudget, kinds: list[str], overhead: float = 0.05) -> list[float]:
+    """Run `budget` over frames of the given kinds ("full", "held", "partial"); a partial frame at share f costs
+    (overhead + (1 - overhead) f) of a dense frame, a held one nothing. Returns the shares chosen."""
+    shares = []
+    for kind in kinds:
+        share = budget.policy().fraction
+        shares.append(share)
+        cost = {"full": 1.0, "held": 0.0, "partial": overhead + (1 - overhead) * share}[kind]
+        budget.spent(cost * budget.dense_macs, partial=kind == "partial")
+    return shares
+
+
+@pytest.mark.parametrize("target", [2.0, 4.0, 7.5])
+def test_the_mean_saving_reaches_the_target(target: float) -> None:
+    kinds = ["full"] + ["partial"] * 99
+    budget = MacBudget(target, dense_macs=1e9)
+    simulate(budget, kinds)
+    assert budget.ratio == pytest.approx(target, rel=0.03)
+
+
+def test_held_frames_savings_go_to_later_partial_frames_and_full_frames_are_repaid() -> None:
+    steady = MacBudget(4.0, dense_macs=1.0)
+    calm = simulate(steady, ["full"] + ["partial"] * 40)[-1]
+    banked = MacBudget(4.0, dense_macs=1.0)
+    after_holds = simulate(banked, ["full"] + ["partial"] * 30 + ["held"] * 5 + ["partial"])[-1]
+    assert after_holds > calm  # five frames' allowance saved: the next partial frame gets more tokens
+    indebted = MacBudget(4.0, dense_macs=1.0)
+    after_cuts = simulate(indebted, ["full"] + ["partial"] * 30 + ["full"] * 3 + ["partial"])[-1]
+    assert after_cuts < calm  # three full frames' overdraft: fewer tokens until it is repaid
+    for budget in (banked, indebted):
+        simulate(budget, ["partial"] * 120)
+        assert budget.ratio == pytest.approx(4.0, rel=0.03)
+
+
+def test_shares_stay_within_bounds_and_the_policy_is_a_top_fraction() -> None:
+    budget = MacBudget(8.0, dense_macs=1.0, min_fraction=0.05, max_fraction=0.5)
+    shares = simulate(budget, ["full"] + ["held"] * 40 + ["partial"] * 5 + ["full"] * 5 + ["partial"] * 5)
+    assert all(0.05 <= share <= 0.5 for share in shares) and max(shares) == 0.5 and min(shares) == 0.05
+    assert isinstance(budget.policy(), TopFraction)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_ratio": 1.0, "dense_macs": 1.0}, "above 1"),
+    ({"target_ratio": math.nan, "dense_macs": 1.0}, "above 1"),
+    ({"target_ratio": 4.0, "dense_macs": 0.0}, "CostCounter"),
+    ({"target_ratio": 4.0, "dense_macs": 1.0, "min_fraction": 0.0}, "min_fraction"),
+    ({"target_ratio": 4.0, "dense_macs": 1.0, "min_fraction": 0.5, "max_fraction": 0.25}, "max_fraction"),
+    ({"target_ratio": 4.0, "dense_macs": 1.0, "horizon": 0}, "horizon"),
+    ({"target_ratio": 4.0, "dense_macs": 1.0, "smoothing": 0.0}, "smoothing"),
+])
+def test_bad_settings_are_one_clear_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MacBudget(**kwargs)
+    with pytest.raises(ValueError, match="finite number of MACs"):
+        MacBudget(4.0, 1.0).spent(-1.0, partial=True)
+
+
+def test_it_steers_a_real_eventful_model() -> None:
+    """On a timm ViT with counted MACs, frames whose change moves about: the mean saving lands near the target
+    although every frame's share was chosen from the frames before it."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    frames = torch.randn(1, 3, 64, 64) + 0.1 * torch.randn(40, 1, 3, 64, 64).cumsum(0)
+    with torch.no_grad(), CostCounter() as cost:
+        model.forward_features(frames[0])
+    dense = cost.macs
+    budget = MacBudget(3.0, dense_macs=dense)
+    ev = fv.eventful(model, budget.policy())
+    shares = []
+    with torch.no_grad():
+        for frame in frames:
+            ev.policy = budget.policy()
+            shares.append(ev.policy.fraction)
+            with CostCounter() as cost:
+                ev.forward_features(frame)
+            budget.spent(cost.macs, partial=not (ev.last_frame_full or ev.last_frame_held))
+    assert len(set(shares)) > 3  # it steered
+    assert budget.ratio == pytest.approx(3.0, rel=0.1)
