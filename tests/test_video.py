@@ -389,3 +389,26 @@ def test_the_counting_twin_of_a_captured_model_is_not_captured() -> None:
             with CostCounter() as cost:
                 torch.testing.assert_close(twin.forward_features(frame), expected, rtol=1e-5, atol=1e-5)
             assert cost.macs > 0
+
+
+def test_video_budget_holds_a_saving_and_its_replays_follow_the_same_shares(tmp_path: Path) -> None:
+    """`--budget 3`: each frame's share comes from what the frames before cost (MacBudget); the report records it."""
+    out = tmp_path / "budget"
+    assert run_cli("video", "bundled:bikes", *TINY, "--random-init", "--policy", "fraction:0.25", "--budget", "3",
+                   "--max-frames", "24", "--repeats", "2", "--out", str(out)) == 0
+    report = json.loads((out / "report.json").read_text())
+    shares = [frame["share"] for frame in report["frames"]]
+    assert report["settings"]["budget"] == 3 and len(set(shares)) > 3 and shares[0] == 0.25
+    assert report["summary"]["mac_ratio"] == pytest.approx(3.0, rel=0.15) and report["summary"]["repeats"] == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budget", "1"], "above 1"),
+    (["--budget", "3", "--policy", "relative:0.2"], "fraction:F or topr:R"),
+    (["--budget", "3", "--capture"], "drop --capture"),
+])
+def test_video_budget_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
+                             message: str) -> None:
+    assert run_cli("video", "bundled:bikes", *TINY, "--random-init", *flags, "--out", str(tmp_path / "o")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "o").exists()

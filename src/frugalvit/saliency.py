@@ -150,6 +150,15 @@ class EventfulDecode:
         self._last = self.decoder(features[:, prefix:], self.model.grid, (size, size), update_all)
         return self._last
 
+    @property
+    def policy(self) -> TokenPolicy | None:
+        """The gating of the decoder's input (see `EventfulSaliencyDecoder`); settable between frames."""
+        return self.decoder.stack.policy
+
+    @policy.setter
+    def policy(self, policy: TokenPolicy | None) -> None:
+        self.decoder.stack.policy = policy
+
     def reset(self) -> None:
         """Forget the decoder's state (with the eventful backbone's `reset()`)."""
         self.decoder.reset()

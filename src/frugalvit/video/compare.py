@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from frugalvit.cost import CostCounter
-from frugalvit.eventful import EventfulViT, eventful
+from frugalvit.eventful import EventfulViT, MacBudget, TokenPolicy, eventful
 from frugalvit.timing import model_device_dtype, timed
 from frugalvit.video.fidelity import HOLD_PERIODS, KeyframeHold, hold_fidelity_at, map_fidelity
 from frugalvit.video.motion import global_shift, shift_maps
@@ -59,6 +59,7 @@ class FrameRecord:
     # with a task head: keyframe-and-hold's task fidelity on this frame, one value per period K (HOLD_PERIODS)
     hold_task_pearson: tuple[float, ...] | None = None
     hold_task_iou_top10: tuple[float, ...] | None = None
+    share: float | None = None  # with a compute budget: the TopFraction share this frame ran at
 
 
 # Called once per frame by `compare_on_frames`: (index, input frame, dense task output,
@@ -200,13 +201,20 @@ def _with_head(backbone: Callable[[Tensor], Tensor], head: Callable[[Tensor], Te
     return run
 
 
-def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor], motion_compensated: bool = False
-                        ) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor], motion_compensated: bool = False,
+                        follow_policy: bool = False) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """The eventful pipeline; on a held frame the head's last output, moved by the global motion since the
-    frame it was computed on when `motion_compensated` (the output must then be a map at frame resolution)."""
+    frame it was computed on when `motion_compensated` (the output must then be a map at frame resolution).
+    `follow_policy`: before every frame the head's `policy` (its input gating) is set to the backbone's, which
+    a compute budget changes from frame to frame."""
+    if follow_policy and not hasattr(head, "policy"):
+        raise ValueError("a compute budget changes the policy every frame: the eventful task head needs a settable "
+                         "`policy` (e.g. SaliencyViT.eventful_decoder)")
     last: list[Tensor] = []  # the head's last output and the frame it was computed on, for held frames
 
     def run(batch: Tensor) -> tuple[Tensor, Tensor]:
+        if follow_policy:
+            head.policy = ev.policy
         features = ev.forward_features(batch)
         if ev.last_frame_held and last:
             output, frame = last
@@ -219,8 +227,8 @@ def _eventful_with_head(ev: EventfulViT, head: Callable[[Tensor, bool], Tensor],
 
 def _steps(model: nn.Module, ev: EventfulViT, task_head: Callable[[Tensor], Tensor] | None,
            eventful_task_head: EventfulHeadFactory | None, counted: EventfulViT | None,
-           motion_compensated: bool = False, dense_forward: Callable[[Tensor], Tensor] | None = None
-           ) -> list[FrameStep]:
+           motion_compensated: bool = False, dense_forward: Callable[[Tensor], Tensor] | None = None,
+           follow_policy: bool = False) -> list[FrameStep]:
     """Dense and eventful steps (timed; and counted where `counted`, the eventful twin, is given): the
     backbones alone, or with `eventful_task_head` the whole pipelines (backbone + head), each head fresh.
     `dense_forward` replaces `model.forward_features` in the timed dense step (e.g. compiled); the counted
@@ -234,9 +242,9 @@ def _steps(model: nn.Module, ev: EventfulViT, task_head: Callable[[Tensor], Tens
         if task_head is None:
             raise ValueError("an eventful task head needs the dense task head to compare with")
         dense, counted_dense = _with_head(dense, task_head), _with_head(counted_dense, task_head)
-        eventful_step = _eventful_with_head(ev, eventful_task_head(ev), motion_compensated)
+        eventful_step = _eventful_with_head(ev, eventful_task_head(ev), motion_compensated, follow_policy)
         counted_step = None if counted is None else _eventful_with_head(counted, eventful_task_head(counted),
-                                                                        motion_compensated)
+                                                                        motion_compensated, follow_policy)
     else:
         eventful_step = ev.forward_features
         counted_step = None if counted is None else counted.forward_features
@@ -251,8 +259,8 @@ def _steps(model: nn.Module, ev: EventfulViT, task_head: Callable[[Tensor], Tens
 def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor], progress: bool = True,
                       total: int | None = None, task_head: Callable[[Tensor], Tensor] | None = None,
                       on_frame: FrameCallback | None = None, eventful_task_head: EventfulHeadFactory | None = None,
-                      motion_compensated: bool = False, dense_forward: Callable[[Tensor], Tensor] | None = None
-                      ) -> tuple[list[FrameRecord], int]:
+                      motion_compensated: bool = False, dense_forward: Callable[[Tensor], Tensor] | None = None,
+                      budget: float | None = None) -> tuple[list[FrameRecord], int]:
     """Run `model` and `ev` on every frame (3, H, W); return per-frame records and the eventful state bytes.
 
     `task_head` maps final features (B, N, D) to the task output (e.g. the
@@ -270,19 +278,27 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     the frame, at most ~6 M multiply-accumulates at 224 px). `dense_forward`
     (e.g. `torch.compile(model.forward_features)`, for a compiled eventful
     model) is the dense backbone that is timed; MACs are counted eagerly.
+    `budget` (a target saving, dense / eventful MACs): a `MacBudget` chooses
+    every frame's `TopFraction` from the counted cost of the frames before
+    (the whole pipeline's with `eventful_task_head`); the records carry the
+    share (`share`) so that `time_repeats` can replay the same sequence.
     """
     model.eval()
     ev.reset()
     counted = _twin(ev)
     device, dtype = model_device_dtype(model)
-    steps = _steps(model, ev, task_head, eventful_task_head, counted, motion_compensated, dense_forward)
+    steps = _steps(model, ev, task_head, eventful_task_head, counted, motion_compensated, dense_forward,
+                   follow_policy=budget is not None)
     whole = eventful_task_head is not None
     hold = KeyframeHold(HOLD_PERIODS) if task_head is not None else None
     dense_gmacs = 0.0
     records: list[FrameRecord] = []
+    controller: MacBudget | None = None
     for index, frame, _, results in frame_loop(frames, steps, device, dtype, progress, total):
         if "dense counted" in results:
             dense_gmacs = results["dense counted"].macs / 1e9
+            if budget is not None:  # its allowance comes from this first dense frame's cost
+                controller = MacBudget(budget, results["dense counted"].macs)
         dense_features, dense_ms = results["dense"].output, results["dense"].ms
         eventful_features, eventful_ms = results["eventful"].output, results["eventful"].ms
         if whole:
@@ -315,8 +331,13 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
             full_update=ev.last_frame_full,
             held=ev.last_frame_held,
             updated_share=sum(counts) / (len(counts) * ev.eventful_blocks[0].attention_gate.reference.shape[1]),
+            share=getattr(ev.policy, "fraction", None) if controller is not None else None,
             **task,
         ))
+        if controller is not None:  # the next frame's share, from what this one cost
+            controller.spent(results["eventful counted"].macs,
+                             partial=not (counted.last_frame_full or counted.last_frame_held))
+            ev.policy = counted.policy = controller.policy()
     return records, ev.state_bytes()
 
 
@@ -324,13 +345,15 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
 def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int,
                  progress: bool = False, task_head: Callable[[Tensor], Tensor] | None = None,
                  eventful_task_head: EventfulHeadFactory | None = None, motion_compensated: bool = False,
-                 dense_forward: Callable[[Tensor], Tensor] | None = None) -> list[tuple[list[float], list[float]]]:
+                 dense_forward: Callable[[Tensor], Tensor] | None = None,
+                 policies: Sequence[TokenPolicy] | None = None) -> list[tuple[list[float], list[float]]]:
     """Replay `frames` (T, 3, H, W) `repeats` times from a reset, timing dense and eventful interleaved per frame.
 
     Returns, per replay, the per-frame wall times in ms of the dense model and
     of the eventful one (the whole pipelines with `eventful_task_head`, as in
     `compare_on_frames`, with its `dense_forward`). Nothing is counted, so the
-    replays cost only the two forward passes per frame.
+    replays cost only the two forward passes per frame. `policies`: the eventful
+    model's policy for each frame (a budgeted run's sequence, from its records).
     """
     if repeats < 0:
         raise ValueError(f"repeats must be >= 0, got {repeats}")
@@ -340,11 +363,15 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
     for _ in tqdm(range(repeats), desc="timing repeats", disable=not progress or repeats == 0, unit="replay"):
         ev.reset()
         steps = _steps(model, ev, task_head, eventful_task_head, None, motion_compensated,  # a fresh head per replay
-                       dense_forward)
+                       dense_forward, follow_policy=policies is not None)
         dense_times, eventful_times = [], []
-        for _, _, _, results in frame_loop(frames, steps, device, dtype):
+        if policies:
+            ev.policy = policies[0]
+        for index, _, _, results in frame_loop(frames, steps, device, dtype):
             dense_times.append(results["dense"].ms)
             eventful_times.append(results["eventful"].ms)
+            if policies and index + 1 < len(policies):  # set before the next frame runs
+                ev.policy = policies[index + 1]
         replays.append((dense_times, eventful_times))
     return replays
 
