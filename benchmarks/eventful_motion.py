@@ -116,7 +116,8 @@ def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str =
     for key, items in verdicts.items():
         print(f"  {clip} {size}px: {key}: {sum(v['beaten'] for v in items)}/{len(items)} points in 2x-8x beaten",
               flush=True)
-    return {"clip": clip, "size": size, "first_frame": start, "frames": total, "tokens": model.backbone.patch_embed.num_patches,
+    return {"clip": clip, "size": size, "first_frame": start, "frames": total,
+            "tokens": model.backbone.patch_embed.num_patches,
             "frame_to_frame_shifts": shifts, "motion_macs_per_estimate": estimate,
             "dense_gmacs": dense / 1e9, "dominance": verdicts, "rows": rows}
 

