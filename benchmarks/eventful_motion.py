@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from eventful_real import (EventfulSetting, add_run_arguments, clip_path, dense_run, dominance, eventful_run,
-                           hold_settings, keyframe_hold, style_axis, summarize, write_report)
+                           hold_label, hold_settings, keyframe_hold, style_axis, summarize, write_report)
 from frugalvit.models import saliency_vit
 from frugalvit.reporting import save_figure_atomically
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
@@ -124,9 +124,7 @@ def evaluate_clip(clip: str, size: int, frames_count: int, attention_rows: str =
 
 def hold_labels(size: int) -> list[tuple[str, str, dict[str, object]]]:
     """(label, policy, options) of each of eventful_real's hold settings at `size` px."""
-    return [(f"{policy.replace('fraction:', 'top ').replace('relative:', 'relative ')} + hold "
-             f"{options['hold_share']:g} / cut {options['cut_share']:g}", policy, options)
-            for policy, options in hold_settings(False, size > 224)]
+    return [(hold_label(policy, options), policy, options) for policy, options in hold_settings(False, size > 224)]
 
 
 def plot(report: dict[str, object], path: Path) -> None:

@@ -144,10 +144,17 @@ def counted(fn, *args) -> tuple[object, int]:
 
 
 @torch.no_grad()
+def dense_frame_macs(model: SaliencyViT, frame: Tensor) -> tuple[int, int]:
+    """One dense frame's backbone MACs and decoder MACs (`frame`: a batch of one)."""
+    features, backbone_macs = counted(model.backbone.forward_features, frame)
+    _, decoder_macs = counted(model.decode, features)
+    return backbone_macs, decoder_macs
+
+
+@torch.no_grad()
 def dense_run(model: SaliencyViT, frames: Tensor) -> tuple[Tensor, int, int]:
     """Dense maps (T, 1, S, S), backbone MACs per frame, decoder MACs per frame."""
-    features, backbone_macs = counted(model.backbone.forward_features, frames[:1])
-    _, decoder_macs = counted(model.decode, features)
+    backbone_macs, decoder_macs = dense_frame_macs(model, frames[:1])
     maps = torch.cat([model(frames[i:i + 1]).float().cpu() for i in range(frames.shape[0])])
     return maps, backbone_macs, decoder_macs
 
@@ -174,11 +181,7 @@ def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -
     target = options.pop("budget", None)  # a MacBudget's target ratio: it picks each partial frame's TopFraction
     ev = eventful(model.backbone, parse_policy(setting.policy), **options)
     decode = model.eventful_decoder(ev.policy)  # the decoder's input gated like the backbone's gates
-    budget = None
-    if target is not None:
-        features, backbone_macs = counted(model.backbone.forward_features, frames[:1])  # one dense frame
-        _, head_macs = counted(model.decode, features)
-        budget = MacBudget(target, backbone_macs + head_macs)
+    budget = None if target is None else MacBudget(target, sum(dense_frame_macs(model, frames[:1])))
     maps, macs, decoder_macs, full, held, error = [], [], [], [], [], 0.0
     for _, _, _, results in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
         features = results["eventful"].output
@@ -229,8 +232,7 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
                  for f, c in keyframed]
     if not quick and not large:
         settings.append(EventfulSetting("top 0.125 + keyframe every 4", "fraction:0.125", {"refresh_every": 4}))
-    settings += [EventfulSetting(f"{policy.replace('fraction:', 'top ').replace('relative:', 'relative ')} + hold "
-                                 f"{options['hold_share']:g} / cut {options['cut_share']:g}", policy, options)
+    settings += [EventfulSetting(hold_label(policy, options), policy, options)
                  for policy, options in hold_settings(quick, large)]
     if not quick:
         settings += budget_settings()
@@ -241,6 +243,13 @@ def default_settings(quick: bool, size: int) -> list[EventfulSetting]:
     if len(set(labels)) != len(labels):  # results and --settings go by label (max_held_frames is not in it)
         raise ValueError(f"two eventful settings share a label: {sorted({x for x in labels if labels.count(x) > 1})}")
     return settings
+
+
+def hold_label(policy: str, options: dict[str, object]) -> str:
+    """The label of a `hold_settings` entry, e.g. "top 0.125 + hold 0.2 / cut 0.5" (results and `--settings` go
+    by it)."""
+    return (f"{policy.replace('fraction:', 'top ').replace('relative:', 'relative ')} + hold "
+            f"{options['hold_share']:g} / cut {options['cut_share']:g}")
 
 
 def budget_settings() -> list[EventfulSetting]:

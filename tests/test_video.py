@@ -412,3 +412,12 @@ def test_video_budget_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert run_cli("video", "bundled:bikes", *TINY, "--random-init", *flags, "--out", str(tmp_path / "o")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (tmp_path / "o").exists()
+
+
+def test_video_budget_starts_from_a_token_count_too(tmp_path: Path) -> None:
+    """`--policy topr:R --budget`: the first (full) frame runs at topr:R, every later one at a chosen share."""
+    out = tmp_path / "topr"
+    assert run_cli("video", "bundled:bikes", *TINY, "--random-init", "--policy", "topr:4", "--budget", "3",
+                   "--max-frames", "6", "--repeats", "2", "--out", str(out)) == 0
+    shares = [frame["share"] for frame in json.loads((out / "report.json").read_text())["frames"]]
+    assert shares[0] is None and all(0 < share <= 1 for share in shares[1:])

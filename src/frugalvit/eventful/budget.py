@@ -94,7 +94,7 @@ class MacBudget:
         self.frames += 1
         self.total_macs += macs
         self.account += self.allowance - macs
-        if partial and self.fraction > 0:
+        if partial:
             observed = macs / self.fraction
             self.cost_per_share += self.smoothing * (observed - self.cost_per_share)
         wanted = self.allowance + self.account / self.horizon  # this frame's allowance, plus a share of the account
