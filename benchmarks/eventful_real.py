@@ -179,9 +179,12 @@ def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -
     # default runs the fused kernel over the cached rows on every partial frame: same maps, more MACs)
     options = {"incremental_max_fraction": DEFAULT_INCREMENTAL_MAX_FRACTION, **setting.options}
     target = options.pop("budget", None)  # a MacBudget's target ratio: it picks each partial frame's TopFraction
+    held_in_debt = options.pop("budget_max_held_frames", None)  # and, in debt, lets the model hold this long
     ev = eventful(model.backbone, parse_policy(setting.policy), **options)
     decode = model.eventful_decoder(ev.policy)  # the decoder's input gated like the backbone's gates
-    budget = None if target is None else MacBudget(target, sum(dense_frame_macs(model, frames[:1])))
+    budget = None if target is None else MacBudget(target, sum(dense_frame_macs(model, frames[:1])),
+                                                   max_held_frames=held_in_debt)
+    usual_held = ev.max_held_frames
     maps, macs, decoder_macs, full, held, error = [], [], [], [], [], 0.0
     for _, _, _, results in frame_loop(frames, [FrameStep("eventful", ev.forward_features, "macs")]):
         features = results["eventful"].output
@@ -195,6 +198,7 @@ def eventful_run(model: SaliencyViT, frames: Tensor, setting: EventfulSetting) -
         if budget is not None:  # the next frame's share, from what this one cost (backbone and decoder)
             budget.spent(macs[-1] + counted_macs, partial=not (full[-1] or held[-1]))
             ev.policy = decode.decoder.stack.policy = budget.policy()
+            ev.max_held_frames = budget.held_limit(usual_held)
     return EventfulRun(torch.cat(maps), macs, decoder_macs, full, held, error)
 
 
@@ -252,12 +256,17 @@ def hold_label(policy: str, options: dict[str, object]) -> str:
             f"{options['hold_share']:g} / cut {options['cut_share']:g}")
 
 
+BUDGET_HELD_IN_DEBT = 16  # `MacBudget.max_held_frames` of the budget settings that stretch holds
+
+
 def budget_settings() -> list[EventfulSetting]:
     """A `MacBudget` per keyframe-and-hold point in 2x-8x (its MAC ratio over 60 frames plus 5 %, so that the mean
     lands at or above it although a late full frame leaves some debt): each partial frame's token share is chosen
     from what the frames so far cost, with held frames whose savings go to later partial frames (two hold / cut
-    pairs of `hold_settings`; with frequent full frames, as adaptive keyframes cause, a high target cannot be met:
-    the cheapest partial frame still costs several percent of a dense one)."""
+    pairs of `hold_settings`; with frequent full frames, as held runs ending in a full frame cause on a pan, a high
+    target cannot be met by the partial frames' share alone: the cheapest partial frame still costs several percent
+    of a dense one). Each also with `MacBudget.max_held_frames` = `BUDGET_HELD_IN_DEBT`: in debt the model may hold
+    that long, so that the holds repay a full frame before the next one."""
     settings = []
     for period in range(2, 9):
         target = round(1.05 * 60 / math.ceil(60 / period), 2)
@@ -266,6 +275,9 @@ def budget_settings() -> list[EventfulSetting]:
             name = f"hold {hold:g} / cut {cut:g}"
             settings.append(EventfulSetting(f"budget {target:g}x + {name}", f"fraction:{1 / target:.4f}",
                                             {**options, "budget": target}))
+            settings.append(EventfulSetting(
+                f"budget {target:g}x + {name}, up to {BUDGET_HELD_IN_DEBT} held in debt", f"fraction:{1 / target:.4f}",
+                {**options, "budget": target, "budget_max_held_frames": BUDGET_HELD_IN_DEBT}))
     return settings
 
 

@@ -90,3 +90,42 @@ def test_it_steers_a_real_eventful_model() -> None:
             budget.spent(cost.macs, partial=not (ev.last_frame_full or ev.last_frame_held))
     assert len(set(shares)) > 3  # it steered
     assert budget.ratio == pytest.approx(3.0, rel=0.1)
+
+
+def pan(budget: MacBudget, frames: int, usual: int) -> list[str]:
+    """A model on a long pan (every frame would be held, `EventfulViT.hold_share`): it holds while fewer than its
+    limit held in a row, else runs a full frame; the limit is `budget.held_limit(usual)` before every frame."""
+    kinds, held_in_a_row = ["full"], 0
+    budget.spent(budget.dense_macs, partial=False)
+    for _ in range(frames - 1):
+        limit = budget.held_limit(usual)
+        kind = "held" if held_in_a_row < limit else "full"
+        held_in_a_row = held_in_a_row + 1 if kind == "held" else 0
+        kinds.append(kind)
+        budget.spent(0.0 if kind == "held" else budget.dense_macs, partial=False)
+    return kinds
+
+
+@pytest.mark.parametrize("target", [6.0, 8.0])
+def test_in_debt_it_lets_the_model_hold_longer_so_a_high_target_is_reached_on_a_pan(target: float) -> None:
+    fixed = MacBudget(target, dense_macs=1.0)
+    pan(fixed, 120, usual=3)
+    assert fixed.ratio == pytest.approx(4.0, rel=0.05)  # a full frame after every 3 held: 4x whatever the target
+    stretched = MacBudget(target, dense_macs=1.0, max_held_frames=16)
+    kinds = pan(stretched, 120, usual=3)
+    assert stretched.ratio == pytest.approx(target, rel=0.05)
+    runs = "".join("f" if kind == "full" else "h" for kind in kinds).split("f")[1:-1]
+    assert all(len(run) >= 3 for run in runs)  # never fewer holds than the model's own limit
+
+
+def test_held_limit_is_the_models_own_unless_in_debt() -> None:
+    budget = MacBudget(4.0, dense_macs=1.0, max_held_frames=10)
+    assert budget.held_limit(3) == 3  # nothing spent yet
+    budget.spent(0.1, partial=True)
+    assert budget.held_limit(3) == 3  # in credit
+    budget.spent(1.0, partial=False)
+    assert budget.held_limit(3) == 10 and budget.held_limit(12) == 12  # in debt: the larger of the two
+    assert MacBudget(4.0, dense_macs=1.0).held_limit(3) == 3  # without max_held_frames: never changed
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="max_held_frames"):
+            MacBudget(4.0, dense_macs=1.0, max_held_frames=bad)

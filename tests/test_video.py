@@ -402,10 +402,29 @@ def test_video_budget_holds_a_saving_and_its_replays_follow_the_same_shares(tmp_
     assert report["summary"]["mac_ratio"] == pytest.approx(3.0, rel=0.15) and report["summary"]["repeats"] == 2
 
 
+def test_video_budget_in_debt_holds_longer_and_its_replays_follow(tmp_path: Path) -> None:
+    """`--budget-max-held 12`: while in debt the model may hold up to 12 frames in a row (MacBudget.held_limit);
+    the report records each frame's limit and reaches a saving the usual limit of 3 cannot on a pan."""
+    common = ("video", "bundled:bikes", *TINY, "--random-init", "--policy", "fraction:0.25", "--budget", "7",
+              "--cut-share", "0.95", "--hold-share", "0.05", "--start-frame", "75", "--max-frames", "30")
+    usual, stretched = tmp_path / "usual", tmp_path / "stretched"
+    assert run_cli(*common, "--repeats", "1", "--out", str(usual)) == 0
+    assert run_cli(*common, "--budget-max-held", "12", "--repeats", "2", "--out", str(stretched)) == 0
+    reports = [json.loads((out / "report.json").read_text()) for out in (usual, stretched)]
+    limits = [frame["held_limit"] for frame in reports[1]["frames"]]
+    assert reports[1]["settings"]["budget_max_held_frames"] == 12 and set(limits) == {3, 12}
+    assert {frame["held_limit"] for frame in reports[0]["frames"]} == {3}
+    assert reports[1]["summary"]["mac_ratio"] > reports[0]["summary"]["mac_ratio"]
+    assert reports[1]["summary"]["repeats"] == 2
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--budget", "1"], "above 1"),
     (["--budget", "3", "--policy", "relative:0.2"], "fraction:F or topr:R"),
     (["--budget", "3", "--capture"], "drop --capture"),
+    (["--budget", "3", "--budget-max-held", "8"], "--hold-share"),
+    (["--budget-max-held", "8", "--cut-share", "0.5", "--hold-share", "0.2"], "--budget RATIO"),
+    (["--budget", "3", "--cut-share", "0.5", "--hold-share", "0.2", "--budget-max-held", "0"], ">= 1"),
 ])
 def test_video_budget_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
                              message: str) -> None:

