@@ -259,6 +259,12 @@ def hold_label(policy: str, options: dict[str, object]) -> str:
 BUDGET_HELD_IN_DEBT = 16  # `MacBudget.max_held_frames` of the budget settings that stretch holds
 
 
+def budget_target(period: int, frames: int = 60) -> float:
+    """The target of the budget setting for keyframe-and-hold point K = `period`: its MAC ratio over `frames`
+    frames plus 5 % (a late full frame leaves some debt), rounded as in the setting's label."""
+    return round(1.05 * frames / math.ceil(frames / period), 2)
+
+
 def budget_settings() -> list[EventfulSetting]:
     """A `MacBudget` per keyframe-and-hold point in 2x-8x (its MAC ratio over 60 frames plus 5 %, so that the mean
     lands at or above it although a late full frame leaves some debt): each partial frame's token share is chosen
@@ -269,7 +275,7 @@ def budget_settings() -> list[EventfulSetting]:
     that long, so that the holds repay a full frame before the next one."""
     settings = []
     for period in range(2, 9):
-        target = round(1.05 * 60 / math.ceil(60 / period), 2)
+        target = budget_target(period)
         for hold, cut, most in ((0.1, 0.7, 3), (0.15, 0.8, 4)):
             options = {"hold_share": hold, "cut_share": cut, "max_held_frames": most, "cut_relative_error": 0.5}
             name = f"hold {hold:g} / cut {cut:g}"

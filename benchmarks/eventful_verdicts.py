@@ -36,7 +36,7 @@ from pathlib import Path
 from frugalvit.ioutil import atomic_file, write_json_atomically
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eventful_real import dominance  # noqa: E402 - the benchmark next to this script: its verdict rule
+from eventful_real import budget_target, dominance  # noqa: E402 - the benchmark next to this script: its verdict rule
 from eventful_tables import split_block  # noqa: E402 - the docs' marked blocks
 
 EVENTFUL_KINDS = ("eventful", "eventful_mc")
@@ -129,6 +129,68 @@ def held_out_markdown(table: list[dict[str, object]]) -> str:
         "chosen on the in-sample ones"
 
 
+def budget_verdicts(rows: list[dict[str, object]], held_rows: list[dict[str, object]], file: str
+                    ) -> list[dict[str, object]]:
+    """The compute-budget settings of result file `file` (`eventful_real.budget_settings`: per keyframe-and-hold
+    point K = 2..8 a `MacBudget` with that point's ratio plus 5 % as its target, in two families of hold / cut
+    tests), one verdict per clip and point: of the point's two budget settings, the one that beats the hold point
+    on the in-sample `rows` (at least its MAC ratio, higher mean r and higher mean IoU), else or among both the one
+    with the higher mean r + IoU, is chosen, then judged by the same rule there and, where `held_rows` has the same
+    file, on those frames."""
+    def beats(row: dict[str, object], hold: dict[str, object]) -> bool:
+        return (row["mac_ratio"] >= hold["mac_ratio"] and row["pearson_mean"] > hold["pearson_mean"]
+                and row["iou_top10_mean"] > hold["iou_top10_mean"])
+
+    def point(source: list[dict[str, object]], clip: str, hold_label: str, label: str | None = None
+              ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
+        here = [row for row in source if row["file"] == file and row["clip"] == clip]
+        hold = next((row for row in here if row["kind"] == "keyframe" and row["label"] == hold_label), None)
+        return hold, [row for row in here if row["kind"] == "eventful" and (label is None or row["label"] == label)]
+
+    out = []
+    for clip in sorted({row["clip"] for row in rows if row["file"] == file}):
+        for period in range(2, 9):
+            prefix = f"budget {budget_target(period):g}x + "
+            hold, settings = point(rows, clip, f"hold K={period}")
+            settings = [row for row in settings if str(row["label"]).startswith(prefix)]
+            if hold is None or not settings:
+                continue
+            chosen = max(settings, key=lambda row: (beats(row, hold), row["pearson_mean"] + row["iou_top10_mean"]))
+            verdict = {"clip": clip, "hold": hold["label"], "setting": chosen["label"], "file": file,
+                       "in_sample": {"hold": [hold["mac_ratio"], hold["pearson_mean"], hold["iou_top10_mean"]],
+                                     "setting": [chosen["mac_ratio"], chosen["pearson_mean"],
+                                                 chosen["iou_top10_mean"]],
+                                     "beaten": beats(chosen, hold)}}
+            held_hold, held = point(held_rows, clip, hold["label"], chosen["label"])
+            if held_hold is not None and held:
+                verdict["held_out"] = {"first_frame": held[0]["first_frame"],
+                                       "hold": [held_hold["mac_ratio"], held_hold["pearson_mean"],
+                                                held_hold["iou_top10_mean"]],
+                                       "setting": [held[0]["mac_ratio"], held[0]["pearson_mean"],
+                                                   held[0]["iou_top10_mean"]],
+                                       "beaten": beats(held[0], held_hold)}
+            out.append(verdict)
+    return out
+
+
+def budget_markdown(table: list[dict[str, object]]) -> str:
+    """The budget verdicts as a markdown table (ratio / r / IoU) and the counts."""
+    def triple(values: list[float]) -> str:
+        return f"{values[0]:.2f}x / {values[1]:.4f} / {values[2]:.3f}"
+
+    lines = ["| clip | hold | budget setting (chosen on the in-sample frames) | in sample: hold | setting, beats? | "
+             "held out: hold | setting, beats? |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for v in table:
+        inside, outside = v["in_sample"], v.get("held_out")
+        held = "- | -" if outside is None else (f"{outside['first_frame']}-: {triple(outside['hold'])} | "
+                                                f"{triple(outside['setting'])} {'**yes**' if outside['beaten'] else 'no'}")
+        lines.append(f"| {v['clip']} | {v['hold'].removeprefix('hold ')} | {v['setting']} | {triple(inside['hold'])} "
+                     f"| {triple(inside['setting'])} {'**yes**' if inside['beaten'] else 'no'} | {held} |")
+    judged = [v for v in table if "held_out" in v]
+    return "\n".join(lines) + (f"\n\nin sample {sum(v['in_sample']['beaten'] for v in table)} of {len(table)}; "
+                               f"held out {sum(v['held_out']['beaten'] for v in judged)} of {len(judged)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -139,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", type=Path, metavar="DIR",
                         help="result files of the same names run on other frames: judge each point's chosen "
                              "setting there")
+    parser.add_argument("--budget", metavar="FILE",
+                        help="a result file of eventful_real.py's budget settings (e.g. eventful_real_224_budget.json):"
+                             " one budget per hold point, chosen in sample, judged there and on --held-out")
     args = parser.parse_args(argv)
     if args.held_out is not None and not args.held_out.is_dir():
         parser.error(f"--held-out {args.held_out}: no such directory")
@@ -173,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
               "setting per point (a choice made on those frames)")
         report.update(held_out=judged, held_out_beaten=sum(v["beaten"] for v in judged),
                       held_out_best=best, held_out_best_beaten=sum(v["beaten"] for v in best))
+    if args.budget is not None:
+        budget = budget_verdicts(rows, [] if args.held_out is None else load_rows(args.held_out), args.budget)
+        if not budget:
+            raise SystemExit(f"--budget {args.budget}: no budget settings with hold points in {args.results}")
+        print("\n" + budget_markdown(budget))
+        report["budget"] = budget
     if args.out is not None:
         write_json_atomically(report, args.out, indent=1)
     return 0

@@ -122,3 +122,32 @@ def test_held_out_verdicts_judge_the_in_sample_choice_on_other_frames() -> None:
     assert judged[1]["eventful_ratio"] == 3.5 and judged[1]["first_frame"] == 60
     with pytest.raises(SystemExit, match="no held-out row for the setting chosen at bikes 224 px hold K=2"):
         eventful_verdicts.held_out_verdicts(chosen[:1], held[:3])
+
+
+def test_budget_verdicts_choose_the_family_in_sample_and_judge_it_on_held_out_frames() -> None:
+    """eventful_verdicts.py --budget FILE: per hold point, of its budget settings (target = the point's ratio + 5 %)
+    the one that beats the hold point in sample is chosen (else the higher r + IoU), then judged on held-out frames
+    with the same rule; settings of other targets and files are not considered."""
+    import eventful_verdicts  # noqa: E402 - a benchmark script, imported by path
+
+    file = "eventful_real_224_budget.json"
+
+    def row(kind: str, label: str, ratio: float, r: float, iou: float, first: int = 0, name: str = file) -> dict:
+        return {"kind": kind, "label": label, "mac_ratio": ratio, "pearson_mean": r, "iou_top10_mean": iou,
+                "clip": "bikes", "size": 224, "file": name, "first_frame": first, "frames": 60}
+
+    assert eventful_real.budget_target(4) == 4.2 and eventful_real.budget_target(8) == 7.88
+    a, b = "budget 4.2x + hold 0.1 / cut 0.7", "budget 4.2x + hold 0.15 / cut 0.8"
+    inside = [row("keyframe", "hold K=4", 4.0, 0.70, 0.50),
+              row("eventful", a, 4.1, 0.75, 0.55),  # beats the hold point
+              row("eventful", b, 3.9, 0.95, 0.90),  # better maps, but saves less: not chosen
+              row("eventful", "budget 5.25x + hold 0.1 / cut 0.7", 5.0, 0.99, 0.99),  # another point's
+              row("eventful", a, 9.0, 0.99, 0.99, name="other.json")]
+    held = [row("keyframe", "hold K=4", 4.0, 0.90, 0.80, first=60), row("eventful", a, 4.05, 0.95, 0.85, first=60),
+            row("eventful", b, 4.5, 0.80, 0.70, first=60)]
+    [verdict] = [v for v in eventful_verdicts.budget_verdicts(inside, held, file) if v["hold"] == "hold K=4"]
+    assert verdict["setting"] == a and verdict["in_sample"]["beaten"]
+    assert verdict["held_out"]["beaten"] and verdict["held_out"]["first_frame"] == 60
+    assert verdict["held_out"]["setting"] == [4.05, 0.95, 0.85]
+    [alone] = eventful_verdicts.budget_verdicts(inside[:3], [], file)  # no held-out rows: in sample only
+    assert "held_out" not in alone and "in sample 1 of 1" in eventful_verdicts.budget_markdown([alone])
