@@ -402,13 +402,17 @@ def test_video_budget_holds_a_saving_and_its_replays_follow_the_same_shares(tmp_
     assert report["summary"]["mac_ratio"] == pytest.approx(3.0, rel=0.15) and report["summary"]["repeats"] == 2
 
 
-def test_video_budget_in_debt_holds_longer_and_its_replays_follow(tmp_path: Path) -> None:
+def test_video_budget_in_debt_holds_longer_and_its_replays_follow(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """`--budget-max-held 12`: while in debt the model may hold up to 12 frames in a row (MacBudget.held_limit);
-    the report records each frame's limit and reaches a saving the usual limit of 3 cannot on a pan."""
+    the report records each frame's limit and reaches a saving the usual limit of 3 cannot on a pan (which says
+    so, and what would help)."""
     common = ("video", "bundled:bikes", *TINY, "--random-init", "--policy", "fraction:0.25", "--budget", "7",
               "--cut-share", "0.95", "--hold-share", "0.05", "--start-frame", "75", "--max-frames", "30")
     usual, stretched = tmp_path / "usual", tmp_path / "stretched"
     assert run_cli(*common, "--repeats", "1", "--out", str(usual)) == 0
+    out = capsys.readouterr().out
+    assert "the budget fell short" in out and "--budget-max-held N" in out
     assert run_cli(*common, "--budget-max-held", "12", "--repeats", "2", "--out", str(stretched)) == 0
     reports = [json.loads((out / "report.json").read_text()) for out in (usual, stretched)]
     limits = [frame["held_limit"] for frame in reports[1]["frames"]]

@@ -293,6 +293,11 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
               + ("" if args.budget_max_held is None else
                  f"; held frames in a row allowed {min(r.held_limit for r in records)} to "
                  f"{max(r.held_limit for r in records)}"))
+        if summary.mac_ratio < 0.95 * args.budget:  # say why, and what would help
+            hint = ("--budget-max-held N, with --hold-share, lets held runs repay them" if args.budget_max_held is None
+                    else "a larger --budget-max-held or --cut-share leaves fewer of them")
+            print(f"  the budget fell short: its {summary.full_updates} full frames cost more than a {args.budget:g}x "
+                  f"saving allows; {hint}")
     print(f"  full updates {summary.full_updates}, held frames {summary.held_frames}, "
           f"eventful state {summary.state_mib:.1f} MiB per stream")
     print(f"  wrote {json_path} and {png_path}" + (f" and {args.out / ANIMATION_FILE}" if animation else ""))
