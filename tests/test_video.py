@@ -422,6 +422,20 @@ def test_video_budget_in_debt_holds_longer_and_its_replays_follow(tmp_path: Path
     assert reports[1]["summary"]["repeats"] == 2
 
 
+def test_budgeted_comparison_and_replays_restore_the_models_own_held_limit() -> None:
+    """compare_on_frames with a budget that stretches holds, then time_repeats replaying its limits: the eventful
+    model's max_held_frames is its own again after each (a second budgeted run must not start from 12)."""
+    from frugalvit.video.compare import compare_on_frames, time_repeats
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2).eval()
+    ev = fv.eventful(model, fv.TopFraction(0.25), cut_share=0.95, hold_share=0.05, max_held_frames=3)
+    frames = torch.randn(1, 3, 64, 64) + 0.5 * torch.randn(12, 1, 3, 64, 64).cumsum(0)
+    records, _ = compare_on_frames(model, ev, frames[:, 0], progress=False, budget=7.0, budget_max_held_frames=12)
+    assert {record.held_limit for record in records} == {3, 12} and ev.max_held_frames == 3
+    time_repeats(model, ev, frames[:, 0], 1, held_limits=[record.held_limit for record in records])
+    assert ev.max_held_frames == 3
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--budget", "1"], "above 1"),
     (["--budget", "3", "--policy", "relative:0.2"], "fraction:F or topr:R"),

@@ -285,8 +285,9 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
     (the whole pipeline's with `eventful_task_head`); with
     `budget_max_held_frames` it also lets the model hold that many frames in a
     row while in debt (`MacBudget.held_limit`, from `ev.max_held_frames` as
-    the usual limit). The records carry the share (`share`) and the held
-    limit (`held_limit`) so that `time_repeats` can replay the same sequence.
+    the usual limit, restored at the end). The records carry the share
+    (`share`) and the held limit (`held_limit`) so that `time_repeats` can
+    replay the same sequence.
     """
     model.eval()
     ev.reset()
@@ -346,6 +347,7 @@ def compare_on_frames(model: nn.Module, ev: EventfulViT, frames: Iterable[Tensor
                              partial=not (counted.last_frame_full or counted.last_frame_held))
             ev.policy = counted.policy = controller.policy()
             ev.max_held_frames = counted.max_held_frames = controller.held_limit(usual_held)
+    ev.max_held_frames = usual_held  # the model's own limit again (the records keep each frame's)
     return records, ev.state_bytes()
 
 
@@ -369,6 +371,7 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
         raise ValueError(f"repeats must be >= 0, got {repeats}")
     model.eval()
     device, dtype = model_device_dtype(model)
+    usual_held = ev.max_held_frames
     replays: list[tuple[list[float], list[float]]] = []
     for _ in tqdm(range(repeats), desc="timing repeats", disable=not progress or repeats == 0, unit="replay"):
         ev.reset()
@@ -387,6 +390,7 @@ def time_repeats(model: nn.Module, ev: EventfulViT, frames: Tensor, repeats: int
             if held_limits and index + 1 < len(held_limits):
                 ev.max_held_frames = held_limits[index + 1]
         replays.append((dense_times, eventful_times))
+    ev.max_held_frames = usual_held
     return replays
 
 
