@@ -311,6 +311,13 @@ def hold_settings(quick: bool, large: bool) -> list[tuple[str, dict[str, object]
                      hold("fraction:0.03125", 0.2, 0.85, 6)]  # a later sweep: bikes' 7.5x point
 
 
+def beats(row: dict[str, object], hold: dict[str, object], ratio_key: str = "mac_ratio") -> bool:
+    """The verdict rule: `row` saves at least `hold`'s MACs (`ratio_key`) and has a higher mean Pearson r and a
+    higher mean top-10% IoU."""
+    return (row[ratio_key] >= hold[ratio_key] and row["pearson_mean"] > hold["pearson_mean"]
+            and row["iou_top10_mean"] > hold["iou_top10_mean"])
+
+
 def dominance(rows: list[dict[str, object]], ratio_key: str, low: float = 2.0, high: float = 8.0,
               kinds: tuple[str, ...] = ("eventful",), baseline: str = "keyframe") -> list[dict]:
     """For each keyframe-and-hold point (rows of kind `baseline`) with MAC ratio in [low, high]: does the best
@@ -321,8 +328,7 @@ def dominance(rows: list[dict[str, object]], ratio_key: str, low: float = 2.0, h
     verdicts = []
     for hold in holds:
         candidates = [r for r in eventful_rows if r[ratio_key] >= hold[ratio_key]]
-        wins = [r for r in candidates if r["pearson_mean"] > hold["pearson_mean"]
-                and r["iou_top10_mean"] > hold["iou_top10_mean"]]
+        wins = [r for r in candidates if beats(r, hold, ratio_key)]
         best = max(wins or candidates, key=lambda r: r["pearson_mean"] + r["iou_top10_mean"], default=None)
         verdicts.append({"hold": hold["label"], "ratio": hold[ratio_key], "beaten": bool(wins),
                          "by": best["label"] if best else None,

@@ -36,7 +36,7 @@ from pathlib import Path
 from frugalvit.ioutil import atomic_file, write_json_atomically
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eventful_real import budget_target, dominance  # noqa: E402 - the benchmark next to this script: its verdict rule
+from eventful_real import beats, budget_target, dominance  # noqa: E402 - the benchmark beside: its verdict rule
 from eventful_tables import split_block  # noqa: E402 - the docs' marked blocks
 
 EVENTFUL_KINDS = ("eventful", "eventful_mc")
@@ -98,8 +98,7 @@ def held_out_verdicts(chosen: list[dict[str, object]], rows: list[dict[str, obje
         if hold is None or setting is None:
             missing.append(f"{verdict['clip']} {verdict['size']} px {verdict['hold']}: {label!r} in {file}")
             continue
-        beaten = (setting["mac_ratio"] >= hold["mac_ratio"] and setting["pearson_mean"] > hold["pearson_mean"]
-                  and setting["iou_top10_mean"] > hold["iou_top10_mean"])
+        beaten = beats(setting, hold)
         out.append({"clip": verdict["clip"], "size": verdict["size"], "first_frame": setting["first_frame"],
                     "frames": setting["frames"], "hold": verdict["hold"], "ratio": hold["mac_ratio"],
                     "hold_r": hold["pearson_mean"], "hold_iou": hold["iou_top10_mean"], "by": verdict["by"],
@@ -137,10 +136,6 @@ def budget_verdicts(rows: list[dict[str, object]], held_rows: list[dict[str, obj
     on the in-sample `rows` (at least its MAC ratio, higher mean r and higher mean IoU), else or among both the one
     with the higher mean r + IoU, is chosen, then judged by the same rule there and, where `held_rows` has the same
     file, on those frames."""
-    def beats(row: dict[str, object], hold: dict[str, object]) -> bool:
-        return (row["mac_ratio"] >= hold["mac_ratio"] and row["pearson_mean"] > hold["pearson_mean"]
-                and row["iou_top10_mean"] > hold["iou_top10_mean"])
-
     def point(source: list[dict[str, object]], clip: str, hold_label: str, label: str | None = None
               ) -> tuple[dict[str, object] | None, list[dict[str, object]]]:
         here = [row for row in source if row["file"] == file and row["clip"] == clip]
@@ -182,8 +177,9 @@ def budget_markdown(table: list[dict[str, object]]) -> str:
              "held out: hold | setting, beats? |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in table:
         inside, outside = v["in_sample"], v.get("held_out")
-        held = "- | -" if outside is None else (f"{outside['first_frame']}-: {triple(outside['hold'])} | "
-                                                f"{triple(outside['setting'])} {'**yes**' if outside['beaten'] else 'no'}")
+        held = "- | -" if outside is None else (
+            f"{outside['first_frame']}-: {triple(outside['hold'])} | "
+            f"{triple(outside['setting'])} {'**yes**' if outside['beaten'] else 'no'}")
         lines.append(f"| {v['clip']} | {v['hold'].removeprefix('hold ')} | {v['setting']} | {triple(inside['hold'])} "
                      f"| {triple(inside['setting'])} {'**yes**' if inside['beaten'] else 'no'} | {held} |")
     judged = [v for v in table if "held_out" in v]

@@ -411,8 +411,8 @@ def test_video_budget_in_debt_holds_longer_and_its_replays_follow(tmp_path: Path
               "--cut-share", "0.95", "--hold-share", "0.05", "--start-frame", "75", "--max-frames", "30")
     usual, stretched = tmp_path / "usual", tmp_path / "stretched"
     assert run_cli(*common, "--repeats", "1", "--out", str(usual)) == 0
-    out = capsys.readouterr().out
-    assert "the budget fell short" in out and "--budget-max-held N" in out
+    printed = capsys.readouterr().out
+    assert "the budget fell short" in printed and "--budget-max-held N" in printed
     assert run_cli(*common, "--budget-max-held", "12", "--repeats", "2", "--out", str(stretched)) == 0
     reports = [json.loads((out / "report.json").read_text()) for out in (usual, stretched)]
     limits = [frame["held_limit"] for frame in reports[1]["frames"]]
