@@ -32,7 +32,7 @@ from frugalvit.data import load_dataset
 from frugalvit.dvt import (DVTConfig, cascade_loss, evaluate_thresholds, genetic_search, geometric_search,
                            search_thresholds)
 from frugalvit.ioutil import atomic_file, write_json_atomically
-from frugalvit.timing import timed
+from frugalvit.timing import interleaved_seconds, timed
 from frugalvit.training import TrainConfig, save_atomically, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -123,17 +123,6 @@ def real_run(cascade, split, thresholds, batch_size: int = 250,
     return {"accuracy": correct / len(split), "mean_macs": macs / len(split), "exit_fractions": shares.tolist()}
 
 
-def time_it(function, batches, repeats: int) -> list[float]:
-    """Seconds per pass of `function` over `batches`, `repeats` passes after a one-batch warm-up."""
-    def one_pass() -> None:
-        for batch in batches:
-            function(batch)
-
-    with torch.no_grad():
-        function(batches[0])  # warm-up
-        return [timed(one_pass, device=batches[0].device)[1] / 1e3 for _ in range(repeats)]
-
-
 def timing(cascade, single, split, thresholds, batch_size: int, count: int, repeats: int) -> dict:
     cascade.set_thresholds(thresholds)
     batches = [split.images[i:i + batch_size] for i in range(0, count, batch_size)]
@@ -144,14 +133,20 @@ def timing(cascade, single, split, thresholds, batch_size: int, count: int, repe
     with torch.no_grad(), CostCounter() as cost:
         single(batches[0][:1])
     single_macs = cost.macs
-    # interleave the two so that load from other processes hits both alike
+    # batch by batch in turn, so that load from other processes hits both alike
     single_times, cascade_times = [], []
-    for _ in range(repeats):
-        single_times += time_it(single, batches, 1)
-        cascade_times += time_it(cascade, batches, 1)
-    speedup = statistics.median(single_times) / statistics.median(cascade_times)
+    with torch.no_grad():
+        interleaved_seconds(single, cascade, batches[:2])  # warm-up
+        for _ in range(repeats):
+            single_seconds, cascade_seconds = interleaved_seconds(single, cascade, batches)
+            single_times.append(single_seconds)
+            cascade_times.append(cascade_seconds)
+    ratios = [s / c for s, c in zip(single_times, cascade_times)]
+    speedup = statistics.median(ratios)
     mac_ratio = single_macs / cascade_macs
     return {"batch_size": batch_size, "images": count, "repeats": repeats,
+            "timing": "batches interleaved; speed-up: median over repeats of each repeat's ratio",
+            "speedup_per_repeat": {"min": min(ratios), "median": speedup, "max": max(ratios)},
             "single_seconds": {"min": min(single_times), "median": statistics.median(single_times),
                                "max": max(single_times)},
             "cascade_seconds": {"min": min(cascade_times), "median": statistics.median(cascade_times),

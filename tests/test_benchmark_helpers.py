@@ -151,3 +151,50 @@ def test_budget_verdicts_choose_the_family_in_sample_and_judge_it_on_held_out_fr
     assert verdict["held_out"]["setting"] == [4.05, 0.95, 0.85]
     [alone] = eventful_verdicts.budget_verdicts(inside[:3], [], file)  # no held-out rows: in sample only
     assert "held_out" not in alone and "in sample 1 of 1" in eventful_verdicts.budget_markdown([alone])
+
+
+def test_wall_clock_interleaves_batch_by_batch_and_reports_the_ratio_per_repeat() -> None:
+    """The DVT benchmarks' timing (`frugalvit.timing.interleaved_seconds`) runs both sides batch by batch, the
+    first side alternating, and sums each side's seconds; the speed-up is the median over repeats of each
+    repeat's ratio."""
+    import dvt_real
+
+    from frugalvit.timing import interleaved_seconds
+
+    calls: list[str] = []
+
+    def side(name: str):
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            calls.append(name)
+            return batch
+
+        return run
+
+    batches = [torch.zeros(2, 3) for _ in range(4)]
+    dense_seconds, cascade_seconds = interleaved_seconds(side("dense"), side("cascade"), batches)
+    assert calls == ["dense", "cascade", "cascade", "dense"] * 2
+    assert dense_seconds > 0 and cascade_seconds > 0
+
+    class Cascade(torch.nn.Module):
+        def set_thresholds(self, thresholds: list[float]) -> None:
+            self.thresholds = thresholds
+
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(batch, torch.ones(3, 3))  # counted: 2 x 3 x 3 MACs per batch
+
+    images = torch.ones(8, 3)
+    entry = dvt_real.wall_clock(Cascade(), lambda batch: batch * 2, 36.0, images, [0.5], batch_size=2, count=8,
+                                repeats=3)
+    assert entry["cascade_mean_macs"] == 9 and entry["mac_ratio"] == 4.0
+    ratios = [d / c for d, c in zip(entry["dense_seconds"]["all"], entry["cascade_seconds"]["all"])]
+    assert entry["speedup_per_repeat"]["all"] == ratios
+    assert entry["speedup_median"] == sorted(ratios)[1]
+    assert entry["speedup_over_mac_ratio"] == entry["speedup_median"] / 4.0
+    import types
+
+    import dvt
+
+    single = torch.nn.Linear(3, 12, bias=False)  # 36 MACs per image
+    entry = dvt.timing(Cascade(), single, types.SimpleNamespace(images=images), [0.5], batch_size=2, count=8,
+                       repeats=3)
+    assert entry["mac_ratio"] == 4.0 and entry["speedup_per_repeat"]["median"] == entry["speedup_median"]

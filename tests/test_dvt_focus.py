@@ -39,7 +39,7 @@ def test_crop_around_cuts_the_square_around_each_centre_and_stays_inside() -> No
                                                          antialias=True, align_corners=False)[0])
     with pytest.raises(ValueError, match="crop side must lie in"):
         crop_around(images, centers, side=11, size=4)
-    with pytest.raises(ValueError, match="one \\(y, x\\) centre per image"):
+    with pytest.raises(ValueError, match="one \\(y, x\\) centre per cropped image"):
         crop_around(images, centers[:1], side=4, size=4)
 
 

@@ -43,6 +43,23 @@ def test_squares_by_slicing_equal_squares_by_gather() -> None:
     assert squares_by_slicing(images[:0], origin[:0], 8).shape == (0, 3, 8, 8)
 
 
+def test_slicing_a_subset_channels_last_gives_the_same_squares_and_crops() -> None:
+    """Cutting rows of the batch in place (no copy of their whole images) and in channels-last layout (the fast
+    uint8 resize) changes no value: squares, and crops resized as uint8, equal those of the subset itself."""
+    images = torch.randint(0, 256, (6, 3, 20, 20), dtype=torch.uint8)
+    rows = torch.tensor([4, 1, 3])
+    origin = torch.tensor([[0, 0], [3, 11], [12, 12]])
+    squares = squares_by_slicing(images, origin, 8, rows, channels_last=True)
+    assert squares.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(squares, squares_by_gather(images[rows], origin, 8), rtol=0, atol=0)
+    centers = torch.tensor([[10.0, 4.0], [2.0, 17.0], [15.0, 15.0]])
+    for side, size in ((12, 8), (8, 8), (6, 10)):
+        torch.testing.assert_close(crop_around(images, centers, side, size, rows=rows),
+                                   crop_around(images[rows], centers, side, size), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one \\(y, x\\) centre per cropped image, shape \\(3, 2\\)"):
+        crop_around(images, centers[:2], 8, 8, rows=rows)
+
+
 def test_uint8_crops_come_back_as_floats_within_one_grey_level_of_the_float_path() -> None:
     images = torch.randint(0, 256, (4, 3, 30, 30), dtype=torch.uint8)
     centers = torch.tensor([[15.0, 15.0], [3.0, 27.0], [20.0, 8.0], [29.0, 29.0]])
