@@ -476,3 +476,18 @@ def test_conv_stem_stage_keeps_the_token_grid_and_counts_its_macs() -> None:
         assert cascade.stage_macs()[0] - plain.stage_macs()[0] == stem
     with pytest.raises(ValueError, match="divisible by 4"):
         DVTConfig(image_size=28, patch_sizes=(14, 7), in_chans=1, conv_stem=(4, 8)).build()
+
+
+def test_carry_selection_takes_a_mask_or_row_indices() -> None:
+    """The early-exit loop regroups a stage's carry (nested tensors) by row indices (index_select, whole rows);
+    a boolean mask gives the same rows."""
+    from frugalvit.dvt.exit import select
+
+    carry = (torch.arange(12).view(4, 3), {"boxes": torch.arange(4.0)}, None)
+    keep = torch.tensor([True, False, True, True])
+    by_mask, by_rows = select(carry, keep), select(carry, keep.nonzero().squeeze(1))
+    for picked in (by_mask, by_rows):
+        assert torch.equal(picked[0], torch.tensor([[0, 1, 2], [6, 7, 8], [9, 10, 11]]))
+        assert torch.equal(picked[1]["boxes"], torch.tensor([0.0, 2.0, 3.0]))
+    with pytest.raises(TypeError, match="cannot regroup a carry of type int"):
+        select(3, keep)
