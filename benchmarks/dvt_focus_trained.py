@@ -41,10 +41,12 @@ checkpoints every epoch and resumes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from functools import partial
 from dataclasses import replace
 from pathlib import Path
@@ -318,7 +320,40 @@ def evaluate(args: argparse.Namespace) -> dict:
             entry.update({"cascade": name, "point": where, "thresholds": thresholds})
             out["wall_clock"].append(entry)
             R.print_wall_clock(f"time {name}", entry)
+    if args.compile:
+        out["wall_clock"] += compiled_wall_clock(models, dense, full_macs, splits["test"].images, args,
+                                                 out["cascades"]["glance -> focus"]["operating_point"]["thresholds"],
+                                                 [e for e in out["wall_clock"] if e["cascade"] == "glance -> focus"])
     return out
+
+
+def compiled_wall_clock(models: dict[str, nn.Module], dense: Callable[[Tensor], Tensor], full_macs: float,
+                        images: Tensor, args: argparse.Namespace, thresholds: list[float],
+                        eager: list[dict]) -> list[dict]:
+    """The two-look cascade against the 7x7 model with both compiled (`torch.compile`: the dense model whole,
+    the glance's feature pass and the focus model; the resizes, crops and exit decisions stay eager), timed as
+    the eager pair, the same images and thresholds. The MACs are the eager run's (`eager`: its entries; the
+    counter does not see into compiled graphs). Compiling copies of the models leaves the eager ones as they
+    were. The first batches compile (tens of seconds) before timing starts."""
+    glance, focus = copy.deepcopy(models["glance"]["vit"]), copy.deepcopy(models["focus"])
+    glance.forward_features = torch.compile(glance.forward_features, dynamic=False)
+    focus.forward = torch.compile(focus.forward, dynamic=True)  # its batch: the images the glance kept
+    cascade = GlanceFocusCascade(glance, models["glance"]["locator"], focus, CANVAS, CROP_SIDES, MARGIN).eval()
+    compiled_dense = torch.compile(dense)
+    entries = []
+    for entry in eager:
+        batch_size, count = entry["batch_size"], entry["images"]
+        with torch.no_grad():  # compile for every batch size met, outside the clock
+            for start in range(0, min(count, 4 * batch_size), batch_size):
+                compiled_dense(images[start:start + batch_size])
+                cascade(images[start:start + batch_size])
+        timing = R.wall_clock(cascade, compiled_dense, full_macs, images, thresholds, batch_size, count,
+                              args.repeats, cascade_macs=entry["cascade_mean_macs"])
+        timing.update({"cascade": "glance -> focus", "point": entry["point"], "thresholds": thresholds,
+                       "compiled": "both sides (torch.compile)"})
+        entries.append(timing)
+        R.print_wall_clock("time glance -> focus, both compiled", timing)
+    return entries
 
 
 def plot(results: dict, path: Path) -> None:
@@ -374,6 +409,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: as dvt_real.py)")
     parser.add_argument("--budgets", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help="with evaluate: also time the two-look cascade and the 7x7 model both compiled "
+                             "(torch.compile; needs a C++ compiler on the CPU)")
     parser.add_argument("--batch1-images", type=int, default=200)
     parser.add_argument("--batch64-images", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=RESULTS / "dvt_focus_trained.json")
