@@ -190,6 +190,9 @@ def test_wall_clock_interleaves_batch_by_batch_and_reports_the_ratio_per_repeat(
     assert entry["speedup_per_repeat"]["all"] == ratios
     assert entry["speedup_median"] == sorted(ratios)[1]
     assert entry["speedup_over_mac_ratio"] == entry["speedup_median"] / 4.0
+    given = dvt_real.wall_clock(Cascade(), lambda batch: batch * 2, 36.0, images, [0.5], batch_size=2, count=8,
+                                repeats=1, cascade_macs=12.0)  # as for compiled stages, which the counter misses
+    assert given["cascade_mean_macs"] == 12.0 and given["mac_ratio"] == 3.0
     import types
 
     import dvt
