@@ -62,7 +62,7 @@ from frugalvit.cost import CostCounter
 from frugalvit.data import ImageDataset, Split
 from frugalvit.dvt import (AttentionPoolHead, DVTConfig, ResolutionCascade, TokenPoolHead, cascade_loss,
                            evaluate_thresholds, resize_images, search_thresholds)
-from frugalvit.ioutil import atomic_file, write_json_atomically
+from frugalvit.ioutil import atomic_file, check_output_dir, write_json_atomically
 from frugalvit.timing import interleaved_seconds, timed
 from frugalvit.tasks import (ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays,
                              save_sources, to_float)
@@ -704,6 +704,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data_config = ScaledDigitsConfig(counts=args.data_counts)
     if args.prepare_sources is not None:
+        try:  # before the decoding: a path that cannot be written fails at once, with the reason
+            check_output_dir(args.prepare_sources.parent, (args.prepare_sources.name,),
+                             option="--prepare-sources' directory")
+        except ValueError as error:
+            parser.error(str(error))  # exit 2
+        args.prepare_sources.parent.mkdir(parents=True, exist_ok=True)
         save_sources(args.prepare_sources, data_config, splits=tuple(args.source_splits.split(",")))
         print(f"wrote {args.prepare_sources}")
         return
