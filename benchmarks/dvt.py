@@ -32,7 +32,7 @@ from frugalvit.data import load_dataset
 from frugalvit.dvt import (DVTConfig, cascade_loss, evaluate_thresholds, genetic_search, geometric_search,
                            search_thresholds)
 from frugalvit.ioutil import atomic_file, write_json_atomically
-from frugalvit.timing import interleaved_seconds, timed
+from frugalvit.timing import interleaved_repeats, timed
 from frugalvit.training import TrainConfig, save_atomically, train
 
 RESULTS = Path(__file__).parent / "results"
@@ -133,15 +133,8 @@ def timing(cascade, single, split, thresholds, batch_size: int, count: int, repe
     with torch.no_grad(), CostCounter() as cost:
         single(batches[0][:1])
     single_macs = cost.macs
-    # batch by batch in turn, so that load from other processes hits both alike
-    single_times, cascade_times = [], []
-    with torch.no_grad():
-        interleaved_seconds(single, cascade, batches[:2])  # warm-up
-        for _ in range(repeats):
-            single_seconds, cascade_seconds = interleaved_seconds(single, cascade, batches)
-            single_times.append(single_seconds)
-            cascade_times.append(cascade_seconds)
-    ratios = [s / c for s, c in zip(single_times, cascade_times)]
+    with torch.no_grad():  # batch by batch in turn, so that load from other processes hits both alike
+        single_times, cascade_times, ratios = interleaved_repeats(single, cascade, batches, repeats)
     speedup = statistics.median(ratios)
     mac_ratio = single_macs / cascade_macs
     return {"batch_size": batch_size, "images": count, "repeats": repeats,

@@ -63,7 +63,7 @@ from frugalvit.data import ImageDataset, Split
 from frugalvit.dvt import (AttentionPoolHead, DVTConfig, ResolutionCascade, TokenPoolHead, cascade_loss,
                            evaluate_thresholds, resize_images, search_thresholds)
 from frugalvit.ioutil import atomic_file, check_output_dir, write_json_atomically
-from frugalvit.timing import interleaved_seconds, timed
+from frugalvit.timing import interleaved_repeats, timed
 from frugalvit.tasks import (ScaledDigitsConfig, build_scaled_digits, load_scaled_digits, load_split_arrays,
                              save_sources, to_float)
 from frugalvit.training import LossFn, TrainConfig, save_atomically, train
@@ -180,7 +180,7 @@ def wall_clock(cascade, dense: Callable[[Tensor], object], dense_macs: float, im
                thresholds: Sequence[float], batch_size: int, count: int, repeats: int,
                cascade_macs: float | None = None) -> dict:
     """Dense single model vs early-exit cascade on the same images, interleaved batch by batch
-    (`interleaved_seconds`); the speed-up is the median over repeats of each repeat's dense / cascade ratio,
+    (`interleaved_repeats`); the speed-up is the median over repeats of each repeat's dense / cascade ratio,
     with its min and max. `cascade_macs`: the cascade's mean MACs per image on these images, where counting
     cannot see them (compiled stages); default: counted here."""
     cascade.set_thresholds(thresholds)
@@ -190,14 +190,8 @@ def wall_clock(cascade, dense: Callable[[Tensor], object], dense_macs: float, im
             for batch in batches:
                 cascade(batch)
         cascade_macs = cost.macs / count
-    dense_times, cascade_times = [], []
     with torch.no_grad():
-        interleaved_seconds(dense, cascade, batches[:2])  # warm-up
-        for _ in range(repeats):
-            dense_seconds, cascade_seconds = interleaved_seconds(dense, cascade, batches)
-            dense_times.append(dense_seconds)
-            cascade_times.append(cascade_seconds)
-    ratios = [d / c for d, c in zip(dense_times, cascade_times)]
+        dense_times, cascade_times, ratios = interleaved_repeats(dense, cascade, batches, repeats)
     speedup = statistics.median(ratios)
     mac_ratio = dense_macs / cascade_macs
     return {"batch_size": batch_size, "images": count, "repeats": repeats, "threads": torch.get_num_threads(),

@@ -5,7 +5,8 @@ measures the launch, not the work. `timed` synchronises the device before
 starting and before stopping the clock (on the CPU there is nothing to wait for).
 `device_timed` measures with CUDA events on a GPU (the device's own clock,
 without draining the queue first) and falls back to `timed` elsewhere.
-`interleaved_seconds` times a method and its baseline batch by batch in turn.
+`interleaved_seconds` times a method and its baseline batch by batch in turn
+(`interleaved_repeats`: several such passes).
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ def interleaved_seconds(first: Callable[[Tensor], object], second: Callable[[Ten
         for side in ((0, 1) if index % 2 == 0 else (1, 0)):
             totals[side] += timed(functions[side], batch, device=batch.device)[1] / 1e3
     return totals[0], totals[1]
+
+
+def interleaved_repeats(first: Callable[[Tensor], object], second: Callable[[Tensor], object],
+                        batches: Sequence[Tensor], repeats: int, warm_up: int = 2
+                        ) -> tuple[list[float], list[float], list[float]]:
+    """`repeats` passes of `interleaved_seconds` after one untimed over the first `warm_up` batches: each
+    side's seconds per pass, and each pass's ratio first / second (a speed-up of `second` over `first`)."""
+    interleaved_seconds(first, second, batches[:warm_up])
+    first_times, second_times = [], []
+    for _ in range(repeats):
+        first_seconds, second_seconds = interleaved_seconds(first, second, batches)
+        first_times.append(first_seconds)
+        second_times.append(second_seconds)
+    return first_times, second_times, [a / b for a, b in zip(first_times, second_times)]
 
 
 class Stopwatch:
