@@ -110,7 +110,7 @@ def crop_around(images: Tensor, centers: Tensor, side: int, size: int, dtype: to
     if images.device.type == "cpu":
         crops = squares_by_slicing(images, origin, side, rows, channels_last=images.dtype == torch.uint8)
     else:
-        crops = squares_by_gather(images if rows is None else images[rows], origin, side)
+        crops = squares_by_gather(images if rows is None else images.index_select(0, rows), origin, side)
     if images.dtype == torch.uint8:
         return resize_images(crops, (size, size), dtype=dtype)
     if side == size:
