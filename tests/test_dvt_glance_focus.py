@@ -163,15 +163,43 @@ def test_glance_focus_errors_name_the_problem() -> None:
         cascade(torch.rand(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-def test_crops_every_side_equal_crops_by_side(dtype: torch.dtype) -> None:
-    """The sync-free crop path (every side for every image, used off the CPU) gives the per-side path's values."""
-    from frugalvit.dvt.focus import crops_by_side, crops_every_side
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.uint8, torch.bfloat16])
+def test_crops_by_matrices_equal_the_per_side_crops(dtype: torch.dtype) -> None:
+    """The sync-free crop path used off the CPU (each crop's anti-aliased resize as two batched matrix
+    products) gives the per-side path's crops: to float32 rounding for float images, within one grey level
+    for uint8 ones (resized as uint8 on the CPU); sides equal to the output size (a plain cut) and the
+    whole image included; the cascade's kept weight table gives the same."""
+    from frugalvit.dvt.focus import crop_weight_table, crops_by_matrices, crops_by_side
 
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (6, 3, 32, 32), generator=generator).to(dtype)
-    centers = torch.rand(6, 2, generator=generator) * 32
-    which = torch.tensor([0, 2, 1, 2, 0, 0])
-    by_side = crops_by_side(images, centers, which, (8, 16, 32), 12, torch.float32)
-    every = crops_every_side(images, centers, which, (8, 16, 32), 12, torch.float32)
-    torch.testing.assert_close(every, by_side, rtol=0, atol=0)
+    images = (torch.rand(7, 3, 32, 32, generator=generator) * 255).round().to(dtype)
+    centers = torch.rand(7, 2, generator=generator) * 32
+    centers[0] = torch.tensor([0.0, 31.0])  # a crop moved inside at two edges
+    options = (8, 12, 16, 32)
+    which = torch.tensor([0, 2, 1, 3, 0, 1, 2])
+    out = torch.float32 if dtype == torch.uint8 else dtype  # as `crop_boxes` asks: float images keep theirs
+    by_side = crops_by_side(images, centers, which, options, 12, out).float()
+    by_matrices = crops_by_matrices(images, centers, which, options, 12, torch.float32)
+    kept = crops_by_matrices(images, centers, which, options, 12, torch.float32, crop_weight_table(options, 32, 12))
+    torch.testing.assert_close(kept, by_matrices, rtol=0, atol=0)
+    # uint8: [0, 1], one grey level; float: the 0-255 values, float32 rounding (bfloat16: its own rounding)
+    tolerance = {torch.uint8: 1 / 255 + 1e-6, torch.bfloat16: 2.0}.get(dtype, 1e-3)
+    torch.testing.assert_close(by_matrices, by_side, rtol=0, atol=tolerance)
+    assert by_matrices.dtype == torch.float32 and by_matrices.shape == (7, 3, 12, 12)
+    assert crops_by_matrices(images, centers, which, options, 12, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_crops_by_matrices_compile_as_one_graph() -> None:
+    """No host sync in the crop path used off the CPU: it compiles whole (fullgraph) and gives the same crops."""
+    from frugalvit.dvt.focus import crop_weight_table, crops_by_matrices
+
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    centers = torch.rand(5, 2, generator=generator) * 32
+    which, table = torch.tensor([0, 1, 2, 0, 1]), crop_weight_table((8, 16, 32), 32, 12)
+
+    def crops(images: torch.Tensor, centers: torch.Tensor, which: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return crops_by_matrices(images, centers, which, (8, 16, 32), 12, torch.float32, table)
+
+    compiled = torch.compile(crops, fullgraph=True)
+    torch.testing.assert_close(compiled(images, centers, which, table), crops(images, centers, which, table))

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from frugalvit.data import model_input
 from frugalvit.dvt.cascade import resize_bilinear, resize_images
@@ -330,7 +331,7 @@ class BoxLocator(nn.Module):
 
 
 def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choices: Sequence[int],
-               dtype: torch.dtype | None = None) -> Tensor:
+               dtype: torch.dtype | None = None, table: Tensor | None = None) -> Tensor:
     """Square crops around `centers` (B, 2) as (y, x), each of the smallest side in `choices` that holds its
     requested side (B,) (the largest choice where none does), moved inside the image, resized to `size`
     (uint8 images come back as floats in [0, 1] of `dtype`, as from `crop_around`).
@@ -338,20 +339,27 @@ def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choice
     Quantising the side to a few choices keeps each crop an exact, anti-aliased
     resize (`crop_around`) instead of a per-image sampling grid that would
     alias when shrinking. On the CPU each side that occurs is cut for its
-    images only (`crops_by_side`); elsewhere every side is cut for every image
-    and each image's own is picked (`crops_every_side`: the same values,
-    several times the crop work, no host sync).
+    images only (`crops_by_side`); elsewhere every crop is two batched matrix
+    products (`crops_by_matrices`: a handful of kernels whatever the sides,
+    no host sync; `table`: its weights, built once by the caller, default
+    here).
     """
     options = sorted({int(side) for side in choices})
     if not options:
         raise ValueError("crop side choices must not be empty")
     if sides.shape != (images.shape[0],):
         raise ValueError(f"expected one side per image, shape ({images.shape[0]},), got {tuple(sides.shape)}")
+    if centers.shape != (images.shape[0], 2):
+        raise ValueError(f"expected one (y, x) centre per image, shape ({images.shape[0]}, 2), got "
+                         f"{tuple(centers.shape)}")
     which = torch.bucketize(sides.float(), torch.tensor(options, dtype=torch.float32, device=sides.device))
     which = which.clamp(max=len(options) - 1)
     out_dtype = (dtype or torch.float32) if images.dtype == torch.uint8 else images.dtype
-    crop = crops_by_side if images.device.type == "cpu" else crops_every_side
-    return crop(images, centers, which, options, size, out_dtype)
+    if images.device.type == "cpu":
+        return crops_by_side(images, centers, which, options, size, out_dtype)
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"expected square images (B, C, S, S), got shape {tuple(images.shape)}")
+    return crops_by_matrices(images, centers, which, options, size, out_dtype, table)
 
 
 def crops_by_side(images: Tensor, centers: Tensor, which: Tensor, options: Sequence[int], size: int,
@@ -366,11 +374,52 @@ def crops_by_side(images: Tensor, centers: Tensor, which: Tensor, options: Seque
     return out
 
 
-def crops_every_side(images: Tensor, centers: Tensor, which: Tensor, options: Sequence[int], size: int,
-                     dtype: torch.dtype) -> Tensor:
-    """`crops_by_side` without a host sync: every side cut for every image, each image's own picked."""
-    every = torch.stack([crop_around(images, centers, side, size, dtype=dtype) for side in options])
-    return every[which, torch.arange(images.shape[0], device=images.device)]
+def resize_weights(side: int, size: int, device: torch.device | None = None) -> Tensor:
+    """The anti-aliased bilinear resize from `side` to `size` samples as a matrix (side, size): row i holds
+    what input sample i contributes to each output sample (PyTorch's own weights, read off by resizing the
+    identity), so that `x @ resize_weights(...)` resizes the last axis of x as `F.interpolate` does."""
+    identity = torch.eye(side, dtype=torch.float32, device=device).view(1, 1, side, side)
+    return F.interpolate(identity, size=(side, size), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+
+
+def crop_weight_table(options: Sequence[int], full: int, size: int, device: torch.device | None = None) -> Tensor:
+    """(len(options), full, size): for each crop side, its `resize_weights` in the first `side` rows, zeros below
+    (what `crops_by_matrices` shifts to each crop's origin; a cascade keeps one as a buffer)."""
+    table = torch.zeros(len(options), full, size, dtype=torch.float32, device=device)
+    for index, side in enumerate(options):
+        table[index, :side] = resize_weights(side, size, device)
+    return table
+
+
+def crops_by_matrices(images: Tensor, centers: Tensor, which: Tensor, options: Sequence[int], size: int,
+                      dtype: torch.dtype, table: Tensor | None = None) -> Tensor:
+    """`crop_boxes`' crops without a host sync or a loop over the sides: crop and resize are linear, so each
+    image's crop is Rᵀ image R', with R and R' (S, size) its side's resize weights (`resize_weights`) shifted
+    to its origin's row and column; two batched matrix products for all images. `table`: the sides'
+    `crop_weight_table` (default: built here).
+
+    The float anti-aliased resize of each crop up to float32 rounding (in float32 for any input dtype,
+    returned in `dtype`; uint8 images scaled to [0, 1]); on the CPU `crops_by_side` resizes uint8 as uint8,
+    within one grey level of this.
+    """
+    batch, _, full, _ = images.shape
+    device = images.device
+    if table is None:
+        table = crop_weight_table(options, full, size, device)
+    origin = torch.stack([crop_origin(centers, side, full) for side in options])  # (sides, B, 2)
+    origin = origin[which, torch.arange(batch, device=device)]  # each image's own side's origin (B, 2)
+    weights = table[which]  # (B, S, size)
+
+    def shifted(start: Tensor) -> Tensor:
+        """(B, S, size): each image's weights moved down to start at its row `start` (B,), zeros above."""
+        offset = torch.arange(full, device=device) - start[:, None]  # the table row each row reads
+        moved = weights.gather(1, offset.clamp(min=0)[:, :, None].expand(batch, full, size))
+        return moved * (offset >= 0)[:, :, None]
+
+    pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    rows, columns = shifted(origin[:, 0]), shifted(origin[:, 1])
+    crops = rows.transpose(1, 2)[:, None] @ (pixels @ columns[:, None])  # (B, C, size, size)
+    return crops.to(dtype)
 
 
 def _input_size(vit: VisionTransformer) -> int:
@@ -420,6 +469,9 @@ class GlanceFocusCascade(EarlyExitCascade):
         self.sizes = tuple(sizes)
         self.crop_sides = tuple(sorted({int(side) for side in crop_sides}))
         self.margin = float(margin)
+        # The crops' resize weights off the CPU (`crops_by_matrices`), built once; they follow the model's device
+        self.register_buffer("crop_weights", crop_weight_table(self.crop_sides, int(input_size), self.sizes[1]),
+                             persistent=False)
 
     def _dtype(self) -> torch.dtype:
         return next(self.glance.parameters()).dtype
@@ -437,7 +489,8 @@ class GlanceFocusCascade(EarlyExitCascade):
         """The focus's input: `margin` x `sides` crops around `centers` (input pixels), at the focus's size."""
         if images.dtype != torch.uint8:  # uint8 stays uint8 until resized (faster on the CPU)
             images = model_input(images, images.device, self._dtype())
-        return crop_boxes(images, centers, sides * self.margin, self.sizes[1], self.crop_sides, self._dtype())
+        return crop_boxes(images, centers, sides * self.margin, self.sizes[1], self.crop_sides, self._dtype(),
+                          self.crop_weights)
 
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
         if index == 0:
