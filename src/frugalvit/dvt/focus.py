@@ -382,6 +382,23 @@ def resize_weights(side: int, size: int, device: torch.device | None = None) -> 
     return F.interpolate(identity, size=(side, size), mode="bilinear", align_corners=False, antialias=True)[0, 0]
 
 
+@torch.library.custom_op("frugalvit::resize_crops", mutates_args=())
+def resize_crops(pixels: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+    """rowsᵀ · image · columns for each image: (B, C, S, S) images, (B, S, size) weights -> (B, C, size, size),
+    the products of `crops_by_matrices`.
+
+    A registered operator, so that `CostCounter` counts it as it counts
+    `F.interpolate`, the CPU's crop resize (nothing): a crop adds no model
+    MACs on any device, where plain products would add millions per image.
+    """
+    return rows.transpose(1, 2)[:, None] @ (pixels @ columns[:, None])
+
+
+@resize_crops.register_fake
+def _resize_crops_fake(pixels: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+    return pixels.new_empty(pixels.shape[0], pixels.shape[1], rows.shape[2], columns.shape[2])
+
+
 def crop_weight_table(options: Sequence[int], full: int, size: int, device: torch.device | None = None) -> Tensor:
     """(len(options), full, size): for each crop side, its `resize_weights` in the first `side` rows, zeros below
     (what `crops_by_matrices` shifts to each crop's origin; a cascade keeps one as a buffer)."""
@@ -395,8 +412,9 @@ def crops_by_matrices(images: Tensor, centers: Tensor, which: Tensor, options: S
                       dtype: torch.dtype, table: Tensor | None = None) -> Tensor:
     """`crop_boxes`' crops without a host sync or a loop over the sides: crop and resize are linear, so each
     image's crop is Rᵀ image R', with R and R' (S, size) its side's resize weights (`resize_weights`) shifted
-    to its origin's row and column; two batched matrix products for all images. `table`: the sides'
-    `crop_weight_table` (default: built here).
+    to its origin's row and column; two batched matrix products for all images (`resize_crops`, which the
+    cost counter does not count, as it does not count a resize). `table`: the sides' `crop_weight_table`
+    (default: built here).
 
     The float anti-aliased resize of each crop up to float32 rounding (in float32 for any input dtype,
     returned in `dtype`; uint8 images scaled to [0, 1]); on the CPU `crops_by_side` resizes uint8 as uint8,
@@ -417,9 +435,7 @@ def crops_by_matrices(images: Tensor, centers: Tensor, which: Tensor, options: S
         return moved * (offset >= 0)[:, :, None]
 
     pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    rows, columns = shifted(origin[:, 0]), shifted(origin[:, 1])
-    crops = rows.transpose(1, 2)[:, None] @ (pixels @ columns[:, None])  # (B, C, size, size)
-    return crops.to(dtype)
+    return resize_crops(pixels, shifted(origin[:, 0]), shifted(origin[:, 1])).to(dtype)
 
 
 def _input_size(vit: VisionTransformer) -> int:
