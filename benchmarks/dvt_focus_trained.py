@@ -45,6 +45,7 @@ import copy
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -60,6 +61,7 @@ from frugalvit.cost import CostCounter
 from frugalvit.data import Split
 from frugalvit.dvt import BoxLocator, GlanceFocusCascade, dvt_stage, resize_images
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_split_arrays, to_float
+from frugalvit.timing import timed
 from frugalvit.training import TrainConfig, save_atomically, train
 
 import dvt_real as R  # the sibling benchmarks (this directory is on sys.path)
@@ -320,11 +322,68 @@ def evaluate(args: argparse.Namespace) -> dict:
             entry.update({"cascade": name, "point": where, "thresholds": thresholds})
             out["wall_clock"].append(entry)
             R.print_wall_clock(f"time {name}", entry)
+    out["time_breakdown"] = time_breakdown(two, dense, splits["test"].images[:args.batch64_images],
+                                           out["cascades"]["glance -> focus"]["operating_point"]["thresholds"],
+                                           args.repeats)
+    print(f"[time breakdown, ms per {args.batch64_images} images] {json.dumps(out['time_breakdown']['ms'])}",
+          flush=True)
     if args.compile:
         out["wall_clock"] += compiled_wall_clock(models, dense, full_macs, splits["test"].images, args,
                                                  out["cascades"]["glance -> focus"]["operating_point"]["thresholds"],
                                                  [e for e in out["wall_clock"] if e["cascade"] == "glance -> focus"])
     return out
+
+
+@torch.no_grad()
+def time_breakdown(cascade: GlanceFocusCascade, dense: Callable[[Tensor], Tensor], images: Tensor,
+                   thresholds: list[float], repeats: int, batch_size: int = 64) -> dict:
+    """Where the two-look cascade's time goes at batch 64: each piece of its early-exit forward timed on its
+    own inputs (made once beforehand), batch by batch in turn with the dense model and the whole cascade,
+    so that the machine's drift reaches every piece alike; milliseconds per pass over `images`, median over
+    `repeats` passes."""
+    cascade.set_thresholds(thresholds)
+    prepared = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size]
+        small = resize_images(batch, (LOOK, LOOK), dtype=cascade._dtype())
+        tokens = cascade.glance.forward_features(small)
+        logits = cascade.glance.forward_head(tokens)
+        centers, sides = cascade.locate(tokens)
+        rows = (~cascade.exits(logits, thresholds[0])).nonzero().squeeze(1)
+        kept = (batch.index_select(0, rows), centers.index_select(0, rows), sides.index_select(0, rows))
+        prepared.append((batch, small, tokens, logits, centers, sides, kept, cascade.focus_input(*kept)))
+
+    def regroup(logits: Tensor, batch: Tensor, centers: Tensor, sides: Tensor) -> None:
+        rows = (~cascade.exits(logits, thresholds[0])).nonzero().squeeze(1)
+        batch.index_select(0, rows), centers.index_select(0, rows), sides.index_select(0, rows)
+
+    pieces: dict[str, Callable[[tuple], object]] = {
+        "dense model": lambda p: dense(p[0]),
+        "cascade (all of it)": lambda p: cascade(p[0]),
+        "glance: resize to its input": lambda p: resize_images(p[0], (LOOK, LOOK), dtype=cascade._dtype()),
+        "glance: features": lambda p: cascade.glance.forward_features(p[1]),
+        "glance: head and locator": lambda p: (cascade.glance.forward_head(p[2]), cascade.locate(p[2])),
+        "exit decision and regrouping": lambda p: regroup(p[3], p[0], p[4], p[5]),
+        "focus: crops": lambda p: cascade.focus_input(*p[6]),
+        "focus: model": lambda p: cascade.focus(p[7]),
+    }
+    passes: dict[str, list[float]] = {name: [] for name in pieces}
+    for repeat in range(repeats + 1):  # the first pass warms up
+        totals = dict.fromkeys(pieces, 0.0)
+        for index, batch in enumerate(prepared):
+            order = list(pieces) if index % 2 == 0 else list(reversed(pieces))
+            for name in order:
+                totals[name] += timed(pieces[name], batch, device=batch[0].device)[1]
+        if repeat:
+            for name, total in totals.items():
+                passes[name].append(total)
+    ms = {name: statistics.median(values) for name, values in passes.items()}
+    pieces_sum = sum(value for name, value in ms.items() if name not in ("dense model", "cascade (all of it)"))
+    return {"batch_size": batch_size, "images": int(images.shape[0]), "repeats": repeats,
+            "threads": torch.get_num_threads(), "ms": ms, "pieces_sum_ms": pieces_sum,
+            "models_only_speedup": ms["dense model"] / (ms["glance: features"] + ms["glance: head and locator"]
+                                                        + ms["focus: model"]),
+            "speedup": ms["dense model"] / ms["cascade (all of it)"]}
 
 
 def compiled_wall_clock(models: dict[str, nn.Module], dense: Callable[[Tensor], Tensor], full_macs: float,
