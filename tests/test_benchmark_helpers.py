@@ -201,3 +201,26 @@ def test_wall_clock_interleaves_batch_by_batch_and_reports_the_ratio_per_repeat(
     entry = dvt.timing(Cascade(), single, types.SimpleNamespace(images=images), [0.5], batch_size=2, count=8,
                        repeats=3)
     assert entry["mac_ratio"] == 4.0 and entry["speedup_per_repeat"]["median"] == entry["speedup_median"]
+
+
+def test_trained_focus_time_breakdown_times_every_piece() -> None:
+    """dvt_focus_trained.py's time breakdown: every piece of the two-look forward timed (ms per pass), the
+    pieces' sum and the speed-ups derived from the same medians."""
+    import dvt_focus_trained as T  # noqa: E402 - a benchmark script, imported by path
+    from frugalvit.tasks import to_float
+
+    models = T.build_models(seed=0)
+    cascade = T.cascade_of(models, last_resort=False)
+    images = torch.randint(0, 256, (8, 3, T.CANVAS, T.CANVAS), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        confidence = cascade.glance.forward_head(cascade.glance_tokens(images)).softmax(-1).amax(-1)
+    threshold = float(confidence.median())  # about half the images go on to the focus
+    result = T.time_breakdown(cascade, lambda batch: models["full"](to_float(batch)), images, [threshold],
+                              repeats=1, batch_size=4)
+    ms = result["ms"]
+    assert set(ms) == {"dense model", "cascade (all of it)", "glance: resize to its input", "glance: features",
+                       "glance: head and locator", "exit decision and regrouping", "focus: crops", "focus: model"}
+    assert all(value > 0 for value in ms.values())
+    assert result["pieces_sum_ms"] == pytest.approx(sum(ms.values()) - ms["dense model"] - ms["cascade (all of it)"])
+    assert result["speedup"] == ms["dense model"] / ms["cascade (all of it)"]
