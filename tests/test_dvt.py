@@ -183,6 +183,25 @@ def test_early_exit_follows_confidence(images: torch.Tensor, feature: bool, rela
         torch.testing.assert_close(out.logits[index], stage_logits[stage][index], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("feature,relation", [(False, False), (True, True)])
+def test_every_stage_form_gives_the_early_exit_outputs(images: torch.Tensor, feature: bool, relation: bool) -> None:
+    """`forward_every_stage` (no early exit, no host round trips) returns what early exit returns, at mixed,
+    all-first and all-last exits; its cost is every stage for every sample."""
+    cascade = _cascade(feature, relation)
+    with torch.no_grad():
+        confidence = torch.stack([l.softmax(-1).amax(-1) for l in cascade.forward_all(images)]).numpy()
+        mixed = [float(np.median(confidence[0])), float(np.median(confidence[1]))]
+        for thresholds in (mixed, [0.0, 0.0], [1.0, 1.0]):
+            early, every = cascade(images, thresholds=thresholds), cascade.forward_every_stage(images, thresholds)
+            assert every.exit_stage.tolist() == early.exit_stage.tolist()
+            torch.testing.assert_close(every.logits, early.logits, atol=1e-5, rtol=1e-5)
+        cascade.set_thresholds(mixed)
+        assert cascade.forward_every_stage(images).exit_stage.tolist() == cascade(images).exit_stage.tolist()
+        with CostCounter() as cost:
+            cascade.forward_every_stage(images[:1])
+    assert cost.macs == cascade.stage_macs()[-1]
+
+
 def test_thresholds_at_one_give_the_last_stage_for_every_sample(images: torch.Tensor) -> None:
     cascade = _cascade()
     with torch.no_grad():

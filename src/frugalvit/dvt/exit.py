@@ -154,6 +154,28 @@ class EarlyExitCascade(nn.Module):
         assert result is not None
         return CascadeOutput(result, exit_stage)
 
+    def forward_every_stage(self, images: Tensor, thresholds: Sequence[float] | None = None) -> CascadeOutput:
+        """`forward`'s outputs and exit stages without its host round trips: every stage runs on every
+        sample, and each sample takes the logits of the first stage confident enough.
+
+        Costs every stage for every sample (`stage_macs()[-1]` each) and saves
+        no arithmetic; what it removes is the early exit's reading of each
+        decision on the host and its regrouping of the batch. Where small
+        models are bound by kernel launches and syncs (a GPU at small sizes)
+        that is what costs time, and this form, with stages free of host
+        syncs (`GlanceFocusCascade` off the CPU), can be compiled or captured
+        whole.
+        """
+        limits = check_thresholds(thresholds, self.num_stages) if thresholds is not None \
+            else tuple(self.thresholds.tolist())
+        outputs = self.forward_all(images)
+        batch = images.shape[0]
+        exit_stage = torch.full((batch,), self.num_stages - 1, dtype=torch.long, device=outputs[0].device)
+        for index in reversed(range(self.num_stages - 1)):  # the first confident stage wins
+            exit_stage = torch.where(self.exits(outputs[index], limits[index]), index, exit_stage)
+        logits = torch.stack(outputs)[exit_stage, torch.arange(batch, device=exit_stage.device)]
+        return CascadeOutput(logits, exit_stage)
+
     @staticmethod
     def exits(logits: Tensor, threshold: float) -> Tensor:
         """Which samples exit: max softmax >= threshold (threshold 1.0: none)."""
