@@ -202,6 +202,17 @@ def test_every_stage_form_gives_the_early_exit_outputs(images: torch.Tensor, fea
     assert cost.macs == cascade.stage_macs()[-1]
 
 
+def test_every_stage_form_has_no_host_sync(images: torch.Tensor) -> None:
+    """With thresholds given, `forward_every_stage` compiles as one graph (nothing read on the host), where
+    early exit reads every decision; the compiled form gives early exit's answers."""
+    cascade = _cascade(False, False)
+    compiled = torch.compile(lambda batch: cascade.forward_every_stage(batch, (0.3, 0.5)), fullgraph=True)
+    with torch.no_grad():
+        out, early = compiled(images), cascade(images, thresholds=(0.3, 0.5))
+    assert out.exit_stage.tolist() == early.exit_stage.tolist()
+    torch.testing.assert_close(out.logits, early.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_thresholds_at_one_give_the_last_stage_for_every_sample(images: torch.Tensor) -> None:
     cascade = _cascade()
     with torch.no_grad():
