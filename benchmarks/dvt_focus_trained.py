@@ -322,15 +322,17 @@ def evaluate(args: argparse.Namespace) -> dict:
             entry.update({"cascade": name, "point": where, "thresholds": thresholds})
             out["wall_clock"].append(entry)
             R.print_wall_clock(f"time {name}", entry)
-    out["time_breakdown"] = time_breakdown(two, dense, splits["test"].images[:args.batch64_images],
-                                           out["cascades"]["glance -> focus"]["operating_point"]["thresholds"],
+    early_exit = [entry for entry in out["wall_clock"] if entry["cascade"] == "glance -> focus"]  # eager
+    thresholds = early_exit[0]["thresholds"]  # the two-look cascade's timed point
+    out["time_breakdown"] = time_breakdown(two, dense, splits["test"].images[:args.batch64_images], thresholds,
                                            args.repeats)
     print(f"[time breakdown, ms per {args.batch64_images} images] {json.dumps(out['time_breakdown']['ms'])}",
           flush=True)
+    if args.every_stage:
+        out["wall_clock"] += every_stage_wall_clock(two, dense, full_macs, splits["test"].images, args, thresholds)
     if args.compile:
-        out["wall_clock"] += compiled_wall_clock(models, dense, full_macs, splits["test"].images, args,
-                                                 out["cascades"]["glance -> focus"]["operating_point"]["thresholds"],
-                                                 [e for e in out["wall_clock"] if e["cascade"] == "glance -> focus"])
+        out["wall_clock"] += compiled_wall_clock(models, dense, full_macs, splits["test"].images, args, thresholds,
+                                                 early_exit)
     return out
 
 
@@ -386,6 +388,38 @@ def time_breakdown(cascade: GlanceFocusCascade, dense: Callable[[Tensor], Tensor
             "speedup": ms["dense model"] / ms["cascade (all of it)"]}
 
 
+class EveryStage:
+    """A cascade called through `forward_every_stage` (both looks for every image, no decision read on the host),
+    with the interface `dvt_real.wall_clock` times: `set_thresholds` and a call per batch."""
+
+    def __init__(self, cascade: GlanceFocusCascade, compiled: bool = False) -> None:
+        self.cascade, self.limits = cascade, None
+        self.run = torch.compile(cascade.forward_every_stage) if compiled else cascade.forward_every_stage
+
+    def set_thresholds(self, thresholds: list[float]) -> None:
+        self.cascade.set_thresholds(thresholds)
+        self.limits = tuple(float(t) for t in thresholds)
+
+    def __call__(self, images: Tensor):  # noqa: ANN204 - a CascadeOutput
+        return self.run(images, self.limits)
+
+
+def every_stage_wall_clock(cascade: GlanceFocusCascade, dense: Callable[[Tensor], Tensor], full_macs: float,
+                           images: Tensor, args: argparse.Namespace, thresholds: list[float]) -> list[dict]:
+    """The two-look cascade as `forward_every_stage` (the same answers as early exit, both looks always, no
+    host round trip: the form for launch-bound devices) against the 7x7 model, timed as the early-exit rows;
+    its MACs counted (every stage for every image)."""
+    entries = []
+    for batch_size, count in ((1, args.batch1_images), (64, args.batch64_images)):
+        entry = R.wall_clock(EveryStage(cascade), dense, full_macs, images, thresholds, batch_size, count,
+                             args.repeats)
+        entry.update({"cascade": "glance -> focus", "point": "operating point", "thresholds": thresholds,
+                      "form": "every stage (forward_every_stage)"})
+        entries.append(entry)
+        R.print_wall_clock("time glance -> focus, every stage", entry)
+    return entries
+
+
 def compiled_wall_clock(models: dict[str, nn.Module], dense: Callable[[Tensor], Tensor], full_macs: float,
                         images: Tensor, args: argparse.Namespace, thresholds: list[float],
                         eager: list[dict]) -> list[dict]:
@@ -412,6 +446,20 @@ def compiled_wall_clock(models: dict[str, nn.Module], dense: Callable[[Tensor], 
                        "compiled": "both sides (torch.compile)"})
         entries.append(timing)
         R.print_wall_clock("time glance -> focus, both compiled", timing)
+        if args.every_stage:  # forward_every_stage compiled whole (one graph where the crops are sync-free)
+            whole = GlanceFocusCascade(copy.deepcopy(models["glance"]["vit"]), models["glance"]["locator"],
+                                       copy.deepcopy(models["focus"]), CANVAS, CROP_SIDES, MARGIN).eval()
+            every = EveryStage(whole, compiled=True)
+            every.set_thresholds(thresholds)
+            with torch.no_grad():
+                for start in range(0, min(count, 4 * batch_size), batch_size):
+                    every(images[start:start + batch_size])
+            timing = R.wall_clock(every, compiled_dense, full_macs, images, thresholds, batch_size, count,
+                                  args.repeats, cascade_macs=float(whole.stage_macs()[-1]))
+            timing.update({"cascade": "glance -> focus", "point": entry["point"], "thresholds": thresholds,
+                           "form": "every stage (forward_every_stage)", "compiled": "both sides (torch.compile)"})
+            entries.append(timing)
+            R.print_wall_clock("time glance -> focus, every stage, both compiled", timing)
     return entries
 
 
@@ -468,6 +516,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: as dvt_real.py)")
     parser.add_argument("--budgets", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--every-stage", action="store_true",
+                        help="with evaluate: also time the two-look cascade as forward_every_stage (both looks "
+                             "always, no host round trip; the form for launch-bound devices such as a GPU)")
     parser.add_argument("--compile", action="store_true",
                         help="with evaluate: also time the two-look cascade and the 7x7 model both compiled "
                              "(torch.compile; needs a C++ compiler on the CPU)")
