@@ -224,3 +224,9 @@ def test_trained_focus_time_breakdown_times_every_piece() -> None:
     assert all(value > 0 for value in ms.values())
     assert result["pieces_sum_ms"] == pytest.approx(sum(ms.values()) - ms["dense model"] - ms["cascade (all of it)"])
     assert result["speedup"] == ms["dense model"] / ms["cascade (all of it)"]
+    every = T.EveryStage(cascade)  # the every-stage form, timed through the same interface as the cascade
+    every.set_thresholds([threshold])
+    with torch.no_grad():
+        early, all_stages = cascade(images), every(images)
+    assert all_stages.exit_stage.tolist() == early.exit_stage.tolist()
+    torch.testing.assert_close(all_stages.logits, early.logits)
