@@ -344,6 +344,12 @@ def time_breakdown(cascade: GlanceFocusCascade, dense: Callable[[Tensor], Tensor
     so that the machine's drift reaches every piece alike; milliseconds per pass over `images`, median over
     `repeats` passes."""
     cascade.set_thresholds(thresholds)
+
+    def regroup(logits: Tensor, batch: Tensor, centers: Tensor, sides: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The images, centres and sides of the samples the glance does not answer (as early exit keeps them)."""
+        rows = (~cascade.exits(logits, thresholds[0])).nonzero().squeeze(1)
+        return batch.index_select(0, rows), centers.index_select(0, rows), sides.index_select(0, rows)
+
     prepared = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size]
@@ -351,13 +357,8 @@ def time_breakdown(cascade: GlanceFocusCascade, dense: Callable[[Tensor], Tensor
         tokens = cascade.glance.forward_features(small)
         logits = cascade.glance.forward_head(tokens)
         centers, sides = cascade.locate(tokens)
-        rows = (~cascade.exits(logits, thresholds[0])).nonzero().squeeze(1)
-        kept = (batch.index_select(0, rows), centers.index_select(0, rows), sides.index_select(0, rows))
+        kept = regroup(logits, batch, centers, sides)
         prepared.append((batch, small, tokens, logits, centers, sides, kept, cascade.focus_input(*kept)))
-
-    def regroup(logits: Tensor, batch: Tensor, centers: Tensor, sides: Tensor) -> None:
-        rows = (~cascade.exits(logits, thresholds[0])).nonzero().squeeze(1)
-        batch.index_select(0, rows), centers.index_select(0, rows), sides.index_select(0, rows)
 
     pieces: dict[str, Callable[[tuple], object]] = {
         "dense model": lambda p: dense(p[0]),
@@ -428,34 +429,42 @@ def compiled_wall_clock(models: dict[str, nn.Module], dense: Callable[[Tensor], 
     the eager pair, the same images and thresholds. The MACs are the eager run's (`eager`: its entries; the
     counter does not see into compiled graphs). Compiling copies of the models leaves the eager ones as they
     were. The first batches compile (tens of seconds) before timing starts."""
-    glance, focus = copy.deepcopy(models["glance"]["vit"]), copy.deepcopy(models["focus"])
+    def copies() -> tuple[nn.Module, nn.Module]:
+        return copy.deepcopy(models["glance"]["vit"]), copy.deepcopy(models["focus"])
+
+    def warm_up(function: Callable[[Tensor], object], batch_size: int, count: int) -> None:
+        """Compile for this batch size (and the focus's batch sizes met), outside the clock."""
+        with torch.no_grad():
+            for start in range(0, min(count, 4 * batch_size), batch_size):
+                function(images[start:start + batch_size])
+
+    glance, focus = copies()
     glance.forward_features = torch.compile(glance.forward_features, dynamic=False)
     focus.forward = torch.compile(focus.forward, dynamic=True)  # its batch: the images the glance kept
     cascade = GlanceFocusCascade(glance, models["glance"]["locator"], focus, CANVAS, CROP_SIDES, MARGIN).eval()
     compiled_dense = torch.compile(dense)
+    every = None
+    if args.every_stage:  # forward_every_stage compiled whole (one graph where the crops are sync-free)
+        plain_glance, plain_focus = copies()
+        whole = GlanceFocusCascade(plain_glance, models["glance"]["locator"], plain_focus, CANVAS, CROP_SIDES,
+                                   MARGIN).eval()
+        every, every_macs = EveryStage(whole, compiled=True), float(whole.stage_macs()[-1])
+        every.set_thresholds(thresholds)
     entries = []
     for entry in eager:
         batch_size, count = entry["batch_size"], entry["images"]
-        with torch.no_grad():  # compile for every batch size met, outside the clock
-            for start in range(0, min(count, 4 * batch_size), batch_size):
-                compiled_dense(images[start:start + batch_size])
-                cascade(images[start:start + batch_size])
+        warm_up(compiled_dense, batch_size, count)
+        warm_up(cascade, batch_size, count)
         timing = R.wall_clock(cascade, compiled_dense, full_macs, images, thresholds, batch_size, count,
                               args.repeats, cascade_macs=entry["cascade_mean_macs"])
         timing.update({"cascade": "glance -> focus", "point": entry["point"], "thresholds": thresholds,
                        "compiled": "both sides (torch.compile)"})
         entries.append(timing)
         R.print_wall_clock("time glance -> focus, both compiled", timing)
-        if args.every_stage:  # forward_every_stage compiled whole (one graph where the crops are sync-free)
-            whole = GlanceFocusCascade(copy.deepcopy(models["glance"]["vit"]), models["glance"]["locator"],
-                                       copy.deepcopy(models["focus"]), CANVAS, CROP_SIDES, MARGIN).eval()
-            every = EveryStage(whole, compiled=True)
-            every.set_thresholds(thresholds)
-            with torch.no_grad():
-                for start in range(0, min(count, 4 * batch_size), batch_size):
-                    every(images[start:start + batch_size])
+        if every is not None:
+            warm_up(every, batch_size, count)
             timing = R.wall_clock(every, compiled_dense, full_macs, images, thresholds, batch_size, count,
-                                  args.repeats, cascade_macs=float(whole.stage_macs()[-1]))
+                                  args.repeats, cascade_macs=every_macs)
             timing.update({"cascade": "glance -> focus", "point": entry["point"], "thresholds": thresholds,
                            "form": "every stage (forward_every_stage)", "compiled": "both sides (torch.compile)"})
             entries.append(timing)

@@ -125,8 +125,7 @@ class EarlyExitCascade(nn.Module):
         batch is that of its samples' exits. `thresholds` overrides the stored ones.
         """
         self.check_input(images)
-        limits = check_thresholds(thresholds, self.num_stages) if thresholds is not None \
-            else tuple(self.thresholds.tolist())
+        limits = self._limits(thresholds)
         batch = images.shape[0]
         exit_stage = torch.full((batch,), self.num_stages - 1, dtype=torch.long, device=images.device)
         active = torch.arange(batch, device=images.device)
@@ -164,10 +163,10 @@ class EarlyExitCascade(nn.Module):
         models are bound by kernel launches and syncs (a GPU at small sizes)
         that is what costs time, and this form, with stages free of host
         syncs (`GlanceFocusCascade` off the CPU), can be compiled or captured
-        whole.
+        whole. Pass `thresholds`: without them the stored ones are read on the
+        host, once per call.
         """
-        limits = check_thresholds(thresholds, self.num_stages) if thresholds is not None \
-            else tuple(self.thresholds.tolist())
+        limits = self._limits(thresholds)
         outputs = self.forward_all(images)
         batch = images.shape[0]
         exit_stage = torch.full((batch,), self.num_stages - 1, dtype=torch.long, device=outputs[0].device)
@@ -175,6 +174,11 @@ class EarlyExitCascade(nn.Module):
             exit_stage = torch.where(self.exits(outputs[index], limits[index]), index, exit_stage)
         logits = torch.stack(outputs)[exit_stage, torch.arange(batch, device=exit_stage.device)]
         return CascadeOutput(logits, exit_stage)
+
+    def _limits(self, thresholds: Sequence[float] | None) -> tuple[float, ...]:
+        """The exit thresholds of one call: `thresholds` checked, or the stored ones (read on the host)."""
+        return check_thresholds(thresholds, self.num_stages) if thresholds is not None \
+            else tuple(self.thresholds.tolist())
 
     @staticmethod
     def exits(logits: Tensor, threshold: float) -> Tensor:

@@ -87,6 +87,11 @@ def crop_origin(centers: Tensor, side: int, full: int) -> Tensor:
     return torch.round(centers.float() - side / 2).long().clamp(0, full - side)
 
 
+def _check_square(images: Tensor) -> None:
+    if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"expected square images (B, C, S, S), got shape {tuple(images.shape)}")
+
+
 def crop_around(images: Tensor, centers: Tensor, side: int, size: int, dtype: torch.dtype | None = None,
                 rows: Tensor | None = None) -> Tensor:
     """Square crops of `side` pixels around `centers` (B, 2) as (y, x), moved inside the image, resized to `size`.
@@ -98,8 +103,7 @@ def crop_around(images: Tensor, centers: Tensor, side: int, size: int, dtype: to
     the crop stays inside. `rows` (B,): crop these images of `images`, one per
     centre (default: every image, `centers` one per image).
     """
-    if images.dim() != 4 or images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"expected square images (B, C, S, S), got shape {tuple(images.shape)}")
+    _check_square(images)
     full = images.shape[-1]
     if not 1 <= side <= full:
         raise ValueError(f"crop side must lie in [1, {full}] (the image side), got {side}")
@@ -357,8 +361,6 @@ def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choice
     out_dtype = (dtype or torch.float32) if images.dtype == torch.uint8 else images.dtype
     if images.device.type == "cpu":
         return crops_by_side(images, centers, which, options, size, out_dtype)
-    if images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"expected square images (B, C, S, S), got shape {tuple(images.shape)}")
     return crops_by_matrices(images, centers, which, options, size, out_dtype, table)
 
 
@@ -420,6 +422,7 @@ def crops_by_matrices(images: Tensor, centers: Tensor, which: Tensor, options: S
     returned in `dtype`; uint8 images scaled to [0, 1]); on the CPU `crops_by_side` resizes uint8 as uint8,
     within one grey level of this.
     """
+    _check_square(images)
     batch, _, full, _ = images.shape
     device = images.device
     if table is None:
