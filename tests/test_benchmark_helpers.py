@@ -230,3 +230,35 @@ def test_trained_focus_time_breakdown_times_every_piece() -> None:
         early, all_stages = cascade(images), every(images)
     assert all_stages.exit_stage.tolist() == early.exit_stage.tolist()
     torch.testing.assert_close(all_stages.logits, early.logits)
+
+
+def test_gpu_focus_benchmark_rotates_the_forms_and_exports_the_split(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvt_focus_gpu.py`: every form takes every batch once per pass, in an order that rotates from batch to
+    batch (drift reaches all alike), with the warm-up pass left out; the exported split round-trips; a run
+    without its models stops with a message naming the fix (exit 2)."""
+    import numpy as np
+
+    import dvt_focus_gpu
+
+    calls: list[tuple[str, int]] = []
+
+    def form(name: str):  # noqa: ANN202 - a recording callable
+        return lambda batch: calls.append((name, int(batch[0])))
+
+    batches = [torch.tensor([index]) for index in range(3)]
+    seconds = dvt_focus_gpu.time_forms({"a": form("a"), "b": form("b")}, batches, repeats=2,
+                                       device=torch.device("cpu"))
+    assert {name: len(values) for name, values in seconds.items()} == {"a": 2, "b": 2}
+    assert calls[:6] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)] and len(calls) == 18
+    images = np.arange(5 * 3 * 4 * 4, dtype=np.uint8).reshape(5, 3, 4, 4)
+    monkeypatch.setattr(dvt_focus_gpu, "load_split_arrays",
+                        lambda root, split: {"images": images, "labels": np.arange(5), "size": np.ones(5)})
+    dvt_focus_gpu.export(tmp_path / "data", tmp_path / "out" / "test.npz", count=3)
+    exported = np.load(tmp_path / "out" / "test.npz")
+    assert np.array_equal(exported["images"], images[:3]) and exported["labels"].tolist() == [0, 1, 2]
+    monkeypatch.setattr(sys, "argv", ["dvt_focus_gpu.py", "--models", str(tmp_path), "--images",
+                                      str(tmp_path / "out" / "test.npz")])
+    with pytest.raises(SystemExit) as stop:
+        dvt_focus_gpu.main()
+    assert stop.value.code == 2

@@ -202,6 +202,17 @@ def test_every_stage_form_gives_the_early_exit_outputs(images: torch.Tensor, fea
     assert cost.macs == cascade.stage_macs()[-1]
 
 
+def test_exit_decisions_compare_in_float32_as_calibrated() -> None:
+    """A threshold is compared as its float32 value (what calibration stored), without a tensor sent to the
+    device: a confidence of exactly 0.5 exits at 0.5 and at 0.5 + 1e-12 (0.5 in float32), not one step above."""
+    from frugalvit.dvt import EarlyExitCascade
+
+    logits = torch.zeros(1, 2)  # confidence 0.5 exactly
+    assert EarlyExitCascade.exits(logits, 0.5).item() and EarlyExitCascade.exits(logits, 0.5 + 1e-12).item()
+    assert not EarlyExitCascade.exits(logits, float(np.nextafter(np.float32(0.5), np.float32(1)))).item()
+    assert not EarlyExitCascade.exits(logits, 1.0).item()
+
+
 def test_every_stage_form_has_no_host_sync(images: torch.Tensor) -> None:
     """With thresholds given, `forward_every_stage` compiles as one graph (nothing read on the host), where
     early exit reads every decision; the compiled form gives early exit's answers."""

@@ -193,6 +193,65 @@ def test_crops_by_matrices_equal_the_per_side_crops(dtype: torch.dtype) -> None:
     assert crops_by_matrices(images, centers, which, options, 12, torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_crops_by_matrices_in_half_precision_stay_within_its_rounding() -> None:
+    """For a float16 / bfloat16 output the crops are computed in it (tensor cores off the CPU): within two of
+    its rounding steps of the float32 crops."""
+    from frugalvit.dvt.focus import crops_by_matrices
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    centers, which = torch.rand(6, 2, generator=generator) * 32, torch.tensor([0, 1, 2, 0, 1, 2])
+    reference = crops_by_matrices(images, centers, which, (8, 16, 32), 12, torch.float32)
+    for dtype, step in ((torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)):
+        half = crops_by_matrices(images, centers, which, (8, 16, 32), 12, dtype)
+        assert half.dtype == dtype and not half.isnan().any()
+        torch.testing.assert_close(half.float(), reference, rtol=2 * step, atol=2 * step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_resize_by_matrices_equals_the_anti_aliased_resize(dtype: torch.dtype) -> None:
+    """The glance's resize off the CPU (Wᵀ X W, PyTorch's own weights) gives `F.interpolate`'s anti-aliased
+    resize: to float32 rounding, or within two rounding steps of the half precision it computes in; uint8
+    scaled to [0, 1] as `resize_images` does; weights for another size refused."""
+    from frugalvit.dvt.focus import resize_by_matrices, resize_weights
+
+    images = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    expected = resize_images(images.float() / 255, (16, 16))
+    step = {torch.float32: 1e-6, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    for given in (images, images.float() / 255):
+        got = resize_by_matrices(given, resize_weights(40, 16), dtype)
+        assert got.dtype == dtype and got.shape == (4, 3, 16, 16)
+        torch.testing.assert_close(got.float(), expected, rtol=2 * step, atol=2 * step)
+    with pytest.raises(ValueError, match="resize weights for 40 px images, got 32 px"):
+        resize_by_matrices(images[..., :32, :32], resize_weights(40, 16), dtype)
+
+
+def test_the_matrix_paths_give_the_same_views_and_compile_whole() -> None:
+    """The cascade's path off the CPU (glance resize and crops as matrix products; forced here with
+    `by_matrices`): the same stage inputs as the CPU path to float rounding; early exit equals
+    `forward_every_stage` on it; and the whole every-stage form compiles as one graph, so nothing is read on
+    the host (what capturing it as a CUDA graph needs)."""
+    cascade = _cascade(later=False)
+    images = torch.randint(0, 256, (9, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    as_float = images.float() / 255
+    with torch.no_grad():
+        on_cpu_path = cascade.glance_tokens(as_float)
+        centers, sides = cascade.locate(on_cpu_path)
+        crops = crop_boxes(as_float, centers, sides * 1.5, 24, (8, 16, 40))
+        cascade.by_matrices = True
+        torch.testing.assert_close(cascade.glance_tokens(images), on_cpu_path, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cascade.focus_input(images, centers, sides), crops, atol=1e-5, rtol=1e-5)
+        confidence = [float(l.softmax(-1).amax(-1).median()) for l in cascade.forward_all(images)]
+        thresholds = (confidence[0],)
+        early, every = cascade(images, thresholds), cascade.forward_every_stage(images, thresholds)
+        assert every.exit_stage.tolist() == early.exit_stage.tolist() and len(set(early.exit_stage.tolist())) == 2
+        torch.testing.assert_close(every.logits, early.logits, atol=1e-5, rtol=1e-5)
+        compiled = torch.compile(lambda batch: cascade.forward_every_stage(batch, thresholds), fullgraph=True)
+        whole = compiled(images)
+    assert whole.exit_stage.tolist() == early.exit_stage.tolist()
+    torch.testing.assert_close(whole.logits, early.logits, atol=1e-5, rtol=1e-5)
+
+
 def test_crops_by_matrices_compile_as_one_graph() -> None:
     """No host sync in the crop path used off the CPU: it compiles whole (fullgraph) and gives the same crops."""
     from frugalvit.dvt.focus import crop_weight_table, crops_by_matrices

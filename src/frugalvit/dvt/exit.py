@@ -186,7 +186,9 @@ class EarlyExitCascade(nn.Module):
         if threshold >= 1.0:
             return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         confidence = logits.float().softmax(dim=-1).amax(dim=-1)
-        return confidence >= torch.tensor(threshold, dtype=torch.float32, device=logits.device)
+        # float32 semantics as calibrated, compared with a scalar: no tensor copied to the device (a CUDA graph
+        # cannot capture that copy)
+        return confidence >= float(np.float32(threshold))
 
     # -- cost ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -335,7 +335,8 @@ class BoxLocator(nn.Module):
 
 
 def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choices: Sequence[int],
-               dtype: torch.dtype | None = None, table: Tensor | None = None) -> Tensor:
+               dtype: torch.dtype | None = None, table: Tensor | None = None,
+               by_matrices: bool | None = None) -> Tensor:
     """Square crops around `centers` (B, 2) as (y, x), each of the smallest side in `choices` that holds its
     requested side (B,) (the largest choice where none does), moved inside the image, resized to `size`
     (uint8 images come back as floats in [0, 1] of `dtype`, as from `crop_around`).
@@ -346,7 +347,7 @@ def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choice
     images only (`crops_by_side`); elsewhere every crop is two batched matrix
     products (`crops_by_matrices`: a handful of kernels whatever the sides,
     no host sync; `table`: its weights, built once by the caller, default
-    here).
+    here). `by_matrices` True / False picks a path on any device.
     """
     options = sorted({int(side) for side in choices})
     if not options:
@@ -356,10 +357,13 @@ def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choice
     if centers.shape != (images.shape[0], 2):
         raise ValueError(f"expected one (y, x) centre per image, shape ({images.shape[0]}, 2), got "
                          f"{tuple(centers.shape)}")
-    which = torch.bucketize(sides.float(), torch.tensor(options, dtype=torch.float32, device=sides.device))
-    which = which.clamp(max=len(options) - 1)
+    # each side's choice: how many choices are smaller (the last one at most), compared with scalars so that
+    # nothing is copied to the device (capturable as a CUDA graph)
+    which = torch.zeros(sides.shape, dtype=torch.long, device=sides.device)
+    for option in options[:-1]:
+        which += sides.float() > float(option)
     out_dtype = (dtype or torch.float32) if images.dtype == torch.uint8 else images.dtype
-    if images.device.type == "cpu":
+    if not (images.device.type != "cpu" if by_matrices is None else by_matrices):
         return crops_by_side(images, centers, which, options, size, out_dtype)
     return crops_by_matrices(images, centers, which, options, size, out_dtype, table)
 
@@ -418,18 +422,19 @@ def crops_by_matrices(images: Tensor, centers: Tensor, which: Tensor, options: S
     cost counter does not count, as it does not count a resize). `table`: the sides' `crop_weight_table`
     (default: built here).
 
-    The float anti-aliased resize of each crop up to float32 rounding (in float32 for any input dtype,
-    returned in `dtype`; uint8 images scaled to [0, 1]); on the CPU `crops_by_side` resizes uint8 as uint8,
-    within one grey level of this.
+    The float anti-aliased resize of each crop, returned in `dtype` (uint8 images scaled to [0, 1]):
+    computed in float32 to its rounding, or, for a float16 / bfloat16 `dtype`, in that dtype (tensor cores;
+    within about two of its rounding steps: `_matrix_resize`). On the CPU `crops_by_side` resizes uint8 as
+    uint8, within one grey level of this.
     """
     _check_square(images)
     batch, _, full, _ = images.shape
     device = images.device
-    if table is None:
-        table = crop_weight_table(options, full, size, device)
+    table = crop_weight_table(options, full, size, device) if table is None else table.to(device)
     origin = torch.stack([crop_origin(centers, side, full) for side in options])  # (sides, B, 2)
     origin = origin[which, torch.arange(batch, device=device)]  # each image's own side's origin (B, 2)
-    weights = table[which]  # (B, S, size)
+    compute = _compute_dtype(dtype)
+    weights = table.to(compute)[which]  # (B, S, size)
 
     def shifted(start: Tensor) -> Tensor:
         """(B, S, size): each image's weights moved down to start at its row `start` (B,), zeros above."""
@@ -437,8 +442,45 @@ def crops_by_matrices(images: Tensor, centers: Tensor, which: Tensor, options: S
         moved = weights.gather(1, offset.clamp(min=0)[:, :, None].expand(batch, full, size))
         return moved * (offset >= 0)[:, :, None]
 
-    pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    return resize_crops(pixels, shifted(origin[:, 0]), shifted(origin[:, 1])).to(dtype)
+    return _matrix_resize(images, shifted(origin[:, 0]), shifted(origin[:, 1]), dtype)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a matrix resize computes in for output `dtype`: half precision as asked, anything else in float32."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _matrix_resize(images: Tensor, rows: Tensor, columns: Tensor, dtype: torch.dtype) -> Tensor:
+    """rowsᵀ · image · columns for each image (`resize_crops`) in `_compute_dtype(dtype)`, returned in `dtype`;
+    uint8 images (exact in any float dtype) are scaled to [0, 1] after the products, on the small outputs.
+
+    In half precision the weights are rounded to it (the products accumulate in float32 on tensor cores), so
+    the result is within about two of that dtype's rounding steps of the float32 one: as close as the model's
+    own half-precision input can be. Float32 reads and multiplies 2-4x the bytes, without tensor cores.
+    """
+    compute = _compute_dtype(dtype)
+    out = resize_crops(images.to(compute), rows.to(compute), columns.to(compute))
+    if images.dtype == torch.uint8:
+        out = out * (1.0 / 255.0)
+    return out.to(dtype)
+
+
+def resize_by_matrices(images: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """The anti-aliased bilinear resize of square (B, C, S, S) images to (size, size) as Wᵀ X W with
+    `weights` W = `resize_weights(S, size)` (S, size), two matrix products for all images, returned in
+    `dtype` (uint8 images scaled to [0, 1]; computed as `_matrix_resize` says).
+
+    `F.interpolate`'s result up to rounding, in a few kernels on tensor cores
+    off the CPU, where PyTorch's anti-aliased kernel is slow (on an H200 it
+    took 0.35 ms of a 3 ms glance-and-focus pass over 1,024 images of 112 px
+    in bfloat16). Not counted as MACs, like the resize it replaces.
+    """
+    _check_square(images)
+    if weights.shape[0] != images.shape[-1]:
+        raise ValueError(f"resize weights for {weights.shape[0]} px images, got {images.shape[-1]} px; build them "
+                         f"with resize_weights({images.shape[-1]}, size)")
+    expanded = weights.to(images.device)[None].expand(images.shape[0], *weights.shape)
+    return _matrix_resize(images, expanded, expanded, dtype)
 
 
 def _input_size(vit: VisionTransformer) -> int:
@@ -488,17 +530,31 @@ class GlanceFocusCascade(EarlyExitCascade):
         self.sizes = tuple(sizes)
         self.crop_sides = tuple(sorted({int(side) for side in crop_sides}))
         self.margin = float(margin)
-        # The crops' resize weights off the CPU (`crops_by_matrices`), built once; they follow the model's device
-        self.register_buffer("crop_weights", crop_weight_table(self.crop_sides, int(input_size), self.sizes[1]),
+        # Off the CPU the crops and the glance's resize are matrix products (`crops_by_matrices`,
+        # `resize_by_matrices`): their weights, built once where the models are, follow the cascade's device
+        device = next(glance.parameters()).device
+        self.register_buffer("crop_weights", crop_weight_table(self.crop_sides, int(input_size), self.sizes[1],
+                                                               device), persistent=False)
+        self.register_buffer("glance_weights", resize_weights(int(input_size), self.sizes[0], device),
                              persistent=False)
+        # None: the matrix paths off the CPU, slicing and PyTorch's resize on it; True / False: on any device
+        self.by_matrices: bool | None = None
 
     def _dtype(self) -> torch.dtype:
         return next(self.glance.parameters()).dtype
 
+    def _matrices(self, images: Tensor) -> bool:
+        """Whether this call resizes and crops by matrix products (`by_matrices`; default: off the CPU)."""
+        return images.device.type != "cpu" if self.by_matrices is None else self.by_matrices
+
     def glance_tokens(self, images: Tensor) -> Tensor:
         """The glance's final tokens on the whole image (resized to its input size)."""
-        return self.glance.forward_features(resize_images(images, (self.sizes[0], self.sizes[0]),
-                                                          dtype=self._dtype()))
+        size, dtype = self.sizes[0], self._dtype()
+        if self._matrices(images) and size != images.shape[-1]:
+            small = resize_by_matrices(images, self.glance_weights, dtype)
+        else:
+            small = resize_images(images, (size, size), dtype=dtype)
+        return self.glance.forward_features(small)
 
     def locate(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Centres (B, 2) as (y, x) and object sides (B,) in input pixels, from the glance's final tokens."""
@@ -509,7 +565,7 @@ class GlanceFocusCascade(EarlyExitCascade):
         if images.dtype != torch.uint8:  # uint8 stays uint8 until resized (faster on the CPU)
             images = model_input(images, images.device, self._dtype())
         return crop_boxes(images, centers, sides * self.margin, self.sizes[1], self.crop_sides, self._dtype(),
-                          self.crop_weights)
+                          self.crop_weights, self._matrices(images))
 
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
         if index == 0:

@@ -1,0 +1,275 @@
+"""Glance and focus on a GPU: the trained two-look cascade against the 7x7 model, in the forms a GPU user
+would deploy, at batch 1 to 1,024.
+
+On an H100 the early-exit cascade ran at 0.29x the 7x7 model's speed at batch
+64 (docs/dvt.md): two tiny models of a few dozen kernels each, and a host
+read of the exit decision per batch. Here the models of
+`dvt_focus_trained.py` are timed, in one run, batch by batch in turn, as:
+
+* dense 7x7: eager; captured as a CUDA graph; compiled and captured (`--compile`);
+* the early-exit cascade (eager: regrouping reads each decision on the host);
+* `forward_every_stage` (both looks for every image, the decision applied
+  on the device: no host read, same answers): eager; captured; compiled and
+  captured (`--compile`).
+
+Each form's speed-up is against the captured dense model (its fastest form
+without compiling), the median over repeats of each repeat's ratio, with min
+and max; each form's test accuracy and agreement with the eager early exit are
+checked on the whole split first. MACs counted by `CostCounter` on the eager
+forms. Results are written after every batch size, so a run cut short keeps
+what it measured.
+
+    here:  python benchmarks/dvt_focus_gpu.py --export DATA .gpu/focus/test.npz   # the test split, uint8
+           mkdir -p .gpu/focus/models/NAME; cp WORK/focus_trained/NAME/model.pt ...   # glance, focus, full
+    there: python benchmarks/dvt_focus_gpu.py --models .gpu/focus/models --images .gpu/focus/test.npz \\
+               --out OUT/dvt_focus_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from frugalvit.cost import CostCounter
+from frugalvit.tasks import load_split_arrays, to_float
+from frugalvit.timing import timed
+
+import dvt_focus_trained as T  # the sibling benchmarks (this directory is on sys.path)
+from eventful_gpu import capture_dense
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# The two-look cascade's validation-chosen threshold in the CPU-trained run (dvt_focus_trained_cpu.json)
+THRESHOLD = 0.5026406049728394
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export(data: Path, out: Path, count: int) -> None:
+    """The first `count` images of the task's test split (uint8) and their labels as one compressed file, for
+    a host without the task (a device call carries at most 64 MiB: 1,024 images are 23 MB)."""
+    arrays = load_split_arrays(data, "test")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial.npz")
+    np.savez_compressed(partial, images=arrays["images"][:count], labels=arrays["labels"][:count])
+    partial.replace(out)
+    print(f"wrote {out}: {min(count, arrays['images'].shape[0])} test images")
+
+
+def captured(function: Callable[[Tensor], object]) -> Callable[[Tensor], object]:
+    """`function` recorded as one CUDA graph per input shape (on first sight of the shape), then replayed."""
+    graphs: dict[tuple[int, ...], Callable[[Tensor], object]] = {}
+
+    def replay(images: Tensor) -> object:
+        shape = tuple(images.shape)
+        if shape not in graphs:
+            graphs[shape] = capture_dense(function, images)
+        return graphs[shape](images)
+
+    return replay
+
+
+def logits_of(output: object) -> Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def time_forms(forms: dict[str, Callable[[Tensor], object]], batches: list[Tensor], repeats: int,
+               device: torch.device) -> dict[str, list[float]]:
+    """Seconds per pass over `batches` for each form, `repeats` passes after one warm-up pass; within a pass the
+    forms take each batch in turn, in an order that rotates from batch to batch (drift reaches all alike)."""
+    names = list(forms)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    with torch.no_grad():
+        for repeat in range(repeats + 1):
+            totals = dict.fromkeys(names, 0.0)
+            for index, batch in enumerate(batches):
+                shift = index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    totals[name] += timed(forms[name], batch, device=device)[1] / 1e3
+            if repeat:
+                for name in names:
+                    seconds[name].append(totals[name])
+    return seconds
+
+
+def summary(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def profile_forms(forms: dict[str, Callable[[Tensor], object]], batch: Tensor, path: Path,
+                  calls: int = 5) -> None:
+    """Device time per kernel of each form on `batch` (eager forms: the kernels a capture replays), as tables."""
+    from torch.profiler import ProfilerActivity, profile
+
+    text = []
+    with torch.no_grad():
+        for name, function in forms.items():
+            for _ in range(3):
+                function(batch)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    function(batch)
+                torch.cuda.synchronize()
+            averages = prof.key_averages()
+            on_device = [event for event in averages if str(event.device_type).endswith("CUDA")]
+            kernels = sum(event.count for event in on_device) / calls
+            device_ms = sum(event.self_device_time_total for event in on_device) / calls / 1000
+            text.append(f"{name}, batch {batch.shape[0]}, per call: {kernels:.0f} device kernels and copies, "
+                        f"{device_ms:.3f} ms of device time\n"
+                        + averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+    path.write_text("\n\n".join(text))
+    print("\n".join(line.split("\n")[0] for line in text), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--export", nargs=2, type=Path, metavar=("DATA", "FILE"),
+                        help="write DATA's test split to FILE and stop (run where the task's data is)")
+    parser.add_argument("--export-count", type=int, default=1024, help="test images to export")
+    parser.add_argument("--models", type=Path, help="directory with glance/, focus/, full/ model.pt")
+    parser.add_argument("--images", type=Path, help="the exported test split (.npz)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--threshold", type=float, default=THRESHOLD)
+    parser.add_argument("--batch-sizes", default="1,64,256,1024,4096")
+    parser.add_argument("--passes-images", type=int, default=2048,
+                        help="images per timed pass (at least 4 batches; the split is tiled where smaller)")
+    parser.add_argument("--batch1-images", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compile", action="store_true", help="add the compiled and captured forms")
+    parser.add_argument("--compile-batch-sizes", default="64,1024,4096",
+                        help="the batch sizes that time the compiled forms (each compiles once per size)")
+    parser.add_argument("--profile", default="",
+                        help="batch sizes (comma-separated) at which to profile the eager dense and every-stage "
+                             "forms' kernels (CUDA only), written beside --out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "dvt_focus_gpu.json")
+    args = parser.parse_args()
+    if args.export:
+        export(*args.export, args.export_count)
+        return
+    if args.models is None or args.images is None:
+        parser.error("give --models and --images (or --export DATA FILE)")
+    for name in ("glance", "focus", "full"):
+        if not (args.models / name / "model.pt").is_file():
+            parser.error(f"no {args.models / name / 'model.pt'}: copy the trained models there (see the docstring)")
+    if not args.images.is_file():
+        parser.error(f"no images file {args.images}: make it with --export DATA FILE")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device here: run on a GPU host or pass --device cpu")
+    try:
+        batch_sizes = [int(value) for value in args.batch_sizes.split(",")]
+        compile_sizes = {int(value) for value in args.compile_batch_sizes.split(",")}
+    except ValueError:
+        parser.error("--batch-sizes and --compile-batch-sizes must be integers separated by commas")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    dtype = DTYPES[args.dtype]
+    gpu = device.type == "cuda"
+
+    models = {name: model.to(device, dtype) for name, model in T.load_models(args.models, args.seed).items()}
+    cascade = T.cascade_of(models, last_resort=False)
+    cascade.set_thresholds([args.threshold])
+    limits = (args.threshold,)
+    full = models["full"]
+    arrays = np.load(args.images)
+    images = torch.from_numpy(arrays["images"]).to(device)
+    labels = torch.from_numpy(arrays["labels"]).to(device)
+
+    def dense(batch: Tensor) -> Tensor:
+        return full(to_float(batch).to(dtype))
+
+    def every_stage(batch: Tensor):  # noqa: ANN202 - a CascadeOutput
+        return cascade.forward_every_stage(batch, limits)
+
+    def early_exit(batch: Tensor):  # noqa: ANN202 - a CascadeOutput
+        return cascade(batch, limits)
+
+    forms: dict[str, Callable[[Tensor], object]] = {"dense eager": dense, "early exit eager": early_exit,
+                                                    "every stage eager": every_stage}
+    errors: dict[str, str] = {}
+    if gpu:
+        forms["dense captured"] = captured(dense)
+        forms["every stage captured"] = captured(every_stage)
+    if args.compile:
+        compiled_dense = torch.compile(dense, dynamic=False)
+        compiled_every = torch.compile(every_stage, dynamic=False, fullgraph=gpu)
+        forms["dense compiled"] = captured(compiled_dense) if gpu else compiled_dense
+        forms["every stage compiled"] = captured(compiled_every) if gpu else compiled_every
+    baseline = "dense captured" if gpu else "dense eager"
+
+    with torch.no_grad():
+        macs = {}
+        for name, function in (("dense", dense), ("early exit", early_exit), ("every stage", every_stage)):
+            with CostCounter() as cost:
+                for start in range(0, images.shape[0], 250):
+                    function(images[start:start + 250])
+            macs[name] = cost.macs / images.shape[0]
+        # answers of every form on the whole split, at batch 64 (the split tiled to whole batches; this also
+        # records the captured forms' graphs and compiles the compiled ones for batch 64)
+        count = images.shape[0]
+        padded = images.repeat(2, 1, 1, 1)[:(count + 63) // 64 * 64]
+        reference = torch.cat([logits_of(early_exit(padded[i:i + 64])) for i in range(0, count, 64)])[:count]
+        answers = {}
+        for name in list(forms):
+            try:
+                start_time = time.perf_counter()
+                logits = torch.cat([logits_of(forms[name](padded[i:i + 64])).clone()
+                                    for i in range(0, count, 64)])[:count]
+                predicted = logits.argmax(-1)
+                answers[name] = {"test_accuracy": float((predicted == labels).float().mean()),
+                                 "agrees_with_early_exit": float((predicted == reference.argmax(-1)).float().mean()),
+                                 "nan": bool(logits.isnan().any()),
+                                 "first_pass_seconds": time.perf_counter() - start_time}
+            except Exception:  # a form that cannot run here (e.g. a capture that meets a host sync): recorded
+                errors[name] = traceback.format_exc(limit=4)
+                del forms[name]
+                print(f"[{name}] failed:\n{errors[name]}", file=sys.stderr, flush=True)
+    out = {"config": {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
+                      "dtype": args.dtype, "threshold": args.threshold, "repeats": args.repeats,
+                      "torch": torch.__version__, "baseline": baseline, "images": int(images.shape[0]),
+                      "timing": "forms interleaved batch by batch, device synchronised around every call; "
+                                "speed-up: median over repeats of each repeat's baseline / form ratio"},
+           "macs_per_image": macs, "mac_ratio": {"early exit": macs["dense"] / macs["early exit"],
+                                                 "every stage": macs["dense"] / macs["every stage"]},
+           "answers": answers, "errors": errors, "timings": []}
+    print(json.dumps({"macs_per_image": macs, "answers": answers}), flush=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    for batch_size in batch_sizes:
+        count = max(args.batch1_images if batch_size == 1 else args.passes_images, 4 * batch_size)
+        tiled = images.repeat((count + images.shape[0] - 1) // images.shape[0], 1, 1, 1)[:count]
+        batches = [tiled[i:i + batch_size] for i in range(0, count, batch_size)]
+        timed_forms = {name: function for name, function in forms.items()
+                       if "compiled" not in name or batch_size in compile_sizes}
+        with torch.no_grad():
+            for function in timed_forms.values():  # record graphs / compile for this batch size outside the clock
+                function(batches[0])
+        seconds = time_forms(timed_forms, batches, args.repeats, device)
+        entry = {"batch_size": batch_size, "images": count, "ms_per_pass": {}, "speedup_vs_baseline": {}}
+        for name, values in seconds.items():
+            ratios = [base / value for base, value in zip(seconds[baseline], values)]
+            entry["ms_per_pass"][name] = summary([1e3 * value for value in values])
+            entry["speedup_vs_baseline"][name] = summary(ratios)
+        out["timings"].append(entry)
+        args.out.write_text(json.dumps(out, indent=1))
+        print(f"batch {batch_size}: " + ", ".join(f"{name} {entry['ms_per_pass'][name]['median']:.2f} ms "
+                                                  f"({entry['speedup_vs_baseline'][name]['median']:.2f}x)"
+                                                  for name in timed_forms), flush=True)
+    for batch_size in [int(value) for value in args.profile.split(",") if value] if gpu else []:
+        batch = images.repeat(1 + batch_size // images.shape[0], 1, 1, 1)[:batch_size]
+        profile_forms({name: forms[name] for name in ("dense eager", "every stage eager", "early exit eager")},
+                      batch, args.out.with_name(f"{args.out.stem}_profile_{batch_size}.txt"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
