@@ -23,6 +23,11 @@ what it measured.
            mkdir -p .gpu/focus/models/NAME; cp WORK/focus_trained/NAME/model.pt ...   # glance, focus, full
     there: python benchmarks/dvt_focus_gpu.py --models .gpu/focus/models --images .gpu/focus/test.npz \\
                --out OUT/dvt_focus_gpu.json
+
+`--backbone-shape` times the pretrained-backbone cascade of `dvt_focus.py`
+instead (a ViT-S/14 glancing at 112 px and looking again at a crop, against
+the same model at 224 px), with random weights and canvases: nothing to
+carry to the GPU host, and a pass costs the same whatever the weights.
 """
 
 from __future__ import annotations
@@ -130,11 +135,67 @@ def profile_forms(forms: dict[str, Callable[[Tensor], object]], batch: Tensor, p
     print("\n".join(line.split("\n")[0] for line in text), flush=True)
 
 
+def trained_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """The trained glance and focus (`dvt_focus_trained.py`'s models) and the 7x7 model, on the exported split."""
+    models = {name: model.to(device, dtype) for name, model in T.load_models(args.models, args.seed).items()}
+    full = models["full"]
+    arrays = np.load(args.images)
+
+    def dense(batch: Tensor) -> Tensor:
+        return full(to_float(batch).to(dtype))
+
+    return {"cascade": T.cascade_of(models, last_resort=False), "dense": dense, "threshold": args.threshold,
+            "images": torch.from_numpy(arrays["images"]).to(device),
+            "labels": torch.from_numpy(arrays["labels"]).to(device),
+            "setup": "glance and focus trained from scratch (dvt_focus_trained.py) against the 7x7 model"}
+
+
+def backbone_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """The pretrained-backbone shape (`dvt_focus.py`, class labels only): one ViT-S/14 sees the 112 px canvas at
+    112 px, then a 56 px crop where its glance head's attention points, at 112 px again; against the same model
+    at 224 px. Random weights and random canvases (timing only: the cost does not depend on either); the exit
+    threshold lets `args.exit_share` of the images leave after the glance (45 % at the CPU run's
+    validation-matched point)."""
+    import timm
+
+    from frugalvit.dvt import AttentionPoolHead, FocusCascade, ResolutionCascade, tokens_at_resolution
+
+    torch.manual_seed(args.seed)
+    backbone = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=224).eval()
+    width = backbone.embed_dim
+    heads = [AttentionPoolHead(width, 10).eval() for _ in range(3)]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cascade = FocusCascade(backbone, 112, 56, heads[:2], None, input_size=112, mean=mean, std=std)
+    full = ResolutionCascade(backbone, (112, 224), input_size=112, mean=mean, std=std)  # its 224 px input
+    cascade, full = cascade.to(device, dtype).eval(), full.to(device, dtype).eval()
+    dense_head = heads[2].to(device, dtype)
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randint(0, 256, (args.backbone_images, 3, 112, 112), dtype=torch.uint8, generator=generator)
+    images = images.to(device)
+
+    def dense(batch: Tensor) -> Tensor:
+        return dense_head(tokens_at_resolution(backbone, full.stage_input(1, batch)))
+
+    with torch.no_grad():
+        confidence = torch.cat([cascade.forward_all(images[i:i + 64])[0].float().softmax(-1).amax(-1)
+                                for i in range(0, images.shape[0], 64)])
+    threshold = float(confidence.quantile(1.0 - args.exit_share))
+    return {"cascade": cascade, "dense": dense, "threshold": threshold, "images": images, "labels": None,
+            "setup": f"pretrained-backbone shape (dvt_focus.py, class labels only): ViT-S/14 glance at 112 px + "
+                     f"focus on a 56 px crop at 112 px against 224 px; random weights and canvases (timing only), "
+                     f"{args.exit_share:.0%} of the images exit after the glance"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", nargs=2, type=Path, metavar=("DATA", "FILE"),
                         help="write DATA's test split to FILE and stop (run where the task's data is)")
     parser.add_argument("--export-count", type=int, default=1024, help="test images to export")
+    parser.add_argument("--backbone-shape", action="store_true",
+                        help="time the pretrained-backbone cascade's shape instead (ViT-S/14, random weights)")
+    parser.add_argument("--exit-share", type=float, default=0.45,
+                        help="--backbone-shape: the share of images leaving after the glance")
+    parser.add_argument("--backbone-images", type=int, default=1024, help="--backbone-shape: random canvases")
     parser.add_argument("--models", type=Path, help="directory with glance/, focus/, full/ model.pt")
     parser.add_argument("--images", type=Path, help="the exported test split (.npz)")
     parser.add_argument("--device", default="cuda")
@@ -157,13 +218,18 @@ def main() -> None:
     if args.export:
         export(*args.export, args.export_count)
         return
-    if args.models is None or args.images is None:
-        parser.error("give --models and --images (or --export DATA FILE)")
-    for name in ("glance", "focus", "full"):
-        if not (args.models / name / "model.pt").is_file():
-            parser.error(f"no {args.models / name / 'model.pt'}: copy the trained models there (see the docstring)")
-    if not args.images.is_file():
-        parser.error(f"no images file {args.images}: make it with --export DATA FILE")
+    if args.backbone_shape:
+        if not 0.0 <= args.exit_share < 1.0:
+            parser.error(f"--exit-share must lie in [0, 1), got {args.exit_share}")
+    elif args.models is None or args.images is None:
+        parser.error("give --models and --images (or --backbone-shape, or --export DATA FILE)")
+    else:
+        for name in ("glance", "focus", "full"):
+            if not (args.models / name / "model.pt").is_file():
+                parser.error(f"no {args.models / name / 'model.pt'}: copy the trained models there (see the "
+                             "docstring)")
+        if not args.images.is_file():
+            parser.error(f"no images file {args.images}: make it with --export DATA FILE")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device here: run on a GPU host or pass --device cpu")
@@ -176,17 +242,10 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     gpu = device.type == "cuda"
 
-    models = {name: model.to(device, dtype) for name, model in T.load_models(args.models, args.seed).items()}
-    cascade = T.cascade_of(models, last_resort=False)
-    cascade.set_thresholds([args.threshold])
-    limits = (args.threshold,)
-    full = models["full"]
-    arrays = np.load(args.images)
-    images = torch.from_numpy(arrays["images"]).to(device)
-    labels = torch.from_numpy(arrays["labels"]).to(device)
-
-    def dense(batch: Tensor) -> Tensor:
-        return full(to_float(batch).to(dtype))
+    setup = (backbone_setup if args.backbone_shape else trained_setup)(args, device, dtype)
+    cascade, dense, images, labels = setup["cascade"], setup["dense"], setup["images"], setup["labels"]
+    cascade.set_thresholds([setup["threshold"]])
+    limits = (setup["threshold"],)
 
     def every_stage(batch: Tensor):  # noqa: ANN202 - a CascadeOutput
         return cascade.forward_every_stage(batch, limits)
@@ -226,7 +285,8 @@ def main() -> None:
                 logits = torch.cat([logits_of(forms[name](padded[i:i + 64])).clone()
                                     for i in range(0, count, 64)])[:count]
                 predicted = logits.argmax(-1)
-                answers[name] = {"test_accuracy": float((predicted == labels).float().mean()),
+                answers[name] = {"test_accuracy": None if labels is None else float((predicted == labels).float()
+                                                                                    .mean()),
                                  "agrees_with_early_exit": float((predicted == reference.argmax(-1)).float().mean()),
                                  "nan": bool(logits.isnan().any()),
                                  "first_pass_seconds": time.perf_counter() - start_time}
@@ -235,7 +295,8 @@ def main() -> None:
                 del forms[name]
                 print(f"[{name}] failed:\n{errors[name]}", file=sys.stderr, flush=True)
     out = {"config": {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
-                      "dtype": args.dtype, "threshold": args.threshold, "repeats": args.repeats,
+                      "setup": setup["setup"], "dtype": args.dtype, "threshold": setup["threshold"],
+                      "repeats": args.repeats,
                       "torch": torch.__version__, "baseline": baseline, "images": int(images.shape[0]),
                       "timing": "forms interleaved batch by batch, device synchronised around every call; "
                                 "speed-up: median over repeats of each repeat's baseline / form ratio"},

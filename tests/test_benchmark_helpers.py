@@ -262,3 +262,19 @@ def test_gpu_focus_benchmark_rotates_the_forms_and_exports_the_split(tmp_path: P
     with pytest.raises(SystemExit) as stop:
         dvt_focus_gpu.main()
     assert stop.value.code == 2
+
+
+def test_gpu_focus_benchmark_backbone_shape_sets_the_exit_share() -> None:
+    """`--backbone-shape`: the ViT-S/14 glance-and-focus shape with random weights, its threshold letting the
+    asked share of the images leave after the glance, and the 224 px model as the dense side."""
+    import argparse
+
+    import dvt_focus_gpu
+
+    args = argparse.Namespace(seed=0, backbone_images=8, exit_share=0.5)
+    setup = dvt_focus_gpu.backbone_setup(args, torch.device("cpu"), torch.float32)
+    assert setup["labels"] is None and setup["images"].shape == (8, 3, 112, 112)
+    with torch.no_grad():
+        out = setup["cascade"](setup["images"], (setup["threshold"],))
+        assert setup["dense"](setup["images"][:2]).shape == (2, 10)
+    assert int((out.exit_stage == 0).sum()) in (4, 5)  # the quantile's own image exits too
