@@ -60,6 +60,7 @@ from torch.nn import functional as F
 from frugalvit.cost import CostCounter
 from frugalvit.data import Split
 from frugalvit.dvt import BoxLocator, GlanceFocusCascade, dvt_stage, resize_images
+from frugalvit.dvt.glance_training import box_classification_loss, focus_training_crops
 from frugalvit.tasks import ScaledDigitsConfig, build_scaled_digits, load_split_arrays, to_float
 from frugalvit.timing import timed
 from frugalvit.training import TrainConfig, save_atomically, train
@@ -97,13 +98,10 @@ def cascade_of(models: dict[str, nn.Module], last_resort: bool) -> GlanceFocusCa
 
 
 def box_loss(model: nn.Module, images: Tensor, rows: Tensor, table: Tensor, size: int) -> Tensor:
-    """Cross-entropy of a ViT seeing the canvas at `size` px + BOX_WEIGHT x its locator's L1 box error; `rows`
+    """Cross-entropy of a ViT seeing the canvas at `size` px + BOX_WEIGHT x its locator's L1 box error
+    (the library's `box_classification_loss`, as `frugalvit dvt train --kind glance-focus` trains); `rows`
     index `table` (N, 4): label, top, left, side (pixels of the canvas) of each training image."""
-    targets = table[rows]
-    tokens = model["vit"].forward_features(resize_images(images, (size, size)))
-    boxes = BoxLocator.target(targets[:, 1], targets[:, 2], targets[:, 3], CANVAS)
-    return (F.cross_entropy(model["vit"].forward_head(tokens), targets[:, 0])
-            + BOX_WEIGHT * BoxLocator.loss(model["locator"](tokens), boxes))
+    return box_classification_loss(model["vit"], model["locator"], images, table[rows], CANVAS, size, BOX_WEIGHT)
 
 
 def full_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
@@ -140,21 +138,6 @@ def train_phase(name: str, model: nn.Module, data: Split, config: TrainConfig, r
     return model.cpu().eval()
 
 
-@torch.no_grad()
-def focus_training_crops(cascade: GlanceFocusCascade, images: Tensor, seed: int, batch_size: int = 1024) -> Tensor:
-    """The focus's training inputs: crops where the trained glance locates each digit (jittered), float [0, 1]."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    crops = []
-    for start in range(0, images.shape[0], batch_size):
-        batch = cascade.prepare_input(images[start:start + batch_size])
-        centers, sides = cascade.locate(cascade.glance_tokens(batch))
-        count = batch.shape[0]
-        shift = torch.randn(count, 2, generator=generator).to(batch.device) * JITTER[0] * sides[:, None]
-        scale = torch.exp(torch.randn(count, generator=generator) * JITTER[1]).to(batch.device)
-        crops.append(cascade.focus_input(batch, centers + shift, sides * scale))
-    return torch.cat(crops)
-
-
 def train_models(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -175,7 +158,7 @@ def train_models(args: argparse.Namespace) -> None:
     if "focus" in phases:
         cascade = cascade_of(models, last_resort=False).to(device)
         start = time.perf_counter()
-        crops = focus_training_crops(cascade, images, args.seed)
+        crops = focus_training_crops(cascade, images, JITTER, args.seed + 1)  # as the library's training draws
         print(f"[focus] {len(crops)} training crops in {time.perf_counter() - start:.0f} s", flush=True)
         train_phase("focus", models["focus"], Split(crops, labels), config, root / "focus", device, amp, full_loss,
                     args.time_budget)

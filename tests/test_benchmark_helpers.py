@@ -71,7 +71,7 @@ def test_focus_benchmark_locator_learns_the_marked_patch_and_centres_come_from_t
     assert found >= 0.95
 
 
-def test_trained_focus_benchmark_losses_and_training_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trained_focus_benchmark_losses_and_training_crops() -> None:
     """dvt_focus_trained.py: the box loss reads each image's row of the box table; without jitter the focus's
     training crops are exactly the cascade's focus input at the glance's located boxes."""
     import torch.nn.functional as F
@@ -93,9 +93,8 @@ def test_trained_focus_benchmark_losses_and_training_crops(monkeypatch: pytest.M
         expected = (F.cross_entropy(glance["vit"].forward_head(tokens), target[:, 0]) + T.BOX_WEIGHT * BoxLocator.loss(
             glance["locator"](tokens), BoxLocator.target(target[:, 1], target[:, 2], target[:, 3], T.CANVAS)))
     torch.testing.assert_close(loss, expected)
-    monkeypatch.setattr(T, "JITTER", (0.0, 0.0))
     cascade = T.cascade_of(models, last_resort=False)
-    crops = T.focus_training_crops(cascade, images, seed=0, batch_size=3)
+    crops = T.focus_training_crops(cascade, images, (0.0, 0.0), seed=0, batch_size=3)
     with torch.no_grad():
         located = cascade.locate(cascade.glance_tokens(images))
         torch.testing.assert_close(crops, cascade.focus_input(images, *located))

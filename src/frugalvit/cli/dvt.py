@@ -4,6 +4,7 @@
     frugalvit dvt data --write-sources SRC.npz        # its digits and decoded backgrounds in one file; then, on a
     frugalvit dvt data --sources SRC.npz --out DATA   # machine without PyAV: the same chunks (--workers N)
     frugalvit dvt train --data mnist --out RUN        # joint training, resumable (--data DATA for the task)
+    frugalvit dvt train --kind glance-focus --data DATA --out RUN   # glance, box locator, focus on the crops
     frugalvit dvt calibrate RUN --budget 8M           # thresholds for <= 8M mean MACs per image
     frugalvit dvt eval RUN                            # accuracy, mean MACs, exit shares on the test split
 
@@ -96,7 +97,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--no-progress", action="store_true")
     data.set_defaults(handler=run_data)
 
-    train = commands.add_parser("train", help="jointly train a cascade (sum of the stage losses); resumable")
+    train = commands.add_parser("train", help="train a cascade: DVT stages jointly (sum of the stage losses), or "
+                                              "glance and focus (--kind glance-focus); resumable")
+    train.add_argument("--kind", choices=("dvt", "glance-focus"), default="dvt",
+                       help="dvt: stages with more tokens each, feature and relation reuse (default); glance-focus: a "
+                            "small ViT glances at the whole image, a box locator on its tokens finds the object, a "
+                            "second small ViT sees a crop sized to it (needs recorded boxes: a `dvt data` directory)")
     train.add_argument("--data", required=True, help="'mnist', a scaled-digits directory (`dvt data`), a directory "
                                                      "of class folders, or a FILE.npz")
     train.add_argument("--out", required=True, type=Path, help="run directory (created; an existing one resumes)")
@@ -110,9 +116,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--depth", type=int, default=4)
     train.add_argument("--heads", type=int, default=3)
     train.add_argument("--context-dim", type=int, default=16, help="feature-reuse context width D'")
-    train.add_argument("--conv-stem", type=_int_list, default=(),
+    train.add_argument("--conv-stem", type=_int_list, default=None,
                        help="channels of a stride-2 conv stem before each stage's tokens, e.g. 16,32,64 "
-                            "(default: none, plain patch embedding)")
+                            "(default: none for dvt, 16,32,64 for glance-focus)")
+    focus = train.add_argument_group("glance-focus (--kind glance-focus)")
+    focus.add_argument("--look-size", type=int, default=48, help="both looks' input size in pixels (default 48)")
+    focus.add_argument("--look-patch-size", type=int, default=16,
+                       help="both looks' patch size (default 16: 3x3 tokens at 48 px behind the conv stem)")
+    focus.add_argument("--crop-sides", type=_int_list, default=None,
+                       help="the crop sides (image pixels) the focus may use (default 24,32,40,48,56,64,80,96,112 "
+                            "at 112 px, scaled to other image sizes)")
+    focus.add_argument("--margin", type=float, default=1.2, help="crop side / located object side (default 1.2)")
+    focus.add_argument("--box-weight", type=float, default=5.0,
+                       help="weight of the locator's L1 box loss beside the glance's cross-entropy (default 5)")
+    focus.add_argument("--jitter", type=_float_list, default=(0.05, 0.1),
+                       help="focus training crops: centre shift (x side) and log-side scale standard deviations "
+                            "(default 0.05,0.1)")
     train.add_argument("--no-feature-reuse", action="store_true")
     train.add_argument("--no-relation-reuse", action="store_true")
     train.add_argument("--epochs", type=int, default=2)
@@ -198,18 +217,22 @@ def run_data(args: argparse.Namespace) -> int:
     made = ", ".join(f"{s} {c}" for s, c in zip(SPLITS, config.counts) if s in args.splits)
     print(f"{args.out}: scaled-digits, {made} images of "
           f"3x{config.canvas}x{config.canvas}; next: frugalvit dvt train --data {args.out} --out RUN "
-          f"--stage-image-sizes 48,80,{config.canvas} --patch-sizes 16,16,16 --conv-stem 16,32,64")
+          f"--stage-image-sizes 48,80,{config.canvas} --patch-sizes 16,16,16 --conv-stem 16,32,64 "
+          f"(or --kind glance-focus)")
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from frugalvit.data import model_input
     from frugalvit.dvt import DVTConfig, cascade_loss
-    from frugalvit.training import TrainConfig, mixed_precision, save_atomically, train
+    from frugalvit.training import TrainConfig, save_atomically, train
 
     check_output_dir(args.out, (CONFIG_NAME, MODEL_NAME))
     _threads(args)
     device, amp_dtype = resolve_device_dtype(args)
+    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               max_train_samples=args.max_train_samples)
+    if args.kind == "glance-focus":
+        return _train_glance_focus(args, train_config, device, amp_dtype)
     data = _load_data(args.data, args.image_size)
     channels, height, width = data.image_shape
     if height != width:
@@ -217,13 +240,25 @@ def run_train(args: argparse.Namespace) -> int:
     model_config = DVTConfig(image_size=height, patch_sizes=args.patch_sizes, image_sizes=args.stage_image_sizes,
                              in_chans=channels, num_classes=data.num_classes, embed_dim=args.embed_dim,
                              depth=args.depth, num_heads=args.heads, context_dim=args.context_dim,
-                             conv_stem=args.conv_stem, feature_reuse=not args.no_feature_reuse,
+                             conv_stem=args.conv_stem or (), feature_reuse=not args.no_feature_reuse,
                              relation_reuse=not args.no_relation_reuse)
-    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                               max_train_samples=args.max_train_samples)
     record = {"model": model_config.to_dict(), "data": args.data, "image_size": args.image_size,
               "train": asdict(train_config)}
-    run: Path = args.out
+    _start_run(args.out, record, device, amp_dtype)
+    torch.manual_seed(args.seed)
+    cascade = model_config.build().to(device)
+    print(f"training on {describe(device, amp_dtype)}")
+    print(f"stages: token grids {' / '.join(f'{g}x{g}' for g in model_config.grids)}, "
+          f"cumulative MACs per image {', '.join(f'{m / 1e6:.2f}M' for m in cascade.stage_macs())}")
+    train(cascade, data.train, train_config, args.out, progress=not args.no_progress, loss_fn=cascade_loss,
+          amp_dtype=amp_dtype)
+    save_atomically(cascade.state_dict(), args.out / MODEL_NAME)
+    _report_validation(cascade, data, device, amp_dtype, args.out)
+    return 0
+
+
+def _start_run(run: Path, record: dict[str, Any], device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    """Create the run directory with its settings, or check that an existing one holds the same (resume)."""
     config_path = run / CONFIG_NAME
     if config_path.is_file():
         previous = json.loads(config_path.read_text())
@@ -236,22 +271,61 @@ def run_train(args: argparse.Namespace) -> int:
     # where (this invocation of) the training ran: mixed precision keeps float32 weights
     _write_json(record | {"device": device_report(device, amp_dtype) | {"precision": training_precision(amp_dtype)}},
                 config_path)
-    torch.manual_seed(args.seed)
-    cascade = model_config.build().to(device)
-    print(f"training on {describe(device, amp_dtype)}")
-    print(f"stages: token grids {' / '.join(f'{g}x{g}' for g in model_config.grids)}, "
-          f"cumulative MACs per image {', '.join(f'{m / 1e6:.2f}M' for m in cascade.stage_macs())}")
-    train(cascade, data.train, train_config, run, progress=not args.no_progress, loss_fn=cascade_loss,
-          amp_dtype=amp_dtype)
-    save_atomically(cascade.state_dict(), run / MODEL_NAME)
+
+
+def _report_validation(cascade: Any, data: Any, device: torch.device, amp_dtype: torch.dtype | None,
+                       run: Path) -> None:
+    """Each stage's accuracy on the validation split (every stage on every image), and what to run next."""
+    from frugalvit.training import mixed_precision
+
     with torch.no_grad(), mixed_precision(device, amp_dtype):
         stage_logits = [torch.cat(parts) for parts in zip(*(
-            cascade.forward_all(model_input(data.val.images[i:i + 256], device, torch.float32))
+            cascade.forward_all(cascade.prepare_input(data.val.images[i:i + 256]))
             for i in range(0, len(data.val), 256)))]
     labels = data.val.labels.to(device)
     accuracies = [(logits.argmax(-1) == labels).float().mean().item() for logits in stage_logits]
     print("validation accuracy per stage: " + ", ".join(f"{100 * a:.2f}%" for a in accuracies))
     print(f"saved {run / MODEL_NAME}; next: frugalvit dvt calibrate {run} --budget MACS")
+
+
+def _train_glance_focus(args: argparse.Namespace, train_config: Any, device: torch.device,
+                        amp_dtype: torch.dtype | None) -> int:
+    """`dvt train --kind glance-focus`: the glance and its box locator, then the focus on the glance's crops."""
+    from frugalvit.dvt.glance_training import GlanceFocusConfig, train_glance_focus
+    from frugalvit.tasks import is_scaled_digits, load_scaled_digits, load_split_arrays
+    from frugalvit.training import save_atomically
+
+    if not is_scaled_digits(Path(args.data)):
+        raise ValueError(f"--kind glance-focus trains its locator on recorded object boxes: give a scaled-digits "
+                         f"directory (frugalvit dvt data --out DIR), got {args.data}")
+    if len(args.jitter) != 2 or min(args.jitter) < 0:
+        raise ValueError(f"--jitter takes two standard deviations >= 0 (centre, log side), got {list(args.jitter)}")
+    if args.box_weight < 0:
+        raise ValueError(f"--box-weight must be >= 0, got {args.box_weight}")
+    data = load_scaled_digits(Path(args.data))
+    channels, height, width = data.image_shape
+    crop_sides = args.crop_sides or tuple(sorted({max(1, round(side * height / 112)) for side in
+                                                  GlanceFocusConfig.crop_sides}))
+    model_config = GlanceFocusConfig(image_size=height, look_size=args.look_size, patch_size=args.look_patch_size,
+                                     in_chans=channels, num_classes=data.num_classes, embed_dim=args.embed_dim,
+                                     depth=args.depth, num_heads=args.heads,
+                                     conv_stem=(16, 32, 64) if args.conv_stem is None else args.conv_stem,
+                                     crop_sides=crop_sides, margin=args.margin)
+    arrays = load_split_arrays(Path(args.data), "train")
+    boxes = torch.from_numpy(np.stack([arrays[key] for key in ("top", "left", "size")], axis=1))
+    record = {"kind": "glance-focus", "model": model_config.to_dict(), "data": args.data, "image_size": None,
+              "train": asdict(train_config), "box_weight": args.box_weight, "jitter": list(args.jitter)}
+    _start_run(args.out, record, device, amp_dtype)
+    torch.manual_seed(args.seed)
+    cascade = model_config.build().to(device)
+    print(f"training on {describe(device, amp_dtype)}")
+    print(f"looks: {model_config.grid}x{model_config.grid} tokens at {model_config.look_size} px each; cumulative "
+          f"MACs per image {', '.join(f'{m / 1e6:.2f}M' for m in cascade.stage_macs())}")
+    train_glance_focus(cascade, data.train, boxes, train_config, args.out, box_weight=args.box_weight,
+                       jitter=tuple(args.jitter), progress=not args.no_progress, amp_dtype=amp_dtype,
+                       on_phase=lambda name: print(f"phase: {name}", flush=True))
+    save_atomically(cascade.state_dict(), args.out / MODEL_NAME)
+    _report_validation(cascade, data, device, amp_dtype, args.out)
     return 0
 
 
@@ -266,7 +340,12 @@ def load_run(run: Path):
         raise FileNotFoundError(f"{run}: no trained model ({MODEL_NAME}); finish training with "
                                 f"`frugalvit dvt train` and the same options")
     record = json.loads(config_path.read_text())
-    cascade = DVTConfig.from_dict(record["model"]).build()
+    if record.get("kind", "dvt") == "glance-focus":
+        from frugalvit.dvt.glance_training import GlanceFocusConfig
+
+        cascade = GlanceFocusConfig.from_dict(record["model"]).build()
+    else:
+        cascade = DVTConfig.from_dict(record["model"]).build()
     cascade.load_state_dict(torch.load(model_path, map_location="cpu"))
     return cascade.eval(), record
 
