@@ -10,7 +10,10 @@ read of the exit decision per batch. Here the models of
 * the early-exit cascade (eager: regrouping reads each decision on the host);
 * `forward_every_stage` (both looks for every image, the decision applied
   on the device: no host read, same answers): eager; captured; compiled and
-  captured (`--compile`).
+  captured (`--compile`);
+* `forward_within_capacity` (early exit with static shapes: the least
+  confident `--capacity` share of each batch gets the focus, by default the
+  share the glance leaves undecided on these images + 0.05): the same three.
 
 Each form's speed-up is against the captured dense model (its fastest form
 without compiling), the median over repeats of each repeat's ratio, with min
@@ -212,6 +215,10 @@ def main() -> None:
     parser.add_argument("--profile", default="",
                         help="batch sizes (comma-separated) at which to profile the eager dense and every-stage "
                              "forms' kernels (CUDA only), written beside --out")
+    parser.add_argument("--capacity", type=float, default=None,
+                        help="the focus's share of each batch in the within-capacity form (default: the share the "
+                             "glance leaves undecided on these images + --capacity-margin)")
+    parser.add_argument("--capacity-margin", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "dvt_focus_gpu.json")
     args = parser.parse_args()
@@ -253,22 +260,32 @@ def main() -> None:
     def early_exit(batch: Tensor):  # noqa: ANN202 - a CascadeOutput
         return cascade(batch, limits)
 
+    with torch.no_grad():  # the focus's capacity: the share of images undecided after the glance, + a margin
+        undecided = torch.cat([early_exit(images[i:i + 256]).exit_stage for i in range(0, images.shape[0], 256)])
+    capacity = args.capacity if args.capacity is not None else min(1.0, float((undecided >= 1).float().mean())
+                                                                    + args.capacity_margin)
+
+    def within_capacity(batch: Tensor):  # noqa: ANN202 - a CascadeOutput
+        return cascade.forward_within_capacity(batch, (capacity,), limits)
+
     forms: dict[str, Callable[[Tensor], object]] = {"dense eager": dense, "early exit eager": early_exit,
-                                                    "every stage eager": every_stage}
+                                                    "every stage eager": every_stage,
+                                                    "within capacity eager": within_capacity}
     errors: dict[str, str] = {}
     if gpu:
         forms["dense captured"] = captured(dense)
         forms["every stage captured"] = captured(every_stage)
+        forms["within capacity captured"] = captured(within_capacity)
     if args.compile:
-        compiled_dense = torch.compile(dense, dynamic=False)
-        compiled_every = torch.compile(every_stage, dynamic=False, fullgraph=gpu)
-        forms["dense compiled"] = captured(compiled_dense) if gpu else compiled_dense
-        forms["every stage compiled"] = captured(compiled_every) if gpu else compiled_every
+        for name, function in (("dense", dense), ("every stage", every_stage), ("within capacity", within_capacity)):
+            compiled = torch.compile(function, dynamic=False, fullgraph=gpu and name != "dense")
+            forms[f"{name} compiled"] = captured(compiled) if gpu else compiled
     baseline = "dense captured" if gpu else "dense eager"
 
     with torch.no_grad():
         macs = {}
-        for name, function in (("dense", dense), ("early exit", early_exit), ("every stage", every_stage)):
+        for name, function in (("dense", dense), ("early exit", early_exit), ("every stage", every_stage),
+                               ("within capacity", within_capacity)):
             with CostCounter() as cost:
                 for start in range(0, images.shape[0], 250):
                     function(images[start:start + 250])
@@ -300,8 +317,8 @@ def main() -> None:
                       "torch": torch.__version__, "baseline": baseline, "images": int(images.shape[0]),
                       "timing": "forms interleaved batch by batch, device synchronised around every call; "
                                 "speed-up: median over repeats of each repeat's baseline / form ratio"},
-           "macs_per_image": macs, "mac_ratio": {"early exit": macs["dense"] / macs["early exit"],
-                                                 "every stage": macs["dense"] / macs["every stage"]},
+           "capacity": capacity,
+           "macs_per_image": macs, "mac_ratio": {name: macs["dense"] / macs[name] for name in macs if name != "dense"},
            "answers": answers, "errors": errors, "timings": []}
     print(json.dumps({"macs_per_image": macs, "answers": answers}), flush=True)
     args.out.write_text(json.dumps(out, indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import json
 from pathlib import Path
 
@@ -200,6 +201,54 @@ def test_every_stage_form_gives_the_early_exit_outputs(images: torch.Tensor, fea
         with CostCounter() as cost:
             cascade.forward_every_stage(images[:1])
     assert cost.macs == cascade.stage_macs()[-1]
+
+
+@pytest.mark.parametrize("feature,relation", [(False, False), (True, True)])
+def test_within_capacity_equals_early_exit_where_the_undecided_fit(images: torch.Tensor, feature: bool,
+                                                                   relation: bool) -> None:
+    """`forward_within_capacity` (static shapes, no host read) gives early exit's outputs whenever each stage's
+    undecided samples fit its capacity (reuse carries regrouped too), and costs its capacities exactly."""
+    cascade = _cascade(feature, relation)
+    batch = images.shape[0]
+    with torch.no_grad():
+        confidence = torch.stack([l.softmax(-1).amax(-1) for l in cascade.forward_all(images)]).numpy()
+        thresholds = [float(np.median(confidence[0])), float(np.median(confidence[1]))]
+        early = cascade(images, thresholds=thresholds)
+        reached = [int((early.exit_stage >= stage).sum()) for stage in (1, 2)]
+        for capacities in ((1.0, 1.0), (reached[0] / batch, reached[1] / batch), (0.75, 0.5)):
+            if any(need > math.ceil(share * batch) for need, share in zip(reached, capacities)):
+                continue  # not a case where they fit
+            within = cascade.forward_within_capacity(images, capacities, thresholds)
+            assert within.exit_stage.tolist() == early.exit_stage.tolist()
+            torch.testing.assert_close(within.logits, early.logits, atol=1e-5, rtol=1e-5)
+        with CostCounter() as cost:
+            cascade.forward_within_capacity(images, (0.5, 0.25), thresholds)
+    costs = np.diff([0, *cascade.stage_macs()])
+    assert cost.macs == batch * costs[0] + math.ceil(0.5 * batch) * costs[1] + math.ceil(0.25 * batch) * costs[2]
+
+
+def test_within_capacity_stops_the_most_confident_overflow_and_compiles_whole(images: torch.Tensor) -> None:
+    """Where more samples are undecided than a stage holds, the least confident run it and the rest stop with
+    their last stage's answer; with thresholds given the whole forward compiles as one graph."""
+    cascade = _cascade(False, False)
+    with torch.no_grad():
+        stages = cascade.forward_all(images)
+        confidence = stages[0].softmax(-1).amax(-1)
+        thresholds = (1.0, 1.0)  # nobody exits early: every sample wants every stage
+        within = cascade.forward_within_capacity(images, (0.5, 0.25), thresholds)
+        compiled = torch.compile(lambda batch: cascade.forward_within_capacity(batch, (0.5, 0.25), thresholds),
+                                 fullgraph=True)(images)
+    second = set(confidence.argsort()[:6].tolist())  # the 6 least confident after the glance
+    assert {i for i, stage in enumerate(within.exit_stage.tolist()) if stage >= 1} == second
+    assert int((within.exit_stage == 2).sum()) == 3
+    for index, stage in enumerate(within.exit_stage.tolist()):
+        torch.testing.assert_close(within.logits[index], stages[stage][index], atol=1e-5, rtol=1e-5)
+    assert compiled.exit_stage.tolist() == within.exit_stage.tolist()
+    torch.testing.assert_close(compiled.logits, within.logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="expected 2 capacities in"):
+        cascade.forward_within_capacity(images, (0.5,), thresholds)
+    with pytest.raises(ValueError, match="expected 2 capacities in"):
+        cascade.forward_within_capacity(images, (0.5, 0.0), thresholds)
 
 
 def test_exit_decisions_compare_in_float32_as_calibrated() -> None:

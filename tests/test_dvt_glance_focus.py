@@ -246,6 +246,9 @@ def test_the_matrix_paths_give_the_same_views_and_compile_whole() -> None:
         early, every = cascade(images, thresholds), cascade.forward_every_stage(images, thresholds)
         assert every.exit_stage.tolist() == early.exit_stage.tolist() and len(set(early.exit_stage.tolist())) == 2
         torch.testing.assert_close(every.logits, early.logits, atol=1e-5, rtol=1e-5)
+        within = cascade.forward_within_capacity(images, (1.0,), thresholds)  # the boxes regrouped as a carry
+        assert within.exit_stage.tolist() == early.exit_stage.tolist()
+        torch.testing.assert_close(within.logits, early.logits, atol=1e-5, rtol=1e-5)
         compiled = torch.compile(lambda batch: cascade.forward_every_stage(batch, thresholds), fullgraph=True)
         whole = compiled(images)
     assert whole.exit_stage.tolist() == early.exit_stage.tolist()

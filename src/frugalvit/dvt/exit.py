@@ -10,6 +10,7 @@ held-out split and `set_budget`. Subclasses say how to run stage k on a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -174,6 +175,50 @@ class EarlyExitCascade(nn.Module):
             exit_stage = torch.where(self.exits(outputs[index], limits[index]), index, exit_stage)
         logits = torch.stack(outputs)[exit_stage, torch.arange(batch, device=exit_stage.device)]
         return CascadeOutput(logits, exit_stage)
+
+    def forward_within_capacity(self, images: Tensor, capacities: Sequence[float],
+                                thresholds: Sequence[float] | None = None) -> CascadeOutput:
+        """Early exit with static shapes: after each stage, at most ceil(capacity x batch) samples run the next
+        one (`capacities`: one share of the batch per stage after the first), the least confident undecided
+        samples first. No decision is read on the host, so with `thresholds` given the whole forward can be
+        compiled or captured as one graph, and unlike `forward_every_stage` it saves the later stages' work.
+
+        Equals `forward` wherever each stage's undecided samples fit its
+        capacity. Where more are undecided, the most confident of them stop
+        at the last stage they ran (the cost holds, accuracy may drop: choose
+        the capacities from a validation split, e.g. the share reaching each
+        stage plus a margin). Each stage costs its capacity whatever the
+        batch holds: when fewer samples are undecided, decided ones fill the
+        places and their results are discarded. Capacities of 1.0 run every
+        stage on every sample, as `forward_every_stage` does.
+        """
+        self.check_input(images)
+        limits = self._limits(thresholds)
+        shares = [float(share) for share in capacities]
+        if len(shares) != self.num_stages - 1 or not all(0.0 < share <= 1.0 for share in shares):
+            raise ValueError(f"expected {self.num_stages - 1} capacities in (0, 1] (a share of the batch for each "
+                             f"stage after the first), got {list(capacities)}")
+        batch = images.shape[0]
+        rows = torch.arange(batch, device=images.device)  # the batch rows running the current stage
+        logits, carry = self.run_stage(0, images, None, True)
+        result = logits.clone()
+        exit_stage = torch.zeros(batch, dtype=torch.long, device=images.device)
+        undecided = ~self.exits(logits, limits[0])
+        confidence = logits.float().softmax(dim=-1).amax(dim=-1)
+        for index in range(1, self.num_stages):
+            last = index == self.num_stages - 1
+            count = min(rows.shape[0], math.ceil(shares[index - 1] * batch))
+            # the least confident undecided samples first; decided ones (scored above any confidence) fill up
+            picked = torch.topk(torch.where(undecided, confidence, 2.0), count, largest=False, sorted=False).indices
+            rows, images, carry = rows.index_select(0, picked), images.index_select(0, picked), select(carry, picked)
+            undecided = undecided.index_select(0, picked)
+            logits, carry = self.run_stage(index, images, carry, not last)
+            result[rows] = torch.where(undecided[:, None], logits, result[rows])
+            exit_stage[rows] = torch.where(undecided, index, exit_stage[rows])
+            if not last:
+                undecided = undecided & ~self.exits(logits, limits[index])
+                confidence = logits.float().softmax(dim=-1).amax(dim=-1)
+        return CascadeOutput(result, exit_stage)
 
     def _limits(self, thresholds: Sequence[float] | None) -> tuple[float, ...]:
         """The exit thresholds of one call: `thresholds` checked, or the stored ones (read on the host)."""
