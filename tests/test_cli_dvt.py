@@ -102,7 +102,17 @@ def test_glance_focus_kind_trains_calibrates_evaluates_and_resumes(tmp_path: Pat
     assert {p.name for p in run.iterdir()} >= {"config.json", "model.pt", "glance", "focus"}
     assert main(["dvt", "calibrate", str(run), "--budget", "1G", "--no-progress", "--device", "cpu"]) == 0
     assert main(["dvt", "eval", str(run), "--no-progress", "--device", "cpu"]) == 0
-    assert "exits per stage: stage 1" in capsys.readouterr().out
+    plain = capsys.readouterr().out
+    assert "exits per stage: stage 1" in plain
+    assert main(["dvt", "eval", str(run), "--no-progress", "--device", "cpu", "--capacities", "1.0"]) == 0
+    full = capsys.readouterr().out  # room for every undecided image: early exit's answers
+    assert "static shapes" in full
+    assert [line for line in full.splitlines() if "test accuracy" in line] == \
+        [line for line in plain.splitlines() if "test accuracy" in line]
+    assert main(["dvt", "eval", str(run), "--no-progress", "--device", "cpu", "--capacities", "auto"]) == 0
+    assert "static shapes" in capsys.readouterr().out
+    assert main(["dvt", "eval", str(run), "--no-progress", "--device", "cpu", "--capacities", "0.5,0.5"]) == 2
+    assert "--capacities: give 1 shares" in capsys.readouterr().err
     assert main(train) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "phase:" not in out

@@ -64,6 +64,13 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
 
 
+def _capacities(text: str) -> str | tuple[float, ...]:
+    return "auto" if text.strip() == "auto" else _float_list(text)
+
+
+AUTO_CAPACITY_MARGIN = 0.05
+
+
 def _write_json(data: dict[str, Any], path: Path) -> None:
     write_json_atomically(data, path)
 
@@ -163,6 +170,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--split", choices=("test", "val"), default="test")
     evaluate.add_argument("--thresholds", type=_float_list, default=None,
                           help="override the calibrated thresholds, e.g. 0.9,0.95 (1.0 = never exit)")
+    evaluate.add_argument("--capacities", type=_capacities, default=None,
+                          help="evaluate early exit with static shapes (forward_within_capacity, the GPU form): "
+                               "the share of each batch that runs each later stage, e.g. 0.6 (one per stage after "
+                               "the first), or 'auto': the calibrated share reaching each stage + 0.05")
     evaluate.add_argument("--data", default=None, help="override the run's data set")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--threads", type=int, default=None)
@@ -390,14 +401,29 @@ def run_eval(args: argparse.Namespace) -> int:
     device, dtype = resolve_device_dtype(args)
     cascade, record = load_run(args.run)
     cascade.to(device, dtype)
+    calibrated = json.loads((args.run / THRESHOLDS_NAME).read_text()) if (args.run / THRESHOLDS_NAME).is_file() \
+        else None
     if args.thresholds is not None:
         cascade.set_thresholds(args.thresholds)
         source = "given"
-    elif (args.run / THRESHOLDS_NAME).is_file():
-        cascade.set_thresholds(json.loads((args.run / THRESHOLDS_NAME).read_text())["thresholds"])
+    elif calibrated is not None:
+        cascade.set_thresholds(calibrated["thresholds"])
         source = "calibrated"
     else:
         source = "none calibrated: every sample runs every stage"
+    capacities = args.capacities
+    if capacities == "auto":
+        if calibrated is None or args.thresholds is not None:
+            raise ValueError("--capacities auto takes the calibrated shares reaching each stage: run frugalvit dvt "
+                             f"calibrate {args.run} first (without --thresholds), or give the shares, e.g. 0.6")
+        fractions = calibrated["val_exit_fractions"]
+        capacities = tuple(min(1.0, sum(fractions[stage:]) + AUTO_CAPACITY_MARGIN)
+                           for stage in range(1, len(fractions)))
+    if capacities is not None and (len(capacities) != cascade.num_stages - 1
+                                   or not all(0.0 < share <= 1.0 for share in capacities)):
+        raise ValueError(f"--capacities: give {cascade.num_stages - 1} shares in (0, 1], one per stage after the "
+                         f"first, got {','.join(map(str, capacities))}")
+    thresholds = tuple(cascade.thresholds.tolist())
     data = _load_data(args.data or record["data"], record.get("image_size"))
     split = getattr(data, args.split)
     stage_macs = cascade.stage_macs()
@@ -407,13 +433,18 @@ def run_eval(args: argparse.Namespace) -> int:
             images = cascade.prepare_input(split.images[start:start + args.batch_size])  # as calibrate does
             labels = split.labels[start:start + args.batch_size].to(device)
             with CostCounter() as cost:
-                out = cascade(images)
+                out = cascade(images, thresholds) if capacities is None else \
+                    cascade.forward_within_capacity(images, capacities, thresholds)
             macs += cost.macs
             correct += int((out.logits.argmax(-1) == labels).sum())
             exits.append(out.exit_stage)
     stages = torch.cat(exits)
     shares = torch.bincount(stages, minlength=cascade.num_stages).float() / len(split)
-    print(f"thresholds ({source}): {', '.join(f'{t:.6f}' for t in cascade.thresholds.tolist())}")
+    print(f"thresholds ({source}): {', '.join(f'{t:.6f}' for t in thresholds)}")
+    if capacities is not None:
+        stages = "stage 2" if cascade.num_stages == 2 else f"stages 2-{cascade.num_stages}"
+        print(f"early exit with static shapes: {stages} run on at most {', '.join(f'{c:.3f}' for c in capacities)} "
+              f"of each batch (the least confident first; MACs counted as run)")
     print(f"{args.split} accuracy {100 * correct / len(split):.2f}% over {len(split)} images, "
           f"on {describe(device, dtype)}")
     print(f"mean MACs per image {macs / len(split) / 1e6:.3f}M (counted), all stages {stage_macs[-1] / 1e6:.3f}M")
