@@ -138,6 +138,43 @@ def profile_forms(forms: dict[str, Callable[[Tensor], object]], batch: Tensor, p
     print("\n".join(line.split("\n")[0] for line in text), flush=True)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Speed-up against the captured dense model per batch size, one line per form (log batch axis), with each
+    cascade form's MAC ratio as a dotted level: how much of the saved arithmetic the device turns into time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    timings = results["timings"]
+    names = list(dict.fromkeys(name for entry in timings for name in entry["speedup_vs_baseline"]
+                               if name != results["config"]["baseline"]))  # in order of first appearance
+    for name in names:
+        points = [(entry["batch_size"], entry["speedup_vs_baseline"][name]) for entry in timings
+                  if name in entry["speedup_vs_baseline"]]
+        points.sort()
+        style = "-o" if "captured" in name or "compiled" in name else "--o"
+        line, = ax.plot([b for b, _ in points], [v["median"] for _, v in points], style, ms=4, label=name)
+        ax.fill_between([b for b, _ in points], [v["min"] for _, v in points], [v["max"] for _, v in points],
+                        color=line.get_color(), alpha=0.15)
+    for name, ratio in results["mac_ratio"].items():
+        ax.axhline(ratio, color="grey", ls=":", lw=1)
+        ax.annotate(f"MAC ratio, {name} ({ratio:.2f}x)", (timings[0]["batch_size"], ratio), fontsize=7,
+                    xytext=(2, 2), textcoords="offset points", color="grey")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(f"speed-up vs {results['config']['baseline']} (same run)")
+    setup = results["config"].get("setup", "glance and focus trained from scratch against the 7x7 model")
+    ax.set_title(f"{results['config']['device']}, {results['config']['dtype']}: {setup[:70]}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def trained_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
     """The trained glance and focus (`dvt_focus_trained.py`'s models) and the 7x7 model, on the exported split."""
     models = {name: model.to(device, dtype) for name, model in T.load_models(args.models, args.seed).items()}
@@ -219,11 +256,18 @@ def main() -> None:
                         help="the focus's share of each batch in the within-capacity form (default: the share the "
                              "glance leaves undecided on these images + --capacity-margin)")
     parser.add_argument("--capacity-margin", type=float, default=0.05)
+    parser.add_argument("--plot-only", action="store_true", help="redraw --out's plot from its JSON and stop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "dvt_focus_gpu.json")
     args = parser.parse_args()
     if args.export:
         export(*args.export, args.export_count)
+        return
+    if args.plot_only:
+        if not args.out.is_file():
+            parser.error(f"--plot-only: no results at {args.out}; run the benchmark first")
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        print(f"wrote {args.out.with_suffix('.png')}")
         return
     if args.backbone_shape:
         if not 0.0 <= args.exit_share < 1.0:
@@ -346,7 +390,8 @@ def main() -> None:
         batch = images.repeat(1 + batch_size // images.shape[0], 1, 1, 1)[:batch_size]
         profile_forms({name: forms[name] for name in ("dense eager", "every stage eager", "early exit eager")},
                       batch, args.out.with_name(f"{args.out.stem}_profile_{batch_size}.txt"))
-    print(f"wrote {args.out}")
+    plot(out, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -256,6 +256,14 @@ def test_gpu_focus_benchmark_rotates_the_forms_and_exports_the_split(tmp_path: P
     dvt_focus_gpu.export(tmp_path / "data", tmp_path / "out" / "test.npz", count=3)
     exported = np.load(tmp_path / "out" / "test.npz")
     assert np.array_equal(exported["images"], images[:3]) and exported["labels"].tolist() == [0, 1, 2]
+    result = {"config": {"baseline": "dense captured", "device": "cpu", "dtype": "float32", "setup": "test"},
+              "mac_ratio": {"every stage": 2.6},
+              "timings": [{"batch_size": size, "speedup_vs_baseline": {
+                  name: {"min": 0.9 * value, "median": value, "max": 1.1 * value}
+                  for name, value in (("dense captured", 1.0), ("every stage captured", size / 64))}}
+                  for size in (1, 64)]}
+    dvt_focus_gpu.plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
     monkeypatch.setattr(sys, "argv", ["dvt_focus_gpu.py", "--models", str(tmp_path), "--images",
                                       str(tmp_path / "out" / "test.npz")])
     with pytest.raises(SystemExit) as stop:
