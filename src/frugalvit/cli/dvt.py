@@ -255,10 +255,7 @@ def run_train(args: argparse.Namespace) -> int:
                              relation_reuse=not args.no_relation_reuse)
     record = {"model": model_config.to_dict(), "data": args.data, "image_size": args.image_size,
               "train": asdict(train_config)}
-    _start_run(args.out, record, device, amp_dtype)
-    torch.manual_seed(args.seed)
-    cascade = model_config.build().to(device)
-    print(f"training on {describe(device, amp_dtype)}")
+    cascade = _fresh_cascade(model_config, args, record, device, amp_dtype)
     print(f"stages: token grids {' / '.join(f'{g}x{g}' for g in model_config.grids)}, "
           f"cumulative MACs per image {', '.join(f'{m / 1e6:.2f}M' for m in cascade.stage_macs())}")
     train(cascade, data.train, train_config, args.out, progress=not args.no_progress, loss_fn=cascade_loss,
@@ -266,6 +263,17 @@ def run_train(args: argparse.Namespace) -> int:
     save_atomically(cascade.state_dict(), args.out / MODEL_NAME)
     _report_validation(cascade, data, device, amp_dtype, args.out)
     return 0
+
+
+def _fresh_cascade(model_config: Any, args: argparse.Namespace, record: dict[str, Any], device: torch.device,
+                   amp_dtype: torch.dtype | None) -> Any:
+    """The run directory started (or checked, to resume) and the untrained cascade drawn from --seed, on the
+    device (a resumed run then loads its checkpoints over these weights)."""
+    _start_run(args.out, record, device, amp_dtype)
+    torch.manual_seed(args.seed)
+    cascade = model_config.build().to(device)
+    print(f"training on {describe(device, amp_dtype)}")
+    return cascade
 
 
 def _start_run(run: Path, record: dict[str, Any], device: torch.device, amp_dtype: torch.dtype | None) -> None:
@@ -326,10 +334,7 @@ def _train_glance_focus(args: argparse.Namespace, train_config: Any, device: tor
     boxes = torch.from_numpy(np.stack([arrays[key] for key in ("top", "left", "size")], axis=1))
     record = {"kind": "glance-focus", "model": model_config.to_dict(), "data": args.data, "image_size": None,
               "train": asdict(train_config), "box_weight": args.box_weight, "jitter": list(args.jitter)}
-    _start_run(args.out, record, device, amp_dtype)
-    torch.manual_seed(args.seed)
-    cascade = model_config.build().to(device)
-    print(f"training on {describe(device, amp_dtype)}")
+    cascade = _fresh_cascade(model_config, args, record, device, amp_dtype)
     print(f"looks: {model_config.grid}x{model_config.grid} tokens at {model_config.look_size} px each; cumulative "
           f"MACs per image {', '.join(f'{m / 1e6:.2f}M' for m in cascade.stage_macs())}")
     train_glance_focus(cascade, data.train, boxes, train_config, args.out, box_weight=args.box_weight,
