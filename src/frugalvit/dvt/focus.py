@@ -507,6 +507,10 @@ class GlanceFocusCascade(EarlyExitCascade):
         crop_sides: the crop sides (input pixels) the focus may use.
         margin: crop side / located object side (context around the object).
         later: whole-image stages after the focus (e.g. the full-resolution single model as a last resort).
+
+    Off the CPU the glance's resize and the focus crops are batched matrix products (no host sync: the
+    every-stage and within-capacity forms capture as one CUDA graph), on the CPU PyTorch's uint8 resize and
+    per-side slices (faster there); set the attribute `by_matrices` to True / False to force either path.
     """
 
     takes_uint8 = True
