@@ -227,6 +227,16 @@ def test_within_capacity_equals_early_exit_where_the_undecided_fit(images: torch
     assert cost.macs == batch * costs[0] + math.ceil(0.5 * batch) * costs[1] + math.ceil(0.25 * batch) * costs[2]
 
 
+def test_capacities_follow_the_share_reaching_each_stage() -> None:
+    from frugalvit.dvt import ExitResult
+
+    result = ExitResult((0.9, 0.8), 0.5, 1e6, (0.5, 0.3, 0.2))
+    assert result.capacities() == pytest.approx((0.55, 0.25)) and result.capacities(0.0) == pytest.approx((0.5, 0.2))
+    assert ExitResult((0.0,), 0.5, 1e6, (0.0, 1.0)).capacities() == (1.0,)
+    with pytest.raises(ValueError, match="margin"):
+        result.capacities(-0.1)
+
+
 def test_within_capacity_stops_the_most_confident_overflow_and_compiles_whole(images: torch.Tensor) -> None:
     """Where more samples are undecided than a stage holds, the least confident run it and the rest stop with
     their last stage's answer; with thresholds given the whole forward compiles as one graph."""

@@ -421,9 +421,11 @@ def run_eval(args: argparse.Namespace) -> int:
         if calibrated is None or args.thresholds is not None:
             raise ValueError("--capacities auto takes the calibrated shares reaching each stage: run frugalvit dvt "
                              f"calibrate {args.run} first (without --thresholds), or give the shares, e.g. 0.6")
-        fractions = calibrated["val_exit_fractions"]
-        capacities = tuple(min(1.0, sum(fractions[stage:]) + AUTO_CAPACITY_MARGIN)
-                           for stage in range(1, len(fractions)))
+        from frugalvit.dvt import ExitResult
+
+        capacities = ExitResult(tuple(calibrated["thresholds"]), calibrated["val_accuracy"],
+                                calibrated["val_mean_macs"], tuple(calibrated["val_exit_fractions"])
+                                ).capacities(AUTO_CAPACITY_MARGIN)
     if capacities is not None and (len(capacities) != cascade.num_stages - 1
                                    or not all(0.0 < share <= 1.0 for share in capacities)):
         raise ValueError(f"--capacities: give {cascade.num_stages - 1} shares in (0, 1], one per stage after the "

@@ -33,6 +33,15 @@ class ExitResult:
     mean_macs: float
     exit_fractions: tuple[float, ...]
 
+    def capacities(self, margin: float = 0.05) -> tuple[float, ...]:
+        """Capacities for `EarlyExitCascade.forward_within_capacity` at these thresholds: the share of the
+        samples that reached each stage after the first, plus `margin` (a batch's share varies around the
+        split's), at most 1."""
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        return tuple(min(1.0, float(sum(self.exit_fractions[stage:])) + margin)
+                     for stage in range(1, len(self.exit_fractions)))
+
 
 def _as_arrays(confidence: object, correct: object, stage_macs: Sequence[float]) -> tuple[np.ndarray, np.ndarray,
                                                                                           np.ndarray]:
