@@ -256,6 +256,7 @@ def main() -> None:
                         help="the focus's share of each batch in the within-capacity form (default: the share the "
                              "glance leaves undecided on these images + --capacity-margin)")
     parser.add_argument("--capacity-margin", type=float, default=0.05)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--plot-only", action="store_true", help="redraw --out's plot from its JSON and stop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "dvt_focus_gpu.json")
@@ -289,6 +290,10 @@ def main() -> None:
         compile_sizes = {int(value) for value in args.compile_batch_sizes.split(",")}
     except ValueError:
         parser.error("--batch-sizes and --compile-batch-sizes must be integers separated by commas")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     dtype = DTYPES[args.dtype]
     gpu = device.type == "cuda"
@@ -357,7 +362,7 @@ def main() -> None:
                 print(f"[{name}] failed:\n{errors[name]}", file=sys.stderr, flush=True)
     out = {"config": {"device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
                       "setup": setup["setup"], "dtype": args.dtype, "threshold": setup["threshold"],
-                      "repeats": args.repeats,
+                      "repeats": args.repeats, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "baseline": baseline, "images": int(images.shape[0]),
                       "timing": "forms interleaved batch by batch, device synchronised around every call; "
                                 "speed-up: median over repeats of each repeat's baseline / form ratio"},
