@@ -51,10 +51,10 @@ from torch import Tensor
 
 from frugalvit.cost import CostCounter
 from frugalvit.tasks import load_split_arrays, to_float
-from frugalvit.timing import timed
+from frugalvit.timing import interleaved_totals
 
 import dvt_focus_trained as T  # the sibling benchmarks (this directory is on sys.path)
-from eventful_gpu import capture_dense
+from eventful_gpu import capture_dense, device_time_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The two-look cascade's validation-chosen threshold in the CPU-trained run (dvt_focus_trained_cpu.json)
@@ -90,23 +90,14 @@ def logits_of(output: object) -> Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
-def time_forms(forms: dict[str, Callable[[Tensor], object]], batches: list[Tensor], repeats: int,
-               device: torch.device) -> dict[str, list[float]]:
+def time_forms(forms: dict[str, Callable[[Tensor], object]], batches: list[Tensor],
+               repeats: int) -> dict[str, list[float]]:
     """Seconds per pass over `batches` for each form, `repeats` passes after one warm-up pass; within a pass the
-    forms take each batch in turn, in an order that rotates from batch to batch (drift reaches all alike)."""
-    names = list(forms)
-    seconds: dict[str, list[float]] = {name: [] for name in names}
+    forms take each batch in turn, in an order that rotates from batch to batch (`interleaved_totals`)."""
     with torch.no_grad():
-        for repeat in range(repeats + 1):
-            totals = dict.fromkeys(names, 0.0)
-            for index, batch in enumerate(batches):
-                shift = index % len(names)
-                for name in names[shift:] + names[:shift]:
-                    totals[name] += timed(forms[name], batch, device=device)[1] / 1e3
-            if repeat:
-                for name in names:
-                    seconds[name].append(totals[name])
-    return seconds
+        interleaved_totals(forms, batches)
+        passes = [interleaved_totals(forms, batches) for _ in range(repeats)]
+    return {name: [totals[name] for totals in passes] for name in forms}
 
 
 def summary(values: list[float]) -> dict:
@@ -127,13 +118,9 @@ def profile_forms(forms: dict[str, Callable[[Tensor], object]], batch: Tensor, p
                 for _ in range(calls):
                     function(batch)
                 torch.cuda.synchronize()
-            averages = prof.key_averages()
-            on_device = [event for event in averages if str(event.device_type).endswith("CUDA")]
-            kernels = sum(event.count for event in on_device) / calls
-            device_ms = sum(event.self_device_time_total for event in on_device) / calls / 1000
+            kernels, device_ms, table = device_time_table(prof, calls, row_limit=25, width=60)
             text.append(f"{name}, batch {batch.shape[0]}, per call: {kernels:.0f} device kernels and copies, "
-                        f"{device_ms:.3f} ms of device time\n"
-                        + averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+                        f"{device_ms:.3f} ms of device time\n{table}")
     path.write_text("\n\n".join(text))
     print("\n".join(line.split("\n")[0] for line in text), flush=True)
 
@@ -380,7 +367,7 @@ def main() -> None:
         with torch.no_grad():
             for function in timed_forms.values():  # record graphs / compile for this batch size outside the clock
                 function(batches[0])
-        seconds = time_forms(timed_forms, batches, args.repeats, device)
+        seconds = time_forms(timed_forms, batches, args.repeats)
         entry = {"batch_size": batch_size, "images": count, "ms_per_pass": {}, "speedup_vs_baseline": {}}
         for name, values in seconds.items():
             ratios = [base / value for base, value in zip(seconds[baseline], values)]

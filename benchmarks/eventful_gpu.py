@@ -207,6 +207,18 @@ class Config:
         return stats
 
 
+def device_time_table(prof: torch.profiler.profile, calls: int, row_limit: int = 30,
+                      width: int = 70) -> tuple[float, float, str]:
+    """From a torch profiler over `calls` calls: device kernels and copies per call, milliseconds of device time
+    per call, and the table of ops sorted by their own device time."""
+    averages = prof.key_averages()
+    on_device = [event for event in averages if str(event.device_type).endswith("CUDA")]
+    kernels = sum(event.count for event in on_device) / calls
+    device_ms = sum(event.self_device_time_total for event in on_device) / calls / 1000
+    return kernels, device_ms, averages.table(sort_by="self_device_time_total", row_limit=row_limit,
+                                              max_name_column_width=width)
+
+
 def profile_eventful(config: Config, budget: float, path: Path, attention: str | None = None) -> None:
     """Device time per kernel of eager sync-free eventful frames (the kernels a capture replays), as a table."""
     from torch.profiler import ProfilerActivity, profile
@@ -219,11 +231,7 @@ def profile_eventful(config: Config, budget: float, path: Path, attention: str |
             for frame in config.clip[4:9]:
                 ev.forward_features(frame)
             torch.cuda.synchronize()
-    averages = prof.key_averages()
-    table = averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
-    on_device = [event for event in averages if str(event.device_type).endswith("CUDA")]
-    kernels = sum(event.count for event in on_device) / 5
-    device_ms = sum(event.self_device_time_total for event in on_device) / 5 / 1000
+    kernels, device_ms, table = device_time_table(prof, calls=5)
     with atomic_file(path) as handle:
         handle.write(f"5 partial frames, {config.result['model']} {config.result['size']}px "
                      f"B{config.result['batch']}, TopFraction({budget:g}), attention {attention or 'default'}; "

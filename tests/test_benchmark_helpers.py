@@ -246,8 +246,7 @@ def test_gpu_focus_benchmark_rotates_the_forms_and_exports_the_split(tmp_path: P
         return lambda batch: calls.append((name, int(batch[0])))
 
     batches = [torch.tensor([index]) for index in range(3)]
-    seconds = dvt_focus_gpu.time_forms({"a": form("a"), "b": form("b")}, batches, repeats=2,
-                                       device=torch.device("cpu"))
+    seconds = dvt_focus_gpu.time_forms({"a": form("a"), "b": form("b")}, batches, repeats=2)
     assert {name: len(values) for name, values in seconds.items()} == {"a": 2, "b": 2}
     assert calls[:6] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)] and len(calls) == 18
     images = np.arange(5 * 3 * 4 * 4, dtype=np.uint8).reshape(5, 3, 4, 4)

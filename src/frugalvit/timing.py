@@ -5,14 +5,15 @@ measures the launch, not the work. `timed` synchronises the device before
 starting and before stopping the clock (on the CPU there is nothing to wait for).
 `device_timed` measures with CUDA events on a GPU (the device's own clock,
 without draining the queue first) and falls back to `timed` elsewhere.
-`interleaved_seconds` times a method and its baseline batch by batch in turn
-(`interleaved_repeats`: several such passes).
+`interleaved_totals` times several functions batch by batch in turn
+(`interleaved_seconds`: a method and its baseline; `interleaved_repeats`:
+several such passes).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import torch
@@ -37,21 +38,29 @@ def timed(fn: Callable[..., T], *args: object, device: torch.device | str = "cpu
     return out, (time.perf_counter() - start) * 1e3
 
 
-def interleaved_seconds(first: Callable[[Tensor], object], second: Callable[[Tensor], object],
-                        batches: Sequence[Tensor]) -> tuple[float, float]:
-    """Seconds of one pass of each function over `batches`, run batch by batch in turn (which goes first
-    alternating from batch to batch), each call timed with its batch's device synchronised.
+def interleaved_totals(functions: Mapping[str, Callable[[Tensor], object]],
+                       batches: Sequence[Tensor]) -> dict[str, float]:
+    """Seconds of one pass of each function over `batches`, run batch by batch in turn (the order rotating
+    from batch to batch, so each goes first as often), each call timed with its batch's device synchronised.
 
     A method and its baseline timed in separate passes see different machines when
     the machine's speed drifts (a shared VM's can move by +-30 % within minutes);
-    in turn, batch by batch, a drift reaches both sides alike.
+    in turn, batch by batch, a drift reaches every side alike.
     """
-    totals = [0.0, 0.0]
-    functions = (first, second)
+    names = list(functions)
+    totals = dict.fromkeys(names, 0.0)
     for index, batch in enumerate(batches):
-        for side in ((0, 1) if index % 2 == 0 else (1, 0)):
-            totals[side] += timed(functions[side], batch, device=batch.device)[1] / 1e3
-    return totals[0], totals[1]
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            totals[name] += timed(functions[name], batch, device=batch.device)[1] / 1e3
+    return totals
+
+
+def interleaved_seconds(first: Callable[[Tensor], object], second: Callable[[Tensor], object],
+                        batches: Sequence[Tensor]) -> tuple[float, float]:
+    """`interleaved_totals` of two functions: (first's seconds, second's), which goes first alternating."""
+    totals = interleaved_totals({"first": first, "second": second}, batches)
+    return totals["first"], totals["second"]
 
 
 def interleaved_repeats(first: Callable[[Tensor], object], second: Callable[[Tensor], object],

@@ -203,8 +203,8 @@ class EarlyExitCascade(nn.Module):
         logits, carry = self.run_stage(0, images, None, True)
         result = logits.clone()
         exit_stage = torch.zeros(batch, dtype=torch.long, device=images.device)
-        undecided = ~self.exits(logits, limits[0])
-        confidence = logits.float().softmax(dim=-1).amax(dim=-1)
+        confidence = self.confidence(logits)
+        undecided = ~self.confident(confidence, limits[0])
         for index in range(1, self.num_stages):
             last = index == self.num_stages - 1
             count = min(rows.shape[0], math.ceil(shares[index - 1] * batch))
@@ -216,8 +216,8 @@ class EarlyExitCascade(nn.Module):
             result[rows] = torch.where(undecided[:, None], logits, result[rows])
             exit_stage[rows] = torch.where(undecided, index, exit_stage[rows])
             if not last:
-                undecided = undecided & ~self.exits(logits, limits[index])
-                confidence = logits.float().softmax(dim=-1).amax(dim=-1)
+                confidence = self.confidence(logits)
+                undecided = undecided & ~self.confident(confidence, limits[index])
         return CascadeOutput(result, exit_stage)
 
     def _limits(self, thresholds: Sequence[float] | None) -> tuple[float, ...]:
@@ -226,14 +226,23 @@ class EarlyExitCascade(nn.Module):
             else tuple(self.thresholds.tolist())
 
     @staticmethod
-    def exits(logits: Tensor, threshold: float) -> Tensor:
-        """Which samples exit: max softmax >= threshold (threshold 1.0: none)."""
+    def confidence(logits: Tensor) -> Tensor:
+        """Each sample's confidence at a stage: its largest softmax probability, in float32."""
+        return logits.float().softmax(dim=-1).amax(dim=-1)
+
+    @staticmethod
+    def confident(confidence: Tensor, threshold: float) -> Tensor:
+        """Which samples of this `confidence` exit: >= threshold (threshold 1.0: none)."""
         if threshold >= 1.0:
-            return torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-        confidence = logits.float().softmax(dim=-1).amax(dim=-1)
-        # float32 semantics as calibrated, compared with a scalar: no tensor copied to the device (a CUDA graph
-        # cannot capture that copy)
+            return torch.zeros(confidence.shape, dtype=torch.bool, device=confidence.device)
+        # float32 semantics as calibrated, compared with a scalar: no tensor copied from the host per call (a
+        # captured CUDA graph should not hold one)
         return confidence >= float(np.float32(threshold))
+
+    @classmethod
+    def exits(cls, logits: Tensor, threshold: float) -> Tensor:
+        """Which samples exit: max softmax >= threshold (threshold 1.0: none)."""
+        return cls.confident(cls.confidence(logits), threshold)
 
     # -- cost ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -276,7 +285,7 @@ class EarlyExitCascade(nn.Module):
             batch = self.prepare_input(batch)
             target = labels[start:start + batch_size].to(batch.device)
             stage_logits = self.forward_all(batch)
-            confidence.append(torch.stack([l.float().softmax(-1).amax(-1) for l in stage_logits]).cpu())
+            confidence.append(torch.stack([self.confidence(l) for l in stage_logits]).cpu())
             correct.append(torch.stack([l.argmax(-1) == target for l in stage_logits]).cpu())
         self.train(was_training)
         self.calibration = Calibration(torch.cat(confidence, 1).numpy(), torch.cat(correct, 1).numpy(),

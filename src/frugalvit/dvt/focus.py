@@ -92,6 +92,11 @@ def _check_square(images: Tensor) -> None:
         raise ValueError(f"expected square images (B, C, S, S), got shape {tuple(images.shape)}")
 
 
+def _matrix_path(images: Tensor, by_matrices: bool | None) -> bool:
+    """Whether to resize and crop by matrix products: `by_matrices` when given, else off the CPU."""
+    return images.device.type != "cpu" if by_matrices is None else by_matrices
+
+
 def crop_around(images: Tensor, centers: Tensor, side: int, size: int, dtype: torch.dtype | None = None,
                 rows: Tensor | None = None) -> Tensor:
     """Square crops of `side` pixels around `centers` (B, 2) as (y, x), moved inside the image, resized to `size`.
@@ -359,11 +364,12 @@ def crop_boxes(images: Tensor, centers: Tensor, sides: Tensor, size: int, choice
                          f"{tuple(centers.shape)}")
     # each side's choice: how many choices are smaller (the last one at most), compared with scalars so that
     # nothing is copied to the device (capturable as a CUDA graph)
+    requested = sides.float()
     which = torch.zeros(sides.shape, dtype=torch.long, device=sides.device)
     for option in options[:-1]:
-        which += sides.float() > float(option)
+        which += requested > float(option)
     out_dtype = (dtype or torch.float32) if images.dtype == torch.uint8 else images.dtype
-    if not (images.device.type != "cpu" if by_matrices is None else by_matrices):
+    if not _matrix_path(images, by_matrices):
         return crops_by_side(images, centers, which, options, size, out_dtype)
     return crops_by_matrices(images, centers, which, options, size, out_dtype, table)
 
@@ -547,14 +553,10 @@ class GlanceFocusCascade(EarlyExitCascade):
     def _dtype(self) -> torch.dtype:
         return next(self.glance.parameters()).dtype
 
-    def _matrices(self, images: Tensor) -> bool:
-        """Whether this call resizes and crops by matrix products (`by_matrices`; default: off the CPU)."""
-        return images.device.type != "cpu" if self.by_matrices is None else self.by_matrices
-
     def glance_tokens(self, images: Tensor) -> Tensor:
         """The glance's final tokens on the whole image (resized to its input size)."""
         size, dtype = self.sizes[0], self._dtype()
-        if self._matrices(images) and size != images.shape[-1]:
+        if _matrix_path(images, self.by_matrices) and size != images.shape[-1]:
             small = resize_by_matrices(images, self.glance_weights, dtype)
         else:
             small = resize_images(images, (size, size), dtype=dtype)
@@ -569,7 +571,7 @@ class GlanceFocusCascade(EarlyExitCascade):
         if images.dtype != torch.uint8:  # uint8 stays uint8 until resized (faster on the CPU)
             images = model_input(images, images.device, self._dtype())
         return crop_boxes(images, centers, sides * self.margin, self.sizes[1], self.crop_sides, self._dtype(),
-                          self.crop_weights, self._matrices(images))
+                          self.crop_weights, self.by_matrices)
 
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
         if index == 0:

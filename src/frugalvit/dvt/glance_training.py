@@ -164,8 +164,8 @@ def train_glance_focus(cascade: GlanceFocusCascade, data: Split, boxes: Tensor, 
     rows = Split(data.images, torch.arange(len(data)))  # the loop hands on row numbers: the loss reads the boxes
     _phase(GLANCE_DIR, glance, rows, config, run_dir, glance_loss, progress, amp_dtype, on_phase)
     cascade.eval()
-    crops = focus_training_crops(cascade, data.subset(config.max_train_samples).images, jitter, config.seed + 1)
-    focus_data = Split(crops, data.subset(config.max_train_samples).labels)
+    trained = data.subset(config.max_train_samples)  # the images phase 1 trained on
+    focus_data = Split(focus_training_crops(cascade, trained.images, jitter, config.seed + 1), trained.labels)
     _phase(FOCUS_DIR, cascade.focus, focus_data, replace(config, max_train_samples=None), run_dir,
            cross_entropy_loss, progress, amp_dtype, on_phase)
     return cascade.eval()
