@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from frugalvit.data import Split
-from frugalvit.dvt import (AttentionPoolHead, FocusCascade, ResolutionCascade, SizedTokenLocator, TokenLocator,
+from frugalvit.dvt import (FocusCascade, ResolutionCascade, SizedTokenLocator, TokenLocator,
                            evaluate_thresholds, search_thresholds, tokens_at_resolution)
 from frugalvit.dvt.exit import select
 from frugalvit.ioutil import write_json_atomically
@@ -76,18 +76,6 @@ def train_locator(tokens: Tensor, centers: Tensor, grid: int, image_size: int, s
     return locator.eval()
 
 
-def cached_head(path: Path, tokens: Tensor, labels: Tensor, classes: int) -> nn.Module:
-    """`dvt_real.train_attention_head` on these tokens, its weights cached in `path` (a re-run skips training)."""
-    head = AttentionPoolHead(tokens.shape[-1], classes)
-    if path.is_file():
-        head.load_state_dict(torch.load(path))
-        return head.eval()
-    head = R.train_attention_head(tokens, labels, classes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomically(head.state_dict(), path)
-    return head
-
-
 def digit_centers(arrays: dict, count: int) -> Tensor:
     """(y, x) of each digit's box centre, in canvas pixels, from the task's recorded position and size."""
     size = torch.from_numpy(arrays["size"][:count]).float()
@@ -99,9 +87,12 @@ def digit_centers(arrays: dict, count: int) -> Tensor:
 def crop_tokens(cascade: FocusCascade, images: Tensor, centers: object, path: Path, batch_size: int = 100,
                 stage: int = 1) -> Tensor:
     """The backbone's final tokens (float16) on stage `stage`'s crops (the focus, or a zoom) around `centers`
-    (or the (centres, sides) boxes of a sized focus crop), cached in `path`."""
+    (or the (centres, sides) boxes of a sized focus crop), cached in `path` (made again where the cached tokens
+    are of another number of images: a run with other --train-images or --eval-images)."""
     if path.is_file():
-        return torch.load(path)
+        tokens = torch.load(path)
+        if tokens.shape[0] == images.shape[0]:
+            return tokens
     parts = []
     for start in range(0, images.shape[0], batch_size):
         batch = to_float(images[start:start + batch_size])
@@ -145,8 +136,9 @@ def main() -> None:
                                          pool=lambda t: t.half()) for split, part in splits.items()}
     labels = {split: part.labels for split, part in splits.items()}
     print(f"[focus] tokens ready ({time.perf_counter() - started:.0f} s)", flush=True)
-    heads = {size: cached_head(args.work_dir / "pretrained" / "heads" / f"{size}px.pt", tokens["train"][index],
-                               labels["train"], data.num_classes) for index, size in enumerate(R.RESOLUTIONS)}
+    heads = {size: R.cached_attention_head(args.work_dir / "pretrained" / "heads", f"{size}px",
+                                           tokens["train"][index], labels["train"], data.num_classes)
+             for index, size in enumerate(R.RESOLUTIONS)}
     grid = GLANCE // backbone.patch_embed.patch_size[0]
     centers = {split: digit_centers(arrays[split], len(part)) for split, part in splits.items()}
     directory = args.work_dir / "pretrained"
@@ -198,8 +190,8 @@ def main() -> None:
             located["train"] = (centers["train"], sizes["train"]) if crop_sides else centers["train"]
         focus_tokens = {split: crop_tokens(cascade, splits[split].images, located[split], directory / (
             f"{prefix}-{split}-{train_crops if split == 'train' else tag}.pt")) for split in splits}
-        focus_head = cached_head(directory / "heads" / f"{prefix}-{tag}.pt", focus_tokens["train"],
-                                 labels["train"], data.num_classes)
+        focus_head = R.cached_attention_head(directory / "heads", f"{prefix}-{tag}", focus_tokens["train"],
+                                             labels["train"], data.num_classes)
         cascade.heads[1] = focus_head
         located_centers = {split: located[split][0] if crop_sides else located[split] for split in ("val", "test")}
         error = {split: (located_centers[split] - centers[split]).abs().amax(-1) for split in ("val", "test")}
@@ -241,8 +233,8 @@ def main() -> None:
             zoom_tokens = {split: crop_tokens(zoomed, splits[split].images, zoom_centers[split],
                                               directory / f"zoom{args.zoom}-{split}-{tag}.pt", stage=2)
                            for split in splits}
-            zoomed.heads[2] = cached_head(directory / "heads" / f"zoom{args.zoom}-{tag}.pt", zoom_tokens["train"],
-                                          labels["train"], data.num_classes)
+            zoomed.heads[2] = R.cached_attention_head(directory / "heads", f"zoom{args.zoom}-{tag}",
+                                                      zoom_tokens["train"], labels["train"], data.num_classes)
             with torch.no_grad():
                 for split in ("val", "test"):
                     logits[split]["zoom"] = R.head_logits(zoomed.heads[2], zoom_tokens[split])

@@ -459,6 +459,24 @@ def train_attention_head(tokens: Tensor, labels: Tensor, classes: int, seed: int
     return head.eval()
 
 
+def cached_attention_head(directory: Path, name: str, tokens: Tensor, labels: Tensor, classes: int,
+                          **options: object) -> AttentionPoolHead:
+    """`train_attention_head(tokens, labels, classes, **options)`, its weights cached under `directory` in a
+    file named by `name`, the number of training samples and any non-default `options`: a re-run loads it
+    instead of training (minutes per head), and a run on a different training count or recipe trains its own
+    head rather than reading another run's."""
+    tag = "".join(f"-{key}{value}" for key, value in sorted(options.items()))
+    path = directory / f"{name}-n{tokens.shape[0]}{tag}.pt"
+    if path.is_file():
+        head = AttentionPoolHead(tokens.shape[-1], classes)
+        head.load_state_dict(torch.load(path))
+        return head.eval()
+    head = train_attention_head(tokens, labels, classes, **options)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_atomically(head.state_dict(), path)
+    return head
+
+
 @torch.no_grad()
 def head_logits(head: nn.Module, features: Tensor, batch_size: int = 500) -> Tensor:
     return torch.cat([head(features[start:start + batch_size]) for start in range(0, features.shape[0], batch_size)])
@@ -484,8 +502,9 @@ def pretrained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[st
         heads = []
         for k, size in enumerate(RESOLUTIONS):
             started = time.perf_counter()
-            heads.append(train_attention_head(features["train"][k], train_split.labels, data.num_classes))
-            print(f"[pretrained] attention head at {size} px trained in {time.perf_counter() - started:.0f} s",
+            heads.append(cached_attention_head(directory / "heads", f"{size}px", features["train"][k],
+                                               train_split.labels, data.num_classes))
+            print(f"[pretrained] attention head at {size} px ready in {time.perf_counter() - started:.0f} s",
                   flush=True)
         score = head_logits
     else:

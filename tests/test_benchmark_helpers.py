@@ -284,3 +284,31 @@ def test_gpu_focus_benchmark_backbone_shape_sets_the_exit_share() -> None:
         out = setup["cascade"](setup["images"], (setup["threshold"],))
         assert setup["dense"](setup["images"][:2]).shape == (2, 10)
     assert int((out.exit_stage == 0).sum()) in (4, 5)  # the quantile's own image exits too
+
+
+def test_pretrained_heads_are_cached_per_training_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvt_real.cached_attention_head` (shared with dvt_focus.py): a re-run loads the trained head instead of
+    training it again, and a run on another number of training images, or another recipe, trains its own head
+    instead of silently reading one trained on other data."""
+    import dvt_real
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randn(12, 5, 8, generator=generator).half(), torch.arange(12) % 3
+    trained: list[int] = []
+    real_train = dvt_real.train_attention_head
+
+    def counting(tokens: torch.Tensor, labels: torch.Tensor, classes: int, **options: object):
+        trained.append(tokens.shape[0])
+        return real_train(tokens, labels, classes, **options)
+
+    monkeypatch.setattr(dvt_real, "train_attention_head", counting)
+    first = dvt_real.cached_attention_head(tmp_path, "112px", tokens, labels, 3, epochs=1)
+    again = dvt_real.cached_attention_head(tmp_path, "112px", tokens, labels, 3, epochs=1)
+    assert trained == [12] and not again.training
+    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    dvt_real.cached_attention_head(tmp_path, "112px", tokens[:8], labels[:8], 3, epochs=1)  # fewer images
+    dvt_real.cached_attention_head(tmp_path, "112px", tokens, labels, 3, epochs=2)  # another recipe
+    assert trained == [12, 8, 12]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["112px-n12-epochs1.pt", "112px-n12-epochs2.pt",
+                                                                "112px-n8-epochs1.pt"]
