@@ -401,16 +401,16 @@ def trained_part(args: argparse.Namespace, data: ImageDataset, sizes: dict[str, 
 def backbone_features(cascade: ResolutionCascade, images: Tensor, directory: Path, chunk: int = 250,
                       pool: Callable[[Tensor], Tensor] = TokenPoolHead.pool) -> list[Tensor]:
     """Backbone features at every resolution (`pool` of the final tokens), cached per chunk of images so an
-    interrupted run resumes."""
+    interrupted run resumes (a cached chunk of another number of images, from a run on other counts, is made
+    again)."""
     from tqdm.auto import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
     parts: list[list[Tensor]] = [[] for _ in cascade.resolutions]
     for start in tqdm(range(0, images.shape[0], chunk), desc=f"features {directory.name}"):
         path = directory / f"{start:06d}.pt"
-        if path.is_file():
-            features = torch.load(path)
-        else:
+        features = torch.load(path) if path.is_file() else None
+        if features is None or features[0].shape[0] != min(chunk, images.shape[0] - start):
             features = cascade.features_at_resolutions(images[start:start + chunk], batch_size=50, transform=to_float,
                                                        pool=pool)
             save_atomically(features, path)

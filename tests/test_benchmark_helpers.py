@@ -312,3 +312,27 @@ def test_pretrained_heads_are_cached_per_training_count(tmp_path: Path, monkeypa
     assert trained == [12, 8, 12]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["112px-n12-epochs1.pt", "112px-n12-epochs2.pt",
                                                                 "112px-n8-epochs1.pt"]
+
+
+def test_backbone_features_remakes_chunks_cached_for_other_counts(tmp_path: Path) -> None:
+    """`dvt_real.backbone_features` caches per chunk of images; a chunk cached by a run on more images (a
+    longer chunk under the same name) is made again, not returned with rows the labels do not have."""
+    import dvt_real
+
+    class Resolutions:
+        resolutions = (1, 2)
+        calls: list[int] = []
+
+        def features_at_resolutions(self, images: torch.Tensor, batch_size: int, transform, pool) -> list:
+            self.calls.append(images.shape[0])
+            return [pool(images.float() * r) for r in self.resolutions]
+
+    images = torch.arange(5, dtype=torch.uint8).view(5, 1).expand(5, 3)
+    cascade = Resolutions()
+    five = dvt_real.backbone_features(cascade, images, tmp_path, chunk=4, pool=lambda t: t.sum(-1))
+    assert cascade.calls == [4, 1] and [f.tolist() for f in five] == [[0, 3, 6, 9, 12], [0, 6, 12, 18, 24]]
+    assert [f.tolist() for f in dvt_real.backbone_features(cascade, images, tmp_path, chunk=4,
+                                                           pool=lambda t: t.sum(-1))] == [f.tolist() for f in five]
+    assert cascade.calls == [4, 1]  # all cached
+    three = dvt_real.backbone_features(cascade, images[:3], tmp_path, chunk=4, pool=lambda t: t.sum(-1))
+    assert cascade.calls == [4, 1, 3] and [f.tolist() for f in three] == [[0, 3, 6], [0, 6, 12]]
