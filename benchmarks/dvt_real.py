@@ -462,7 +462,7 @@ def train_attention_head(tokens: Tensor, labels: Tensor, classes: int, seed: int
 def cached_attention_head(directory: Path, name: str, tokens: Tensor, labels: Tensor, classes: int,
                           **options: object) -> AttentionPoolHead:
     """`train_attention_head(tokens, labels, classes, **options)`, its weights cached under `directory` in a
-    file named by `name`, the number of training samples and any non-default `options`: a re-run loads it
+    file named by `name`, the number of training samples and the `options` passed: a re-run loads it
     instead of training (minutes per head), and a run on a different training count or recipe trains its own
     head rather than reading another run's."""
     tag = "".join(f"-{key}{value}" for key, value in sorted(options.items()))

@@ -321,7 +321,9 @@ def test_backbone_features_remakes_chunks_cached_for_other_counts(tmp_path: Path
 
     class Resolutions:
         resolutions = (1, 2)
-        calls: list[int] = []
+
+        def __init__(self) -> None:
+            self.calls: list[int] = []  # images per computed chunk
 
         def features_at_resolutions(self, images: torch.Tensor, batch_size: int, transform, pool) -> list:
             self.calls.append(images.shape[0])
