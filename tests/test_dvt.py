@@ -456,6 +456,9 @@ def test_search_meets_budget_and_beats_baselines_on_held_out_split() -> None:
     four = np.concatenate([confidence, confidence[-1:]]), np.concatenate([correct, correct[-1:]])
     found = search_thresholds(*four, [1e6, 4e6, 12e6, 20e6], 6e6)
     assert found.mean_macs <= 6e6 and len(found.thresholds) == 3
+    for search in (search_thresholds, geometric_search, genetic_search):  # NaN is no budget (not "exit first")
+        with pytest.raises(ValueError, match="budget is NaN"):
+            search(confidence, correct, costs, float("nan"))
 
 
 def test_calibrated_budget_is_met_by_the_real_forward(images: torch.Tensor) -> None:
@@ -512,6 +515,9 @@ def test_bad_input_gives_clear_errors(images: torch.Tensor) -> None:
         cascade(torch.rand(2, 1, 32, 32))
     with pytest.raises(ValueError, match="needs 2 thresholds"):
         cascade(images, thresholds=[0.5])
+    for wrong in ("11", 0.9):  # a string is not two thresholds, a number not a sequence
+        with pytest.raises(ValueError, match="sequence of 2 numbers"):
+            cascade(images, thresholds=wrong)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         cascade.set_thresholds([0.5, 1.5])
     with pytest.raises(ValueError, match="call cascade.calibrate"):
@@ -519,10 +525,15 @@ def test_bad_input_gives_clear_errors(images: torch.Tensor) -> None:
     cascade.calibrate(images, torch.zeros(len(images), dtype=torch.long))
     with pytest.raises(ValueError, match="below the first stage's cost"):
         cascade.set_budget(10)
+    with pytest.raises(ValueError, match="budget is NaN"):
+        cascade.set_budget(float("nan"))
     with pytest.raises(ValueError, match="does not divide"):
         DVTConfig(image_size=28, patch_sizes=(14, 5))
     with pytest.raises(ValueError, match="at least 2 stages"):
         DVTConfig(patch_sizes=(7,))
+    for wrong in ({"image_size": 0}, {"depth": 0}, {"num_heads": 0}):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            DVTConfig(**wrong)
 
 
 # -- command line ------------------------------------------------------------------------------

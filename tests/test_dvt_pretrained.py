@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -65,6 +66,24 @@ def test_heads_and_normalisation_errors_name_the_fix() -> None:
     cascade = ResolutionCascade(backbone, [14, 28], heads=_heads(32, 2), input_size=16)
     with pytest.raises(ValueError, match=r"\(N, 3, 16, 16\)"):
         cascade(torch.rand(1, 3, 28, 28))
+    for sizes, size in (([14.5, 28], 16), ([14, 28], 0), ([14, 28], 16.5)):  # not truncated, not accepted
+        with pytest.raises(ValueError, match="whole pixel counts"):
+            ResolutionCascade(backbone, sizes, input_size=size)
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, num_classes=5)
+    with pytest.raises(TypeError, match="timm VisionTransformer.*got Eva"):
+        ResolutionCascade(eva, [14, 28])
+
+
+def test_float_images_follow_the_cascade_dtype() -> None:
+    """float32 images into a bfloat16 cascade: each stage casts them, as it does uint8 images (and calibration
+    does); the same answer as bfloat16 images."""
+    cascade = ResolutionCascade(_headless().to(torch.bfloat16), [14, 28], heads=[h.to(torch.bfloat16) for h in
+                                                                             _heads(32, 2)], input_size=16).eval()
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        out = cascade(x, thresholds=[1.0])
+        torch.testing.assert_close(out.logits, cascade(x.bfloat16(), thresholds=[1.0]).logits, atol=0.05, rtol=0.05)
+    assert out.logits.dtype == torch.bfloat16
 
 
 def test_pretrained_backbone_cascade() -> None:

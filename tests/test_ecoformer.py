@@ -170,8 +170,9 @@ def test_bad_arguments_raise_clear_errors() -> None:
         ecoformer(model, anchors=1)
     with pytest.raises(ValueError, match="normaliser"):
         ecoformer(model, normaliser="other")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="bias must exceed"):
-        ecoformer(model, bits=16, bias=8)
+    for bias in (8, float("inf"), float("nan")):  # every similarity positive, and finite
+        with pytest.raises(ValueError, match="bias must be a finite number above bits"):
+            ecoformer(model, bits=16, bias=bias)
     with pytest.raises(ValueError, match="out of range"):
         ecoformer(model, layers=[5])
     with pytest.raises(ValueError, match="no timm Attention"):

@@ -672,6 +672,11 @@ def test_unsupported_models_are_named() -> None:
     parallel = timm.create_model("vit_small_patch16_18x2_224", img_size=SIZE, depth=1)
     with pytest.raises(UnsupportedModelError, match=r"blocks\.0 \(ParallelThingsBlock\)"):
         fv.eventful(parallel, fv.TopR(1))
+    # an Attention subclass with its own arithmetic (EcoFormer's hashed attention) is not silently replaced by
+    # timm's softmax attention
+    hashed = fv.ecoformer(make_model("vit_tiny_patch16_224"), bits=8, anchors=4)
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.0\.attn \(EcoFormerAttention\).*overrides"):
+        fv.eventful(hashed, fv.TopR(1))
 
 
 def test_dynamic_image_size_model() -> None:

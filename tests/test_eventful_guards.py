@@ -85,3 +85,28 @@ def test_topr_whole_numbers_and_explicit_fractions() -> None:
     assert parse_policy("topr:1") == fv.TopR(1)
     assert parse_policy("fraction:1") == fv.TopFraction(1.0)
     assert parse_policy("fraction:0.25") == fv.TopFraction(0.25)
+
+
+def test_a_dtype_change_within_a_sequence_asks_for_reset(model: torch.nn.Module) -> None:
+    """The state (references, caches, the held output) is in the sequence's dtype: a frame in another dtype is
+    an error naming reset(), not a stale float32 answer or a failure deep in a gate."""
+    ev = fv.eventful(model, fv.TopR(4), cut_share=0.9, hold_share=0.01)
+    f0, f1, _ = frames()
+    with torch.no_grad():
+        ev(f0)
+        ev(f1)
+        ev.to(torch.bfloat16)
+        with pytest.raises(ValueError, match=r"float32.*call reset\(\)"):
+            ev(f1.bfloat16())
+        ev.reset()
+        out = ev(f1.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_fraction_counts_are_exact_where_the_product_is_whole() -> None:
+    """0.14 x 50 is 7.000000000000001 in floats: TopFraction(0.14) of 50 tokens is 7, not 8."""
+    norms = torch.rand(1, 50)
+    assert fv.TopFraction(0.14).count(norms) == 7
+    assert fv.TopFraction(7 / 50).count(norms) == 7
+    assert fv.TopFraction(0.141).count(norms) == 8
+    assert all(fv.TopFraction(k / 197).count(torch.rand(1, 197)) == k for k in range(198))

@@ -27,7 +27,9 @@ def resize_images(images: Tensor, size: tuple[int, int], dtype: torch.dtype | No
     float32). On the CPU they are resized as uint8, PyTorch's vectorised
     path (3x faster than a float resize at batch 64, conversion included; the
     result is rounded to whole levels, within 1 level of the float resize);
-    on other devices they are converted first.
+    on other devices they are converted first. Float images are resized in
+    their own dtype and come back in `dtype` when one is given (a stage's
+    dtype: float32 images into a bfloat16 model).
     """
     same = tuple(images.shape[-2:]) == tuple(size)
     if images.dtype == torch.uint8:
@@ -35,9 +37,8 @@ def resize_images(images: Tensor, size: tuple[int, int], dtype: torch.dtype | No
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
             same = True
         images = model_input(images, images.device, dtype or torch.float32)
-    if same:
-        return images
-    return resize_bilinear(images, size)
+    resized = images if same else resize_bilinear(images, size)
+    return resized if dtype is None else resized.to(dtype)
 
 
 def resize_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
@@ -170,6 +171,11 @@ class DVTConfig:
         sizes = self.stage_image_sizes
         if len(sizes) != len(self.patch_sizes):
             raise ValueError(f"got {len(sizes)} image sizes for {len(self.patch_sizes)} stages")
+        small = {name: value for name, value in (("image size", min(sizes)), ("in_chans", self.in_chans),
+                                                  ("num_classes", self.num_classes), ("embed_dim", self.embed_dim),
+                                                  ("depth", self.depth), ("num_heads", self.num_heads)) if value < 1}
+        if small:
+            raise ValueError(f"{', '.join(small)} must be at least 1, got {small}")
         for size, patch in zip(sizes, self.patch_sizes):
             if patch < 1 or size % patch:
                 raise ValueError(f"patch size {patch} does not divide image size {size}; "

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from frugalvit.data import model_input
 from frugalvit.dvt.cascade import resize_bilinear, resize_images
 from frugalvit.dvt.exit import EarlyExitCascade
-from frugalvit.dvt.resolution import check_backbone, register_normalization, tokens_at_resolution
+from frugalvit.dvt.resolution import check_backbone, pixel_sizes, register_normalization, tokens_at_resolution
 from frugalvit.dvt.stage import stage_in_chans
 
 
@@ -182,11 +182,12 @@ class FocusCascade(EarlyExitCascade):
                  locator: nn.Module | None, input_size: int, resolutions: Sequence[int] = (),
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  zooms: Sequence[int] = (), crop_sides: Sequence[int] = (), margin: float = 1.3) -> None:
-        sizes = [int(glance), *(int(size) for size in resolutions)]
-        if list(resolutions) != sorted(set(int(size) for size in resolutions)):
+        input_size = pixel_sizes([input_size], "input_size")[0]
+        sizes = pixel_sizes([glance, *resolutions], "glance and resolutions")
+        if sizes[1:] != sorted(set(sizes[1:])):
             raise ValueError(f"resolutions must be strictly increasing, got {list(resolutions)}")
         check_backbone(model, sizes, "sizes", type(self).__name__)
-        sides = [int(crop), *(int(side) for side in zooms)]
+        sides = pixel_sizes([crop, *zooms], "crop and zooms")
         if not all(1 <= side <= input_size for side in sides):
             raise ValueError(f"crop and zooms must lie in [1, input_size={input_size}] pixels, got {sides}")
         stages = 1 + len(sides) + len(resolutions)

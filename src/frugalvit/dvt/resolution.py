@@ -41,8 +41,21 @@ def tokens_at_resolution(model: VisionTransformer, images: Tensor) -> Tensor:
     return model.norm(model.blocks(x))
 
 
+def pixel_sizes(values: Sequence[Any], what: str) -> list[int]:
+    """`values` as whole positive pixel counts; a fraction, a bool or a size below 1 is an error, not truncated."""
+    sizes = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+            raise ValueError(f"{what} must be whole pixel counts of at least 1, got {list(values)}")
+        sizes.append(int(value))
+    return sizes
+
+
 def check_backbone(model: VisionTransformer, sizes: Sequence[int], what: str, owner: str) -> None:
     """A cascade over one timm ViT: every input size divisible by its patch size, a plain patch embedding."""
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"{owner} runs a timm VisionTransformer (e.g. vit_small_patch14_dinov2) at several input "
+                        f"sizes; got {type(model).__name__}, whose embedding or blocks it does not know")
     patch = model.patch_embed.patch_size
     bad = [size for size in sizes if size % patch[0] or size % patch[1]]
     if bad:
@@ -163,14 +176,14 @@ class ResolutionCascade(EarlyExitCascade):
     def __init__(self, model: VisionTransformer, resolutions: Sequence[int], heads: Sequence[nn.Module] | None = None,
                  input_size: int | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None) -> None:
-        sizes = [int(size) for size in resolutions]
+        sizes = pixel_sizes(resolutions, "resolutions")
         if len(sizes) < 2 or sorted(set(sizes)) != sizes:
             raise ValueError(f"resolutions must be at least 2 strictly increasing sizes, got {list(resolutions)}")
         check_backbone(model, sizes, "resolutions", type(self).__name__)
         if heads is not None and len(heads) != len(sizes):
             raise ValueError(f"got {len(heads)} heads for {len(sizes)} resolutions; give one head per resolution")
         channels = model.patch_embed.proj.in_channels
-        side = int(input_size) if input_size is not None else sizes[-1]
+        side = pixel_sizes([input_size], "input_size")[0] if input_size is not None else sizes[-1]
         super().__init__(len(sizes), (channels, side, side))
         self.model = model
         self.resolutions = tuple(sizes)

@@ -61,6 +61,9 @@ def _as_arrays(confidence: object, correct: object, stage_macs: Sequence[float])
 
 def check_thresholds(thresholds: Sequence[float], num_stages: int) -> tuple[float, ...]:
     """Validate `thresholds` for a K-stage cascade: K-1 values in [0, 1]."""
+    if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__iter__"):
+        raise ValueError(f"thresholds must be a sequence of {num_stages - 1} numbers in [0, 1] (one per stage but "
+                         f"the last), got {thresholds!r}")
     values = tuple(float(value) for value in thresholds)
     if len(values) != num_stages - 1:
         raise ValueError(f"a {num_stages}-stage cascade needs {num_stages - 1} thresholds "
@@ -201,9 +204,7 @@ def search_thresholds(confidence: object, correct: object, stage_macs: Sequence[
         ValueError: the budget is below the first stage's cost (nothing fits).
     """
     conf, corr, costs = _as_arrays(confidence, correct, stage_macs)
-    if budget < costs[0]:
-        raise ValueError(f"budget {budget:.4g} MACs is below the first stage's cost {costs[0]:.4g} MACs per image; "
-                         f"no thresholds can meet it (raise the budget to at least {costs[0]:.4g})")
+    _check_budget(budget, costs)
     num_stages, n = conf.shape
     if grid is None and num_stages > 3:
         grid = max(2, int(round(1e4 ** (1.0 / (num_stages - 2)))))
@@ -212,6 +213,19 @@ def search_thresholds(confidence: object, correct: object, stage_macs: Sequence[
     if found is None:  # only float round-off can get here: all-exit-first costs exactly costs[0] <= budget
         found = (int(corr[0].sum()), float(costs[0] * n), [0.0] * (num_stages - 1))
     return evaluate_thresholds(conf, corr, costs, found[2])
+
+
+def _check_budget(budget: float, costs: np.ndarray) -> None:
+    """A budget some thresholds can meet: a number (not NaN) of at least the first stage's cost."""
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget must be a number of MACs per image, got {budget!r}") from None
+    if value != value:
+        raise ValueError("budget is NaN; give a number of MACs per image (e.g. the cost of the model to beat / 2)")
+    if budget < costs[0]:
+        raise ValueError(f"budget {budget:.4g} MACs is below the first stage's cost {costs[0]:.4g} MACs per image; "
+                         f"no thresholds can meet it (raise the budget to at least {costs[0]:.4g})")
 
 
 def geometric_thresholds(confidence: object, ratio: float) -> tuple[float, ...]:
@@ -241,8 +255,7 @@ def geometric_search(confidence: object, correct: object, stage_macs: Sequence[f
                      ratios: Sequence[float] = tuple(p / 20 for p in range(1, 40))) -> ExitResult:
     """Best geometric-rule thresholds under `budget` over the authors' sweep of ratios (0.05 .. 1.95)."""
     conf, corr, costs = _as_arrays(confidence, correct, stage_macs)
-    if budget < costs[0]:
-        raise ValueError(f"budget {budget:.4g} MACs is below the first stage's cost {costs[0]:.4g} MACs per image")
+    _check_budget(budget, costs)
     best: ExitResult | None = None
     for ratio in ratios:
         result = evaluate_thresholds(conf, corr, costs, geometric_thresholds(conf, ratio))
@@ -261,8 +274,7 @@ def genetic_search(confidence: object, correct: object, stage_macs: Sequence[flo
     individuals start uniform in [0, 1] plus the all-exit-first solution.
     """
     conf, corr, costs = _as_arrays(confidence, correct, stage_macs)
-    if budget < costs[0]:
-        raise ValueError(f"budget {budget:.4g} MACs is below the first stage's cost {costs[0]:.4g} MACs per image")
+    _check_budget(budget, costs)
     rng = np.random.default_rng(seed)
     dims = conf.shape[0] - 1
     pool = rng.uniform(0.0, 1.0, size=(population, dims))

@@ -107,8 +107,9 @@ class EcoFormerAttention(Attention):
             raise ValueError(f"init must be 'mean', 'query' or 'key', got {init!r}")
         if bias is None:
             bias = float(bits + 1)
-        if not bias > bits:
-            raise ValueError(f"bias must exceed bits ({bits}) so that every similarity is positive, got {bias}")
+        if not bits < bias < float("inf"):
+            raise ValueError(f"bias must be a finite number above bits ({bits}) so that every similarity is positive "
+                             f"(default bits + 1), got {bias}")
         # Every part of the source layer, shared (its weights are the converted layer's): `remove_ecoformer`
         # hands exactly these back to a layer of the source's class.
         self.source_class: type[Attention] = type(source)

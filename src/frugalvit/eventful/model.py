@@ -133,6 +133,14 @@ def check_convertible(model: nn.Module) -> None:
         if not isinstance(block.attn, Attention):
             raise UnsupportedModelError(
                 f"cannot make {name}.attn ({type(block.attn).__name__}) eventful: only timm's Attention is supported")
+        # The eventful blocks compute timm's Block and Attention from their layers: a subclass with its own
+        # forward (e.g. EcoFormer's hashed attention) would silently be replaced by timm's arithmetic.
+        for part, module, base in ((name, block, Block), (f"{name}.attn", block.attn, Attention)):
+            if type(module).forward is not base.forward:
+                raise UnsupportedModelError(
+                    f"cannot make {part} ({type(module).__name__}) eventful: it overrides timm's "
+                    f"{base.__name__}.forward, which the eventful blocks would replace with timm's own arithmetic; "
+                    "convert the original timm model (e.g. before frugalvit.ecoformer)")
         if getattr(block.attn, "gate", None) is not None:
             raise UnsupportedModelError(f"cannot make {name}.attn eventful: gated attention is not supported")
 
@@ -306,6 +314,7 @@ class EventfulViT(nn.Module):
         self._last_features: Tensor | None = None  # the last computed frame's output, for held frames
         self._held_in_a_row = 0
         self._frame_shape: tuple[int, ...] | None = None
+        self._frame_kind: tuple[torch.dtype, torch.device] | None = None  # the sequence's frame dtype and device
         self._frames_since_refresh = 0
         self._refresh_pending = False
         self._streams_pending: set[int] = set()
@@ -364,6 +373,7 @@ class EventfulViT(nn.Module):
         self._graph, self._warm_up = None, (None, 0)  # the state is reallocated on the next frame
         self._grid = None
         self._frame_shape = None
+        self._frame_kind = None
         self._frames_since_refresh = 0
         self._refresh_pending = False
         self._streams_pending = set()
@@ -402,6 +412,11 @@ class EventfulViT(nn.Module):
         if self._frame_shape is not None and tuple(images.shape) != self._frame_shape:
             raise ValueError(f"frame shape {tuple(images.shape)} differs from this sequence's {self._frame_shape}; "
                              "call reset() to start a new sequence with a different batch or frame size")
+        if self._frame_kind is not None and (images.dtype, images.device) != self._frame_kind:
+            # the state (references, caches, the held output) is in the sequence's dtype and on its device
+            raise ValueError(f"frame dtype/device {images.dtype} on {images.device} differs from this sequence's "
+                             f"{self._frame_kind[0]} on {self._frame_kind[1]}; call reset() after moving or casting "
+                             "the model (ev.to(...)) to start a new sequence in the new dtype or on the new device")
 
     def train(self, mode: bool = True) -> "EventfulViT":
         """`eval()` as usual; `train()` raises instead of switching the shared wrapped model to training mode."""
@@ -462,6 +477,7 @@ class EventfulViT(nn.Module):
                 features[stream:stream + 1] = self._full_stream(x[stream:stream + 1], stream)
         self._streams_pending = set()
         self._frame_shape = tuple(images.shape)
+        self._frame_kind = (images.dtype, images.device)
         self._refresh_pending = False
         self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
         if self.hold_share is not None:  # a copy: the caller may write into the output it gets

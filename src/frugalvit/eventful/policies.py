@@ -95,10 +95,14 @@ class TopFraction(TokenPolicy):
             raise ValueError(f"TopFraction(fraction={self.fraction!r}): fraction must lie in [0, 1]")
 
     def may_select_fewer_than(self, share: float, num_tokens: int) -> bool:
-        return min(num_tokens, math.ceil(self.fraction * num_tokens)) <= share * num_tokens
+        return self._count(num_tokens) <= share * num_tokens
 
     def count(self, error_norms: Tensor) -> int:
-        return min(error_norms.shape[-1], math.ceil(self.fraction * error_norms.shape[-1]))
+        return self._count(error_norms.shape[-1])
+
+    def _count(self, num_tokens: int) -> int:
+        """ceil(fraction x N), exact where the product is whole (0.14 x 50 is 7.000000000000001 in floats)."""
+        return min(num_tokens, math.ceil(self.fraction * num_tokens - 1e-9))
 
 
 @dataclass(frozen=True)
