@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -61,12 +62,19 @@ def test_shares_stay_within_bounds_and_the_policy_is_a_top_fraction() -> None:
     ({"target_ratio": 4.0, "dense_macs": 1.0, "min_fraction": 0.5, "max_fraction": 0.25}, "max_fraction"),
     ({"target_ratio": 4.0, "dense_macs": 1.0, "horizon": 0}, "horizon"),
     ({"target_ratio": 4.0, "dense_macs": 1.0, "smoothing": 0.0}, "smoothing"),
+    ({"target_ratio": 4.0, "dense_macs": 1.0, "initial_fraction": math.nan}, "initial_fraction"),
+    ({"target_ratio": 4.0, "dense_macs": 1.0, "initial_fraction": 5.0}, "initial_fraction"),
+    ({"target_ratio": 4.0, "dense_macs": 1.0, "horizon": True}, "horizon"),
 ])
 def test_bad_settings_are_one_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MacBudget(**kwargs)
     with pytest.raises(ValueError, match="finite number of MACs"):
         MacBudget(4.0, 1.0).spent(-1.0, partial=True)
+
+
+def test_numpy_numbers_are_numbers() -> None:
+    assert MacBudget(np.float32(4.0), 1.0).target_ratio == 4.0
 
 
 def test_it_steers_a_real_eventful_model() -> None:

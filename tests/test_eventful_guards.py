@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -110,3 +111,16 @@ def test_fraction_counts_are_exact_where_the_product_is_whole() -> None:
     assert fv.TopFraction(7 / 50).count(norms) == 7
     assert fv.TopFraction(0.141).count(norms) == 8
     assert all(fv.TopFraction(k / 197).count(torch.rand(1, 197)) == k for k in range(198))
+
+
+def test_bools_are_not_numbers_and_numpy_numbers_are(model: torch.nn.Module) -> None:
+    for make in (lambda: fv.TopR(True), lambda: fv.TopFraction(True), lambda: fv.Threshold(True)):
+        with pytest.raises(ValueError):
+            make()
+    ev = fv.eventful(model, fv.TopR(np.int64(4)))
+    assert ev.policy == fv.TopR(4) and type(ev.policy.r) is int
+    for name, value in (("cut_share", True), ("hold_share", False), ("refresh_every", True)):
+        with pytest.raises(ValueError, match=name):
+            setattr(ev, name, value)
+    ev.cut_share, ev.max_held_frames = np.float32(0.5), np.int64(3)
+    assert ev.cut_share == 0.5 and ev.max_held_frames == 3

@@ -38,6 +38,7 @@ frame, so the frames do not have one fixed shape: no CUDA graph capture.
 from __future__ import annotations
 
 import math
+import numbers
 
 from frugalvit.eventful.policies import TopFraction
 
@@ -60,7 +61,8 @@ class MacBudget:
         `min_fraction` / `max_fraction`: the shares it may choose; `smoothing`: weight of the newest partial
         frame in the cost estimate; `max_held_frames`: how many frames in a row a model in debt may hold
         (`held_limit`; None: the model's own limit always)."""
-        if not (isinstance(target_ratio, (int, float)) and math.isfinite(target_ratio) and target_ratio > 1.0):
+        if not (isinstance(target_ratio, numbers.Real) and not isinstance(target_ratio, bool)
+                and math.isfinite(target_ratio) and target_ratio > 1.0):
             raise ValueError(f"MacBudget(target_ratio={target_ratio!r}): a saving, dense / eventful MACs, above 1 "
                              "(e.g. 4.0 for a quarter of the dense cost)")
         if not (math.isfinite(dense_macs) and dense_macs > 0):
@@ -69,7 +71,11 @@ class MacBudget:
         if not 0.0 < min_fraction <= max_fraction <= 1.0:
             raise ValueError(f"MacBudget: need 0 < min_fraction <= max_fraction <= 1, got {min_fraction!r} and "
                              f"{max_fraction!r}")
-        if not (isinstance(horizon, int) and horizon >= 1):
+        if initial_fraction is not None and not min_fraction <= initial_fraction <= max_fraction:
+            raise ValueError(f"MacBudget(initial_fraction={initial_fraction!r}): the first partial frame's share, "
+                             f"within [min_fraction, max_fraction] = [{min_fraction:g}, {max_fraction:g}] (or None "
+                             "for 1 / target_ratio)")
+        if not (isinstance(horizon, int) and not isinstance(horizon, bool) and horizon >= 1):
             raise ValueError(f"MacBudget(horizon={horizon!r}): a whole number of frames, 1 or more")
         if not 0.0 < smoothing <= 1.0:
             raise ValueError(f"MacBudget(smoothing={smoothing!r}): must lie in (0, 1]")

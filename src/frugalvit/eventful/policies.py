@@ -15,6 +15,7 @@ frames (`ev.policy = TopR(64)`) to change the budget at run time.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -69,8 +70,9 @@ class TopR(TokenPolicy):
     fixed_size = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 0:
+        if not isinstance(self.r, numbers.Integral) or isinstance(self.r, bool) or self.r < 0:
             raise ValueError(f"TopR(r={self.r!r}): r must be a non-negative integer number of tokens")
+        object.__setattr__(self, "r", int(self.r))  # a NumPy integer too
 
     def may_select_fewer_than(self, share: float, num_tokens: int) -> bool:
         return self.r <= share * num_tokens
@@ -91,7 +93,7 @@ class TopFraction(TokenPolicy):
     fixed_size = True
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.fraction <= 1.0:
+        if isinstance(self.fraction, bool) or not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"TopFraction(fraction={self.fraction!r}): fraction must lie in [0, 1]")
 
     def may_select_fewer_than(self, share: float, num_tokens: int) -> bool:
@@ -112,7 +114,7 @@ class Threshold(TokenPolicy):
     threshold: float
 
     def __post_init__(self) -> None:
-        if not self.threshold >= 0.0:
+        if isinstance(self.threshold, bool) or not self.threshold >= 0.0:
             raise ValueError(f"Threshold(threshold={self.threshold!r}): threshold must be >= 0")
 
     def count(self, error_norms: Tensor) -> int:
