@@ -175,6 +175,9 @@ def test_bad_arguments_raise_clear_errors() -> None:
             ecoformer(model, bits=16, bias=bias)
     with pytest.raises(ValueError, match="out of range"):
         ecoformer(model, layers=[5])
+    for one in (0, "blocks.0.attn"):  # one layer is a list of one
+        with pytest.raises(ValueError, match="a list of attention layer indices or names"):
+            ecoformer(model, layers=one)
     with pytest.raises(ValueError, match="no timm Attention"):
         ecoformer(nn.Sequential(nn.Linear(3, 3)))
     with pytest.raises(ValueError, match="already converted"):

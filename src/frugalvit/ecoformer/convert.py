@@ -56,6 +56,9 @@ def ecoformer(model: nn.Module, bits: int = 16, anchors: int = 25, layers: Seque
                          f"{found or 'none'}. EcoFormer converts timm.layers.Attention (ViT, DeiT, ...)")
     if layers is None:
         chosen = candidates
+    elif isinstance(layers, (str, int)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"layers must be a list of attention layer indices or names (e.g. [0, 1] or "
+                         f"[{candidates[0]!r}]), got {layers!r}")
     else:
         chosen = []
         for item in layers:
