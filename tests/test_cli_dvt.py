@@ -121,3 +121,73 @@ def test_glance_focus_kind_trains_calibrates_evaluates_and_resumes(tmp_path: Pat
     np.savez(boxless, images=rng.integers(0, 255, (20, 28, 28), dtype=np.uint8), labels=rng.integers(0, 3, 20))
     assert main([*train[:5], str(boxless), "--out", str(tmp_path / "other"), *train[8:]]) == 2
     assert "recorded object boxes" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_a_refused_model_setting_leaves_no_run_behind(tmp_path: Path, tiny_npz: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """config.json is written once the model builds: a setting it refuses does not block the corrected re-run."""
+    run = tmp_path / "run"
+    base = ["dvt", "train", "--data", str(tiny_npz), "--out", str(run), *TINY, "--no-progress"]
+    for flags in (["--context-dim", "-3"], ["--conv-stem", "-4"], ["--max-train-samples", "0"]):
+        assert main([*base, *flags]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and "Traceback" not in error[0]
+        assert not run.exists()
+
+
+def test_eval_and_calibrate_name_a_damaged_run_or_foreign_data(tmp_path: Path, tiny_npz: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["dvt", "train", "--data", str(tiny_npz), "--out", str(run), *TINY, "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def one_line(args: list[str], *fragments: str) -> None:
+        assert main(args) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and all(fragment in error[0] for fragment in fragments), error
+
+    one_line(["dvt", "eval", str(run), "--batch-size", "0", "--no-progress"], "--batch-size must be >= 1")
+    one_line(["dvt", "calibrate", str(run), "--budget", "10M", "--batch-size", "-1", "--no-progress"],
+             "--batch-size must be >= 1")
+    many = tmp_path / "many.npz"
+    rng = np.random.default_rng(1)
+    np.savez(many, images=rng.integers(0, 255, (60, 28, 28), dtype=np.uint8), labels=np.arange(60) % 50)
+    one_line(["dvt", "eval", str(run), "--data", str(many), "--no-progress"], "labels up to 49", "3 classes")
+    (run / "model.pt").write_text("not weights\n")
+    one_line(["dvt", "eval", str(run), "--no-progress"], "model.pt is not this run's trained model")
+    (run / "config.json").write_text("{broken\n")
+    one_line(["dvt", "eval", str(run), "--no-progress"], "config.json is not valid JSON")
+
+
+def test_a_damaged_or_foreign_training_checkpoint_is_named(tmp_path: Path, tiny_npz: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Resuming reads checkpoint.pt: junk is named, and a checkpoint of other data does not resume."""
+    run = tmp_path / "run"
+    args = ["dvt", "train", "--data", str(tiny_npz), "--out", str(run), *TINY, "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    checkpoint = run / "checkpoint.pt"
+    good = checkpoint.read_bytes()
+    checkpoint.write_bytes(b"junk")
+    assert main(args) == 2
+    assert "checkpoint.pt is not a readable training checkpoint" in capsys.readouterr().err
+    checkpoint.write_bytes(good)
+    other = tmp_path / "other.npz"  # the same shapes and settings, other images: config.json cannot tell
+    rng = np.random.default_rng(5)
+    np.savez(other, images=rng.integers(0, 255, (60, 28, 28), dtype=np.uint8), labels=rng.integers(0, 3, 60))
+    (run / "config.json").write_text((run / "config.json").read_text().replace(str(tiny_npz), str(other)))
+    assert main([*args[:3], str(other), *args[4:]]) == 2
+    assert "belongs to a training with other data" in capsys.readouterr().err
+
+
+def test_data_with_a_bad_sources_file_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "data"
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((2, 4, 4), np.uint8))
+    text = tmp_path / "text.npz"
+    text.write_text("not an archive\n")
+    for sources in (wrong, text):
+        assert main(["dvt", "data", "--out", str(out), "--sources", str(sources), *SMALL_DATA]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and "is not a sources file" in error[0], error
+        assert not out.exists()

@@ -270,6 +270,10 @@ def test_cached_pretrained_weights_load_without_the_network(tmp_path: Path, monk
     (["--hold-share", "-0.1", "--cut-share", "0.5"], "--hold-share must lie in [0, 1]"),
     (["--cut-share", "2"], "--cut-share must lie in [0, 1]"),
     (["--capture", "--policy", "relative:0.2"], "--capture needs a fixed-size policy"),
+    (["--policy", "topr:1000"], "more tokens than the 17"),  # 4x4 patches and the class token at 64 px
+    (["--budget", "inf"], "--budget must be a finite saving"),
+    (["--incremental-max-fraction", "5"], "--incremental-max-fraction must lie in [0, 1]"),
+    (["--size", "72"], "multiple of vit_tiny_patch16_224's patch size 16"),
     (["--compile", "--policy", "threshold:0.2"], "--compile needs a fixed-size policy"),
 ])
 def test_video_bad_hold_settings_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -350,3 +354,29 @@ def test_video_attention_rows_is_passed_on_and_checked(tmp_path: Path, capsys: p
         assert exit_info.value.code == 2
         assert "invalid choice: 'some'" in capsys.readouterr().err
         assert not (tmp_path / "other").exists()
+
+
+def test_a_new_report_does_not_keep_an_earlier_runs_animation(tmp_path: Path) -> None:
+    """A saliency run's side-by-side GIF does not stay beside a later run's report in the same --out."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "side_by_side.gif").write_bytes(b"GIF89a an earlier run")
+    assert main([*VIDEO, "--repeats", "1", "--out", str(out)]) == 0
+    assert (out / "report.json").is_file() and not (out / "side_by_side.gif").exists()
+
+
+def test_ecoformer_run_resumes_only_with_its_own_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          tiny_npz: Path) -> None:
+    """An existing --out with other settings is an error, not its old checkpoints returned as this run's models;
+    --lr and --top-l are checked before the teacher trains."""
+    out = tmp_path / "run"
+    args = ["ecoformer", "finetune", "--data", str(tiny_npz), "--out", str(out), "--no-progress", "--teacher-epochs",
+            "1", "--epochs", "1", "--batch-size", "16", "--calibration-images", "6", "--fit-iterations", "1",
+            "--bits", "8", "--anchors", "4", "--test-samples", "6"]
+    for flags, expected in ((["--lr", "nan"], "lr must be a finite number"), (["--top-l", "0"], "--top-l must lie")):
+        assert_one_line_error(main([*args, *flags]), capsys, expected)
+        assert not out.exists()
+    assert main(args) == 0
+    capsys.readouterr()
+    assert_one_line_error(main([*args, "--lr", "0.05"]), capsys, "holds a run with different settings")
+    assert main(args) == 0  # the same options resume it

@@ -220,15 +220,19 @@ def chunk_path(root: Path, split: str, chunk: int) -> Path:
 
 
 def _check_config(root: Path, config: ScaledDigitsConfig) -> None:
+    """An existing data set in `root` must have been made with `config` (to resume it)."""
     path = root / CONFIG_NAME
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != json.loads(json.dumps(config.to_dict())):
-            raise ValueError(f"{root} holds a scaled-digits data set with other settings; use another directory, "
-                             f"or the same settings to resume it")
-    else:
+    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(config.to_dict())):
+        raise ValueError(f"{root} holds a scaled-digits data set with other settings; use another directory, "
+                         f"or the same settings to resume it")
+
+
+def _write_config(root: Path, config: ScaledDigitsConfig) -> None:
+    """Record `config` in `root` (created), once its sources have loaded: a bad clip or sources file leaves
+    nothing behind."""
+    if not (root / CONFIG_NAME).is_file():
         root.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(config.to_dict(), path)
+        write_json_atomically(config.to_dict(), root / CONFIG_NAME)
 
 
 # -- the sources (MNIST digits and decoded background frames) in one file ---------------------------
@@ -270,7 +274,14 @@ def _source_settings(config: ScaledDigitsConfig) -> dict:
 def load_sources(path: Path, config: ScaledDigitsConfig, splits: tuple[str, ...]
                  ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, list[tuple[int, int, np.ndarray]]]]:
     """Digits and backgrounds of `splits` from a `save_sources` file, checked against `config`."""
-    with np.load(Path(path)) as archive:
+    remedy = "write one with: frugalvit dvt data --write-sources FILE (the same options)"
+    try:
+        archive = np.load(Path(path))
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{path} is not a sources file ({str(error).splitlines()[0][:120]}); {remedy}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile) or "settings" not in archive.files:
+        raise ValueError(f"{path} is not a sources file (no recorded settings); {remedy}")
+    with archive:
         saved = json.loads(archive["settings"].tobytes().decode())
         if saved != _source_settings(config):
             raise ValueError(f"{path} holds sources for {saved}, not for {_source_settings(config)}; write them again "
@@ -321,12 +332,14 @@ def build_scaled_digits(root: Path, config: ScaledDigitsConfig = ScaledDigitsCon
     todo = [(split, chunk) for split in splits for chunk in range(config.chunks(split))
             if not chunk_path(root, split, chunk).is_file()]
     if not todo:
+        _write_config(root, config)
         return root
     needed = tuple(split for split in SPLITS if any(split == item[0] for item in todo))
     if sources is not None:
         digits, backgrounds = load_sources(sources, config, needed)
     else:
         digits, backgrounds = load_mnist_digits(), load_backgrounds(config)
+    _write_config(root, config)
     bar = tqdm(total=len(todo), desc="scaled-digits chunks", disable=not progress)
     if workers == 1:
         for split, chunk in todo:

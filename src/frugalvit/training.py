@@ -47,8 +47,10 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"max_train_samples must be None (all) or >= 1, got {self.max_train_samples}")
 
 
 def cross_entropy_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
@@ -101,8 +103,9 @@ def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | No
         optimizer, lambda step: _lr_factor(step, total_steps, config.warmup_steps))
     start_epoch = 0
     checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    identity = {"config": asdict(config), "data": data_fingerprint(data)}  # what a checkpoint must match to resume
     if checkpoint_path is not None and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        state = _load_checkpoint(checkpoint_path, identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -136,10 +139,35 @@ def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | No
         if checkpoint_path is not None:
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                             "config": asdict(config)},
+                             **identity},
                             checkpoint_path)
     model.eval()
     return model
+
+
+def data_fingerprint(data: Split) -> dict[str, float]:
+    """A cheap summary of a training split (size, label sum, the first images' pixel sum): a checkpoint made on
+    other data does not match it."""
+    head = data.images[:64]
+    return {"images": len(data), "label_sum": int(data.labels.sum()), "pixel_sum_first_64": float(head.double().sum())}
+
+
+def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The training state in `path`, if it belongs to this training (same settings, same data): resuming from
+    another run's checkpoint would silently continue, or return, that run's model."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, not a checkpoint: name the file, not pickle's words
+        raise ValueError(f"{path} is not a readable training checkpoint ({str(error).splitlines()[0][:200]}); "
+                         "delete it to train from the start") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "schedule", "epoch"} <= state.keys():
+        raise ValueError(f"{path} is not a frugalvit training checkpoint; delete it to train from the start")
+    differing = [key for key, value in identity.items() if key in state and state[key] != value]
+    if differing:  # (checkpoints of older versions carry no data fingerprint: those resume as before)
+        raise ValueError(f"{path} belongs to a training with other {' and '.join(differing)} (it has "
+                         f"{'; '.join(f'{key} {state[key]}' for key in differing)}); use a new output directory, "
+                         "or the same options and data to resume it")
+    return state
 
 
 @torch.no_grad()

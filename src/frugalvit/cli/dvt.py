@@ -21,7 +21,6 @@ images to the dtype; calibrate in the dtype you evaluate in.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -30,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from frugalvit.cli.options import (add_device_arguments, describe, device_report, resolve_device_dtype,
-                                   training_precision)
+from frugalvit.cli.options import add_device_arguments, describe, device_report, resolve_device_dtype
+from frugalvit.cli.runs import read_json, start_run
 from frugalvit.ioutil import atomic_file, check_output_dir, write_json_atomically
 
 CONFIG_NAME, MODEL_NAME, THRESHOLDS_NAME, CALIBRATION_NAME = "config.json", "model.pt", "thresholds.json", \
@@ -71,8 +70,22 @@ def _capacities(text: str) -> str | tuple[float, ...]:
 AUTO_CAPACITY_MARGIN = 0.05
 
 
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    write_json_atomically(data, path)
+def _read_json(path: Path) -> dict[str, Any]:
+    return read_json(path, "restore it, or remake the run with frugalvit dvt train / calibrate")
+
+
+def _positive_batch(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
+def _check_labels(data: Any, record: dict[str, Any], spec: str) -> None:
+    """Labels the run's classifier can give: a data set with more classes cannot be scored by it."""
+    classes = record["model"]["num_classes"]
+    largest = max((int(split.labels.max()) for split in (data.train, data.val, data.test) if len(split)), default=-1)
+    if largest >= classes:
+        raise ValueError(f"{spec} has labels up to {largest}, but this run's model has {classes} classes; evaluate "
+                         "it on data of its own task (the --data it was trained on)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -195,6 +208,8 @@ def _load_data(spec: str, image_size: int | None):
 
     if is_scaled_digits(Path(spec)):
         return load_scaled_digits(Path(spec))  # uint8 images: batches go through cascade.prepare_input
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be >= 1 pixel, got {image_size}")
     return load_dataset(spec, image_size or 32)
 
 
@@ -267,29 +282,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _fresh_cascade(model_config: Any, args: argparse.Namespace, record: dict[str, Any], device: torch.device,
                    amp_dtype: torch.dtype | None) -> Any:
-    """The run directory started (or checked, to resume) and the untrained cascade drawn from --seed, on the
-    device (a resumed run then loads its checkpoints over these weights)."""
-    _start_run(args.out, record, device, amp_dtype)
+    """The untrained cascade drawn from --seed, on the device (a resumed run then loads its checkpoints over these
+    weights), and the run directory started (or checked, to resume): only once the model builds, so a setting it
+    refuses leaves no directory behind."""
     torch.manual_seed(args.seed)
     cascade = model_config.build().to(device)
+    start_run(args.out, record, device, amp_dtype, CONFIG_NAME)
     print(f"training on {describe(device, amp_dtype)}")
     return cascade
-
-
-def _start_run(run: Path, record: dict[str, Any], device: torch.device, amp_dtype: torch.dtype | None) -> None:
-    """Create the run directory with its settings, or check that an existing one holds the same (resume)."""
-    config_path = run / CONFIG_NAME
-    if config_path.is_file():
-        previous = json.loads(config_path.read_text())
-        previous.pop("device", None)  # resuming on another device or in another precision is allowed
-        if previous != json.loads(json.dumps(record)):
-            raise ValueError(f"{run} holds a run with different settings; use a new --out, or the same options "
-                             f"to resume it")
-        print(f"resuming {run}")
-    run.mkdir(parents=True, exist_ok=True)
-    # where (this invocation of) the training ran: mixed precision keeps float32 weights
-    _write_json(record | {"device": device_report(device, amp_dtype) | {"precision": training_precision(amp_dtype)}},
-                config_path)
 
 
 def _report_validation(cascade: Any, data: Any, device: torch.device, amp_dtype: torch.dtype | None,
@@ -355,14 +355,18 @@ def load_run(run: Path):
     if not model_path.is_file():
         raise FileNotFoundError(f"{run}: no trained model ({MODEL_NAME}); finish training with "
                                 f"`frugalvit dvt train` and the same options")
-    record = json.loads(config_path.read_text())
+    record = _read_json(config_path)
     if record.get("kind", "dvt") == "glance-focus":
         from frugalvit.dvt.glance_training import GlanceFocusConfig
 
         cascade = GlanceFocusConfig.from_dict(record["model"]).build()
     else:
         cascade = DVTConfig.from_dict(record["model"]).build()
-    cascade.load_state_dict(torch.load(model_path, map_location="cpu"))
+    try:
+        cascade.load_state_dict(torch.load(model_path, map_location="cpu"))
+    except Exception as error:  # not a state dict, damaged, or another run's weights: name the file, not pickle's words
+        raise ValueError(f"{model_path} is not this run's trained model ({str(error).splitlines()[0][:200]}); train "
+                         f"it again with frugalvit dvt train --out {run} and the options in {config_path}") from None
     return cascade.eval(), record
 
 
@@ -370,6 +374,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     _threads(args)
+    _positive_batch(args)
     device, dtype = resolve_device_dtype(args)
     cascade, record = load_run(args.run)
     cascade.to(device, dtype)
@@ -378,6 +383,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"budget {args.budget:.4g} MACs is below the first stage's cost {first:.4g} MACs per image; "
                          f"raise it to at least {first / 1e6:.3f}M")
     data = _load_data(args.data or record["data"], record.get("image_size"))
+    _check_labels(data, record, args.data or record["data"])
     calibration = cascade.calibrate(data.val.images, data.val.labels, args.batch_size, progress=not args.no_progress)
     with tqdm(total=1, desc="threshold search", disable=args.no_progress) as bar:  # exact search: can take a while
         result = cascade.set_budget(args.budget)
@@ -385,11 +391,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     with atomic_file(args.run / CALIBRATION_NAME) as handle:
         np.savez(handle, confidence=calibration.confidence, correct=calibration.correct,
                  stage_macs=np.asarray(calibration.stage_macs))
-    _write_json({"budget_macs": args.budget, "thresholds": list(result.thresholds),
-                 "val_accuracy": result.accuracy, "val_mean_macs": result.mean_macs,
-                 "val_exit_fractions": list(result.exit_fractions), "stage_macs": list(calibration.stage_macs),
-                 **device_report(device, dtype)},
-                args.run / THRESHOLDS_NAME)
+    write_json_atomically({"budget_macs": args.budget, "thresholds": list(result.thresholds),
+                           "val_accuracy": result.accuracy, "val_mean_macs": result.mean_macs,
+                           "val_exit_fractions": list(result.exit_fractions),
+                           "stage_macs": list(calibration.stage_macs), **device_report(device, dtype)},
+                          args.run / THRESHOLDS_NAME)
     print(f"thresholds {', '.join(f'{t:.6f}' for t in result.thresholds)} for <= {args.budget / 1e6:.3f}M MACs: "
           f"validation accuracy {100 * result.accuracy:.2f}% at {result.mean_macs / 1e6:.3f}M mean MACs "
           f"(all stages: {calibration.stage_macs[-1] / 1e6:.3f}M), on {describe(device, dtype)}")
@@ -403,11 +409,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from frugalvit.cost import CostCounter
 
     _threads(args)
+    _positive_batch(args)
     device, dtype = resolve_device_dtype(args)
     cascade, record = load_run(args.run)
     cascade.to(device, dtype)
-    calibrated = json.loads((args.run / THRESHOLDS_NAME).read_text()) if (args.run / THRESHOLDS_NAME).is_file() \
-        else None
+    calibrated = _read_json(args.run / THRESHOLDS_NAME) if (args.run / THRESHOLDS_NAME).is_file() else None
     if args.thresholds is not None:
         cascade.set_thresholds(args.thresholds)
         source = "given"
@@ -432,6 +438,7 @@ def run_eval(args: argparse.Namespace) -> int:
                          f"first, got {','.join(map(str, capacities))}")
     thresholds = tuple(cascade.thresholds.tolist())
     data = _load_data(args.data or record["data"], record.get("image_size"))
+    _check_labels(data, record, args.data or record["data"])
     split = getattr(data, args.split)
     stage_macs = cascade.stage_macs()
     exits, correct, macs = [], 0, 0

@@ -18,6 +18,7 @@ import torch
 from frugalvit.cli.main import UsageError
 from frugalvit.cli.options import (add_device_arguments, describe, device_report, resolve_device_dtype,
                                    training_precision)
+from frugalvit.cli.runs import start_run
 from frugalvit.data import load_dataset
 from frugalvit.ecoformer import ecoformer, ecoformer_layers, fit_hashes
 from frugalvit.ecoformer.attention import NORMALISERS
@@ -27,6 +28,11 @@ from frugalvit.ioutil import check_output_dir, write_json_atomically
 from frugalvit.models import checkpoint_kind, small_vit
 from frugalvit.timing import Stopwatch, timed
 from frugalvit.training import TrainConfig, accuracy, mixed_precision, save_atomically, train
+
+# What an --out run is: resuming it with other values of these would return the earlier run's models
+RUN_SETTINGS = ("image_size", "patch_size", "teacher_epochs", "teacher_samples", "bits", "anchors", "normaliser",
+                "bias", "calibration_images", "top_l", "fit_iterations", "epochs", "train_samples", "lr",
+                "batch_size", "refit_every", "control", "seed")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -115,7 +121,7 @@ def finetune(args: argparse.Namespace) -> int:
         raise UsageError(f"--refit-every must be >= 0, got {args.refit_every}")
     device, amp_dtype = resolve_device_dtype(args)
     out: Path = args.out
-    check_output_dir(out, ("results.json", "teacher.pt", "ecoformer.pt"))
+    check_output_dir(out, ("config.json", "results.json", "teacher.pt", "ecoformer.pt"))
     if args.teacher is not None and not args.teacher.is_file():
         raise FileNotFoundError(f"{args.teacher}: no such teacher checkpoint")
     torch.set_num_threads(args.threads)
@@ -130,6 +136,10 @@ def finetune(args: argparse.Namespace) -> int:
     config = {"image_size": height, "patch_size": args.patch_size, "in_chans": channels,
               "num_classes": data.num_classes}
     tokens = (height // args.patch_size) ** 2 + 1
+    if args.top_l is not None and not 1 <= args.top_l <= tokens // 2:  # checked here, not after the teacher trains
+        raise UsageError(f"--top-l must lie in [1, {tokens // 2}] for {tokens} tokens, got {args.top_l}")
+    finetune_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                  warmup_steps=20, seed=args.seed, max_train_samples=args.train_samples)
     stopwatch = Stopwatch(device)
     print(f"running on {describe(device, amp_dtype)}")
 
@@ -139,7 +149,11 @@ def finetune(args: argparse.Namespace) -> int:
     if args.teacher is not None:
         _load_teacher(args.teacher, teacher)
         print(f"teacher: loaded {args.teacher}")
-    out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad teacher leave no directory behind
+    # only now: bad data or a bad teacher leave no directory behind; an existing run resumes only with the same
+    # settings (its checkpoints would otherwise come back as this run's models)
+    record = {name: getattr(args, name) for name in RUN_SETTINGS}
+    record |= {"data": str(args.data), "teacher": None if args.teacher is None else str(args.teacher)}
+    start_run(out, record, device, amp_dtype)
     if args.teacher is None:
         print(f"teacher: training a softmax small ViT ({tokens} tokens) for {args.teacher_epochs} epochs "
               f"on {min(args.teacher_samples, len(data.train))} images")
@@ -170,8 +184,6 @@ def finetune(args: argparse.Namespace) -> int:
             fit_hashes(model, calibration, supervision="tied", warm_start=True, top_l=args.top_l,
                        iterations=args.fit_iterations, seed=args.seed + epoch + 1, progress=progress)
 
-    finetune_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                  warmup_steps=20, seed=args.seed, max_train_samples=args.train_samples)
     train(model, data.train, finetune_config, out / "finetune", progress=progress, on_epoch_end=refit,
           amp_dtype=amp_dtype)
     model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from frugalvit.cli.options import add_device_arguments, device_report, resolve_device_dtype
-from frugalvit.eventful import TopFraction, check_convertible, compile_eventful, eventful, parse_policy
+from frugalvit.eventful import TopFraction, TopR, check_convertible, compile_eventful, eventful, parse_policy
 from frugalvit.eventful.model import (ATTENTION_ROWS, CUDA_INCREMENTAL_MAX_FRACTION, TOKEN_SELECTIONS,
                                      DEFAULT_INCREMENTAL_MAX_FRACTION, UnsupportedModelError)
 from frugalvit.ioutil import check_output_dir
@@ -136,7 +137,18 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, int, tuple, tuple,
     model = load_timm_model(args.model, args.size, args.checkpoint, args.random_init, seed=args.seed)
     config = model.pretrained_cfg
     size = args.size or config.get("input_size", (3, 224, 224))[-1]
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None and size % patch[0]:  # timm would floor the frame to whole patches, silently
+        raise ValueError(f"--size must be a multiple of {args.model}'s patch size {patch[0]}, got {size}")
     return model, size, tuple(config.get("mean", (0.5,) * 3)), tuple(config.get("std", (0.5,) * 3)), None
+
+
+def _token_count(model: nn.Module) -> int | None:
+    """Tokens a gate of this model sees (patches and prefix tokens), where the model says."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None:
+        return None
+    return int(grid[0]) * int(grid[1]) + int(getattr(model, "num_prefix_tokens", 0))
 
 
 def run(args: argparse.Namespace, clip_spec: str) -> int:
@@ -161,14 +173,18 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
                          "--hold-share (with --cut-share above it)")
     if args.start_frame < 0:
         raise ValueError(f"--start-frame must be a frame index >= 0, got {args.start_frame}")
+    if args.incremental_max_fraction is not None and not 0.0 <= args.incremental_max_fraction <= 1.0:
+        raise ValueError(f"--incremental-max-fraction must lie in [0, 1] (the share of changed tokens up to which "
+                         f"attention updates incrementally), got {args.incremental_max_fraction}")
     if args.max_frames is not None and args.max_frames < 2:
         raise ValueError("--max-frames must be >= 2: the comparison needs at least two frames")
     device, dtype = resolve_device_dtype(args)
     clip = resolve_clip(clip_spec)
     policy = parse_policy(args.policy)
     if args.budget is not None:
-        if not args.budget > 1.0:
-            raise ValueError(f"--budget must be a saving above 1 (dense / eventful MACs, e.g. 4), got {args.budget:g}")
+        if not 1.0 < args.budget < math.inf:
+            raise ValueError(f"--budget must be a finite saving above 1 (dense / eventful MACs, e.g. 4), got "
+                             f"{args.budget:g}")
         if not policy.fixed_size:
             raise ValueError(f"--budget chooses a token share per frame, starting from --policy's: it needs "
                              f"fraction:F or topr:R, got {args.policy}")
@@ -198,6 +214,10 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         check_convertible(model)
     except UnsupportedModelError as error:
         raise ValueError(str(error)) from error
+    tokens = _token_count(model)
+    if isinstance(policy, TopR) and tokens is not None and policy.r > tokens:  # before decoding and the first frames
+        raise ValueError(f"--policy {args.policy} asks for more tokens than the {tokens} {args.model} has at {size} "
+                         f"px; use topr:R with R <= {tokens}, or fraction:F")
     frames = load_frames(clip, size, mean, std, args.max_frames, start=args.start_frame)
     ev = eventful(model, policy, args.incremental_max_fraction, args.refresh, args.cut_share,
                   hold_share=args.hold_share, attention_rows=args.attention_rows, token_selection=args.token_selection,
@@ -255,6 +275,8 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
             + f": {summary.mac_ratio:.1f}x fewer MACs (whole model), map r {summary.task_pearson_mean:.3f}, "
               f"top-10% IoU {summary.task_iou_top10_mean:.3f}")
     json_path, png_path = write_report(args.out, settings, records, summary, extra)
+    if animation is None and (args.out / ANIMATION_FILE).is_file():
+        (args.out / ANIMATION_FILE).unlink()  # an earlier run's animation would sit beside this run's report
     print(f"{clip.name}: {summary.frames} frames, {args.model} @ {size}px, {args.policy}, {weights}")
     print(f"  wall-clock speed-up {summary.speedup:.2f}x ({summary.speedup_after_first:.2f}x after the first frame), "
           f"executed MAC ratio {summary.mac_ratio:.2f}x ({summary.mac_ratio_after_first:.2f}x), {args.threads} thread(s); "

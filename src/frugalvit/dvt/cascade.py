@@ -176,6 +176,9 @@ class DVTConfig:
                                                   ("depth", self.depth), ("num_heads", self.num_heads)) if value < 1}
         if small:
             raise ValueError(f"{', '.join(small)} must be at least 1, got {small}")
+        if self.context_dim < 0 or any(channels < 1 for channels in self.conv_stem):
+            raise ValueError(f"context_dim must be >= 0 and conv_stem widths >= 1, got {self.context_dim} and "
+                             f"{list(self.conv_stem)}")
         for size, patch in zip(sizes, self.patch_sizes):
             if patch < 1 or size % patch:
                 raise ValueError(f"patch size {patch} does not divide image size {size}; "
