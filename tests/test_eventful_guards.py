@@ -124,3 +124,16 @@ def test_bools_are_not_numbers_and_numpy_numbers_are(model: torch.nn.Module) -> 
             setattr(ev, name, value)
     ev.cut_share, ev.max_held_frames = np.float32(0.5), np.int64(3)
     assert ev.cut_share == 0.5 and ev.max_held_frames == 3
+
+
+def test_a_sequence_begun_under_inference_mode_says_so(model: torch.nn.Module) -> None:
+    ev = fv.eventful(model, fv.TopR(4))
+    f0, f1, f2 = frames()
+    with torch.inference_mode():
+        ev(f0)
+        ev(f1)  # inside inference_mode the sequence goes on
+    with torch.no_grad(), pytest.raises(ValueError, match="started under torch.inference_mode"):
+        ev(f2)
+    ev.reset()
+    with torch.no_grad():
+        assert torch.isfinite(ev(f2)).all()

@@ -423,6 +423,11 @@ class EventfulViT(nn.Module):
         if self._frame_shape is not None and tuple(images.shape) != self._frame_shape:
             raise ValueError(f"frame shape {tuple(images.shape)} differs from this sequence's {self._frame_shape}; "
                              "call reset() to start a new sequence with a different batch or frame size")
+        reference = self.eventful_blocks[0].attention_gate.reference
+        if reference is not None and reference.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError("this sequence started under torch.inference_mode(), whose state tensors cannot be "
+                             "updated outside it: run every frame of a sequence under inference_mode (or every one "
+                             "under no_grad), or call reset() to start again")
         if self._frame_kind is not None and (images.dtype, images.device) != self._frame_kind:
             # the state (references, caches, the held output) is in the sequence's dtype and on its device
             raise ValueError(f"frame dtype/device {images.dtype} on {images.device} differs from this sequence's "
