@@ -380,3 +380,19 @@ def test_ecoformer_run_resumes_only_with_its_own_settings(tmp_path: Path, capsys
     capsys.readouterr()
     assert_one_line_error(main([*args, "--lr", "0.05"]), capsys, "holds a run with different settings")
     assert main(args) == 0  # the same options resume it
+
+
+@pytest.mark.parametrize("case", ["text", "beyond"])
+def test_an_unreadable_clip_fails_before_the_model_is_built(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    monkeypatch.setattr("frugalvit.cli.video._load_model",
+                        lambda *args, **kwargs: pytest.fail("built the model before checking the clip"))
+    if case == "text":
+        clip = tmp_path / "clip.mp4"
+        clip.write_text("not a video\n")
+        args, expected = ["video", str(clip)], "cannot open as video"
+    else:  # bigbuckbunny has 132 frames
+        args, expected = ["video", "bundled:bigbuckbunny", "--start-frame", "500"], "has 132 frames"
+    code = main([*args, *TINY, "--random-init", "--out", str(tmp_path / "out")])
+    assert_one_line_error(code, capsys, expected)
+    assert not (tmp_path / "out").exists()

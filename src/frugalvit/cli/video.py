@@ -20,7 +20,7 @@ from frugalvit.ioutil import check_output_dir
 from frugalvit.models import SaliencyViT, load_timm_model, saliency_vit
 from frugalvit.saliency import IMAGENET_MEAN, IMAGENET_STD
 from frugalvit.video.compare import compare_on_frames, summarize, time_repeats
-from frugalvit.video.decode import BUNDLED_CLIPS, load_frames, resolve_clip
+from frugalvit.video.decode import BUNDLED_CLIPS, load_frames, probe_clip, resolve_clip
 from frugalvit.video.animation import SideBySide
 from frugalvit.video.report import REPORT_FILES, write_report
 
@@ -206,6 +206,7 @@ def run(args: argparse.Namespace, clip_spec: str) -> int:
         raise ValueError(f"--compile on the CPU needs a C++ compiler (none of {', '.join(compilers)} is on the "
                          "PATH): install one (e.g. apt install g++), set CXX, or drop --compile")
     torch.set_num_threads(args.threads)
+    probe_clip(clip, args.start_frame)  # an unreadable clip fails before the model is built
     model, size, mean, std, saliency = _load_model(args)
     model.to(device, dtype)
     if saliency is not None:

@@ -41,6 +41,32 @@ def resolve_clip(spec: str) -> Path:
     return path
 
 
+def probe_clip(path: Path, start: int = 0, min_frames: int = 2) -> None:
+    """Check, before any long work, that `path` opens as video and decodes its first frame, and, where the
+    container records its length, that `min_frames` frames follow frame `start`. Raises ValueError naming the
+    problem."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as error:
+        raise ValueError(f"{path}: cannot open as video ({error})") from error
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: contains no video stream")
+        length = container.streams.video[0].frames  # 0 where the container does not say
+        if length and start + min_frames > length:
+            after = f", {max(0, length - start)} of them from frame {start} on" if start else ""
+            hint = f" (start at frame {length - min_frames} or earlier)" if start and length >= min_frames else ""
+            raise ValueError(f"{path}: has {length} frames{after}; need at least {min_frames}{hint}")
+        try:
+            next(container.decode(video=0))
+        except StopIteration:
+            raise ValueError(f"{path}: has no decodable frame") from None
+        except av.error.FFmpegError as error:
+            raise ValueError(f"{path}: corrupt video data ({error})") from error
+
+
 def to_model_input(rgb: Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 (H, W, 3) frame -> normalised float (3, size, size): shorter side resized, centre-cropped."""
     image = rgb.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
