@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,10 +43,10 @@ def resolve_clip(spec: str) -> Path:
     return path
 
 
-def probe_clip(path: Path, start: int = 0, min_frames: int = 2) -> None:
-    """Check, before any long work, that `path` opens as video and decodes its first frame, and, where the
-    container records its length, that `min_frames` frames follow frame `start`. Raises ValueError naming the
-    problem."""
+@contextmanager
+def open_video(path: Path) -> Iterator[Any]:
+    """`path` opened with PyAV (an `av.container.InputContainer`, closed afterwards); ValueError when it does not
+    open as video or has no video stream."""
     import av
 
     try:
@@ -54,6 +56,16 @@ def probe_clip(path: Path, start: int = 0, min_frames: int = 2) -> None:
     with container:
         if not container.streams.video:
             raise ValueError(f"{path}: contains no video stream")
+        yield container
+
+
+def probe_clip(path: Path, start: int = 0, min_frames: int = 2) -> None:
+    """Check, before any long work, that `path` opens as video and decodes its first frame, and, where the
+    container records its length, that `min_frames` frames follow frame `start`. Raises ValueError naming the
+    problem."""
+    import av
+
+    with open_video(path) as container:
         length = container.streams.video[0].frames  # 0 where the container does not say
         if length and start + min_frames > length:
             after = f", {max(0, length - start)} of them from frame {start} on" if start else ""
@@ -91,13 +103,7 @@ def read_frames(path: Path, size: int, mean: tuple[float, ...] = (0.5, 0.5, 0.5)
         raise ValueError(f"start must be a frame index >= 0, got {start}")
     import av
 
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as error:
-        raise ValueError(f"{path}: cannot open as video ({error})") from error
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: contains no video stream")
+    with open_video(path) as container:
         try:
             for index, frame in enumerate(container.decode(video=0)):
                 if index < start:
