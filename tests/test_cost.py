@@ -57,3 +57,16 @@ def test_results_unavailable_inside_block() -> None:
     with CostCounter() as cost:
         with pytest.raises(RuntimeError, match="once the `with` block has ended"):
             _ = cost.macs
+
+
+def test_a_counter_is_not_re_entrant_and_its_results_wait_for_the_block_end() -> None:
+    counter = CostCounter()
+    with counter:
+        with pytest.raises(RuntimeError, match="not re-entrant"):
+            counter.__enter__()
+        torch.ones(2, 2) @ torch.ones(2, 2)
+        with pytest.raises(RuntimeError, match="once the `with` block has ended"):
+            counter.by_op()
+    assert counter.macs == 8
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    assert not _get_current_dispatch_mode_stack()  # nothing left counting

@@ -153,3 +153,16 @@ def test_attention_pool_head_finds_a_small_object_anywhere() -> None:
         tokens28 = tokens_at_resolution(backbone, (resize_images(x, (28, 28)) - torch.tensor(MEAN).view(1, 3, 1, 1))
                                         / torch.tensor(STD).view(1, 3, 1, 1))
         torch.testing.assert_close(stages[1], heads[1](tokens28), atol=1e-5, rtol=1e-5)
+
+
+def test_a_copy_normalises_with_its_own_buffers() -> None:
+    """deepcopy, then a dtype move, then pickling: the input normalisation belongs to each copy."""
+    import copy
+    import io
+
+    cascade = ResolutionCascade(_headless(), [14, 28], heads=_heads(32, 2), input_size=16, mean=MEAN, std=STD)
+    twin = copy.deepcopy(cascade).to(torch.bfloat16).eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert twin(x, thresholds=[1.0]).logits.dtype == torch.bfloat16
+    torch.save(cascade, io.BytesIO())

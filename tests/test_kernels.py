@@ -65,8 +65,12 @@ def test_top_k_kernel_ties_nan_and_zeros() -> None:
         print(top_k_ascending(row, 4, interpret=True).tolist())
         print(top_k_ascending(torch.zeros(2, 10), 3, interpret=True).tolist())
         print(top_k_ascending(torch.zeros(1, 8192), 8190, interpret=True)[0, -2:].tolist())  # counts fill 14 bits
+        negative_nan = torch.zeros(1) / torch.zeros(1)  # 0/0 on the CPU: a NaN with its sign bit set
+        print(top_k_ascending(torch.cat([torch.tensor([1.0]), negative_nan, torch.tensor([3.0, 2.0])])[None], 1,
+                              interpret=True).tolist())
     """)
-    assert out.splitlines()[:4] == ["[[1, 5, 7]]", "[[1, 2, 5, 7]]", "[[0, 1, 2], [0, 1, 2]]", "[8188, 8189]"]
+    assert out.splitlines()[:5] == ["[[1, 5, 7]]", "[[1, 2, 5, 7]]", "[[0, 1, 2], [0, 1, 2]]", "[8188, 8189]",
+                                    "[[1]]"]
 
 
 def test_kernel_dispatch_on_the_cpu_is_the_reference() -> None:
@@ -76,3 +80,4 @@ def test_kernel_dispatch_on_the_cpu_is_the_reference() -> None:
     assert torch.equal(top_k_ascending(errors, 7), top_k_ascending_reference(errors, 7))
     assert not kernel_applies(torch.rand(1, 9000), interpret=True)  # longer rows than one program holds
     assert not kernel_applies(torch.rand(50), interpret=True)
+    assert not kernel_applies(torch.rand(1, 50, dtype=torch.float64), interpret=True)  # float32 keys would tie

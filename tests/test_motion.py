@@ -79,3 +79,10 @@ def test_finds_the_camera_pan_of_a_real_clip() -> None:
     assert ((shifts[:, 0] >= 13) & (shifts[:, 0] <= 18)).all() and (shifts[:, 1].abs() <= 1).all()
     bunny = load_frames(bundled_clip_path("bigbuckbunny"), 224, max_frames=4)
     assert global_shift(bunny[:-1], bunny[1:]).abs().max() == 0
+
+
+def test_fractional_shifts_round_to_the_nearest_pixel() -> None:
+    """A shift scaled for a smaller map is fractional: 0.9 moves one pixel, as 1 does (not 0, truncated)."""
+    maps = torch.arange(16.0).view(1, 1, 4, 4)
+    torch.testing.assert_close(shift_maps(maps, torch.tensor([[0.9, -0.9]])), shift_maps(maps, torch.tensor([[1, -1]])))
+    torch.testing.assert_close(shift_maps(maps, torch.tensor([[1.9, 0.2]])), shift_maps(maps, torch.tensor([[2, 0]])))

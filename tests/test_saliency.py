@@ -60,3 +60,19 @@ def test_model_from_saved_weights_equals_the_loader() -> None:
         assert all(torch.equal(expected[name], built[name]) for name in expected)
     with pytest.raises(ValueError, match="multiple of 14"):
         saliency_vit_from_weights(weights, 100)
+
+
+@needs_weights
+def test_a_held_map_is_not_the_callers_edited_copy() -> None:
+    """The eventful decoder keeps its last map for held frames: a caller writing into the map it got (scaling,
+    clamping) must not change what the next held frame returns."""
+    import frugalvit as fv
+
+    model = saliency_vit(28)
+    features = model.backbone.forward_features(model.normalize(torch.rand(1, 3, 28, 28)))
+    decode = model.eventful_decoder(fv.TopFraction(0.5))
+    with torch.no_grad():
+        first = decode(features, True, False)
+        expected = first.clone()
+        first.mul_(0)
+        torch.testing.assert_close(decode(features, False, True), expected, rtol=0, atol=0)

@@ -148,7 +148,7 @@ class EventfulDecode:
         prefix = getattr(self.model.backbone, "num_prefix_tokens", 1)
         size = self.model.image_size
         self._last = self.decoder(features[:, prefix:], self.model.grid, (size, size), update_all)
-        return self._last
+        return self._last.clone()  # the caller may write into its map: the kept one serves the next held frame
 
     @property
     def policy(self) -> TokenPolicy | None:

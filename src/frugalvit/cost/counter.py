@@ -95,6 +95,9 @@ class CostCounter:
         self._counts: dict[str, dict[Any, int]] = {}
 
     def __enter__(self) -> "CostCounter":
+        if self._mode is not None:
+            raise RuntimeError("this CostCounter is already counting (it is not re-entrant): nest a new "
+                               "CostCounter() instead")
         self._mode = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
         self._mode.__enter__()
         return self
@@ -151,6 +154,8 @@ class CostCounter:
 
     def by_op(self) -> dict[str, OpCost]:
         """Executed arithmetic per operator name, e.g. `aten.mm`."""
+        if self._mode is not None:
+            raise RuntimeError("CostCounter results are available once the `with` block has ended")
         merged: dict[str, dict[Any, int]] = defaultdict(dict)
         for op, count in self._counts.get("Global", {}).items():
             merged[str(op)][op] = count

@@ -188,15 +188,14 @@ class ResolutionCascade(EarlyExitCascade):
         self.model = model
         self.resolutions = tuple(sizes)
         self.heads = nn.ModuleList(heads) if heads is not None else None
-        self.normalize: Callable[[Tensor], Tensor] | None = None
-        if register_normalization(self, mean, std, channels):
-            self.normalize = lambda images: (images - self.mean) / self.std
+        # buffers read in stage_input, no closure over self: a deep copy, a device move or pickling use their own
+        self.normalized = register_normalization(self, mean, std, channels)
 
     def stage_input(self, index: int, images: Tensor) -> Tensor:
         """The model's input at stage `index`: resized to its resolution, then normalised."""
         size = self.resolutions[index]
         images = resize_images(images, (size, size), dtype=next(self.model.parameters()).dtype)
-        return self.normalize(images) if self.normalize is not None else images
+        return (images - self.mean) / self.std if self.normalized else images
 
     def run_stage(self, index: int, images: Tensor, carry: Any, hand_on: bool) -> tuple[Tensor, Any]:
         tokens = tokens_at_resolution(self.model, self.stage_input(index, images))

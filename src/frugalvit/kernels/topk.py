@@ -59,6 +59,7 @@ if triton is not None:
         inside = offsets < num_tokens
         values = tl.load(errors_ptr + row * num_tokens + offsets, mask=inside, other=float("-inf")).to(tl.float32)
         bits = values.to(tl.int32, bitcast=True)
+        bits = tl.where(values != values, 0x7FC00000, bits)  # every NaN (a sign bit too) as +NaN: above +inf
         # Order-preserving map float32 -> [0, 2^32): negatives get their magnitude bits flipped (the signed
         # integers then sort as the floats do), then the sign is offset away (int64, so nothing overflows).
         keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + (tl.full((), 1, tl.int64) << 31)
@@ -79,8 +80,10 @@ if triton is not None:
 
 def kernel_applies(errors: Tensor, interpret: bool = False) -> bool:
     """Whether the Triton kernel runs for `errors`: on CUDA (or under TRITON_INTERPRET=1, `interpret`) for
-    2-D rows of at most `MAX_KERNEL_TOKENS`."""
+    2-D rows of at most `MAX_KERNEL_TOKENS` in float32, float16 or bfloat16 (its keys are float32: float64
+    errors closer than float32 resolves would tie, so they take the reference)."""
     return (triton is not None and (errors.is_cuda or interpret) and errors.dim() == 2
+            and errors.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and 0 < errors.shape[-1] <= MAX_KERNEL_TOKENS)
 
 

@@ -69,9 +69,10 @@ def shift_maps(maps: Tensor, shift: Tensor) -> Tensor:
 
     Args:
         maps: dense outputs at frame resolution, e.g. saliency maps.
-        shift: (B, 2) integer (dy, dx) per map, as `global_shift` returns; the
+        shift: (B, 2) (dy, dx) per map in pixels, as `global_shift` returns; the
             shift of the frames the maps were computed at, so a map computed at
-            a smaller size needs the shift scaled first.
+            a smaller size needs the shift scaled first (fractional shifts are
+            rounded to the nearest pixel).
 
     Exact for whole pixels (a gather, no interpolation); the area that moved
     into view has no earlier output and repeats the nearest edge row/column.
@@ -80,7 +81,7 @@ def shift_maps(maps: Tensor, shift: Tensor) -> Tensor:
         raise ValueError(f"maps must be (B, C, H, W) and shift (B, 2); got {tuple(maps.shape)} and "
                          f"{tuple(shift.shape)}")
     height, width = maps.shape[-2:]
-    shift = shift.to(device=maps.device, dtype=torch.long)
+    shift = (shift.round() if shift.is_floating_point() else shift).to(device=maps.device, dtype=torch.long)
     rows = (torch.arange(height, device=maps.device)[None, :] - shift[:, :1]).clamp(0, height - 1)  # (B, H)
     cols = (torch.arange(width, device=maps.device)[None, :] - shift[:, 1:]).clamp(0, width - 1)  # (B, W)
     channels = maps.shape[1]
