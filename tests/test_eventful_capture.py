@@ -177,6 +177,11 @@ def test_compile_eventful_needs_a_fixed_size_policy() -> None:
     ev = fv.eventful(make_model("vit_tiny_patch16_224", depth=1), fv.RelativeThreshold(0.1))
     with pytest.raises(ValueError, match="fixed-size policy"):
         fv.compile_eventful(ev, patch_video(1)[0])
+    with pytest.raises(TypeError, match="pass frugalvit.eventful"):
+        fv.compile_eventful(ev.model, patch_video(1)[0])
+    ev.policy = fv.TopFraction(0.5)
+    with pytest.raises(ValueError, match="always compiles with fullgraph=True"):
+        fv.compile_eventful(ev, patch_video(1)[0], fullgraph=False)
 
 
 def test_compile_eventful_again_after_a_new_budget_warms_up_without_wrapping_twice() -> None:

@@ -192,3 +192,14 @@ def test_half_precision_follows_the_input_and_stays_finite(dtype: torch.dtype) -
             assert out.dtype == dtype and torch.isfinite(out).all()
             reference = dense(stack, rows, grid)
             assert (out.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_a_dtype_change_without_a_full_frame_is_named() -> None:
+    ev = EventfulDeconvStack(list(random_stack()))
+    rows = torch.randn(1, 36, 24)
+    with torch.no_grad():
+        ev(rows, (6, 6))
+        ev.to(torch.bfloat16)
+        with pytest.raises(ValueError, match="update_all=True"):
+            ev(rows.bfloat16(), (6, 6))
+        assert ev(rows.bfloat16(), (6, 6), update_all=True).dtype == torch.bfloat16

@@ -171,6 +171,11 @@ class EventfulDeconvStack(nn.Module):
             raise ValueError(f"{count} rows do not fill a {grid[0]}x{grid[1]} grid")
         self._cast(rows)
         flat = rows.reshape(batch * count, width)
+        if self._input is not None and not update_all and (flat.dtype, flat.device) != (self._input.dtype,
+                                                                                          self._input.device):
+            raise ValueError(f"rows in {flat.dtype} on {flat.device}, but this stack's state is in {self._input.dtype} "
+                             f"on {self._input.device}: pass update_all=True (a full frame) or reset() after casting "
+                             "or moving the model")
         if update_all or self._input is None or self._grid != grid or self._input.shape != flat.shape:
             return self._full(flat, batch, grid)
         changed = self._select(flat, batch, count)

@@ -829,6 +829,12 @@ def compile_eventful(ev: EventfulViT, frame: Tensor, **options: object) -> Event
         ValueError: the policy selects a data-dependent number of tokens
             (Threshold, RelativeThreshold): such a frame cannot be one graph.
     """
+    if not isinstance(ev, EventfulViT):
+        raise TypeError(f"compile_eventful compiles an eventful model: pass frugalvit.eventful(model, policy), got "
+                        f"{type(ev).__name__}")
+    if "fullgraph" in options:
+        raise ValueError("compile_eventful always compiles with fullgraph=True (a frame is one graph, no host "
+                         "syncs); leave fullgraph out of the options")
     if not ev.policy.fixed_size:
         raise ValueError(f"compiling an eventful frame needs a fixed-size policy (TopFraction, TopR): {ev.policy!r} "
                          "selects a data-dependent number of tokens; use TopFraction, or run it uncompiled")
