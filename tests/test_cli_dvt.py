@@ -191,3 +191,15 @@ def test_data_with_a_bad_sources_file_leaves_nothing(tmp_path: Path, capsys: pyt
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and "is not a sources file" in error[0], error
         assert not out.exists()
+
+
+def test_training_data_identity_tolerates_float_rounding_only() -> None:
+    """A resumed phase may recompute float inputs on another device (the last bits differ): still the same data;
+    another image count, labels or pixels are not."""
+    from frugalvit.training import _same_identity
+
+    saved = {"images": 60, "label_sum": 61, "pixel_sum_first_64": 1234.5678}
+    assert _same_identity(saved, {**saved, "pixel_sum_first_64": 1234.5678 * (1 + 1e-7)})
+    assert not _same_identity(saved, {**saved, "pixel_sum_first_64": 1300.0})
+    assert not _same_identity(saved, {**saved, "images": 59})
+    assert _same_identity({"epochs": 1}, {"epochs": 1}) and not _same_identity({"epochs": 1}, {"epochs": 2})

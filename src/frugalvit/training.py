@@ -152,6 +152,17 @@ def data_fingerprint(data: Split) -> dict[str, float]:
     return {"images": len(data), "label_sum": int(data.labels.sum()), "pixel_sum_first_64": float(head.double().sum())}
 
 
+def _same_identity(saved: Any, current: Any) -> bool:
+    """Equal settings, or the same data: counts exactly, the pixel sum to float rounding (training inputs computed
+    on another device or with other threads, e.g. the crops a glance makes, differ in their last bits)."""
+    if isinstance(saved, dict) and "pixel_sum_first_64" in saved and isinstance(current, dict):
+        rest = {key: value for key, value in saved.items() if key != "pixel_sum_first_64"}
+        return (rest == {key: value for key, value in current.items() if key != "pixel_sum_first_64"}
+                and math.isclose(saved["pixel_sum_first_64"], current.get("pixel_sum_first_64", math.nan),
+                                 rel_tol=1e-4, abs_tol=1e-3))
+    return saved == current
+
+
 def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     """The training state in `path`, if it belongs to this training (same settings, same data): resuming from
     another run's checkpoint would silently continue, or return, that run's model."""
@@ -162,7 +173,7 @@ def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
                          "delete it to train from the start") from None
     if not isinstance(state, dict) or not {"model", "optimizer", "schedule", "epoch"} <= state.keys():
         raise ValueError(f"{path} is not a frugalvit training checkpoint; delete it to train from the start")
-    differing = [key for key, value in identity.items() if key in state and state[key] != value]
+    differing = [key for key, value in identity.items() if key in state and not _same_identity(state[key], value)]
     if differing:  # (checkpoints of older versions carry no data fingerprint: those resume as before)
         raise ValueError(f"{path} belongs to a training with other {' and '.join(differing)} (it has "
                          f"{'; '.join(f'{key} {state[key]}' for key in differing)}); use a new output directory, "
