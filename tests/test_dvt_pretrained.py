@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -66,6 +67,7 @@ def test_heads_and_normalisation_errors_name_the_fix() -> None:
     cascade = ResolutionCascade(backbone, [14, 28], heads=_heads(32, 2), input_size=16)
     with pytest.raises(ValueError, match=r"\(N, 3, 16, 16\)"):
         cascade(torch.rand(1, 3, 28, 28))
+    assert ResolutionCascade(backbone, np.array([14, 28]), input_size=np.int64(16)).resolutions == (14, 28)
     for sizes, size in (([14.5, 28], 16), ([14, 28], 0), ([14, 28], 16.5)):  # not truncated, not accepted
         with pytest.raises(ValueError, match="whole pixel counts"):
             ResolutionCascade(backbone, sizes, input_size=size)

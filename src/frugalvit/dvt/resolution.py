@@ -13,6 +13,7 @@ is shared and untouched, only the heads are learnt.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Sequence
 
 import torch
@@ -45,7 +46,7 @@ def pixel_sizes(values: Sequence[Any], what: str) -> list[int]:
     """`values` as whole positive pixel counts; a fraction, a bool or a size below 1 is an error, not truncated."""
     sizes = []
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < 1:
             raise ValueError(f"{what} must be whole pixel counts of at least 1, got {list(values)}")
         sizes.append(int(value))
     return sizes
