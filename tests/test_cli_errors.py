@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import zipfile
@@ -396,3 +397,56 @@ def test_an_unreadable_clip_fails_before_the_model_is_built(tmp_path: Path, caps
     code = main([*args, *TINY, "--random-init", "--out", str(tmp_path / "out")])
     assert_one_line_error(code, capsys, expected)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_with_its_own_classes_loads_its_head_strictly(tmp_path: Path) -> None:
+    """timm drops a head whose class count differs from its config's and loads the rest loosely: a trained
+    10-class checkpoint must come back with its head, and one of another depth must be refused."""
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, depth=2)
+    path = tmp_path / "c10.pth"
+    torch.save(source.state_dict(), path)
+    model = load_timm_model("vit_tiny_patch16_224", 32, path, num_classes=10, depth=2)
+    assert torch.equal(model.head.weight, source.head.weight)
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        load_timm_model("vit_tiny_patch16_224", 32, path, num_classes=10, depth=4)
+    features_only = load_timm_model("vit_tiny_patch16_224", 32, path, num_classes=0, depth=2)
+    assert torch.equal(features_only.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("float255", "floats in [0, 1]"), ("uint16", "floats in [0, 1]"), ("rgba", "1 or 3 channels"),
+    ("fractional_labels", "whole numbers"),
+])
+def test_npz_data_that_would_be_misread_is_refused(tmp_path: Path, case: str, message: str) -> None:
+    from frugalvit.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (20, 8, 8)).astype(np.uint8)
+    labels = np.arange(20) % 2
+    if case == "float255":
+        images = images.astype(np.float32)
+    elif case == "uint16":
+        images = images.astype(np.uint16) * 256
+    elif case == "rgba":
+        images = rng.integers(0, 255, (20, 8, 8, 4)).astype(np.uint8)
+    else:
+        labels = labels + 0.7
+    path = tmp_path / "d.npz"
+    np.savez(path, images=images, labels=labels)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_dataset(str(path))
+    np.savez(path, images=rng.random((20, 8, 8, 3)).astype(np.float32), labels=np.arange(20.0) % 2)
+    assert load_dataset(str(path)).image_shape == (3, 8, 8)  # floats in [0, 1] and whole float labels are fine
+
+
+def test_image_folder_skips_hidden_directories(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from frugalvit.data import load_dataset
+
+    for name in ("cat", "dog", ".ipynb_checkpoints"):
+        (tmp_path / name).mkdir()
+        for index in range(6):
+            Image.new("RGB", (8, 8), (index * 10, 0, 0)).save(tmp_path / name / f"{index}.png")
+    assert load_dataset(str(tmp_path), 8).num_classes == 2

@@ -70,3 +70,27 @@ def test_check_output_dir(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is a directory"):
         check_output_dir(tmp_path / "out", ("report.json",))
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["file", "out", "report.json"]
+
+
+def test_json_has_no_nan_tokens(tmp_path: Path) -> None:
+    """NaN and infinities are not JSON: written as null, which every reader parses."""
+    path = tmp_path / "r.json"
+    write_json_atomically({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}}, path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}}
+
+
+def test_files_written_together_are_checked_before_the_first_rename(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text("OLD")
+    (tmp_path / "b.png").mkdir()
+    with pytest.raises(IsADirectoryError, match="b.png"):
+        write_files_atomically({tmp_path / "a.json": b"NEW", tmp_path / "b.png": b"X"})
+    assert (tmp_path / "a.json").read_text() == "OLD"
+
+
+def test_a_dangling_link_is_no_output_directory(tmp_path: Path) -> None:
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone" / "x")
+    with pytest.raises(ValueError, match="link to nothing"):
+        check_output_dir(link)

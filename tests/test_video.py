@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -458,3 +459,19 @@ def test_video_budget_starts_from_a_token_count_too(tmp_path: Path) -> None:
                    "--max-frames", "6", "--repeats", "2", "--out", str(out)) == 0
     shares = [frame["share"] for frame in json.loads((out / "report.json").read_text())["frames"]]
     assert shares[0] is None and all(0 < share <= 1 for share in shares[1:])
+
+
+def test_hold_fidelity_needs_increasing_periods_with_their_scores() -> None:
+    from frugalvit.video.fidelity import hold_fidelity_at
+
+    for periods, r, iou in (((4, 2, 3), [0.7, 0.9, 0.8], [0.4, 0.6, 0.5]), ((2, 3, 4), [0.9, 0.8], [0.6, 0.5]),
+                            ((), [], []), ((1, 2), [1.0, 0.9], [1.0, 0.8])):
+        with pytest.raises(ValueError, match="periods must be increasing"):
+            hold_fidelity_at(2.5, periods, r, iou)
+
+
+def test_worst_frame_is_nan_wherever_a_nan_frame_is() -> None:
+    from frugalvit.video.compare import _nan_min
+
+    assert math.isnan(_nan_min([0.99, float("nan")])) and math.isnan(_nan_min([float("nan"), 0.99]))
+    assert _nan_min([0.5, 0.2]) == 0.2

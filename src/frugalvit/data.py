@@ -36,6 +36,8 @@ class Split:
 
     def subset(self, count: int | None) -> "Split":
         """The first `count` samples (all of them for None)."""
+        if count is not None and count < 0:
+            raise ValueError(f"a subset needs a count of samples >= 0 (or None for all), got {count}")
         return self if count is None else Split(self.images[:count], self.labels[:count])
 
 
@@ -115,20 +117,31 @@ def load_npz(path: Path, seed: int = 0) -> ImageDataset:
     if missing:
         raise ValueError(f"{path}: missing array(s) {sorted(missing)}; expected 'images' and 'labels'")
     images = np.asarray(archive["images"])
-    labels = np.asarray(archive["labels"]).astype(np.int64)
+    raw_labels = np.asarray(archive["labels"])
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.transpose(0, 3, 1, 2)
-    elif images.ndim != 4:
-        raise ValueError(f"{path}: 'images' must be 3-D or 4-D, got shape {images.shape}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"{path}: 'images' must be (N, H, W), (N, H, W, C) or (N, C, H, W) with 1 or 3 channels, "
+                         f"got shape {images.shape}")
+    if raw_labels.shape != (images.shape[0],) or images.shape[0] == 0:
+        raise ValueError(f"{path}: 'labels' must have shape ({images.shape[0]},) for at least one image, got "
+                         f"{raw_labels.shape}")
+    if raw_labels.dtype.kind not in "iub" and not (raw_labels.dtype.kind == "f"
+                                                    and np.all(raw_labels == np.round(raw_labels))):
+        raise ValueError(f"{path}: labels must be whole numbers (class indices), got {raw_labels.dtype} values such "
+                         f"as {raw_labels[:3].tolist()}")
+    labels = raw_labels.astype(np.int64)
+    if labels.min() < 0:
+        raise ValueError(f"{path}: labels must be non-negative integers")
     tensor = torch.from_numpy(np.ascontiguousarray(images)).float()
     if images.dtype == np.uint8:
         tensor = tensor / 255.0
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"{path}: 'labels' must have shape ({images.shape[0]},), got {labels.shape}")
-    if labels.min() < 0:
-        raise ValueError(f"{path}: labels must be non-negative integers")
+    elif images.dtype.kind != "f" or not 0.0 <= float(tensor.min()) <= float(tensor.max()) <= 1.0:
+        raise ValueError(f"{path}: images must be uint8 (0-255) or floats in [0, 1], got {images.dtype} in "
+                         f"[{float(tensor.min()):g}, {float(tensor.max()):g}]; store them as uint8, or divide "
+                         "by their full scale")
     return _split_three(tensor, torch.from_numpy(labels), path.name, int(labels.max()) + 1, seed)
 
 
@@ -136,7 +149,7 @@ def load_image_folder(root: Path, size: int, seed: int = 0) -> ImageDataset:
     """A directory with one sub-directory per class holding images, resized to size x size RGB."""
     from PIL import Image
 
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: expected one sub-directory per class, found none")
     images, labels = [], []
@@ -146,6 +159,9 @@ def load_image_folder(root: Path, size: int, seed: int = 0) -> ImageDataset:
                 continue
             try:
                 with Image.open(file) as image:
+                    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert("RGB") would clip them to 255
+                        raise ValueError(f"{file}: a {image.mode} image (more than 8 bits per channel); convert "
+                                         "the folder to 8-bit images first")
                     pixels = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.uint8)
             except OSError as error:
                 raise ValueError(f"{file}: cannot read image ({error})") from error

@@ -10,6 +10,7 @@ ordinary permissions (0666 less the umask, as `open` gives), not the 0600 of
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -50,9 +51,22 @@ def write_bytes_atomically(path: Path | str, data: bytes) -> None:
         handle.write(data)
 
 
+def _finite(data: Any) -> Any:
+    """`data` with every NaN or infinite float as None: JSON has no such numbers (Python's `NaN` / `Infinity`
+    tokens are not JSON, and other readers reject the file); null says "no value" in every reader."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data
+
+
 def json_bytes(data: Any, indent: int | None = 2) -> bytes:
-    """`data` as UTF-8 JSON text ending in a newline (raises TypeError/ValueError before anything is written)."""
-    return (json.dumps(data, indent=indent) + "\n").encode()
+    """`data` as UTF-8 JSON text ending in a newline, non-finite floats as null (raises TypeError/ValueError before
+    anything is written)."""
+    return (json.dumps(_finite(data), indent=indent, allow_nan=False) + "\n").encode()
 
 
 def write_json_atomically(data: Any, path: Path | str, indent: int | None = 2) -> None:
@@ -71,6 +85,9 @@ def write_files_atomically(files: Mapping[Path, bytes | Callable[[IO[bytes]], No
     no temporary remains. Only a failure between the renames (rare: they are
     metadata operations in one directory) can leave some files new and some old.
     """
+    blocked = [str(path) for path in files if Path(path).is_dir()]
+    if blocked:  # checked before the first rename: a directory in the way would stop the renames half done
+        raise IsADirectoryError(f"cannot write {', '.join(blocked)}: a directory is in the way; move it")
     written: list[tuple[Path, Path]] = []
     try:
         for path, content in files.items():
@@ -102,6 +119,9 @@ def check_output_dir(path: Path | str, files: Iterable[str] = (), option: str = 
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path} exists and is not a directory; choose a directory path")
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{option} {path} is a link to nothing ({os.readlink(path)}); remove it or choose another "
+                         "path")
     existing = path
     while not existing.exists():
         if existing.parent == existing:

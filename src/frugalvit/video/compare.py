@@ -18,6 +18,7 @@ are counted once on the first frame. Wall time varies from run to run, so
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -139,6 +140,11 @@ class StepResult:
 
 
 @torch.no_grad()
+def _nan_min(values: Sequence[float]) -> float:
+    """The smallest value, NaN if any is NaN (Python's `min` skips a NaN or returns it depending on its place)."""
+    return math.nan if any(value != value for value in values) else min(values)
+
+
 def frame_loop(frames: Iterable[Tensor], steps: Sequence[FrameStep], device: torch.device | None = None,
                dtype: torch.dtype | None = None, progress: bool = False, total: int | None = None
                ) -> Iterator[tuple[int, Tensor, Tensor, dict[str, StepResult]]]:
@@ -432,7 +438,7 @@ def summarize(records: list[FrameRecord], state_bytes: int,
         dense_ms_median=float(torch.tensor([r.dense_ms for r in records]).median()),
         eventful_ms_median=float(torch.tensor([r.eventful_ms for r in records]).median()),
         cosine_mean=sum(cosines) / len(cosines),
-        cosine_min=min(cosines),
+        cosine_min=_nan_min(cosines),
         relative_l2_mean=sum(r.relative_l2 for r in records) / len(records),
         top1_agreement=sum(r.top1_agrees for r in records) / len(records),
         full_updates=sum(r.full_update for r in records),
@@ -471,6 +477,6 @@ def _task_summary(records: list[FrameRecord]) -> dict[str, float]:
         return {}
     pearson = [r.task_pearson for r in records]
     iou = [r.task_iou_top10 for r in records]
-    return {"task_pearson_mean": sum(pearson) / len(pearson), "task_pearson_min": min(pearson),
-            "task_iou_top10_mean": sum(iou) / len(iou), "task_iou_top10_min": min(iou),
+    return {"task_pearson_mean": sum(pearson) / len(pearson), "task_pearson_min": _nan_min(pearson),
+            "task_iou_top10_mean": sum(iou) / len(iou), "task_iou_top10_min": _nan_min(iou),
             "task_relative_l2_mean": sum(r.task_relative_l2 for r in records) / len(records)}

@@ -63,7 +63,12 @@ class KeyframeHold:
 def hold_fidelity_at(ratio: float, periods: tuple[int, ...], pearson: list[float],
                      iou: list[float]) -> tuple[float, float] | None:
     """Keyframe-and-hold's (r, IoU) at a saving of `ratio`, linear between neighbouring periods (1x: the dense
-    output itself, r = IoU = 1); None outside 1x..the longest period."""
+    output itself, r = IoU = 1); None outside 1x..the longest period. `periods` increasing, above 1, one score
+    of each kind per period."""
+    if not periods or list(periods) != sorted(set(periods)) or periods[0] < 2 \
+            or not len(periods) == len(pearson) == len(iou):
+        raise ValueError(f"periods must be increasing whole frame counts from 2 on, with one r and one IoU each; got "
+                         f"periods {list(periods)}, {len(pearson)} r and {len(iou)} IoU values")
     points = [(1.0, 1.0, 1.0)] + [(float(k), r, i) for k, r, i in zip(periods, pearson, iou)]
     if not points[0][0] <= ratio <= points[-1][0]:
         return None
