@@ -143,3 +143,21 @@ def test_sources_file_and_workers_give_the_same_chunks(built: Path, tmp_path: Pa
     other = ScaledDigitsConfig(**{**SMALL.to_dict(), "frame_step": 2})
     with pytest.raises(ValueError, match="holds sources for"):
         load_sources(sources, other, ("train",))
+
+
+def test_chunks_that_do_not_match_config_json_are_refused(built: Path, tmp_path: Path) -> None:
+    """config.json edited (or chunks of other settings): the loaded images must be the counts it records."""
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["counts"] = [11, 6, 6]  # still 3 chunks of 5: the rows no longer match
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hold 12 images, its config.json says 11"):
+        load_scaled_digits(copy)
+    with pytest.raises(ValueError, match="whole numbers"):
+        ScaledDigitsConfig(counts=(6.7, 3, 3))
+    with pytest.raises(ValueError, match="unknown split"):
+        SMALL.count("training")

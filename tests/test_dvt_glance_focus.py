@@ -290,7 +290,8 @@ def test_glance_focus_config_round_trips_and_refuses_bad_settings() -> None:
     assert cascade.sizes == (16, 16) and cascade.crop_sides == (8, 16, 40) and cascade.input_shape == (3, 40, 40)
     for bad, message in (({"look_size": 20}, "does not divide the look size"), ({"look_size": 48}, "must lie in"),
                          ({"crop_sides": (8, 64)}, "crop sides must lie"), ({"num_heads": 3}, "divisible"),
-                         ({"margin": 0.0}, "margin must be > 0")):
+                         ({"margin": 0.0}, "margin must be a finite number > 0"), ({"depth": 0}, "depth"),
+                         ({"locator_hidden": 0}, "locator_hidden"), ({"conv_stem": (0,)}, "conv_stem")):
         with pytest.raises(ValueError, match=message):
             GlanceFocusConfig(**{**config.to_dict(), **bad})
     with pytest.raises(ValueError, match="unknown glance-and-focus config field"):
@@ -357,3 +358,13 @@ def test_glance_focus_training_learns_the_boxes_phase_by_phase_and_resumes(tmp_p
         torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
     with pytest.raises(ValueError, match="one box"):
         train_glance_focus(again, Split(images, labels), boxes[:3], config)
+    # a finished phase is checked against these settings and data, not handed back whatever it was trained on
+    with pytest.raises(ValueError, match="other depends_on"):
+        train_glance_focus(again, Split(images, (labels + 1) % 5), boxes, config, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="other config"):
+        train_glance_focus(again, Split(images, labels), boxes, TrainConfig(epochs=5, batch_size=16), tmp_path,
+                           progress=False)
+    with pytest.raises(ValueError, match="inside the 40 px image"):
+        train_glance_focus(again, Split(images, labels), boxes + torch.tensor([30, 0, 0]), config)
+    with pytest.raises(ValueError, match=r"the cascade takes images \(3, 40, 40\)"):
+        train_glance_focus(again, Split(images[..., :32, :32], labels), boxes.clamp(max=8), config)

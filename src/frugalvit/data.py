@@ -162,7 +162,7 @@ def load_image_folder(root: Path, size: int, seed: int = 0) -> ImageDataset:
                     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # convert("RGB") would clip them to 255
                         raise ValueError(f"{file}: a {image.mode} image (more than 8 bits per channel); convert "
                                          "the folder to 8-bit images first")
-                    pixels = np.asarray(image.convert("RGB").resize((size, size)), dtype=np.uint8)
+                    pixels = np.array(image.convert("RGB").resize((size, size)), dtype=np.uint8)  # writable
             except OSError as error:
                 raise ValueError(f"{file}: cannot read image ({error})") from error
             images.append(torch.from_numpy(pixels).permute(2, 0, 1))

@@ -69,6 +69,8 @@ class ScaledDigitsConfig:
     version: int = 2
 
     def __post_init__(self) -> None:
+        if any(count != int(count) for count in self.counts):
+            raise ValueError(f"counts must be whole numbers of images, got {tuple(self.counts)}")
         object.__setattr__(self, "counts", tuple(int(c) for c in self.counts))
         object.__setattr__(self, "clips", tuple(self.clips))
         if len(self.counts) != 3 or min(self.counts) < 1:
@@ -97,7 +99,13 @@ class ScaledDigitsConfig:
         return cls(**data)
 
     def chunks(self, split: str) -> int:
-        return math.ceil(self.counts[SPLITS.index(split)] / self.chunk_size)
+        return math.ceil(self.count(split) / self.chunk_size)
+
+    def count(self, split: str) -> int:
+        """Images in `split` (one of `SPLITS`)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        return self.counts[SPLITS.index(split)]
 
 
 # -- sources -------------------------------------------------------------------------------------
@@ -177,9 +185,9 @@ def sample_chunk(config: ScaledDigitsConfig, split: str, chunk: int, digits: tup
     of each other and of the order they are made in.
     """
     start = chunk * config.chunk_size
-    count = min(config.chunk_size, config.counts[SPLITS.index(split)] - start)
+    count = min(config.chunk_size, config.count(split) - start)
     if count <= 0:
-        raise ValueError(f"chunk {chunk} of split {split} is beyond its {config.counts[SPLITS.index(split)]} images")
+        raise ValueError(f"chunk {chunk} of split {split} is beyond its {config.count(split)} images")
     rng = np.random.default_rng([config.seed, SPLITS.index(split), chunk])
     canvas = config.canvas
     images = np.empty((count, 3, canvas, canvas), dtype=np.uint8)
@@ -377,7 +385,11 @@ def load_split_arrays(root: Path, split: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"{root}: {len(missing)} chunk(s) missing (e.g. {missing[0]}); finish generating "
                                 f"with: frugalvit dvt data --out {root} (same options)")
     parts = [dict(np.load(path)) for path in paths]
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    if arrays["labels"].shape[0] != config.count(split):  # chunks of other settings, or config.json edited
+        raise ValueError(f"{root}: the {split} chunks hold {arrays['labels'].shape[0]} images, its config.json "
+                         f"says {config.count(split)}; make the data set again in a new directory")
+    return arrays
 
 
 def load_scaled_digits(root: Path, splits: tuple[str, ...] = SPLITS) -> ImageDataset:

@@ -43,10 +43,16 @@ class TrainConfig:
     max_train_samples: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "warmup_steps", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 < self.lr < math.inf:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
@@ -81,12 +87,16 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | None = None,
           loss_fn: LossFn = cross_entropy_loss, progress: bool = True,
-          on_epoch_end: Callable[[int], None] | None = None, amp_dtype: torch.dtype | None = None) -> nn.Module:
+          on_epoch_end: Callable[[int], None] | None = None, amp_dtype: torch.dtype | None = None,
+          depends_on: dict[str, Any] | None = None) -> nn.Module:
     """Train `model` in place on `data`, on the model's device; with `run_dir`, checkpoint every epoch and resume.
 
     `on_epoch_end(epoch)` runs after each epoch (e.g. to re-fit hash functions).
     The weights must be float32 (half-precision weights lose the small updates);
     `amp_dtype` (torch.bfloat16 or torch.float16) trains in mixed precision.
+    A checkpoint resumes only for the same `config` and data (a fingerprint of
+    `data`), and the same `depends_on`: what else the loss reads (JSON-able,
+    e.g. a fingerprint of the targets a `loss_fn` looks up by row).
     """
     device, weight_dtype = model_device_dtype(model)
     if weight_dtype != torch.float32:
@@ -96,6 +106,8 @@ def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | No
         raise ValueError(f"amp_dtype must be torch.bfloat16, torch.float16 or None, got {amp_dtype}")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     data = data.subset(config.max_train_samples)
+    if len(data) == 0:
+        raise ValueError("no training samples: the split is empty")
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -104,6 +116,8 @@ def train(model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | No
     start_epoch = 0
     checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     identity = {"config": asdict(config), "data": data_fingerprint(data)}  # what a checkpoint must match to resume
+    if depends_on is not None:
+        identity["depends_on"] = depends_on
     if checkpoint_path is not None and checkpoint_path.is_file():
         state = _load_checkpoint(checkpoint_path, identity)
         model.load_state_dict(state["model"])
@@ -184,6 +198,8 @@ def _load_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
     """Logits of `model` over `images`, in batches moved to the model's device and dtype, in eval mode."""
+    if batch_size < 1 or len(images) == 0:
+        raise ValueError(f"predict needs images (got {len(images)}) and a batch size >= 1 (got {batch_size})")
     model.eval()
     device, dtype = model_device_dtype(model)
     return torch.cat([model(model_input(images[start:start + batch_size], device, dtype))

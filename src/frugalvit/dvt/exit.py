@@ -273,9 +273,11 @@ class EarlyExitCascade(nn.Module):
         """
         from tqdm.auto import tqdm
 
-        if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
-            raise ValueError(f"calibration needs as many labels as images (>0), got {images.shape[0]} images "
-                             f"and {labels.shape[0]} labels")
+        if labels.dim() != 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+            raise ValueError(f"calibration needs one label per image (labels shaped (N,), N > 0), got "
+                             f"{images.shape[0]} images and labels shaped {tuple(labels.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         was_training = self.training
         self.eval()
         confidence, correct = [], []

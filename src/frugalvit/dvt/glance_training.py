@@ -32,7 +32,7 @@ from frugalvit.data import Split
 from frugalvit.dvt.cascade import resize_images
 from frugalvit.dvt.focus import BoxLocator, GlanceFocusCascade
 from frugalvit.dvt.stage import dvt_stage
-from frugalvit.training import TrainConfig, cross_entropy_loss, save_atomically, train
+from frugalvit.training import CHECKPOINT_NAME, TrainConfig, cross_entropy_loss, save_atomically, train
 
 GLANCE_DIR, FOCUS_DIR, PHASE_MODEL = "glance", "focus", "model.pt"
 
@@ -72,8 +72,15 @@ class GlanceFocusConfig:
             raise ValueError(f"crop sides must lie in [1, image size {self.image_size}], got {list(self.crop_sides)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
-        if not self.margin > 0:
-            raise ValueError(f"margin must be > 0, got {self.margin}")
+        if not 0 < self.margin < float("inf"):
+            raise ValueError(f"margin must be a finite number > 0, got {self.margin}")
+        small = {name: value for name, value in (("in_chans", self.in_chans), ("num_classes", self.num_classes),
+                                                  ("embed_dim", self.embed_dim), ("depth", self.depth),
+                                                  ("num_heads", self.num_heads),
+                                                  ("locator_hidden", self.locator_hidden)) if value < 1}
+        if small or any(channels < 1 for channels in self.conv_stem):
+            raise ValueError(f"{', '.join(small) or 'conv_stem widths'} must be at least 1, got "
+                             f"{small or list(self.conv_stem)}")
 
     @property
     def grid(self) -> int:
@@ -149,11 +156,20 @@ def train_glance_focus(cascade: GlanceFocusCascade, data: Split, boxes: Tensor, 
     when done, so an interrupted run resumes where it stopped.
     `on_phase(name)` is called as each phase starts (e.g. to print it).
     """
+    boxes = torch.as_tensor(boxes)
     if boxes.shape != (len(data), 3):
         raise ValueError(f"expected one box (top, left, side) per training image, shape ({len(data)}, 3), got "
                          f"{tuple(boxes.shape)}")
+    if tuple(data.images.shape[1:]) != tuple(cascade.input_shape):
+        raise ValueError(f"the cascade takes images {tuple(cascade.input_shape)}, the data has "
+                         f"{tuple(data.images.shape[1:])}; build it with the data's image size")
     device = next(cascade.parameters()).device
     image_size, look_size = cascade.input_shape[-1], cascade.sizes[0]
+    top, left, side = boxes.double().unbind(1)
+    if len(data) and not bool(((side >= 1) & (top >= 0) & (left >= 0) & (top + side <= image_size)
+                               & (left + side <= image_size)).all()):
+        raise ValueError(f"every box (top, left, side) must have a side >= 1 and lie inside the {image_size} px "
+                         "image")
     table = torch.cat([data.labels.reshape(-1, 1).long(), boxes.long()], dim=1).to(device)
     glance = nn.ModuleDict({"vit": cascade.glance, "locator": cascade.locator})  # the same modules, trained in place
 
@@ -162,27 +178,34 @@ def train_glance_focus(cascade: GlanceFocusCascade, data: Split, boxes: Tensor, 
                                         box_weight)
 
     rows = Split(data.images, torch.arange(len(data)))  # the loop hands on row numbers: the loss reads the boxes
-    _phase(GLANCE_DIR, glance, rows, config, run_dir, glance_loss, progress, amp_dtype, on_phase)
+    targets = {"label_sum": int(data.labels.sum()), "box_sum": int(boxes.long().sum()),  # what the rows stand for
+               "box_weighted_sum": int((boxes.long() * torch.arange(1, len(data) + 1)[:, None]).sum())}
+    _phase(GLANCE_DIR, glance, rows, config, run_dir, glance_loss, progress, amp_dtype, on_phase,
+           depends_on={"targets": targets, "box_weight": box_weight})
     cascade.eval()
     trained = data.subset(config.max_train_samples)  # the images phase 1 trained on
     focus_data = Split(focus_training_crops(cascade, trained.images, jitter, config.seed + 1), trained.labels)
     _phase(FOCUS_DIR, cascade.focus, focus_data, replace(config, max_train_samples=None), run_dir,
-           cross_entropy_loss, progress, amp_dtype, on_phase)
+           cross_entropy_loss, progress, amp_dtype, on_phase, depends_on={"jitter": list(jitter)})
     return cascade.eval()
 
 
 def _phase(name: str, model: nn.Module, data: Split, config: TrainConfig, run_dir: Path | None,
            loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor], progress: bool, amp_dtype: torch.dtype | None,
-           on_phase: Callable[[str], None] | None) -> None:
-    """One phase: its finished weights when `run_dir/name` holds them, else trained (resuming its checkpoint)."""
+           on_phase: Callable[[str], None] | None, depends_on: dict[str, Any]) -> None:
+    """One phase, trained in `run_dir/name` (resuming its checkpoint; a finished phase's checkpoint holds its
+    final weights, so a re-run checks that it belongs to these settings and data and trains nothing). A folder
+    with the phase's weights but no checkpoint (an older run) is loaded as it is."""
     folder = run_dir / name if run_dir is not None else None
-    if folder is not None and (folder / PHASE_MODEL).is_file():
+    finished = folder is not None and (folder / PHASE_MODEL).is_file()
+    if finished and not (folder / CHECKPOINT_NAME).is_file():
         model.load_state_dict(torch.load(folder / PHASE_MODEL, map_location=next(model.parameters()).device))
         return
-    if on_phase is not None:
+    if on_phase is not None and not finished:
         on_phase(name)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-    train(model, data, config, folder, loss_fn=loss_fn, progress=progress, amp_dtype=amp_dtype)
+    train(model, data, config, folder, loss_fn=loss_fn, progress=progress, amp_dtype=amp_dtype,
+          depends_on=depends_on)
     if folder is not None:
         save_atomically({key: value.cpu() for key, value in model.state_dict().items()}, folder / PHASE_MODEL)
