@@ -168,3 +168,16 @@ def test_a_copy_normalises_with_its_own_buffers() -> None:
     with torch.no_grad():
         assert twin(x, thresholds=[1.0]).logits.dtype == torch.bfloat16
     torch.save(cascade, io.BytesIO())
+
+
+def test_a_distilled_deit_embeds_its_distillation_token_at_any_resolution() -> None:
+    import timm
+
+    from frugalvit.timm import embed_tokens, embed_tokens_resampled
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=1).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(embed_tokens_resampled(model, x), embed_tokens(model, x))
+        assert embed_tokens_resampled(model, torch.randn(1, 3, 32, 32)).shape == (1, 2 + 4, 192)

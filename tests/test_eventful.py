@@ -714,3 +714,25 @@ def test_strided_scatter_writes_what_the_flat_row_copy_writes(grouped: bool) -> 
     assert not values.is_contiguous()
     expected = scatter_tokens_(target.clone(), selection, values.contiguous())
     torch.testing.assert_close(scatter_rows_strided_(target.clone(), selection, values), expected, rtol=0, atol=0)
+
+
+def test_hybrid_vit_takes_rgb_frames_and_keeps_its_anchor() -> None:
+    """A hybrid ViT's patch projection reads its CNN's features: the frame check must not ask for their width."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64, depth=2).eval()
+    ev = fv.eventful(model, fv.TopFraction(1.0))
+    with torch.no_grad():
+        for frame in torch.randn(3, 1, 3, 64, 64):
+            torch.testing.assert_close(ev(frame), model(frame), rtol=1e-5, atol=1e-5)
+
+
+def test_map_head_models_are_counted() -> None:
+    """timm's attention-pooling head expands a parameter under no_grad: CostCounter still counts it."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, img_size=32, depth=1).eval()
+    frame = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), fv.CostCounter() as whole:
+        model(frame)
+    with torch.no_grad(), fv.CostCounter() as features:
+        model.forward_features(frame)
+    assert whole.macs > features.macs > 0 and "VisionTransformer.attn_pool" in whole.by_module()

@@ -61,3 +61,20 @@ def test_sync_free_frame_compiles_whole_with_no_graph_break() -> None:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_changed_rows_attention_recomputes_exactly_the_selected_rows(variant: str) -> None:
     assert_changed_rows_path_matches_dense(make_beit(variant), patch_video(1, batch=2))
+
+
+@pytest.mark.parametrize("sync_free", [False, True], ids=["host-checks", "sync-free"])
+def test_a_frame_that_changes_nothing_passes_no_tokens_and_costs_little(sync_free: bool) -> None:
+    """A gate that lets no token through (M = 0): the frame is the last one's, not a reshape error."""
+    model = make_beit("per-layer-bias")
+    ev = fv.eventful(model, fv.TopR(0) if sync_free else fv.Threshold(0.1))  # sync-free needs a fixed size
+    ev.sync_free = sync_free
+    frame = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        first = ev(frame)
+        with fv.CostCounter() as still:
+            again = ev(frame)
+        with fv.CostCounter() as dense:
+            model(frame)
+    torch.testing.assert_close(again, first)
+    assert still.macs < 0.3 * dense.macs  # the patch embedding and the head still run (a quarter here)

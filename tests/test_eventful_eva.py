@@ -7,6 +7,7 @@ import timm
 import torch
 
 import frugalvit as fv
+from frugalvit.eventful.model import UnsupportedModelError
 from eventful_anchors import (assert_changed_rows_path_matches_dense, assert_full_budget_equals, assert_half_precision_incremental_matches,
                               assert_sync_free_step_compiles_whole,
                               incremental_paths_equal_dense, last_frame_macs)
@@ -75,3 +76,20 @@ def test_sync_free_frame_compiles_whole_with_no_graph_break() -> None:
 
 def test_changed_rows_attention_recomputes_exactly_the_selected_rows() -> None:
     assert_changed_rows_path_matches_dense(make_eva("eva02-tiny"), eva_video(2))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_frame_that_changes_nothing_passes_no_tokens(variant: str) -> None:
+    """A gate that lets no token through (M = 0), fused or split q/k/v: the same frame's output again."""
+    ev = fv.eventful(make_eva(variant), fv.Threshold(0.1))
+    frame = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        first = ev(frame)
+        torch.testing.assert_close(ev(frame), first)
+    assert all(counts == (0, 0, 0) for counts in ev.gate_counts())
+
+
+def test_rope_attention_is_named_in_the_refusal() -> None:
+    model = timm.create_model("vit_small_patch16_rope_224", pretrained=False, img_size=32, depth=1)
+    with pytest.raises(UnsupportedModelError, match=r"blocks\.0\.attn \(AttentionRope\)"):
+        fv.eventful(model, fv.TopR(1))

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from frugalvit.cost.energy import HOROWITZ_45NM_FP32, EnergyModel, energy_joules
@@ -78,6 +79,30 @@ def _extra_formulas() -> dict[Any, Callable[..., int]]:
     return formulas
 
 
+def _tolerate_views_made_without_grad(mode: FlopCounterMode) -> None:
+    """Let the mode's module tracker pass module inputs it cannot hook for backward.
+
+    Its forward pre-hook attaches a backward hook to every input that requires
+    grad; an input that is a view of a parameter made under `torch.no_grad()`
+    (timm's attention-pooling head: `latent.expand(...)`) has no autograd node
+    to attach to, and torch raises. The module is already recorded as entered
+    when that happens and counting runs no backward, so the hook's failure is
+    passed over. Where a torch version has no such hook, nothing changes.
+    """
+    tracker = getattr(mode, "mod_tracker", None)
+    hook = getattr(tracker, "_fw_pre_hook", None)
+    if hook is None:
+        return
+
+    def pre_hook(module: nn.Module, inputs: Any) -> None:
+        try:
+            hook(module, inputs)
+        except AssertionError:  # "Expected gradient function to be set"
+            pass
+
+    tracker._fw_pre_hook = pre_hook
+
+
 class CostCounter:
     """Count the arithmetic executed inside a `with` block.
 
@@ -99,6 +124,7 @@ class CostCounter:
             raise RuntimeError("this CostCounter is already counting (it is not re-entrant): nest a new "
                                "CostCounter() instead")
         self._mode = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+        _tolerate_views_made_without_grad(self._mode)
         self._mode.__enter__()
         return self
 

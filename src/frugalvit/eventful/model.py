@@ -416,7 +416,8 @@ class EventfulViT(nn.Module):
     def _check_frame(self, images: Tensor) -> None:
         if images.dim() != 4:
             raise ValueError(f"expected a batch of frames shaped (B, C, H, W), got shape {tuple(images.shape)}")
-        channels = self.model.patch_embed.proj.in_channels if hasattr(self.model.patch_embed, "proj") else None
+        embed = self.model.patch_embed  # a hybrid's proj reads its CNN's features, not the frame: no check there
+        channels = embed.proj.in_channels if hasattr(embed, "proj") and not hasattr(embed, "backbone") else None
         if channels is not None and images.shape[1] != channels:
             raise ValueError(f"the model takes {channels}-channel frames, got {images.shape[1]} channels "
                              f"(shape {tuple(images.shape)})")

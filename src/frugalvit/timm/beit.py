@@ -56,7 +56,8 @@ def fused_qkv(attn: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     else:
         bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
         qkv = attn.qkv(tokens) + bias if attn.qkv_bias_separate else F.linear(tokens, attn.qkv.weight, bias)
-    q, k, v = qkv.reshape(batch, count, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    head_dim = qkv.shape[-1] // (3 * attn.num_heads)  # explicit, not -1: a gate may pass no tokens (M = 0)
+    q, k, v = qkv.reshape(batch, count, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
 
 

@@ -32,9 +32,10 @@ def check_supported(model: nn.Module) -> None:
     if getattr(model, "dynamic_img_size", False):
         raise TypeError("dynamic_img_size is not handled; build the model at the frame size")
     for index, block in enumerate(model.blocks):
-        if not (isinstance(block, eva.EvaBlock) and isinstance(block.attn, eva.EvaAttention)):
-            raise TypeError(f"blocks.{index} ({type(block).__name__}) is not timm's pre-norm EvaBlock with "
-                            "EvaAttention")
+        if not isinstance(block, eva.EvaBlock):
+            raise TypeError(f"blocks.{index} ({type(block).__name__}) is not timm's pre-norm EvaBlock")
+        if not isinstance(block.attn, eva.EvaAttention):
+            raise TypeError(f"blocks.{index}.attn ({type(block.attn).__name__}) is not timm's EvaAttention")
         if block.attn.gate is not None:
             raise TypeError(f"blocks.{index}.attn is gated, which is not handled")
 
@@ -65,6 +66,6 @@ def split_qkv(attn: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if attn.qkv is not None:
         q, k, v = fused_qkv(attn, tokens)
     else:
-        q, k, v = (layer(tokens).reshape(batch, count, attn.num_heads, -1).transpose(1, 2)
-                   for layer in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (layer(tokens).reshape(batch, count, attn.num_heads, layer.out_features // attn.num_heads)
+                   .transpose(1, 2) for layer in (attn.q_proj, attn.k_proj, attn.v_proj))  # M may be 0
     return attn.q_norm(q), attn.k_norm(k), v

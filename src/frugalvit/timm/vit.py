@@ -97,7 +97,8 @@ def embed_tokens_resampled(model: VisionTransformer, images: Tensor) -> Tensor:
     x = embed.proj(images)
     grid = x.shape[-2:]
     x = embed.norm(x.flatten(2).transpose(1, 2))
-    prefix = [token.expand(x.shape[0], -1, -1) for token in (model.cls_token, model.reg_token) if token is not None]
+    prefix = [token.expand(x.shape[0], -1, -1) for token in  # in timm's order: class, distillation, registers
+              (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if token is not None]
     if model.pos_embed is None:
         x = torch.cat(prefix + [x], dim=1)
     else:
