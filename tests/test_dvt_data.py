@@ -161,3 +161,18 @@ def test_chunks_that_do_not_match_config_json_are_refused(built: Path, tmp_path:
         ScaledDigitsConfig(counts=(6.7, 3, 3))
     with pytest.raises(ValueError, match="unknown split"):
         SMALL.count("training")
+
+
+def test_a_damaged_config_or_chunk_is_named(built: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    (copy / "train-0001.npz").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="train-0001.npz: a damaged chunk"):
+        load_scaled_digits(copy)
+    (copy / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_scaled_digits(copy)
+    with pytest.raises(ValueError, match="unknown scaled-digits config field"):
+        ScaledDigitsConfig.from_dict({**SMALL.to_dict(), "zoom": 2})

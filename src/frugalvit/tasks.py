@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import zipfile
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,9 @@ class ScaledDigitsConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ScaledDigitsConfig":
+        unknown = sorted(set(data) - {field.name for field in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown scaled-digits config field(s) {unknown}: made by another version?")
         return cls(**data)
 
     def chunks(self, split: str) -> int:
@@ -227,10 +231,19 @@ def chunk_path(root: Path, split: str, chunk: int) -> Path:
     return root / f"{split}-{chunk:04d}.npz"
 
 
+def _read_config(path: Path) -> dict:
+    """A data set's config.json; a damaged one is an error naming it."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); restore it, or make the data set again in a new "
+                         "directory") from None
+
+
 def _check_config(root: Path, config: ScaledDigitsConfig) -> None:
     """An existing data set in `root` must have been made with `config` (to resume it)."""
     path = root / CONFIG_NAME
-    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(config.to_dict())):
+    if path.is_file() and _read_config(path) != json.loads(json.dumps(config.to_dict())):
         raise ValueError(f"{root} holds a scaled-digits data set with other settings; use another directory, "
                          f"or the same settings to resume it")
 
@@ -370,7 +383,7 @@ def build_scaled_digits(root: Path, config: ScaledDigitsConfig = ScaledDigitsCon
 def is_scaled_digits(path: Path) -> bool:
     """Whether `path` is a directory made by `build_scaled_digits`."""
     config = Path(path) / CONFIG_NAME
-    return config.is_file() and "min_contrast" in json.loads(config.read_text())
+    return config.is_file() and "min_contrast" in _read_config(config)
 
 
 def load_split_arrays(root: Path, split: str) -> dict[str, np.ndarray]:
@@ -378,13 +391,19 @@ def load_split_arrays(root: Path, split: str) -> dict[str, np.ndarray]:
     root = Path(root)
     if not is_scaled_digits(root):
         raise FileNotFoundError(f"{root}: not a scaled-digits data set; make it with: frugalvit dvt data --out {root}")
-    config = ScaledDigitsConfig.from_dict(json.loads((root / CONFIG_NAME).read_text()))
+    config = ScaledDigitsConfig.from_dict(_read_config(root / CONFIG_NAME))
     paths = [chunk_path(root, split, chunk) for chunk in range(config.chunks(split))]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{root}: {len(missing)} chunk(s) missing (e.g. {missing[0]}); finish generating "
                                 f"with: frugalvit dvt data --out {root} (same options)")
-    parts = [dict(np.load(path)) for path in paths]
+    parts = []
+    for path in paths:
+        try:
+            parts.append(dict(np.load(path)))
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"{path}: a damaged chunk ({error}); delete it and make it again with: frugalvit dvt "
+                             f"data --out {root} (same options)") from None
     arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     if arrays["labels"].shape[0] != config.count(split):  # chunks of other settings, or config.json edited
         raise ValueError(f"{root}: the {split} chunks hold {arrays['labels'].shape[0]} images, its config.json "
