@@ -61,10 +61,12 @@ def load_timm_model(name: str, image_size: int | None = None, checkpoint: Path |
                     ".safetensors")
         if kind.startswith("not "):
             raise ValueError(f"{checkpoint}: {kind}; {expected}")
+        # With num_classes the file's head has that many classes: load it, strictly. timm would drop a head whose
+        # class count differs from its config's and load the rest loosely, leaving missing weights random.
+        # num_classes=0 asks for the features only: there the head is dropped.
         overlay: dict[str, object] = {"file": str(checkpoint)}
-        if kwargs.get("num_classes"):  # the file's head has these classes: load it, strictly (timm would drop a head
-            overlay["num_classes"] = kwargs["num_classes"]  # of another count than its config's and load the rest
-            # loosely, leaving missing weights random); num_classes=0 asks for the features only: the head is dropped
+        if kwargs.get("num_classes"):
+            overlay["num_classes"] = kwargs["num_classes"]
         try:
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **size, **kwargs).eval()
         except Exception as error:  # torch.load, safetensors and timm's filters raise many kinds

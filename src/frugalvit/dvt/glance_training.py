@@ -207,5 +207,5 @@ def _phase(name: str, model: nn.Module, data: Split, config: TrainConfig, run_di
         folder.mkdir(parents=True, exist_ok=True)
     train(model, data, config, folder, loss_fn=loss_fn, progress=progress, amp_dtype=amp_dtype,
           depends_on=depends_on)
-    if folder is not None:
+    if folder is not None and not finished:
         save_atomically({key: value.cpu() for key, value in model.state_dict().items()}, folder / PHASE_MODEL)
