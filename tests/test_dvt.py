@@ -17,6 +17,7 @@ from frugalvit.cost import CostCounter
 from frugalvit.dvt import (DVTConfig, ResolutionCascade, attention_with_bias, cascade_loss, dvt_stage, resize_images,
                            evaluate_thresholds, genetic_search, geometric_search, resize_attention_rows,
                            resize_token_grid, search_thresholds, stage_forward, vit_at_resolution)
+from frugalvit.dvt.exit import EarlyExitCascade
 from frugalvit.dvt.thresholds import exit_stages
 
 TINY = dict(image_size=28, patch_sizes=(14, 7, 4), in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2,
@@ -602,3 +603,45 @@ def test_carry_selection_takes_a_mask_or_row_indices() -> None:
         assert torch.equal(picked[1]["boxes"], torch.tensor([0.0, 2.0, 3.0]))
     with pytest.raises(TypeError, match="cannot regroup a carry of type int"):
         select(3, keep)
+
+
+class _ToyExit(EarlyExitCascade):
+    """Stage k's logits are images[:, 0, k]: any confidence can be written into the input."""
+
+    def __init__(self) -> None:
+        super().__init__(2, (1, 2, 3))
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def run_stage(self, index: int, images: torch.Tensor, carry, hand_on: bool):  # noqa: ANN001
+        return images[:, 0, index] + 0 * self.weight, None
+
+
+def test_edge_confidences_exit_alike_on_every_path() -> None:
+    """NaN confidence never exits and is run first within capacity; an overflowed float16 logit is sure, not NaN;
+    a threshold that rounds to 1.0 in float32 means never exit whether passed or stored; 0.07 x 100 is 7 rows."""
+    nan = float("nan")
+    toy = _ToyExit()
+    x = torch.tensor([[[[nan, 0, 0], [5.0, 0, 0]]]] + [[[[9.0, 0, 0], [0, 9.0, 0]]]] * 3)
+    assert toy(x, thresholds=[0.9]).exit_stage.tolist() == [1, 0, 0, 0]
+    assert toy.forward_within_capacity(x, [0.25], [0.9]).exit_stage.tolist() == [1, 0, 0, 0]
+    assert EarlyExitCascade.confidence(torch.tensor([[70000.0, 0, 0]]).half()).item() == 1.0
+    sure = torch.tensor([[[[50.0, 0, 0], [0, 50.0, 0]]]])
+    assert toy(sure, thresholds=[0.99999999]).exit_stage.tolist() == [1]
+    toy.set_thresholds([0.99999999])
+    assert toy(sure).exit_stage.tolist() == [1]
+    conf = np.array([[0.9, 0.5, np.nan, 0.7], [0.2, 0.3, 0.4, 0.5]], np.float32)
+    corr = np.array([[1, 1, 0, 1], [0, 0, 1, 0]], bool)
+    found = search_thresholds(conf, corr, [1, 2], 2.0)
+    assert found.accuracy == 1.0 and found.accuracy == evaluate_thresholds(conf, corr, [1, 2], found.thresholds).accuracy
+
+
+def test_capacity_rows_are_exact_where_share_times_batch_is_whole() -> None:
+    calls: list[int] = []
+
+    class Counting(_ToyExit):
+        def run_stage(self, index: int, images: torch.Tensor, carry, hand_on: bool):  # noqa: ANN001
+            calls.append(images.shape[0])
+            return super().run_stage(index, images, carry, hand_on)
+
+    Counting().forward_within_capacity(torch.zeros(100, 1, 2, 3), [0.07], [0.9])
+    assert calls == [100, 7]

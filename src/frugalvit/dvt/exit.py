@@ -207,9 +207,11 @@ class EarlyExitCascade(nn.Module):
         undecided = ~self.confident(confidence, limits[0])
         for index in range(1, self.num_stages):
             last = index == self.num_stages - 1
-            count = min(rows.shape[0], math.ceil(shares[index - 1] * batch))
-            # the least confident undecided samples first; decided ones (scored above any confidence) fill up
-            picked = torch.topk(torch.where(undecided, confidence, 2.0), count, largest=False, sorted=False).indices
+            count = min(rows.shape[0], math.ceil(shares[index - 1] * batch - 1e-9))  # 0.07 x 100 is 7, not 8
+            # the least confident undecided samples first (a NaN confidence, which never exits, first of all);
+            # decided ones (scored above any confidence) fill up
+            score = torch.where(undecided, confidence.nan_to_num(nan=-1.0), 2.0)
+            picked = torch.topk(score, count, largest=False, sorted=False).indices
             rows, images, carry = rows.index_select(0, picked), images.index_select(0, picked), select(carry, picked)
             undecided = undecided.index_select(0, picked)
             logits, carry = self.run_stage(index, images, carry, not last)
@@ -227,8 +229,12 @@ class EarlyExitCascade(nn.Module):
 
     @staticmethod
     def confidence(logits: Tensor) -> Tensor:
-        """Each sample's confidence at a stage: its largest softmax probability, in float32."""
-        return logits.float().softmax(dim=-1).amax(dim=-1)
+        """Each sample's confidence at a stage: its largest softmax probability, in float32. A logit that
+        overflowed to +-inf (float16 tops out at 65504) counts as the largest finite one, so a sure sample is
+        sure (1.0) rather than NaN; a NaN logit gives NaN, which never exits."""
+        logits = logits.float()
+        finite = torch.finfo(logits.dtype)
+        return logits.nan_to_num(nan=float("nan"), posinf=finite.max, neginf=finite.min).softmax(dim=-1).amax(dim=-1)
 
     @staticmethod
     def confident(confidence: Tensor, threshold: float) -> Tensor:

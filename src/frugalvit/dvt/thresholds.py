@@ -45,7 +45,7 @@ class ExitResult:
 
 def _as_arrays(confidence: object, correct: object, stage_macs: Sequence[float]) -> tuple[np.ndarray, np.ndarray,
                                                                                           np.ndarray]:
-    conf = np.asarray(confidence, dtype=np.float32)
+    conf = np.nan_to_num(np.asarray(confidence, dtype=np.float32), nan=-1.0)  # NaN never exits: below every threshold
     corr = np.asarray(correct, dtype=bool)
     costs = np.asarray(stage_macs, dtype=np.float64)
     if conf.ndim != 2 or conf.shape != corr.shape:
@@ -64,7 +64,8 @@ def check_thresholds(thresholds: Sequence[float], num_stages: int) -> tuple[floa
     if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__iter__"):
         raise ValueError(f"thresholds must be a sequence of {num_stages - 1} numbers in [0, 1] (one per stage but "
                          f"the last), got {thresholds!r}")
-    values = tuple(float(value) for value in thresholds)
+    values = tuple(float(np.float32(value)) for value in thresholds)  # as stored and compared (float32): one
+    # semantics whether thresholds are passed or set (0.99999999 is 1.0, never exit, either way)
     if len(values) != num_stages - 1:
         raise ValueError(f"a {num_stages}-stage cascade needs {num_stages - 1} thresholds "
                          f"(one per stage but the last), got {len(values)}")
@@ -107,10 +108,12 @@ def evaluate_thresholds(confidence: object, correct: object, stage_macs: Sequenc
 
 
 def _cut_points(sorted_conf: np.ndarray) -> np.ndarray:
-    """Exit counts reachable by one threshold on descending confidences: 0, every tie boundary, all."""
+    """Exit counts reachable by one threshold on descending confidences: 0, every tie boundary, all (all that can
+    exit: a NaN confidence, stored as -1, exits at no threshold in [0, 1])."""
     n = sorted_conf.shape[0]
     inner = np.nonzero(sorted_conf[:-1] > sorted_conf[1:])[0] + 1 if n > 1 else np.zeros(0, dtype=np.int64)
-    return np.concatenate([[0], inner, [n]]).astype(np.int64)
+    points = np.concatenate([[0], inner, [n]]).astype(np.int64)
+    return points[points <= int(np.count_nonzero(sorted_conf >= 0))]
 
 
 def _threshold_for(sorted_conf: np.ndarray, count: int) -> float:
@@ -121,7 +124,7 @@ def _threshold_for(sorted_conf: np.ndarray, count: int) -> float:
     taken = sorted_conf[count - 1]
     if count == sorted_conf.shape[0]:
         return float(taken)
-    middle = np.float32((np.float64(taken) + np.float64(sorted_conf[count])) / 2)
+    middle = np.float32(max((np.float64(taken) + np.float64(sorted_conf[count])) / 2, 0.0))  # >= 0 next to a NaN
     return float(middle) if sorted_conf[count] < middle <= taken else float(taken)
 
 
