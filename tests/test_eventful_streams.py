@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 import frugalvit as fv
@@ -96,3 +97,41 @@ def test_captured_frames_apply_scene_cuts_per_stream(monkeypatch: pytest.MonkeyP
     assert FxGraphFrame.captures > 0
     for out, single in zip(outputs, singles):  # stream 0 never cut: as if alone
         torch.testing.assert_close(out[:1], single, rtol=1e-4, atol=1e-5)
+
+
+def test_a_stream_reset_after_a_fused_frame_leaves_no_one_stream_sums() -> None:
+    """A partial frame that ran fused attention keeps no sums; a one-stream full pass must not leave its own
+    (batch 1) sums on the layer for the next incremental frame of the whole batch."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    ev = fv.eventful(model, fv.Threshold(0.0))
+    frame = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ev(frame)
+        ev(frame + 0.5 * torch.randn_like(frame))  # every token moves: fused attention, no sums kept
+        ev.reset(stream=0)
+        moved = frame.clone()
+        moved[:, :, :16, :16] += 1
+        ev(moved)
+        again = moved.clone()
+        again[:, :, 16:32, :16] += 1
+        torch.testing.assert_close(ev(again), model(again), rtol=1e-4, atol=1e-4)
+
+
+def test_held_frames_switched_back_on_do_not_return_an_old_output() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    ev = fv.eventful(model, fv.TopR(2), hold_share=0.2, cut_share=0.8)
+    frame = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        first = ev.forward_features(frame)
+        ev.hold_share = None
+        for index in range(3):
+            frame = frame.clone()
+            frame[:, :, :16, 16 * index:16 * index + 16] += 1
+            ev.forward_features(frame)
+        ev.hold_share = 0.2
+        frame = frame.clone()
+        frame[:, :, 16:48, :] += 1
+        out = ev.forward_features(frame)
+    assert not ev.last_frame_held and not torch.equal(out, first)  # nothing fresh to hold: computed

@@ -499,6 +499,8 @@ class EventfulViT(nn.Module):
         self._frames_since_refresh = 1 if update_all else self._frames_since_refresh + 1
         if self.hold_share is not None:  # a copy: the caller may write into the output it gets
             self._last_features = store_(self._last_features, features)
+        else:  # not kept up to date while held frames are off: none may be held from it when they come back on
+            self._last_features = None
         return features
 
     def _hold(self) -> Tensor:
@@ -535,8 +537,9 @@ class EventfulViT(nn.Module):
                     swapped.append((module._buffers, name, tensor))
                     module._buffers[name] = tensor[stream:stream + 1]
             sums = module.__dict__.get("sums")
-            if sums is not None:
+            if "sums" in module.__dict__:  # restored afterwards, None too: the stream's own sums must not stay
                 swapped.append((module.__dict__, "sums", sums))
+            if sums is not None:
                 module.__dict__["sums"] = AttentionSums(*(t[stream:stream + 1] for t in
                                                           (sums.stabilizer, sums.numerator, sums.denominator)))
             bias = module.__dict__.get("bias")  # per-row position terms, where the bias caches them
