@@ -294,3 +294,12 @@ def test_hashed_attention_in_half_precision_at_16k_tokens(dtype: torch.dtype) ->
     out = hashed_linear_attention(q_codes.to(dtype), k_codes.to(dtype), v.to(dtype), bias)
     assert out.dtype == dtype and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_anchor_norms_are_counted_once_per_head_not_per_image() -> None:
+    """The anchors' squared norms run once per head and call: a batch of 2 doubles everything else only."""
+    from frugalvit.ecoformer.cost import hashed_attention_elementwise
+
+    one, two = hashed_attention_elementwise(196, 3, 64, 16, 25), hashed_attention_elementwise(196, 3, 64, 16, 25, 2)
+    assert 2 * one.mults - two.mults == 2 * one.adds - two.adds == 3 * 25 * 64
+    assert one.mults == 94959  # batch 1 as before: the documented energy figures stand

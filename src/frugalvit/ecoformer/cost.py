@@ -61,8 +61,8 @@ def hashed_attention_elementwise(tokens: int, heads: int, head_dim: int, bits: i
                                  normaliser: str = "consistent") -> ElementwiseOps:
     """L2 normalisation, squared norms, RBF exp, centring, sign, bias terms and the final division."""
     n, d, m, b, per = tokens, head_dim, anchors, bits, batch * heads
-    mults = 2 * n * d + m * d + n * m          # squares for the L2 norm and ||x||^2, ||a||^2, 2 x.a
-    adds = 2 * n * d + m * d + 2 * n * m       # their sums, and ||x||^2 + ||a||^2 - 2 x.a
+    mults = 2 * n * d + n * m                  # squares for the L2 norm and ||x||^2, 2 x.a
+    adds = 2 * n * d + 2 * n * m               # their sums, and ||x||^2 + ||a||^2 - 2 x.a
     adds += n * m + n * b                      # centring, sign (as comparisons)
     divs = n + n * d + n * m + n * d           # sqrt and division of the L2 norm, /(2 sigma), final division
     if normaliser == "consistent":
@@ -71,7 +71,9 @@ def hashed_attention_elementwise(tokens: int, heads: int, head_dim: int, bits: i
     else:
         mults += n * (d + 1)
         adds += n * (d + 1)
-    return ElementwiseOps(mults=per * mults, adds=per * adds, exps=per * n * m, divs=per * divs)
+    anchors_once = heads * m * d  # ||a||^2 of the anchors: once per head and call, whatever the batch
+    return ElementwiseOps(mults=per * mults + anchors_once, adds=per * adds + anchors_once, exps=per * n * m,
+                          divs=per * divs)
 
 
 def model_energy(model: "torch.nn.Module", images: "torch.Tensor") -> dict[str, object]:
