@@ -125,7 +125,7 @@ def real_run(cascade, split, thresholds, batch_size: int = 250,
 
 def timing(cascade, single, split, thresholds, batch_size: int, count: int, repeats: int) -> dict:
     cascade.set_thresholds(thresholds)
-    batches = [split.images[i:i + batch_size] for i in range(0, count, batch_size)]
+    batches = [split.images[i:min(i + batch_size, count)] for i in range(0, count, batch_size)]  # count images
     with torch.no_grad(), CostCounter() as cost:
         for batch in batches:
             cascade(batch)

@@ -184,7 +184,7 @@ def wall_clock(cascade, dense: Callable[[Tensor], object], dense_macs: float, im
     with its min and max. `cascade_macs`: the cascade's mean MACs per image on these images, where counting
     cannot see them (compiled stages); default: counted here."""
     cascade.set_thresholds(thresholds)
-    batches = [images[i:i + batch_size] for i in range(0, count, batch_size)]  # uint8, as stored: both convert
+    batches = [images[i:min(i + batch_size, count)] for i in range(0, count, batch_size)]  # uint8, as stored
     if cascade_macs is None:
         with torch.no_grad(), CostCounter() as cost:
             for batch in batches:

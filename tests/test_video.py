@@ -475,3 +475,18 @@ def test_worst_frame_is_nan_wherever_a_nan_frame_is() -> None:
 
     assert math.isnan(_nan_min([0.99, float("nan")])) and math.isnan(_nan_min([float("nan"), 0.99]))
     assert _nan_min([0.5, 0.2]) == 0.2
+
+
+def test_hold_savings_count_the_keyframes_of_the_clip() -> None:
+    """Over T frames a period K computes ceil(T / K) of them: at T = 60, K = 8 saves 7.5x (not 8x), and 7.9x
+    lies beyond every period; over 10 frames K = 5..8 all save 5x, so only K = 5 counts."""
+    from frugalvit.video.fidelity import hold_fidelity_at
+
+    periods = (2, 3, 4, 5, 6, 7, 8)
+    r = [1 - 0.05 * k for k in periods]
+    iou = [1 - 0.06 * k for k in periods]
+    assert hold_fidelity_at(7.5, periods, r, iou, frames=60) == pytest.approx((0.6, 0.52))
+    assert hold_fidelity_at(7.9, periods, r, iou, frames=60) is None
+    assert hold_fidelity_at(5.0, periods, r, iou, frames=10) == pytest.approx((0.75, 0.7))
+    assert hold_fidelity_at(6.0, periods, r, iou, frames=10) is None
+    assert hold_fidelity_at(7.5, periods, r, iou) == pytest.approx((0.625, 0.55))  # no clip length: K itself

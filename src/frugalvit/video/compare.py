@@ -467,8 +467,8 @@ def _hold_summary(records: list[FrameRecord], mac_ratio: float, speedup: float) 
     pearson = [statistics.fmean(r.hold_task_pearson[k] for r in records) for k in range(len(periods))]
     iou = [statistics.fmean(r.hold_task_iou_top10[k] for r in records) for k in range(len(periods))]
     return {"hold_periods": periods, "hold_task_pearson_mean": tuple(pearson), "hold_task_iou_top10_mean": tuple(iou),
-            "hold_at_mac_ratio": hold_fidelity_at(mac_ratio, periods, pearson, iou),
-            "hold_at_speedup": hold_fidelity_at(speedup, periods, pearson, iou)}
+            "hold_at_mac_ratio": hold_fidelity_at(mac_ratio, periods, pearson, iou, frames=len(records)),
+            "hold_at_speedup": hold_fidelity_at(speedup, periods, pearson, iou, frames=len(records))}
 
 
 def _task_summary(records: list[FrameRecord]) -> dict[str, float]:

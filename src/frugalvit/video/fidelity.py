@@ -8,8 +8,10 @@ near the 90th percentile cost IoU although r barely moves).
 
 from __future__ import annotations
 
-from torch import Tensor
+import math
+
 import torch
+from torch import Tensor
 
 TOP_SHARE = 0.10
 
@@ -38,7 +40,9 @@ class KeyframeHold:
     Fed the dense outputs frame by frame (frame 0 first), `step` scores what
     each period K would have returned on this frame against the dense output,
     so a report can set the eventful result beside the trivial alternative at
-    the same saving (a period K saves K times the compute and the wall clock).
+    the same saving (a period K over T frames computes ceil(T / K) of them:
+    it saves T / ceil(T / K) times the compute and the wall clock, K where K
+    divides T).
     """
 
     def __init__(self, periods: tuple[int, ...] = HOLD_PERIODS) -> None:
@@ -61,15 +65,20 @@ class KeyframeHold:
 
 
 def hold_fidelity_at(ratio: float, periods: tuple[int, ...], pearson: list[float],
-                     iou: list[float]) -> tuple[float, float] | None:
+                     iou: list[float], frames: int | None = None) -> tuple[float, float] | None:
     """Keyframe-and-hold's (r, IoU) at a saving of `ratio`, linear between neighbouring periods (1x: the dense
-    output itself, r = IoU = 1); None outside 1x..the longest period. `periods` increasing, above 1, one score
-    of each kind per period."""
+    output itself, r = IoU = 1); None outside 1x..the longest period's saving. Over `frames` frames a period K
+    saves frames / ceil(frames / K) (K where K divides them; None: K); periods that save the same as a shorter
+    one add nothing. `periods` increasing, above 1, one score of each kind per period."""
     if not periods or list(periods) != sorted(set(periods)) or periods[0] < 2 \
             or not len(periods) == len(pearson) == len(iou):
         raise ValueError(f"periods must be increasing whole frame counts from 2 on, with one r and one IoU each; got "
                          f"periods {list(periods)}, {len(pearson)} r and {len(iou)} IoU values")
-    points = [(1.0, 1.0, 1.0)] + [(float(k), r, i) for k, r, i in zip(periods, pearson, iou)]
+    points = [(1.0, 1.0, 1.0)]
+    for k, r, i in zip(periods, pearson, iou):
+        saving = float(k) if frames is None else frames / math.ceil(frames / k)
+        if saving > points[-1][0]:
+            points.append((saving, r, i))
     if not points[0][0] <= ratio <= points[-1][0]:
         return None
     for (low, r0, i0), (high, r1, i1) in zip(points, points[1:]):
