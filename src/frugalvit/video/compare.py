@@ -139,12 +139,12 @@ class StepResult:
     macs: int | None = None
 
 
-@torch.no_grad()
 def _nan_min(values: Sequence[float]) -> float:
     """The smallest value, NaN if any is NaN (Python's `min` skips a NaN or returns it depending on its place)."""
     return math.nan if any(value != value for value in values) else min(values)
 
 
+@torch.no_grad()
 def frame_loop(frames: Iterable[Tensor], steps: Sequence[FrameStep], device: torch.device | None = None,
                dtype: torch.dtype | None = None, progress: bool = False, total: int | None = None
                ) -> Iterator[tuple[int, Tensor, Tensor, dict[str, StepResult]]]:
