@@ -291,7 +291,8 @@ def test_glance_focus_config_round_trips_and_refuses_bad_settings() -> None:
     for bad, message in (({"look_size": 20}, "does not divide the look size"), ({"look_size": 48}, "must lie in"),
                          ({"crop_sides": (8, 64)}, "crop sides must lie"), ({"num_heads": 3}, "divisible"),
                          ({"margin": 0.0}, "margin must be a finite number > 0"), ({"depth": 0}, "depth"),
-                         ({"locator_hidden": 0}, "locator_hidden"), ({"conv_stem": (0,)}, "conv_stem")):
+                         ({"locator_hidden": 0}, "locator_hidden"), ({"conv_stem": (0,)}, "conv_stem"),
+                         ({"num_heads": 0}, "num_heads must be at least 1")):
         with pytest.raises(ValueError, match=message):
             GlanceFocusConfig(**{**config.to_dict(), **bad})
     with pytest.raises(ValueError, match="unknown glance-and-focus config field"):

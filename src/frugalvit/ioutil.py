@@ -9,6 +9,7 @@ ordinary permissions (0666 less the umask, as `open` gives), not the 0600 of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -67,6 +68,22 @@ def json_bytes(data: Any, indent: int | None = 2) -> bytes:
     """`data` as UTF-8 JSON text ending in a newline, non-finite floats as null (raises TypeError/ValueError before
     anything is written)."""
     return (json.dumps(_finite(data), indent=indent, allow_nan=False) + "\n").encode()
+
+
+def read_json(path: Path | str, remedy: str) -> Any:
+    """The JSON in `path`; a damaged file is one ValueError naming it and `remedy` (what to do about it)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {remedy}") from None
+
+
+def check_fields(cls: type, data: Mapping[str, Any], what: str) -> None:
+    """Raise ValueError when `data` (a settings record read back from JSON) has keys that are no fields of the
+    dataclass `cls` (`what` names it in the message, e.g. "DVT config"): a record of another version."""
+    unknown = sorted(set(data) - {field.name for field in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}")
 
 
 def write_json_atomically(data: Any, path: Path | str, indent: int | None = 2) -> None:

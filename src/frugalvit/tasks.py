@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from frugalvit.data import ImageDataset, Split, mnist_path
-from frugalvit.ioutil import atomic_file, write_json_atomically
+from frugalvit.ioutil import atomic_file, check_fields, read_json, write_json_atomically
 
 SPLITS = ("train", "val", "test")
 CONFIG_NAME = "config.json"
@@ -97,9 +97,7 @@ class ScaledDigitsConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ScaledDigitsConfig":
-        unknown = sorted(set(data) - {field.name for field in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown scaled-digits config field(s) {unknown}: made by another version?")
+        check_fields(cls, data, "scaled-digits config")
         return cls(**data)
 
     def chunks(self, split: str) -> int:
@@ -233,11 +231,7 @@ def chunk_path(root: Path, split: str, chunk: int) -> Path:
 
 def _read_config(path: Path) -> dict:
     """A data set's config.json; a damaged one is an error naming it."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); restore it, or make the data set again in a new "
-                         "directory") from None
+    return read_json(path, "restore it, or make the data set again in a new directory")
 
 
 def _check_config(root: Path, config: ScaledDigitsConfig) -> None:

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from frugalvit.cli.options import add_device_arguments, describe, device_report, resolve_device_dtype
-from frugalvit.cli.runs import read_json, start_run
-from frugalvit.ioutil import atomic_file, check_output_dir, write_json_atomically
+from frugalvit.cli.runs import start_run
+from frugalvit.ioutil import atomic_file, check_output_dir, read_json, write_json_atomically
 
 CONFIG_NAME, MODEL_NAME, THRESHOLDS_NAME, CALIBRATION_NAME = "config.json", "model.pt", "thresholds.json", \
     "calibration.npz"

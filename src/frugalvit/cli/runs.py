@@ -15,15 +15,7 @@ from typing import Any
 import torch
 
 from frugalvit.cli.options import device_report, training_precision
-from frugalvit.ioutil import write_json_atomically
-
-
-def read_json(path: Path, remedy: str) -> dict[str, Any]:
-    """A run's JSON file; a damaged one is an error naming the file and `remedy`."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); {remedy}") from None
+from frugalvit.ioutil import read_json, write_json_atomically
 
 
 def start_run(run: Path, record: dict[str, Any], device: torch.device, amp_dtype: torch.dtype | None,

@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from frugalvit.data import model_input
+from frugalvit.ioutil import check_fields
 from frugalvit.dvt.exit import EarlyExitCascade
 from frugalvit.dvt.reuse import FeatureReuse, RelationReuse
 from frugalvit.dvt.stage import ReuseBlock, StageOutput, dvt_stage, stage_forward, stage_in_chans
@@ -39,6 +40,13 @@ def resize_images(images: Tensor, size: tuple[int, int], dtype: torch.dtype | No
         images = model_input(images, images.device, dtype or torch.float32)
     resized = images if same else resize_bilinear(images, size)
     return resized if dtype is None else resized.to(dtype)
+
+
+def check_at_least_one(values: dict[str, int]) -> None:
+    """Raise ValueError naming every one of these model sizes (name: value) that is below 1."""
+    small = {name: value for name, value in values.items() if value < 1}
+    if small:
+        raise ValueError(f"{', '.join(small)} must be at least 1, got {small}")
 
 
 def resize_bilinear(images: Tensor, size: tuple[int, int]) -> Tensor:
@@ -171,14 +179,11 @@ class DVTConfig:
         sizes = self.stage_image_sizes
         if len(sizes) != len(self.patch_sizes):
             raise ValueError(f"got {len(sizes)} image sizes for {len(self.patch_sizes)} stages")
-        small = {name: value for name, value in (("image size", min(sizes)), ("in_chans", self.in_chans),
-                                                  ("num_classes", self.num_classes), ("embed_dim", self.embed_dim),
-                                                  ("depth", self.depth), ("num_heads", self.num_heads)) if value < 1}
-        if small:
-            raise ValueError(f"{', '.join(small)} must be at least 1, got {small}")
-        if self.context_dim < 0 or any(channels < 1 for channels in self.conv_stem):
-            raise ValueError(f"context_dim must be >= 0 and conv_stem widths >= 1, got {self.context_dim} and "
-                             f"{list(self.conv_stem)}")
+        check_at_least_one({"image size": min(sizes), "in_chans": self.in_chans, "num_classes": self.num_classes,
+                            "embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads,
+                            "conv_stem widths": min(self.conv_stem, default=1)})
+        if self.context_dim < 0:
+            raise ValueError(f"context_dim must be >= 0, got {self.context_dim}")
         for size, patch in zip(sizes, self.patch_sizes):
             if patch < 1 or size % patch:
                 raise ValueError(f"patch size {patch} does not divide image size {size}; "
@@ -210,10 +215,7 @@ class DVTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DVTConfig":
-        known = {name for name in cls.__dataclass_fields__}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown DVT config field(s) {sorted(unknown)}")
+        check_fields(cls, data, "DVT config")
         return cls(**data)
 
 

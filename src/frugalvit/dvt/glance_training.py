@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from frugalvit.data import Split
-from frugalvit.dvt.cascade import resize_images
+from frugalvit.dvt.cascade import check_at_least_one, resize_images
+from frugalvit.ioutil import check_fields
 from frugalvit.dvt.focus import BoxLocator, GlanceFocusCascade
 from frugalvit.dvt.stage import dvt_stage
 from frugalvit.training import CHECKPOINT_NAME, TrainConfig, cross_entropy_loss, save_atomically, train
@@ -70,17 +71,13 @@ class GlanceFocusConfig:
             raise ValueError(f"look size {self.look_size} must lie in [1, image size {self.image_size}]")
         if not self.crop_sides or not all(1 <= side <= self.image_size for side in self.crop_sides):
             raise ValueError(f"crop sides must lie in [1, image size {self.image_size}], got {list(self.crop_sides)}")
+        check_at_least_one({"in_chans": self.in_chans, "num_classes": self.num_classes, "embed_dim": self.embed_dim,
+                            "depth": self.depth, "num_heads": self.num_heads, "locator_hidden": self.locator_hidden,
+                            "conv_stem widths": min(self.conv_stem, default=1)})
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
         if not 0 < self.margin < float("inf"):
             raise ValueError(f"margin must be a finite number > 0, got {self.margin}")
-        small = {name: value for name, value in (("in_chans", self.in_chans), ("num_classes", self.num_classes),
-                                                  ("embed_dim", self.embed_dim), ("depth", self.depth),
-                                                  ("num_heads", self.num_heads),
-                                                  ("locator_hidden", self.locator_hidden)) if value < 1}
-        if small or any(channels < 1 for channels in self.conv_stem):
-            raise ValueError(f"{', '.join(small) or 'conv_stem widths'} must be at least 1, got "
-                             f"{small or list(self.conv_stem)}")
 
     @property
     def grid(self) -> int:
@@ -106,9 +103,7 @@ class GlanceFocusConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GlanceFocusConfig":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown glance-and-focus config field(s) {sorted(unknown)}")
+        check_fields(cls, data, "glance-and-focus config")
         return cls(**data)
 
 

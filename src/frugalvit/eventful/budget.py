@@ -38,9 +38,8 @@ frame, so the frames do not have one fixed shape: no CUDA graph capture.
 from __future__ import annotations
 
 import math
-import numbers
 
-from frugalvit.eventful.policies import TopFraction
+from frugalvit.eventful.policies import TopFraction, is_real
 
 
 class MacBudget:
@@ -61,8 +60,7 @@ class MacBudget:
         `min_fraction` / `max_fraction`: the shares it may choose; `smoothing`: weight of the newest partial
         frame in the cost estimate; `max_held_frames`: how many frames in a row a model in debt may hold
         (`held_limit`; None: the model's own limit always)."""
-        if not (isinstance(target_ratio, numbers.Real) and not isinstance(target_ratio, bool)
-                and math.isfinite(target_ratio) and target_ratio > 1.0):
+        if not (is_real(target_ratio) and math.isfinite(target_ratio) and target_ratio > 1.0):
             raise ValueError(f"MacBudget(target_ratio={target_ratio!r}): a saving, dense / eventful MACs, above 1 "
                              "(e.g. 4.0 for a quarter of the dense cost)")
         if not (math.isfinite(dense_macs) and dense_macs > 0):

@@ -9,7 +9,6 @@ leaves it unchanged; the original stays usable on its own.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 
 import torch
@@ -21,7 +20,7 @@ from frugalvit.eventful.attention import INCREMENTAL_BREAK_EVEN_FRACTION, Attent
 from frugalvit.eventful.block import EventfulAttention, EventfulBlock
 from frugalvit.eventful.gates import ScratchPool, Selection, TokenBuffer, gather_tokens, store_
 from frugalvit.eventful.neck import EventfulNeck
-from frugalvit.eventful.policies import TokenPolicy
+from frugalvit.eventful.policies import TokenPolicy, is_real, is_whole
 from frugalvit.eventful.relpos import TableBias
 from frugalvit.eventful.windowed import EventfulWindowAttention
 from frugalvit.timm import beit, embed_tokens, eva, sam
@@ -106,16 +105,6 @@ class CudaGraphFrame:
         self.input.copy_(tokens)
         self.graph.replay()
         return self.output.clone()  # the static output is overwritten by the next replay
-
-
-def _real(value: object) -> bool:
-    """A real number (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _whole(value: object) -> bool:
-    """A whole number (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class UnsupportedModelError(TypeError):
@@ -338,7 +327,7 @@ class EventfulViT(nn.Module):
             raise TypeError(f"policy must be a frugalvit TokenPolicy (TopR, TopFraction, Threshold, ...), "
                             f"got {type(value).__name__}")
         if name == "incremental_max_fraction" and value is not None \
-                and not (_real(value) and 0.0 <= value <= 1.0):
+                and not (is_real(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"incremental_max_fraction must be None (by device) or lie in [0, 1], got {value!r}")
         if name == "attention_rows" and value not in ATTENTION_ROWS:
             raise ValueError(f"attention_rows must be one of {', '.join(ATTENTION_ROWS)}, got {value!r}")
@@ -348,15 +337,15 @@ class EventfulViT(nn.Module):
             # Shared frames keep only the choosing gate's reference and the residual sums, per-gate frames
             # the other gates' references and buffers instead: a mid-sequence switch costs one full frame.
             super().__setattr__("_refresh_pending", True)
-        if name == "refresh_every" and value is not None and not (_whole(value) and value >= 1):
+        if name == "refresh_every" and value is not None and not (is_whole(value) and value >= 1):
             raise ValueError(f"refresh_every must be None or an integer >= 1, got {value!r}")
-        if name == "cut_share" and value is not None and not (_real(value) and 0.0 <= value <= 1.0):
+        if name == "cut_share" and value is not None and not (is_real(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"cut_share must be None or lie in [0, 1], got {value!r}")
-        if name == "hold_share" and value is not None and not (_real(value) and 0.0 <= value <= 1.0):
+        if name == "hold_share" and value is not None and not (is_real(value) and 0.0 <= value <= 1.0):
             raise ValueError(f"hold_share must be None or lie in [0, 1], got {value!r}")
-        if name == "max_held_frames" and not (_whole(value) and value >= 1):
+        if name == "max_held_frames" and not (is_whole(value) and value >= 1):
             raise ValueError(f"max_held_frames must be an integer >= 1, got {value!r}")
-        if name == "cut_relative_error" and not (_real(value) and value >= 0.0):
+        if name == "cut_relative_error" and not (is_real(value) and value >= 0.0):
             raise ValueError(f"cut_relative_error must be >= 0, got {value!r}")
         if name in ("sync_free", "capture") and not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -62,6 +62,16 @@ class TokenPolicy(ABC):
         return top_k_ascending(error_norms, count)  # one fused kernel on CUDA
 
 
+def is_real(value: object) -> bool:
+    """A real number (Python or NumPy), not a bool: what a share, a threshold or a ratio setting may be."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_whole(value: object) -> bool:
+    """A whole number (Python or NumPy), not a bool: what a token or frame count may be."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class TopR(TokenPolicy):
     """Update the `r` tokens with the largest error: a fixed compute budget per frame."""
@@ -70,7 +80,7 @@ class TopR(TokenPolicy):
     fixed_size = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, numbers.Integral) or isinstance(self.r, bool) or self.r < 0:
+        if not is_whole(self.r) or self.r < 0:
             raise ValueError(f"TopR(r={self.r!r}): r must be a non-negative integer number of tokens")
         object.__setattr__(self, "r", int(self.r))  # a NumPy integer too
 
