@@ -490,3 +490,17 @@ def test_hold_savings_count_the_keyframes_of_the_clip() -> None:
     assert hold_fidelity_at(5.0, periods, r, iou, frames=10) == pytest.approx((0.75, 0.7))
     assert hold_fidelity_at(6.0, periods, r, iou, frames=10) is None
     assert hold_fidelity_at(7.5, periods, r, iou) == pytest.approx((0.625, 0.55))  # no clip length: K itself
+
+
+def test_the_reports_hold_savings_count_the_whole_clip() -> None:
+    """The report scores holding over the frames after the first, but a period's saving is over the whole clip
+    (60 frames: K=3 computes 20 of them, 3.0x), as the run's MAC ratio is; not over the 59 scored frames."""
+    from types import SimpleNamespace
+
+    from frugalvit.video.compare import _hold_summary
+    from frugalvit.video.fidelity import HOLD_PERIODS
+
+    scores = tuple(1 - 0.01 * k for k in HOLD_PERIODS)
+    later = [SimpleNamespace(hold_task_pearson=scores, hold_task_iou_top10=scores)] * 59
+    summary = _hold_summary(later, 60, 3.0, 2.0)
+    assert summary["hold_at_mac_ratio"] == pytest.approx((0.97, 0.97))

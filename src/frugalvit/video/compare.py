@@ -446,7 +446,7 @@ def summarize(records: list[FrameRecord], state_bytes: int,
         held_frames=sum(r.held for r in records),
         **_task_summary(records[1:] or records),
         **_feature_summary(records),
-        **_hold_summary(records[1:] or records, ratio(records, "dense_gmacs", "eventful_gmacs"),
+        **_hold_summary(records[1:] or records, len(records), ratio(records, "dense_gmacs", "eventful_gmacs"),
                         statistics.median(speedups)),
     )
 
@@ -459,16 +459,18 @@ def _feature_summary(records: list[FrameRecord]) -> dict[str, float]:
             "feature_relative_l2_mean": sum(r.feature_relative_l2 for r in records) / len(records)}
 
 
-def _hold_summary(records: list[FrameRecord], mac_ratio: float, speedup: float) -> dict[str, object]:
-    """Keyframe-and-hold's mean task fidelity per period, and at the eventful run's own savings."""
+def _hold_summary(records: list[FrameRecord], frames: int, mac_ratio: float, speedup: float) -> dict[str, object]:
+    """Keyframe-and-hold's mean task fidelity per period over `records` (the frames after the first), and at the
+    eventful run's own savings: a period's saving is over the whole clip of `frames` frames, first one included,
+    as the run's MAC ratio and speed-up are."""
     if records[0].hold_task_pearson is None:
         return {}
     periods = HOLD_PERIODS  # those of compare_on_frames' KeyframeHold
     pearson = [statistics.fmean(r.hold_task_pearson[k] for r in records) for k in range(len(periods))]
     iou = [statistics.fmean(r.hold_task_iou_top10[k] for r in records) for k in range(len(periods))]
     return {"hold_periods": periods, "hold_task_pearson_mean": tuple(pearson), "hold_task_iou_top10_mean": tuple(iou),
-            "hold_at_mac_ratio": hold_fidelity_at(mac_ratio, periods, pearson, iou, frames=len(records)),
-            "hold_at_speedup": hold_fidelity_at(speedup, periods, pearson, iou, frames=len(records))}
+            "hold_at_mac_ratio": hold_fidelity_at(mac_ratio, periods, pearson, iou, frames=frames),
+            "hold_at_speedup": hold_fidelity_at(speedup, periods, pearson, iou, frames=frames)}
 
 
 def _task_summary(records: list[FrameRecord]) -> dict[str, float]:
